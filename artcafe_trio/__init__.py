@@ -1,0 +1,90 @@
+"""artcafe-trio: agents and a hub with honest presence, for trio.
+
+The sans-IO protocol core (:mod:`artcafe_trio.protocol`) imports no trio;
+the names that need trio (agent, hub) are loaded on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._backoff import Backoff
+from ._errors import (
+    AgentClosed,
+    ArtcafeError,
+    AuthenticationError,
+    ConnectionLost,
+    HubError,
+    KeyLoadError,
+    ProtocolError,
+    ReconnectFailed,
+)
+from ._frames import Message, PresenceEvent, PresenceRecord
+from ._keys import PrivateKey, PublicKey, generate_private_key, load_private_key, parse_public_key
+from ._registry import Registry, RegistryError
+
+if TYPE_CHECKING:
+    from ._agent import Agent, AgentHealth, open_agent
+    from ._compat import HeartbeatAgent, SimpleAgent
+    from ._hub import CloseCode, Hub, HubConfig, open_hub, serve_hub
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Agent",
+    "AgentClosed",
+    "AgentHealth",
+    "ArtcafeError",
+    "AuthenticationError",
+    "Backoff",
+    "CloseCode",
+    "ConnectionLost",
+    "HeartbeatAgent",
+    "Hub",
+    "HubConfig",
+    "HubError",
+    "KeyLoadError",
+    "Message",
+    "PresenceEvent",
+    "PresenceRecord",
+    "PrivateKey",
+    "ProtocolError",
+    "PublicKey",
+    "ReconnectFailed",
+    "Registry",
+    "RegistryError",
+    "SimpleAgent",
+    "generate_private_key",
+    "load_private_key",
+    "open_agent",
+    "open_hub",
+    "parse_public_key",
+    "serve_hub",
+]
+
+_LAZY = {
+    "Agent": "_agent",
+    "AgentHealth": "_agent",
+    "open_agent": "_agent",
+    "HeartbeatAgent": "_compat",
+    "SimpleAgent": "_compat",
+    "CloseCode": "_hub",
+    "Hub": "_hub",
+    "HubConfig": "_hub",
+    "open_hub": "_hub",
+    "serve_hub": "_hub",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'artcafe_trio' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,136 @@
+"""``HeartbeatAgent`` and ``SimpleAgent``: the original ArtCafe SDK's classes over trio.
+
+They keep the original constructor and methods (``on_message``, ``publish``,
+``run``, ``stop``, ``setup``, ``get_connection_health``) and run on
+:func:`open_agent`, so they get its structured concurrency, honest
+heartbeat-ACK deadlines, jittered backoff and loud give-up.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from ._agent import Agent, AgentHealth, Handler, build_agent
+
+__all__ = ["HeartbeatAgent", "SimpleAgent"]
+
+
+class HeartbeatAgent:
+    """An agent with heartbeats, shaped like the original SDK's ``HeartbeatAgent``.
+
+    Subclass it and override ``setup()`` to register handlers; ``run()``
+    connects and serves until :meth:`stop`, Ctrl+C or ``ReconnectFailed``.
+    Extra keyword arguments are passed to :func:`open_agent`.
+    """
+
+    def __init__(
+        self,
+        agent_id: str,
+        private_key_path: str | os.PathLike[str] | None = None,
+        organization_id: str | None = None,
+        url: str | None = None,
+        heartbeat_interval: float = 30.0,
+        heartbeat_timeout_multiplier: float = 3.0,
+        auto_reconnect: bool = True,
+        **options: Any,
+    ) -> None:
+        self.agent_id = agent_id
+        self._agent: Agent = build_agent(
+            agent_id=agent_id,
+            private_key_path=private_key_path,
+            organization_id=organization_id,
+            url=url,
+            heartbeat_interval=self._heartbeat_interval(heartbeat_interval),
+            heartbeat_timeout_multiplier=heartbeat_timeout_multiplier,
+            auto_reconnect=auto_reconnect,
+            **options,
+        )
+        self.organization_id = self._agent.tenant_id
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout_multiplier = heartbeat_timeout_multiplier
+        self.auto_reconnect = auto_reconnect
+
+    @staticmethod
+    def _heartbeat_interval(interval: float) -> float | None:
+        return interval
+
+    @property
+    def agent(self) -> Agent:
+        """The underlying :class:`Agent` (for ``health()``, ``request()``, ``presence()``...)."""
+        return self._agent
+
+    async def setup(self) -> None:
+        """Hook for subclasses: register handlers here. Called by ``run()`` unless a
+        subclass overrides ``run()`` itself (and then calls ``setup()`` as in the guide)."""
+
+    def on_message(self, pattern: str) -> Callable[[Handler], Handler]:
+        """Decorator: ``handler(subject, data)`` for messages matching ``pattern``."""
+        return self._agent.on_message(pattern)
+
+    def on_reconnect(self, callback: Callable[[], Any]) -> Callable[[], Any]:
+        """Decorator: run ``callback`` after every reconnection (restore state there)."""
+        return self._agent.on_reconnect(callback)
+
+    async def publish(self, subject: str, data: Any = None, **kwargs: Any) -> str | None:
+        """Publish ``data`` to ``subject`` (waits while disconnected; see ``Agent.publish``)."""
+        return await self._agent.publish(subject, data, **kwargs)
+
+    async def run(self) -> None:
+        """Connect and serve until :meth:`stop` (returns), or raise ``ReconnectFailed``/
+        ``AuthenticationError``. Ctrl+C leaves gracefully and propagates."""
+        if type(self).run is HeartbeatAgent.run:
+            await self.setup()
+        async with self._agent._running():
+            await trio.sleep_forever()
+
+    async def stop(self) -> None:
+        """Ask ``run()`` to finish: handlers complete, publishes flush, the agent leaves.
+
+        Returns at once (safe to call from a handler); ``run()`` returns when done.
+        """
+        self._agent.stop()
+        await trio.lowlevel.checkpoint()
+
+    def health(self) -> AgentHealth:
+        return self._agent.health()
+
+    def get_connection_health(self) -> dict[str, Any]:
+        """``healthy``, ``connected``, ``last_heartbeat_ack`` (ISO-8601 or None),
+        ``seconds_since_ack`` and ``reconnect_attempts``, as in the original SDK."""
+        return self._agent.get_connection_health()
+
+
+class SimpleAgent(HeartbeatAgent):
+    """An agent without heartbeats: its presence ends only when its connection does.
+
+    Prefer :class:`HeartbeatAgent` in production: a hung ``SimpleAgent``
+    whose socket stays open is never marked offline.
+    """
+
+    def __init__(
+        self,
+        agent_id: str,
+        private_key_path: str | os.PathLike[str] | None = None,
+        organization_id: str | None = None,
+        url: str | None = None,
+        auto_reconnect: bool = True,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            agent_id, private_key_path, organization_id, url, auto_reconnect=auto_reconnect,
+            **options,
+        )  # fmt: skip
+
+    @staticmethod
+    def _heartbeat_interval(interval: float) -> float | None:
+        return None
+
+    async def run(self) -> None:
+        if type(self).run is SimpleAgent.run:
+            await self.setup()
+        async with self._agent._running():
+            await trio.sleep_forever()

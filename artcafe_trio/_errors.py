@@ -1,0 +1,106 @@
+"""The exception tree. Every error the public API raises is an ``ArtcafeError``::
+
+    ArtcafeError
+    ├── ProtocolError            a frame broke protocol v1 (has .code and .frame_id)
+    ├── KeyLoadError             a key file could not be loaded, parsed or used
+    ├── AuthenticationError      the hub refused our key, or a signature did not verify
+    ├── ConnectionLost           the connection to the hub ended (has .code and .reason)
+    │   └── ReconnectFailed      gave up after max_reconnect_attempts (has .attempts,
+    │                            .elapsed, .last_cause)
+    ├── HubError                 the hub answered a request with an ``error`` frame
+    └── AgentClosed              the agent was stopped; the operation cannot proceed
+
+The module imports neither trio nor any socket library.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AgentClosed",
+    "ArtcafeError",
+    "AuthenticationError",
+    "ConnectionLost",
+    "HubError",
+    "KeyLoadError",
+    "ProtocolError",
+    "ReconnectFailed",
+]
+
+
+class ArtcafeError(Exception):
+    """Root of every error raised by artcafe-trio."""
+
+
+class ProtocolError(ArtcafeError):
+    """A frame violated protocol v1.
+
+    ``code`` is the stable, machine-readable error code that also goes into the
+    ``error`` frame (see ``docs/protocol.md``); ``frame_id`` is the ``id`` of the
+    offending frame when it had a readable one.
+    """
+
+    def __init__(self, code: str, message: str, *, frame_id: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.frame_id = frame_id
+
+
+class KeyLoadError(ArtcafeError):
+    """A private or public key could not be loaded, parsed or used.
+
+    ``reason`` is one of: ``missing_file``, ``unreadable_format``,
+    ``password_required``, ``wrong_password``, ``unsupported_key_type``,
+    ``rsa_key_too_small``.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class AuthenticationError(ArtcafeError):
+    """The hub refused the agent's credentials. Never retried automatically."""
+
+    def __init__(self, message: str, *, code: str = "authentication_failed") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ConnectionLost(ArtcafeError):
+    """The connection to the hub ended.
+
+    ``code`` and ``reason`` are the WebSocket close code and reason when the
+    hub closed the connection, otherwise ``None`` and a description.
+    """
+
+    def __init__(self, message: str, *, code: int | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+
+
+class ReconnectFailed(ConnectionLost):
+    """The agent gave up after ``attempts`` consecutive failed connection attempts."""
+
+    def __init__(self, attempts: int, elapsed: float, last_cause: BaseException | None) -> None:
+        super().__init__(
+            f"gave up after {attempts} consecutive failed connection attempts "
+            f"over {elapsed:.1f} s; last cause: {last_cause!r}"
+        )
+        self.attempts = attempts
+        self.elapsed = elapsed
+        self.last_cause = last_cause
+
+
+class HubError(ArtcafeError):
+    """The hub refused a request (``subscribe``, ``publish``...) with an ``error`` frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class AgentClosed(ArtcafeError):
+    """The agent has been stopped; no further operations are possible."""

@@ -1,0 +1,1152 @@
+"""The reference hub: authentication, tenant-scoped routing, presence.
+
+``serve_hub`` (for ``nursery.start``) and ``open_hub`` (an async context
+manager) run a :class:`Hub` over TCP (ws:// or wss://); ``Hub.connect_in_memory``
+serves a connection over in-memory streams for the test kit.
+
+Per connection: challenge → auth → welcome, then one reader loop and one
+writer task. Everything a connection sends goes through its bounded outbox;
+a consumer whose outbox is full is cut off alone. Presence deadlines live in
+one :class:`DeadlineQueue`.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import hmac
+import itertools
+import json
+import logging
+import math
+import os
+import secrets
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import attrs
+import trio
+import trio.testing
+import trio_websocket
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+
+from ._errors import ProtocolError
+from ._frames import (
+    CLIENT_FRAME_TYPES,
+    DEFAULT_MAX_FRAME_BYTES,
+    PROTOCOL_VERSION,
+    AdminAuth,
+    Auth,
+    Challenge,
+    Error,
+    Frame,
+    Heartbeat,
+    HeartbeatAck,
+    Leave,
+    PresenceEvent,
+    PresenceQuery,
+    PresenceRecord,
+    PresenceState,
+    Publish,
+    Published,
+    Subscribe,
+    Subscribed,
+    Unsubscribe,
+    Unsubscribed,
+    Welcome,
+    decode,
+    encode,
+    encode_message,
+)
+from ._keys import PublicKey
+from ._registry import PresenceChange, Registry
+from ._subjects import SubjectIndex, is_reserved
+from ._timers import DeadlineQueue
+from ._util import collapse_exception_groups
+
+__all__ = ["CloseCode", "Hub", "HubConfig", "HubStats", "open_hub", "serve_hub"]
+
+log = logging.getLogger("artcafe_trio.hub")
+
+AGENT_PATH_PREFIX = "/api/v1/ws/agent/"
+ADMIN_PATH = "/api/v1/ws/admin"
+PRESENCE_PREFIX = "$presence"
+REPLY_PREFIX = "$reply"
+ADMIN_AGENT_ID = "$admin"
+
+T = TypeVar("T")
+
+
+class CloseCode:
+    """WebSocket close codes the hub uses (see ``docs/protocol.md``)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001
+    MESSAGE_TOO_BIG = 1009
+    SERVICE_RESTART = 1012
+    AUTHENTICATION_FAILED = 4001
+    CHALLENGE_EXPIRED = 4002
+    REPLACED = 4003
+    SLOW_CONSUMER = 4004
+    KEY_REVOKED = 4005
+    PROTOCOL_VIOLATION = 4006
+    HEARTBEAT_TIMEOUT = 4008
+
+
+@attrs.frozen
+class HubConfig:
+    """Hub settings. Every duration is in seconds.
+
+    Heartbeat settings declared by agents are clamped to the ``min_``/``max_``
+    bounds; the effective values are sent back in ``welcome``.
+    """
+
+    hub_id: str = attrs.field(factory=lambda: "hub-" + secrets.token_hex(4))
+    challenge_timeout: float = 30.0
+    min_heartbeat_interval: float = 0.5
+    max_heartbeat_interval: float = 300.0
+    min_timeout_multiplier: float = 1.5
+    max_timeout_multiplier: float = 10.0
+    disconnect_grace: float = 5.0
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    max_subscriptions: int = 1000
+    send_queue_size: int = 1024
+    publish_rate: float = 1000.0
+    publish_burst: int = 2000
+    dedupe_window: float = 600.0
+    dedupe_max_ids: int = 10_000
+    auth_failures_free: int = 3
+    auth_failure_delay_cap: float = 10.0
+    registry_poll_interval: float = 0.5
+    last_seen_flush_interval: float = 10.0
+    close_timeout: float = 2.0
+    refused_log_per_second: float = 5.0
+
+
+@attrs.define
+class HubStats:
+    """Counters the hub keeps (exported as Prometheus metrics when enabled)."""
+
+    connections: int = 0
+    auth_failures: int = 0
+    heartbeats: int = 0
+    messages_routed: int = 0
+    deliveries: int = 0
+    slow_consumers: int = 0
+    refused_frames: int = 0
+    rate_limited: int = 0
+    transitions: dict[str, int] = attrs.field(factory=dict)
+
+
+class _TokenBucket:
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = trio.current_time()
+
+    def take(self) -> bool:
+        now = trio.current_time()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class _Dedupe:
+    """Recently seen publish ids of one agent, bounded in time and count."""
+
+    def __init__(self, window: float, max_ids: int) -> None:
+        self.window = window
+        self.max_ids = max_ids
+        self.seen: collections.OrderedDict[str, tuple[float, str]] = collections.OrderedDict()
+
+    def lookup(self, frame_id: str, now: float) -> str | None:
+        while self.seen:
+            oldest = next(iter(self.seen.values()))
+            if now - oldest[0] <= self.window and len(self.seen) <= self.max_ids:
+                break
+            self.seen.popitem(last=False)
+        hit = self.seen.get(frame_id)
+        return hit[1] if hit else None
+
+    def remember(self, frame_id: str, message_id: str, now: float) -> None:
+        self.seen[frame_id] = (now, message_id)
+
+
+class _Session:
+    """One authenticated connection (private, mutable)."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        ws: WebSocketConnection,
+        *,
+        tenant_id: str,
+        agent_id: str,
+        remote: str,
+        auth: Auth | None,
+        key: PublicKey | None,
+        heartbeat_interval: float | None,
+        heartbeat_timeout: float | None,
+    ) -> None:
+        self.hub = hub
+        self.ws = ws
+        self.session_id = "s-" + secrets.token_hex(8)
+        self.tenant_id = tenant_id
+        self.agent_id = agent_id
+        self.remote = remote
+        self.key = key
+        self.capabilities = auth.capabilities if auth else ()
+        self.metadata = dict(auth.metadata) if auth else {}
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.is_admin = auth is None
+        self.subscriptions: set[str] = set()
+        self.outbox_send, self.outbox_receive = trio.open_memory_channel[str](
+            hub.config.send_queue_size
+        )
+        self.scope = trio.CancelScope()
+        self.close_code = CloseCode.NORMAL
+        self.close_reason = ""
+        self.closing = False
+        self.left = False
+        self.timed_out = False
+        self.bucket = _TokenBucket(hub.config.publish_rate, hub.config.publish_burst)
+        now = trio.current_time()
+        self.deadline = now + heartbeat_timeout if heartbeat_timeout is not None else math.inf
+
+    def __repr__(self) -> str:
+        return f"<session {self.session_id} {self.tenant_id}/{self.agent_id} from {self.remote}>"
+
+    def send(self, text: str) -> None:
+        """Queue a frame; a full outbox cuts this consumer off (it never blocks the caller)."""
+        if self.closing:
+            return
+        try:
+            self.outbox_send.send_nowait(text)
+        except trio.WouldBlock:
+            self.hub.stats.slow_consumers += 1
+            log.warning("%r: send queue full, cutting off slow consumer", self)
+            self.close(
+                CloseCode.SLOW_CONSUMER,
+                f"slow consumer: {self.hub.config.send_queue_size} frames waiting",
+            )
+
+    def send_frame(self, frame: Frame) -> None:
+        self.send(encode(frame))
+
+    def close(self, code: int, reason: str) -> None:
+        if not self.closing:
+            self.closing = True
+            self.close_code = code
+            self.close_reason = reason
+        self.scope.cancel()
+
+    def touch(self, now: float) -> None:
+        if self.heartbeat_timeout is not None:
+            self.deadline = now + self.heartbeat_timeout
+
+    def expire(self, now: float) -> float | None:
+        """DeadlineQueue callback: the heartbeat deadline came due."""
+        if self.closing:
+            return None
+        if self.deadline > now:
+            return self.deadline
+        self.hub._heartbeat_timed_out(self)
+        return None
+
+
+@attrs.define
+class _Presence:
+    """One row of the live presence table."""
+
+    tenant_id: str
+    agent_id: str
+    status: str = "offline"
+    reason: str | None = None
+    session: _Session | None = None
+    session_id: str | None = None
+    since: float | None = None
+    last_seen: float | None = None
+    last_heartbeat: float | None = None
+    capabilities: tuple[str, ...] = ()
+    metadata: dict[str, Any] = attrs.field(factory=dict)
+    grace_deadline: float = math.inf
+    heartbeat_timeout: float | None = None
+
+    def record(self) -> PresenceRecord:
+        return PresenceRecord(
+            tenant_id=self.tenant_id,
+            agent_id=self.agent_id,
+            status=self.status,
+            reason=self.reason,
+            session_id=self.session_id,
+            since=self.since,
+            last_seen=self.last_seen,
+            last_heartbeat=self.last_heartbeat,
+            heartbeat_timeout=self.heartbeat_timeout,
+            capabilities=self.capabilities,
+            metadata=self.metadata,
+        )
+
+
+class _GraceTimer:
+    """DeadlineQueue entry for a disconnected agent inside its grace period."""
+
+    def __init__(self, hub: Hub, entry: _Presence) -> None:
+        self.hub = hub
+        self.entry = entry
+
+    def expire(self, now: float) -> float | None:
+        entry = self.entry
+        if entry.session is not None or entry.status != "online":
+            return None  # came back, or already offline for another reason
+        if entry.grace_deadline > now:
+            return entry.grace_deadline
+        self.hub._set_offline(entry, "disconnected")
+        return None
+
+
+class _RateLimitedLog:
+    """Logs refused frames at a bounded rate, counting what it suppressed."""
+
+    def __init__(self, per_second: float) -> None:
+        self.per_second = per_second
+        self.window_start = -math.inf
+        self.count = 0
+        self.suppressed = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = trio.current_time()
+        if now - self.window_start >= 1.0:
+            if self.suppressed:
+                log.warning("%d refused-frame log lines suppressed", self.suppressed)
+            self.window_start, self.count, self.suppressed = now, 0, 0
+        if self.count < self.per_second:
+            self.count += 1
+            log.warning(message, *args)
+        else:
+            self.suppressed += 1
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return max(low, min(high, value))
+
+
+class Hub:
+    """The hub's state and connection handling. Create it with ``open_hub``/``serve_hub``.
+
+    Attributes of interest: ``url`` (ws:// or wss:// base URL, ``None`` for a
+    memory-only hub), ``port``, ``stats``, ``registry``, and
+    :meth:`presence_table`.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        config: HubConfig | None = None,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.registry = registry
+        self.config = config or HubConfig()
+        self.stats = HubStats()
+        self.url: str | None = None
+        self.port: int | None = None
+        self.admin_token = secrets.token_urlsafe(32)
+        self._wall_clock = wall_clock
+        self._nursery: trio.Nursery | None = None
+        self._credentials: dict[tuple[str, str], tuple[PublicKey, ...]] = {}
+        self._revision = -1
+        self._sessions: dict[tuple[str, str], _Session] = {}
+        self._sessions_by_id: dict[str, _Session] = {}
+        self._admins: set[_Session] = set()
+        self._indexes: dict[str, SubjectIndex[_Session]] = {}
+        self._presence: dict[tuple[str, str], _Presence] = {}
+        self._dedupe: dict[tuple[str, str], _Dedupe] = {}
+        self._timers = DeadlineQueue()
+        self._message_ids = itertools.count(1)
+        self._auth_failures: dict[str, tuple[int, float]] = {}
+        self._pending_changes: list[PresenceChange] = []
+        self._changes_waiting = trio.Event()
+        self._refused_log = _RateLimitedLog(self.config.refused_log_per_second)
+        self._stopping = False
+        self._sessions_gone = trio.Event()
+
+    # --- lifecycle -------------------------------------------------------
+
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a registry call: inline for an in-memory registry, else in a worker thread."""
+        if self.registry.inline:
+            return fn(*args)
+        return await trio.to_thread.run_sync(fn, *args)
+
+    async def _start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        await self._reload_credentials()
+        now = self._wall_clock()
+        stale: list[PresenceChange] = []
+        for row in await self._db(self.registry.presence_rows):
+            entry = _Presence(
+                row.tenant_id,
+                row.agent_id,
+                status="offline",
+                reason=row.reason if row.status == "offline" else "disconnected",
+                last_seen=row.last_seen,
+                last_heartbeat=row.last_heartbeat,
+                since=row.changed_at,
+            )
+            self._presence[(row.tenant_id, row.agent_id)] = entry
+            if row.status == "online":
+                # The previous hub died with this agent online: record the outage.
+                entry.since = row.last_seen or now
+                stale.append(
+                    PresenceChange(
+                        row.tenant_id,
+                        row.agent_id,
+                        "offline",
+                        "disconnected",
+                        row.session_id,
+                        row.last_seen or now,
+                    )
+                )
+        if stale:
+            await self._db(self.registry.record_presence, stale)
+        nursery.start_soon(self._timers.run)
+        nursery.start_soon(self._watch_registry)
+        nursery.start_soon(self._write_presence)
+
+    async def _shutdown(self) -> None:
+        """Close every session with 1012 and flush presence to the registry."""
+        self._stopping = True
+        for session in list(self._sessions_by_id.values()):
+            session.close(CloseCode.SERVICE_RESTART, "hub shutting down")
+        with trio.move_on_after(self.config.close_timeout + 1):
+            while self._sessions_by_id:
+                self._sessions_gone = trio.Event()
+                await self._sessions_gone.wait()
+            now = self._wall_clock()
+            for entry in self._presence.values():
+                if entry.status == "online":
+                    self._set_offline(entry, "disconnected", now=now)
+            await self._flush_presence()
+
+    async def _reload_credentials(self) -> None:
+        revision = await self._db(self.registry.revision)
+        if revision == self._revision:
+            return
+        self._revision = revision
+        self._credentials = await self._db(self.registry.all_credentials)
+        for (tenant_id, agent_id), session in list(self._sessions.items()):
+            keys = self._credentials.get((tenant_id, agent_id), ())
+            if session.key is not None and session.key not in keys:
+                log.warning("%r: key removed or agent disabled, closing", session)
+                session.close(CloseCode.KEY_REVOKED, "key removed or agent disabled")
+
+    async def _watch_registry(self) -> None:
+        while True:
+            await trio.sleep(self.config.registry_poll_interval)
+            await self._reload_credentials()
+
+    async def _write_presence(self) -> None:
+        next_flush = trio.current_time() + self.config.last_seen_flush_interval
+        while True:
+            with trio.move_on_at(next_flush):
+                await self._changes_waiting.wait()
+            if trio.current_time() >= next_flush:
+                next_flush = trio.current_time() + self.config.last_seen_flush_interval
+                await self._flush_last_seen()
+            await self._flush_presence()
+
+    async def _flush_presence(self) -> None:
+        self._changes_waiting = trio.Event()
+        changes, self._pending_changes = self._pending_changes, []
+        if changes:
+            await self._db(self.registry.record_presence, changes)
+
+    async def _flush_last_seen(self) -> None:
+        rows = [
+            (e.tenant_id, e.agent_id, e.last_seen, e.last_heartbeat)
+            for e in self._presence.values()
+            if e.status == "online" and e.last_seen is not None
+        ]
+        if rows:
+            await self._db(self.registry.record_last_seen, rows)
+
+    # --- presence ----------------------------------------------------------
+
+    def presence_table(self, tenant_id: str | None = None) -> list[PresenceRecord]:
+        """The live presence table, for one tenant or all, sorted by tenant and agent."""
+        return [
+            entry.record()
+            for key, entry in sorted(self._presence.items())
+            if tenant_id is None or key[0] == tenant_id
+        ]
+
+    def _entry(self, tenant_id: str, agent_id: str) -> _Presence:
+        key = (tenant_id, agent_id)
+        entry = self._presence.get(key)
+        if entry is None:
+            entry = self._presence[key] = _Presence(tenant_id, agent_id)
+        return entry
+
+    def _transition(self, entry: _Presence, status: str, reason: str, now: float) -> None:
+        entry.status = status
+        entry.reason = reason
+        entry.since = now
+        self.stats.transitions[reason] = self.stats.transitions.get(reason, 0) + 1
+        event = PresenceEvent(
+            tenant_id=entry.tenant_id,
+            agent_id=entry.agent_id,
+            status=status,
+            reason=reason,
+            time=now,
+            session_id=entry.session_id,
+            capabilities=entry.capabilities,
+            metadata=entry.metadata,
+        )
+        log.info("presence %s/%s %s (%s)", entry.tenant_id, entry.agent_id, status, reason)
+        subject = f"{PRESENCE_PREFIX}.{entry.agent_id}"
+        data_json = json.dumps(event.to_data())
+        self._route(entry.tenant_id, subject, data_json, sender=ADMIN_AGENT_ID, reply_to=None)
+        for admin in self._admins:
+            if f"{PRESENCE_PREFIX}.>" in admin.subscriptions:
+                admin.send(self._message_text(subject, f"{PRESENCE_PREFIX}.>", data_json, "$hub"))
+        self._pending_changes.append(
+            PresenceChange(
+                entry.tenant_id,
+                entry.agent_id,
+                status,
+                reason,
+                entry.session_id,
+                now,
+                last_seen=entry.last_seen,
+                last_heartbeat=entry.last_heartbeat,
+            )
+        )
+        self._changes_waiting.set()
+
+    def _set_offline(self, entry: _Presence, reason: str, *, now: float | None = None) -> None:
+        if entry.status == "offline":
+            return
+        entry.session = None
+        entry.grace_deadline = math.inf
+        self._transition(entry, "offline", reason, self._wall_clock() if now is None else now)
+
+    def _heartbeat_timed_out(self, session: _Session) -> None:
+        log.warning(
+            "%r: no heartbeat for %.1f s, marking offline", session, session.heartbeat_timeout
+        )
+        session.timed_out = True
+        entry = self._presence.get((session.tenant_id, session.agent_id))
+        if entry is not None and entry.session is session:
+            self._set_offline(entry, "timeout")
+        session.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
+
+    # --- connections ----------------------------------------------------------
+
+    async def handle_request(self, request: WebSocketRequest, remote: str = "?") -> None:
+        """Serve one WebSocket handshake request to its end (the server handler)."""
+        if self._stopping:
+            await request.reject(503, body=b"hub shutting down")
+            return
+        split = urlsplit(request.path)
+        path = split.path
+        self.stats.connections += 1
+        if path == ADMIN_PATH:
+            ws = await request.accept()
+            await self._serve(ws, None, None, remote)
+        elif path.startswith(AGENT_PATH_PREFIX):
+            agent_id = unquote(path[len(AGENT_PATH_PREFIX) :])
+            tenant_ids = parse_qs(split.query).get("tenant_id", [])
+            ws = await request.accept()
+            await self._serve(ws, agent_id, tenant_ids[0] if tenant_ids else "", remote)
+        else:
+            await request.reject(404, body=b"unknown path; agents use /api/v1/ws/agent/{id}")
+
+    async def _serve(
+        self, ws: WebSocketConnection, agent_id: str | None, tenant_id: str | None, remote: str
+    ) -> None:
+        session: _Session | None = None
+        try:
+            session = await self._authenticate(ws, agent_id, tenant_id, remote)
+            if session is not None:
+                await self._run_session(session)
+        except ConnectionClosed:
+            pass
+        finally:
+            code = session.close_code if session else CloseCode.NORMAL
+            reason = session.close_reason if session else ""
+            with trio.move_on_after(self.config.close_timeout) as scope:
+                scope.shield = True
+                await ws.aclose(code, reason)
+
+    async def _refuse_auth(
+        self, ws: WebSocketConnection, remote: str, code: str, message: str, close: int
+    ) -> None:
+        """Answer a failed authentication, slowed down for repeat offenders."""
+        self.stats.auth_failures += 1
+        now = trio.current_time()
+        failures, _ = self._auth_failures.get(remote, (0, now))
+        failures += 1
+        self._auth_failures[remote] = (failures, now)
+        if len(self._auth_failures) > 10_000:
+            self._auth_failures = {
+                addr: v for addr, v in self._auth_failures.items() if now - v[1] < 300
+            }
+        extra = failures - self.config.auth_failures_free
+        if extra > 0:
+            await trio.sleep(min(self.config.auth_failure_delay_cap, 0.25 * 2 ** (extra - 1)))
+        log.warning("authentication refused for %s: %s", remote, code)
+        await ws.send_message(encode(Error(code=code, message=message, fatal=True)))
+        await ws.aclose(close, message)
+
+    async def _authenticate(
+        self, ws: WebSocketConnection, agent_id: str | None, tenant_id: str | None, remote: str
+    ) -> _Session | None:
+        nonce = secrets.token_urlsafe(32)
+        timeout = self.config.challenge_timeout
+        await ws.send_message(
+            encode(Challenge(nonce=nonce, expires_in=timeout, hub_id=self.config.hub_id))
+        )
+        with trio.move_on_after(timeout):
+            text = await ws.get_message()
+            try:
+                frame = decode(text, max_bytes=self.config.max_frame_bytes)
+            except ProtocolError as exc:
+                await ws.send_message(
+                    encode(Error(code=exc.code, message=exc.message, id=exc.frame_id, fatal=True))
+                )
+                await ws.aclose(CloseCode.PROTOCOL_VIOLATION, "expected auth")
+                return None
+            return await self._check_auth(ws, frame, nonce, agent_id, tenant_id, remote)
+        await ws.send_message(
+            encode(
+                Error(
+                    code="challenge_expired",
+                    message="no auth before the challenge expired",
+                    fatal=True,
+                )
+            )
+        )
+        await ws.aclose(CloseCode.CHALLENGE_EXPIRED, "challenge expired")
+        return None
+
+    async def _check_auth(
+        self,
+        ws: WebSocketConnection,
+        frame: Frame,
+        nonce: str,
+        agent_id: str | None,
+        tenant_id: str | None,
+        remote: str,
+    ) -> _Session | None:
+        config = self.config
+        if agent_id is None:  # admin path
+            if isinstance(frame, AdminAuth) and hmac.compare_digest(
+                frame.token.encode(), self.admin_token.encode()
+            ):
+                return _Session(
+                    self, ws, tenant_id="*", agent_id=ADMIN_AGENT_ID, remote=remote,
+                    auth=None, key=None, heartbeat_interval=None, heartbeat_timeout=None,
+                )  # fmt: skip
+            await self._refuse_auth(
+                ws, remote, "authentication_failed", "bad admin token",
+                CloseCode.AUTHENTICATION_FAILED,
+            )  # fmt: skip
+            return None
+        if not isinstance(frame, Auth):
+            await ws.send_message(
+                encode(
+                    Error(
+                        code="not_authenticated",
+                        message=f"expected an auth frame, got {frame.type!r}",
+                        id=getattr(frame, "id", None),
+                        fatal=True,
+                    )
+                )
+            )
+            await ws.aclose(CloseCode.PROTOCOL_VIOLATION, "expected auth")
+            return None
+        if frame.protocol != PROTOCOL_VERSION:
+            await self._refuse_auth(
+                ws, remote, "unsupported_protocol",
+                f"this hub speaks protocol {PROTOCOL_VERSION}", CloseCode.PROTOCOL_VIOLATION,
+            )  # fmt: skip
+            return None
+        # Unknown agent, wrong tenant, mismatched ids and bad signatures all answer alike.
+        key = None
+        if frame.agent_id == agent_id and frame.tenant_id == tenant_id:
+            for candidate in self._credentials.get((tenant_id, agent_id), ()):
+                if candidate.algorithm == frame.algorithm and candidate.verify_auth(
+                    frame.signature, tenant_id=tenant_id, agent_id=agent_id, nonce=nonce
+                ):
+                    key = candidate
+                    break
+        if key is None:
+            await self._refuse_auth(
+                ws, remote, "authentication_failed",
+                "unknown agent or signature does not verify", CloseCode.AUTHENTICATION_FAILED,
+            )  # fmt: skip
+            return None
+        self._auth_failures.pop(remote, None)
+        interval: float | None = None
+        timeout: float | None = None
+        if frame.heartbeat_interval is not None:
+            interval = _clamp(
+                frame.heartbeat_interval, config.min_heartbeat_interval,
+                config.max_heartbeat_interval,
+            )  # fmt: skip
+            multiplier = _clamp(
+                frame.heartbeat_timeout_multiplier, config.min_timeout_multiplier,
+                config.max_timeout_multiplier,
+            )  # fmt: skip
+            timeout = interval * multiplier
+        return _Session(
+            self, ws, tenant_id=frame.tenant_id, agent_id=frame.agent_id, remote=remote,
+            auth=frame, key=key, heartbeat_interval=interval, heartbeat_timeout=timeout,
+        )  # fmt: skip
+
+    def _attach(self, session: _Session) -> None:
+        """Make ``session`` the agent's live session: take-over and presence."""
+        self._sessions_by_id[session.session_id] = session
+        if session.is_admin:
+            self._admins.add(session)
+            return
+        key = (session.tenant_id, session.agent_id)
+        older = self._sessions.get(key)
+        self._sessions[key] = session
+        if older is not None:
+            log.info("%r replaced by %s", older, session.session_id)
+            older.close(CloseCode.REPLACED, f"replaced by a newer session {session.session_id}")
+        now = self._wall_clock()
+        entry = self._entry(*key)
+        was_online = entry.status == "online"
+        entry.session = session
+        entry.session_id = session.session_id
+        entry.grace_deadline = math.inf
+        entry.capabilities = session.capabilities
+        entry.metadata = session.metadata
+        entry.heartbeat_timeout = session.heartbeat_timeout
+        entry.last_seen = now
+        if not was_online:
+            self._transition(entry, "online", "connected", now)
+        if session.heartbeat_timeout is not None:
+            self._timers.add(session.deadline, session)
+
+    def _detach(self, session: _Session) -> None:
+        """Forget a finished session; start the disconnect grace unless it left or was replaced."""
+        self._sessions_by_id.pop(session.session_id, None)
+        if not self._sessions_by_id:
+            self._sessions_gone.set()
+        if session.is_admin:
+            self._admins.discard(session)
+            return
+        index = self._indexes.get(session.tenant_id)
+        if index is not None:
+            index.remove_subscriber(session, session.subscriptions)
+            if not len(index):
+                del self._indexes[session.tenant_id]
+        key = (session.tenant_id, session.agent_id)
+        if self._sessions.get(key) is not session:
+            return  # replaced: the newer session owns presence
+        del self._sessions[key]
+        entry = self._presence[key]
+        if entry.session is not session:
+            return
+        if session.left:
+            self._set_offline(entry, "left")
+        elif session.timed_out or self._stopping:
+            entry.session = None
+        elif self.config.disconnect_grace <= 0:
+            self._set_offline(entry, "disconnected")
+        else:
+            entry.session = None
+            entry.grace_deadline = trio.current_time() + self.config.disconnect_grace
+            self._timers.add(entry.grace_deadline, _GraceTimer(self, entry))
+
+    async def _run_session(self, session: _Session) -> None:
+        log.info("%r connected", session)
+        welcome = Welcome(
+            session_id=session.session_id,
+            agent_id=session.agent_id,
+            tenant_id=session.tenant_id,
+            hub_id=self.config.hub_id,
+            hub_time=self._wall_clock(),
+            heartbeat_interval=session.heartbeat_interval,
+            heartbeat_timeout=session.heartbeat_timeout,
+            max_frame_bytes=self.config.max_frame_bytes,
+        )
+        session.send_frame(welcome)
+        self._attach(session)
+        try:
+            with session.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._writer, session)
+                    await self._reader(session)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._detach(session)
+            log.info("%r closed: %d %s", session, session.close_code, session.close_reason or "-")
+
+    async def _writer(self, session: _Session) -> None:
+        try:
+            async for text in session.outbox_receive:
+                await session.ws.send_message(text)
+        except ConnectionClosed:
+            session.scope.cancel()
+
+    async def _reader(self, session: _Session) -> None:
+        ws = session.ws
+        max_bytes = self.config.max_frame_bytes
+        while True:
+            try:
+                text = await ws.get_message()
+            except ConnectionClosed:
+                return
+            now = trio.current_time()
+            session.touch(now)
+            entry = self._presence.get((session.tenant_id, session.agent_id))
+            if entry is not None and entry.session is session:
+                entry.last_seen = self._wall_clock()
+            try:
+                frame = decode(text, max_bytes=max_bytes)
+                if frame.type not in CLIENT_FRAME_TYPES:
+                    raise ProtocolError(
+                        "unexpected_type",
+                        f"a hub does not accept {frame.type!r} frames",
+                        frame_id=getattr(frame, "id", None),
+                    )
+                self._handle_frame(session, frame)
+            except ProtocolError as exc:
+                self.stats.refused_frames += 1
+                self._refused_log.warning("%r: refused frame: %s", session, exc)
+                session.send_frame(Error(code=exc.code, message=exc.message, id=exc.frame_id))
+            if session.left:
+                session.close(CloseCode.NORMAL, "left")
+                return
+
+    def _handle_frame(self, session: _Session, frame: Frame) -> None:
+        if isinstance(frame, Publish):
+            self._handle_publish(session, frame)
+        elif isinstance(frame, Heartbeat):
+            self.stats.heartbeats += 1
+            entry = self._presence.get((session.tenant_id, session.agent_id))
+            wall = self._wall_clock()
+            if entry is not None and entry.session is session:
+                entry.last_heartbeat = wall
+            session.send_frame(HeartbeatAck(seq=frame.seq, hub_time=wall))
+        elif isinstance(frame, Subscribe):
+            self._handle_subscribe(session, frame)
+        elif isinstance(frame, Unsubscribe):
+            if frame.subject in session.subscriptions:
+                session.subscriptions.discard(frame.subject)
+                index = self._indexes.get(session.tenant_id)
+                if index is not None:
+                    index.remove(frame.subject, session)
+            session.send_frame(Unsubscribed(id=frame.id, subject=frame.subject))
+        elif isinstance(frame, PresenceQuery):
+            tenant = None if session.is_admin else session.tenant_id
+            session.send_frame(
+                PresenceState(id=frame.id, agents=tuple(self.presence_table(tenant)))
+            )
+        elif isinstance(frame, Leave):
+            session.left = True
+        elif isinstance(frame, Error):
+            log.info("%r reported error %s: %s", session, frame.code, frame.message)
+        else:  # auth, admin_auth
+            raise ProtocolError("already_authenticated", "this connection is already authenticated")
+
+    def _handle_subscribe(self, session: _Session, frame: Subscribe) -> None:
+        pattern = frame.subject
+        if is_reserved(pattern) and not (
+            pattern == f"{PRESENCE_PREFIX}.>" or pattern.startswith(f"{PRESENCE_PREFIX}.")
+        ):
+            raise ProtocolError(
+                "forbidden_subject",
+                f"{pattern!r} is reserved; only {PRESENCE_PREFIX}.* may be subscribed to",
+                frame_id=frame.id,
+            )
+        if pattern not in session.subscriptions:
+            if len(session.subscriptions) >= self.config.max_subscriptions:
+                raise ProtocolError(
+                    "too_many_subscriptions",
+                    f"at most {self.config.max_subscriptions} subscriptions per connection",
+                    frame_id=frame.id,
+                )
+            session.subscriptions.add(pattern)
+            if not session.is_admin:
+                index = self._indexes.get(session.tenant_id)
+                if index is None:
+                    index = self._indexes[session.tenant_id] = SubjectIndex()
+                index.add(pattern, session)
+        session.send_frame(Subscribed(id=frame.id, subject=pattern))
+
+    def _handle_publish(self, session: _Session, frame: Publish) -> None:
+        if session.is_admin:
+            raise ProtocolError(
+                "forbidden_subject", "the admin channel cannot publish", frame_id=frame.id
+            )
+        subject = frame.subject
+        if is_reserved(subject) and not subject.startswith(f"{REPLY_PREFIX}."):
+            raise ProtocolError(
+                "forbidden_subject",
+                f"{subject!r} is reserved for the hub; agents may not publish to it",
+                frame_id=frame.id,
+            )
+        reply_to = frame.reply_to
+        if reply_to is not None and is_reserved(reply_to):
+            own = f"{REPLY_PREFIX}.{session.session_id}."
+            if not reply_to.startswith(own):
+                raise ProtocolError(
+                    "forbidden_subject",
+                    f"reply_to must be a normal subject or under {own}",
+                    frame_id=frame.id,
+                )
+        if not session.bucket.take():
+            self.stats.rate_limited += 1
+            raise ProtocolError(
+                "rate_limited",
+                f"publish rate above {self.config.publish_rate:g}/s; slow down and retry",
+                frame_id=frame.id,
+            )
+        now = trio.current_time()
+        dedupe = None
+        if frame.id is not None:
+            key = (session.tenant_id, session.agent_id)
+            dedupe = self._dedupe.get(key)
+            if dedupe is None:
+                dedupe = self._dedupe[key] = _Dedupe(
+                    self.config.dedupe_window, self.config.dedupe_max_ids
+                )
+            seen = dedupe.lookup(frame.id, now)
+            if seen is not None:
+                session.send_frame(Published(id=frame.id, message_id=seen, duplicate=True))
+                return
+        message_id = f"{self.config.hub_id}-{next(self._message_ids)}"
+        try:
+            data_json = json.dumps(frame.data, separators=(",", ":"))
+        except (ValueError, RecursionError):
+            raise ProtocolError(
+                "invalid_field", "data cannot be re-encoded as JSON", frame_id=frame.id
+            ) from None
+        if dedupe is not None and frame.id is not None:
+            dedupe.remember(frame.id, message_id, now)
+            session.send_frame(Published(id=frame.id, message_id=message_id))
+        self.stats.messages_routed += 1
+        self._route(
+            session.tenant_id, subject, data_json, sender=session.agent_id,
+            reply_to=reply_to, message_id=message_id,
+        )  # fmt: skip
+
+    def _message_text(
+        self,
+        subject: str,
+        subscription: str | None,
+        data_json: str,
+        sender: str,
+        message_id: str | None = None,
+        reply_to: str | None = None,
+    ) -> str:
+        return encode_message(
+            subject=subject,
+            subscription=subscription,
+            data_json=data_json,
+            sender=sender,
+            message_id=message_id or f"{self.config.hub_id}-{next(self._message_ids)}",
+            time=self._wall_clock(),
+            reply_to=reply_to,
+        )
+
+    def _route(
+        self,
+        tenant_id: str,
+        subject: str,
+        data_json: str,
+        *,
+        sender: str,
+        reply_to: str | None,
+        message_id: str | None = None,
+    ) -> None:
+        """Deliver to every matching subscriber in the tenant; encode once per pattern."""
+        message_id = message_id or f"{self.config.hub_id}-{next(self._message_ids)}"
+        if subject.startswith(f"{REPLY_PREFIX}."):
+            target = self._sessions_by_id.get(subject.split(".", 2)[1])
+            if target is not None and target.tenant_id == tenant_id:
+                self.stats.deliveries += 1
+                target.send(
+                    self._message_text(subject, None, data_json, sender, message_id, reply_to)
+                )
+            return
+        index = self._indexes.get(tenant_id)
+        if index is None:
+            return
+        texts: dict[str, str] = {}
+        for pattern, session in index.match(subject):
+            text = texts.get(pattern)
+            if text is None:
+                text = texts[pattern] = self._message_text(
+                    subject, pattern, data_json, sender, message_id, reply_to
+                )
+            self.stats.deliveries += 1
+            session.send(text)
+
+    # --- in-memory transport ---------------------------------------------------
+
+    async def connect_in_memory(self) -> trio.abc.Stream:
+        """A client byte stream connected to this hub (the hub serves the other end)."""
+        if self._nursery is None:
+            raise RuntimeError("the hub is not running")
+        client, server = trio.testing.memory_stream_pair()
+        self._nursery.start_soon(self._serve_stream, server)
+        return client
+
+    async def _serve_stream(self, stream: trio.abc.Stream) -> None:
+        async with trio.open_nursery() as nursery:
+            request = await trio_websocket.wrap_server_stream(
+                nursery, stream, max_message_size=self._hard_frame_limit
+            )
+            try:
+                await self.handle_request(request, remote="memory")
+            finally:
+                with trio.move_on_after(self.config.close_timeout) as scope:
+                    scope.shield = True
+                    await stream.aclose()
+                nursery.cancel_scope.cancel()
+
+    @property
+    def _hard_frame_limit(self) -> int:
+        """Frames above ``max_frame_bytes`` get an error; above this, close 1009."""
+        return self.config.max_frame_bytes * 4 + 65536
+
+
+def _load_ssl_context(
+    ssl_context: ssl.SSLContext | None, tls_cert: str | None, tls_key: str | None
+) -> ssl.SSLContext | None:
+    if ssl_context is not None or tls_cert is None:
+        return ssl_context
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(tls_cert, tls_key)
+    return context
+
+
+async def serve_hub(
+    *,
+    registry: Registry | None = None,
+    db: str | os.PathLike[str] | None = None,
+    host: str | None = "127.0.0.1",
+    port: int | None = 0,
+    config: HubConfig | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    admin_file: str | os.PathLike[str] | None = None,
+    task_status: trio.TaskStatus[Hub] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a hub until cancelled; ``task_status.started`` gives the :class:`Hub`.
+
+    Give ``registry`` or a ``db`` path (default: an in-memory registry). With
+    ``port=None`` the hub serves only in-memory connections. Cancelling the
+    task shuts down gracefully: every agent is closed with 1012 (service
+    restart) and presence is flushed to the registry, within a bounded time.
+    """
+    own_registry = registry is None
+    if registry is None:
+        registry = Registry.open(db if db is not None else ":memory:")
+    hub = Hub(registry, config)
+    context = _load_ssl_context(ssl_context, tls_cert, tls_key)
+    # Connections run under a shielded scope: an outside cancellation first
+    # closes every session with 1012, then stops the connection machinery.
+    connections_scope = trio.CancelScope(shield=True)
+
+    async def run_connections(task_status: trio.TaskStatus[None]) -> None:
+        with connections_scope:
+            async with trio.open_nursery() as connections:
+                hub._nursery = connections
+                if port is not None:
+                    listeners: list[Any] = await trio.open_tcp_listeners(port, host=host)
+                    if context is not None:
+                        listeners = [trio.SSLListener(lst, context) for lst in listeners]
+                    server = trio_websocket.WebSocketServer(
+                        _handler(hub),
+                        listeners,
+                        handler_nursery=connections,
+                        max_message_size=hub._hard_frame_limit,
+                        connect_timeout=10,
+                        disconnect_timeout=hub.config.close_timeout,
+                    )
+                    await connections.start(server.run)
+                    hub.port = server.port
+                    scheme = "wss" if context is not None else "ws"
+                    shown = host if host not in (None, "", "0.0.0.0") else "127.0.0.1"
+                    hub.url = f"{scheme}://{shown}:{hub.port}"
+                task_status.started()
+                await trio.sleep_forever()
+
+    try:
+        with collapse_exception_groups():
+            async with trio.open_nursery() as nursery:
+                await hub._start(nursery)
+                await nursery.start(run_connections)
+                if admin_file is not None:
+                    _write_admin_file(admin_file, hub)
+                log.info("hub %s serving at %s", hub.config.hub_id, hub.url or "memory")
+                try:
+                    task_status.started(hub)
+                    await trio.sleep_forever()
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await hub._shutdown()
+                    connections_scope.cancel()
+                    if admin_file is not None:
+                        _remove_admin_file(admin_file, hub)
+    finally:
+        if own_registry:
+            registry.close()
+
+
+def _handler(hub: Hub) -> Callable[[WebSocketRequest], Awaitable[None]]:
+    async def handle(request: WebSocketRequest) -> None:
+        remote = request.remote
+        address = getattr(remote, "address", None) or str(remote)
+        await hub.handle_request(request, remote=str(address))
+
+    return handle
+
+
+def _write_admin_file(path: str | os.PathLike[str], hub: Hub) -> None:
+    payload = json.dumps({"url": hub.url, "token": hub.admin_token, "pid": os.getpid()})
+    tmp = f"{os.fspath(path)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(payload)
+    os.replace(tmp, path)
+
+
+def _remove_admin_file(path: str | os.PathLike[str], hub: Hub) -> None:
+    try:
+        with open(path) as f:
+            if json.load(f).get("token") != hub.admin_token:
+                return  # another hub took over the file
+        os.remove(path)
+    except (OSError, ValueError):
+        pass
+
+
+@asynccontextmanager
+async def open_hub(**kwargs: Any) -> AsyncIterator[Hub]:
+    """Run a hub for the duration of the block (arguments as :func:`serve_hub`)."""
+    with collapse_exception_groups():
+        async with trio.open_nursery() as nursery:
+            hub: Hub = await nursery.start(functools.partial(serve_hub, **kwargs))
+            try:
+                yield hub
+            finally:
+                nursery.cancel_scope.cancel()
