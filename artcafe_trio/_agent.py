@@ -687,6 +687,7 @@ class Agent:
         try:
             text = await ws.get_message()
         except ConnectionClosed as exc:
+            await self._unless_closing()
             raise _lost(exc) from None
         try:
             return decode(text, max_bytes=DEFAULT_MAX_FRAME_BYTES * 4)
@@ -740,7 +741,14 @@ class Agent:
         try:
             await conn.ws.send_message(text)
         except ConnectionClosed as exc:
+            await self._unless_closing()
             raise _lost(exc) from None
+
+    async def _unless_closing(self) -> None:
+        """While the agent closes its own connection, park the task instead of failing:
+        the connection must live until the close handshake completes."""
+        if self._closed:
+            await trio.sleep_forever()
 
     async def _sender(self, conn: _Connection) -> None:
         while True:

@@ -146,14 +146,14 @@ def _field(kind: _Kind, *, optional: bool = False, default: object = attrs.NOTHI
 # --- frames ----------------------------------------------------------------
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class Frame:
     """Base class of every protocol v1 frame."""
 
     type: ClassVar[str] = ""
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class Challenge(Frame):
     """Hub → agent, first frame: sign ``nonce`` before ``expires_in`` seconds pass."""
 
@@ -164,7 +164,7 @@ class Challenge(Frame):
     protocol: int = _field(_k_int, default=PROTOCOL_VERSION)
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class Auth(Frame):
     """Agent → hub: the signed challenge and the agent's declared settings.
 
@@ -184,7 +184,7 @@ class Auth(Frame):
     protocol: int = _field(_k_int, default=PROTOCOL_VERSION)
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class Welcome(Frame):
     """Hub → agent: authenticated. Heartbeat values are the effective (clamped) ones."""
 
@@ -200,7 +200,7 @@ class Welcome(Frame):
     protocol: int = _field(_k_int, default=PROTOCOL_VERSION)
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class AdminAuth(Frame):
     """Admin → hub on the admin path: the token from the hub's admin file."""
 
@@ -208,7 +208,7 @@ class AdminAuth(Frame):
     token: str = _field(_k_str)
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class Subscribe(Frame):
     """Agent → hub: subscribe to a pattern (wildcards allowed). Answered by ``subscribed``."""
 
@@ -217,14 +217,14 @@ class Subscribe(Frame):
     subject: str = _field(_k_pattern)
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class Subscribed(Frame):
     type: ClassVar[str] = "subscribed"
     id: str = _field(_k_id)
     subject: str = _field(_k_str)
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class Unsubscribe(Frame):
     """Agent → hub: drop a subscription. Answered by ``unsubscribed`` even if absent."""
 
@@ -233,14 +233,14 @@ class Unsubscribe(Frame):
     subject: str = _field(_k_pattern)
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class Unsubscribed(Frame):
     type: ClassVar[str] = "unsubscribed"
     id: str = _field(_k_id)
     subject: str = _field(_k_str)
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class Publish(Frame):
     """Agent → hub: publish ``data`` to a concrete subject.
 
@@ -255,7 +255,7 @@ class Publish(Frame):
     reply_to: str | None = _field(_k_subject, optional=True)
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class Published(Frame):
     """Hub → agent: the publish with this ``id`` was accepted (``duplicate``: seen before)."""
 
@@ -265,7 +265,7 @@ class Published(Frame):
     duplicate: bool = _field(_k_bool, default=False)
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class Message(Frame):
     """Hub → agent: a delivery. ``subject`` is concrete; ``subscription`` is the pattern
     that matched (``None`` for a reply delivered to its requester)."""
@@ -280,7 +280,7 @@ class Message(Frame):
     reply_to: str | None = _field(_k_str, optional=True)
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class Heartbeat(Frame):
     """Agent → hub: I am alive. Answered by ``heartbeat_ack`` with the same ``seq``."""
 
@@ -288,14 +288,14 @@ class Heartbeat(Frame):
     seq: int = _field(_k_int)
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class HeartbeatAck(Frame):
     type: ClassVar[str] = "heartbeat_ack"
     seq: int = _field(_k_int)
     hub_time: float = _field(_k_number)
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class PresenceQuery(Frame):
     """Agent or admin → hub: ask for the presence table. Answered by ``presence_state``."""
 
@@ -309,7 +309,7 @@ def _k_records(name: str, value: object, frame_id: str | None) -> tuple[Presence
     return tuple(_from_object(PresenceRecord, item, frame_id, name) for item in value)
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class PresenceRecord:
     """One row of the presence table (not a frame: an element of ``presence_state``)."""
 
@@ -326,14 +326,14 @@ class PresenceRecord:
     metadata: dict[str, JSON] = _field(_k_object, default=attrs.Factory(dict))
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class PresenceState(Frame):
     type: ClassVar[str] = "presence_state"
     id: str = _field(_k_id)
     agents: tuple[PresenceRecord, ...] = _field(_k_records, default=())
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class PresenceEvent:
     """The ``data`` of a ``message`` on ``$presence.<agent_id>``: one presence transition.
 
@@ -361,7 +361,7 @@ class PresenceEvent:
         return event
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class Leave(Frame):
     """Agent → hub: graceful shutdown; the hub records ``left`` and closes with 1000."""
 
@@ -369,7 +369,7 @@ class Leave(Frame):
     reason: str | None = _field(_k_str, optional=True)
 
 
-@attrs.frozen
+@attrs.frozen(kw_only=True)
 class Error(Frame):
     """Either direction: a refused frame (``id`` of it, when it had one) or a fatal error."""
 

@@ -426,8 +426,7 @@ class Hub:
     async def _shutdown(self) -> None:
         """Close every session with 1012 and flush presence to the registry."""
         self._stopping = True
-        for session in list(self._sessions_by_id.values()):
-            session.close(CloseCode.SERVICE_RESTART, "hub shutting down")
+        self.close_all(CloseCode.SERVICE_RESTART, "hub shutting down")
         with trio.move_on_after(self.config.close_timeout + 1):
             while self._sessions_by_id:
                 self._sessions_gone = trio.Event()
@@ -438,10 +437,11 @@ class Hub:
                     self._set_offline(entry, "disconnected", now=now)
             await self._flush_presence()
 
-    async def _reload_credentials(self) -> None:
+    async def _reload_credentials(self) -> bool:
+        """Reload keys if the registry changed; close sessions whose key went away."""
         revision = await self._db(self.registry.revision)
         if revision == self._revision:
-            return
+            return False
         self._revision = revision
         self._credentials = await self._db(self.registry.all_credentials)
         for (tenant_id, agent_id), session in list(self._sessions.items()):
@@ -449,6 +449,7 @@ class Hub:
             if session.key is not None and session.key not in keys:
                 log.warning("%r: key removed or agent disabled, closing", session)
                 session.close(CloseCode.KEY_REVOKED, "key removed or agent disabled")
+        return True
 
     async def _watch_registry(self) -> None:
         while True:
@@ -479,6 +480,11 @@ class Hub:
         ]
         if rows:
             await self._db(self.registry.record_last_seen, rows)
+
+    def close_all(self, code: int = CloseCode.SERVICE_RESTART, reason: str = "") -> None:
+        """Close every authenticated session with ``code`` (agents will reconnect)."""
+        for session in list(self._sessions_by_id.values()):
+            session.close(code, reason)
 
     # --- presence ----------------------------------------------------------
 
@@ -684,12 +690,9 @@ class Hub:
         # Unknown agent, wrong tenant, mismatched ids and bad signatures all answer alike.
         key = None
         if frame.agent_id == agent_id and frame.tenant_id == tenant_id:
-            for candidate in self._credentials.get((tenant_id, agent_id), ()):
-                if candidate.algorithm == frame.algorithm and candidate.verify_auth(
-                    frame.signature, tenant_id=tenant_id, agent_id=agent_id, nonce=nonce
-                ):
-                    key = candidate
-                    break
+            key = self._verify(frame, nonce)
+            if key is None and await self._reload_credentials():
+                key = self._verify(frame, nonce)  # a key registered since the last poll
         if key is None:
             await self._refuse_auth(
                 ws, remote, "authentication_failed",
@@ -713,6 +716,14 @@ class Hub:
             self, ws, tenant_id=frame.tenant_id, agent_id=frame.agent_id, remote=remote,
             auth=frame, key=key, heartbeat_interval=interval, heartbeat_timeout=timeout,
         )  # fmt: skip
+
+    def _verify(self, frame: Auth, nonce: str) -> PublicKey | None:
+        for candidate in self._credentials.get((frame.tenant_id, frame.agent_id), ()):
+            if candidate.algorithm == frame.algorithm and candidate.verify_auth(
+                frame.signature, tenant_id=frame.tenant_id, agent_id=frame.agent_id, nonce=nonce
+            ):
+                return candidate
+        return None
 
     def _attach(self, session: _Session) -> None:
         """Make ``session`` the agent's live session: take-over and presence."""
