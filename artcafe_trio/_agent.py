@@ -87,6 +87,8 @@ background task runs in ``nursery``. The transport seam used by the test kit."""
 State: TypeAlias = Literal["connecting", "connected", "reconnecting", "closed"]
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
+MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+"""What the agent accepts from the hub; the hub bounds what it forwards."""
 _CONNECTION_ERRORS = (
     ConnectionLost,
     OSError,
@@ -125,7 +127,8 @@ class _Pending:
     """A publish accepted by ``publish()`` and not yet acknowledged by the hub."""
 
     __slots__ = (
-        "acked", "data", "error", "id", "message_id", "reply_to", "reply_token", "sent", "subject",
+        "acked", "data", "error", "id", "message_id", "reply_to", "reply_token", "sent",
+        "subject", "text",
     )  # fmt: skip
 
     def __init__(
@@ -142,6 +145,7 @@ class _Pending:
         self.data = data
         self.reply_to = reply_to
         self.reply_token = reply_token
+        self.text: str | None = None
         self.sent = trio.Event()
         self.acked = trio.Event()
         self.message_id: str | None = None
@@ -167,6 +171,13 @@ class _Reply:
 
 class _Connection:
     """One authenticated WebSocket session."""
+
+    @classmethod
+    def placeholder(cls) -> _Connection:
+        """A stand-in used to encode frames before a session exists."""
+        conn = cls.__new__(cls)
+        conn.session_id = "s-" + "0" * 16
+        return conn
 
     def __init__(self, ws: WebSocketConnection, welcome: Welcome, scope: trio.CancelScope) -> None:
         self.ws = ws
@@ -508,10 +519,19 @@ class Agent:
     ) -> _Pending:
         if self._closed:
             raise AgentClosed("the agent is stopped; publish refused")
-        await self._publish_slots.acquire()
         pending = _Pending(
             self._next_id(), subject, data, reply_to=reply_to, reply_token=reply_token
         )
+        # Encode now: a value JSON cannot encode, or a frame the hub would refuse as too
+        # large, fails here, in the caller, instead of after it was accepted.
+        placeholder = _Connection.placeholder()
+        text = self._publish_text(pending, placeholder)
+        limit = self._conn.welcome.max_frame_bytes if self._conn else DEFAULT_MAX_FRAME_BYTES
+        if len(text.encode("utf-8")) > limit:
+            raise ProtocolError("frame_too_large", f"publish frame exceeds {limit} bytes")
+        if reply_token is None:
+            pending.text = text
+        await self._publish_slots.acquire()
         self._pending[pending.id] = pending
         self._unsent.append(pending)
         self._unsent_changed.set()
@@ -529,6 +549,8 @@ class Agent:
             raise
 
     def _publish_text(self, pending: _Pending, conn: _Connection) -> str:
+        if pending.text is not None:
+            return pending.text
         reply_to = pending.reply_to
         if pending.reply_token is not None:
             reply_to = f"$reply.{conn.session_id}.{pending.reply_token}"
@@ -558,7 +580,7 @@ class Agent:
             nursery,
             self.url + resource,
             self._ssl_context,
-            max_message_size=DEFAULT_MAX_FRAME_BYTES * 4 + 65536,
+            max_message_size=MAX_RECEIVE_BYTES,
         )
 
     def _resource(self) -> str:
@@ -690,7 +712,7 @@ class Agent:
             await self._unless_closing()
             raise _lost(exc) from None
         try:
-            return decode(text, max_bytes=DEFAULT_MAX_FRAME_BYTES * 4)
+            return decode(text, max_bytes=MAX_RECEIVE_BYTES)
         except ProtocolError as exc:
             log.warning("ignoring an invalid frame from the hub: %s", exc)
             return None

@@ -7,6 +7,7 @@ consecutive failure (``n`` from 0), as in "Exponential Backoff and Jitter"
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator
 
@@ -38,7 +39,9 @@ class Backoff:
     jitter: bool = True
 
     def __attrs_post_init__(self) -> None:
-        if self.factor < 1:
+        if not math.isfinite(self.base) or not math.isfinite(self.cap):
+            raise ValueError("base and cap must be finite")
+        if not self.factor >= 1 or not math.isfinite(self.factor):
             raise ValueError(f"factor must be >= 1, got {self.factor!r}")
         if self.max_attempts is not None and self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1 or None, got {self.max_attempts!r}")

@@ -93,14 +93,19 @@ def _k_int(name: str, value: object, frame_id: str | None) -> int:
 
 
 def _k_number(name: str, value: object, frame_id: str | None) -> float:
-    if (
-        not isinstance(value, int | float)
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-        or value < 0
-    ):
+    if not isinstance(value, int | float) or isinstance(value, bool):
         raise _bad(name, "a non-negative number", value, frame_id)
-    return float(value)
+    try:
+        number = float(value)  # a huge int overflows here
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number) or number < 0:
+        raise ProtocolError(
+            "invalid_field",
+            f"field {name!r} must be a finite non-negative number",
+            frame_id=frame_id,
+        )
+    return number
 
 
 def _k_bool(name: str, value: object, frame_id: str | None) -> bool:

@@ -77,6 +77,7 @@ ADMIN_PATH = "/api/v1/ws/admin"
 PRESENCE_PREFIX = "$presence"
 REPLY_PREFIX = "$reply"
 ADMIN_AGENT_ID = "$admin"
+HUB_SENDER = "$hub"
 
 T = TypeVar("T")
 
@@ -213,6 +214,8 @@ class _Session:
             hub.config.send_queue_size
         )
         self.scope = trio.CancelScope()
+        self.reader_scope = trio.CancelScope()
+        self.writing = False
         self.close_code = CloseCode.NORMAL
         self.close_reason = ""
         self.closing = False
@@ -243,11 +246,19 @@ class _Session:
         self.send(encode(frame))
 
     def close(self, code: int, reason: str) -> None:
+        """End the session with ``code``. A frame being written is finished first (within
+        ``close_timeout``): cutting one in half would corrupt the stream, and the peer
+        would never see the close code."""
         if not self.closing:
             self.closing = True
             self.close_code = code
             self.close_reason = reason
-        self.scope.cancel()
+        self.reader_scope.cancel()
+        if self.writing:
+            deadline = trio.current_time() + self.hub.config.close_timeout
+            self.scope.deadline = min(self.scope.deadline, deadline)
+        else:
+            self.scope.cancel()
 
     def touch(self, now: float) -> None:
         if self.heartbeat_timeout is not None:
@@ -463,8 +474,18 @@ class Hub:
                 await self._changes_waiting.wait()
             if trio.current_time() >= next_flush:
                 next_flush = trio.current_time() + self.config.last_seen_flush_interval
+                self._prune_dedupe(trio.current_time())
                 await self._flush_last_seen()
             await self._flush_presence()
+
+    def _prune_dedupe(self, now: float) -> None:
+        """Forget the publish-id caches of agents that published nothing within the window."""
+        window = self.config.dedupe_window
+        self._dedupe = {
+            key: cache
+            for key, cache in self._dedupe.items()
+            if cache.seen and now - next(reversed(cache.seen.values()))[0] <= window
+        }
 
     async def _flush_presence(self) -> None:
         self._changes_waiting = trio.Event()
@@ -521,10 +542,12 @@ class Hub:
         log.info("presence %s/%s %s (%s)", entry.tenant_id, entry.agent_id, status, reason)
         subject = f"{PRESENCE_PREFIX}.{entry.agent_id}"
         data_json = json.dumps(event.to_data())
-        self._route(entry.tenant_id, subject, data_json, sender=ADMIN_AGENT_ID, reply_to=None)
+        self._route(entry.tenant_id, subject, data_json, sender=HUB_SENDER, reply_to=None)
         for admin in self._admins:
             if f"{PRESENCE_PREFIX}.>" in admin.subscriptions:
-                admin.send(self._message_text(subject, f"{PRESENCE_PREFIX}.>", data_json, "$hub"))
+                admin.send(
+                    self._message_text(subject, f"{PRESENCE_PREFIX}.>", data_json, HUB_SENDER)
+                )
         self._pending_changes.append(
             PresenceChange(
                 entry.tenant_id,
@@ -622,28 +645,27 @@ class Hub:
         await ws.send_message(
             encode(Challenge(nonce=nonce, expires_in=timeout, hub_id=self.config.hub_id))
         )
+        text: str | bytes | None = None
         with trio.move_on_after(timeout):
             text = await ws.get_message()
-            try:
-                frame = decode(text, max_bytes=self.config.max_frame_bytes)
-            except ProtocolError as exc:
-                await ws.send_message(
-                    encode(Error(code=exc.code, message=exc.message, id=exc.frame_id, fatal=True))
-                )
-                await ws.aclose(CloseCode.PROTOCOL_VIOLATION, "expected auth")
-                return None
-            return await self._check_auth(ws, frame, nonce, agent_id, tenant_id, remote)
-        await ws.send_message(
-            encode(
-                Error(
-                    code="challenge_expired",
-                    message="no auth before the challenge expired",
-                    fatal=True,
-                )
+        if text is None:
+            expired = Error(
+                code="challenge_expired",
+                message="no auth frame before the challenge expired",
+                fatal=True,
             )
-        )
-        await ws.aclose(CloseCode.CHALLENGE_EXPIRED, "challenge expired")
-        return None
+            await ws.send_message(encode(expired))
+            await ws.aclose(CloseCode.CHALLENGE_EXPIRED, "challenge expired")
+            return None
+        try:
+            frame = decode(text, max_bytes=self.config.max_frame_bytes)
+        except ProtocolError as exc:
+            await ws.send_message(
+                encode(Error(code=exc.code, message=exc.message, id=exc.frame_id, fatal=True))
+            )
+            await ws.aclose(CloseCode.PROTOCOL_VIOLATION, "expected auth")
+            return None
+        return await self._check_auth(ws, frame, nonce, agent_id, tenant_id, remote)
 
     async def _check_auth(
         self,
@@ -801,8 +823,10 @@ class Hub:
             with session.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer, session)
-                    await self._reader(session)
-                    nursery.cancel_scope.cancel()
+                    with session.reader_scope:
+                        await self._reader(session)
+                    if not session.writing:
+                        session.scope.cancel()
         finally:
             self._detach(session)
             log.info("%r closed: %d %s", session, session.close_code, session.close_reason or "-")
@@ -810,8 +834,15 @@ class Hub:
     async def _writer(self, session: _Session) -> None:
         try:
             async for text in session.outbox_receive:
+                if session.closing:
+                    break
+                session.writing = True
                 await session.ws.send_message(text)
+                session.writing = False
         except ConnectionClosed:
+            pass
+        finally:
+            session.writing = False
             session.scope.cancel()
 
     async def _reader(self, session: _Session) -> None:
@@ -842,7 +873,6 @@ class Hub:
                 session.send_frame(Error(code=exc.code, message=exc.message, id=exc.frame_id))
             if session.left:
                 session.close(CloseCode.NORMAL, "left")
-                return
 
     def _handle_frame(self, session: _Session, frame: Frame) -> None:
         if isinstance(frame, Publish):
@@ -877,6 +907,12 @@ class Hub:
 
     def _handle_subscribe(self, session: _Session, frame: Subscribe) -> None:
         pattern = frame.subject
+        if session.is_admin and pattern != f"{PRESENCE_PREFIX}.>":
+            raise ProtocolError(
+                "forbidden_subject",
+                f"the admin channel can only subscribe to {PRESENCE_PREFIX}.>",
+                frame_id=frame.id,
+            )
         if is_reserved(pattern) and not (
             pattern == f"{PRESENCE_PREFIX}.>" or pattern.startswith(f"{PRESENCE_PREFIX}.")
         ):
@@ -921,13 +957,6 @@ class Hub:
                     f"reply_to must be a normal subject or under {own}",
                     frame_id=frame.id,
                 )
-        if not session.bucket.take():
-            self.stats.rate_limited += 1
-            raise ProtocolError(
-                "rate_limited",
-                f"publish rate above {self.config.publish_rate:g}/s; slow down and retry",
-                frame_id=frame.id,
-            )
         now = trio.current_time()
         dedupe = None
         if frame.id is not None:
@@ -941,6 +970,13 @@ class Hub:
             if seen is not None:
                 session.send_frame(Published(id=frame.id, message_id=seen, duplicate=True))
                 return
+        if not session.bucket.take():
+            self.stats.rate_limited += 1
+            raise ProtocolError(
+                "rate_limited",
+                f"publish rate above {self.config.publish_rate:g}/s; slow down and retry",
+                frame_id=frame.id,
+            )
         message_id = f"{self.config.hub_id}-{next(self._message_ids)}"
         try:
             data_json = json.dumps(frame.data, separators=(",", ":"))

@@ -79,9 +79,7 @@ class TestHub:
         self.down = False
         self._streams: list[FaultyStream] = []
 
-    def register(
-        self, tenant_id: str, agent_id: str, *, algorithm: str = "ed25519"
-    ) -> PrivateKey:
+    def register(self, tenant_id: str, agent_id: str, *, algorithm: str = "ed25519") -> PrivateKey:
         """Generate a key for ``tenant_id/agent_id``, register it, and return it."""
         key = generate_private_key(algorithm)
         self.registry.add_key(tenant_id, agent_id, key.public_key)

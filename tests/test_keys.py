@@ -84,7 +84,9 @@ def reason(fn: Callable[[], object]) -> KeyLoadError:
 
 def pem(key: object, fmt: serialization.PrivateFormat, password: bytes | None = None) -> bytes:
     enc: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+        serialization.BestAvailableEncryption(password)
+        if password
+        else serialization.NoEncryption()
     )
     assert hasattr(key, "private_bytes")
     data: bytes = key.private_bytes(serialization.Encoding.PEM, fmt, enc)
@@ -135,7 +137,9 @@ def test_sign_verify(any_key: PrivateKey) -> None:
     assert not other.public_key.verify(sig, data)
 
 
-def test_rsa_signature_is_pkcs1v15_sha256(rsa_crypto: rsa.RSAPrivateKey, rsa_key: PrivateKey) -> None:
+def test_rsa_signature_is_pkcs1v15_sha256(
+    rsa_crypto: rsa.RSAPrivateKey, rsa_key: PrivateKey
+) -> None:
     sig = rsa_key.sign(b"payload")
     rsa_crypto.public_key().verify(sig, b"payload", padding.PKCS1v15(), hashes.SHA256())
 
@@ -227,7 +231,9 @@ def test_to_pem_empty_password_means_plain(ed_key: PrivateKey) -> None:
 
 
 @pytest.mark.parametrize("password", [None, PASSWORD])
-def test_pkcs1_roundtrip(rsa_crypto: rsa.RSAPrivateKey, rsa_key: PrivateKey, password: str | None) -> None:
+def test_pkcs1_roundtrip(
+    rsa_crypto: rsa.RSAPrivateKey, rsa_key: PrivateKey, password: str | None
+) -> None:
     pw = password.encode() if password else None
     data = pem(rsa_crypto, serialization.PrivateFormat.TraditionalOpenSSL, pw)
     assert data.startswith(b"-----BEGIN RSA PRIVATE KEY-----")

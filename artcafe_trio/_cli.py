@@ -1,0 +1,945 @@
+"""The ``artcafe-trio`` command line.
+
+Sub-commands::
+
+    keygen                     generate an agent key pair (private PEM 0600 + OpenSSH .pub)
+    agents add|list|remove|disable|enable
+                               manage the registry database (works while a hub runs)
+    hub                        run a hub until SIGINT/SIGTERM (graceful: agents get 1012)
+    status                     the live presence table from a running hub (admin channel),
+                               or the last known presence from the database (exit code 3)
+    publish / listen           poke at a running hub as an agent
+    demo                       a self-contained demonstration (artcafe_trio._demo)
+
+Exit codes: 0 success, 1 error (one ``error: ...`` line on stderr, no traceback),
+2 usage error (or ``demo`` not available), 3 hub not running (``status``).
+Private keys, signatures and the admin token are never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import errno
+import functools
+import importlib
+import inspect
+import json
+import logging
+import math
+import os
+import signal
+import ssl
+import sys
+from collections.abc import Callable, Sequence
+from typing import IO, Any, NoReturn
+from urllib.parse import urlsplit
+
+from . import __version__
+from ._errors import ArtcafeError, AuthenticationError, HubError, KeyLoadError
+from ._frames import PresenceRecord
+from ._keys import generate_private_key, load_public_key
+from ._registry import AgentRecord, Registry, RegistryError
+
+__all__ = ["EXIT_ERROR", "EXIT_HUB_DOWN", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
+
+log = logging.getLogger("artcafe_trio.cli")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_HUB_DOWN = 3
+
+DEFAULT_DB = "artcafe-hub.db"
+ADMIN_SUFFIX = ".admin"
+ADMIN_PATH = "/api/v1/ws/admin"
+STATUS_TIMEOUT = 10.0
+PRESENCE_SUBJECT = "$presence.>"
+METRICS_HINT = "metrics need: pip install 'artcafe-trio[metrics]'"
+
+
+class CliError(Exception):
+    """A failure to report as one ``error: ...`` line, with an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class HubUnreachable(Exception):
+    """``status``: no hub answered on the admin channel."""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _err(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _note(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def _iso(moment: float | None, timespec: str = "milliseconds") -> str | None:
+    """Unix time → ISO-8601 in UTC (``None`` stays ``None``)."""
+    if moment is None:
+        return None
+    stamp = datetime.datetime.fromtimestamp(moment, tz=datetime.UTC)
+    return stamp.isoformat(timespec=timespec)
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, not {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be 0..65535, not {text!r}")
+    return value
+
+
+def _password_from_env(var: str | None) -> str | None:
+    """The password in environment variable ``var`` (never echoed anywhere)."""
+    if var is None:
+        return None
+    value = os.environ.get(var)
+    if not value:
+        raise CliError(f"--password-env {var}: the environment variable is not set or empty")
+    return value
+
+
+def _ssl_context(url: str, cafile: str | None) -> ssl.SSLContext | None:
+    if not url.startswith("wss://"):
+        return None
+    return ssl.create_default_context(cafile=cafile)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
+    ]
+    return "\n".join(lines)
+
+
+def _open_existing_registry(path: str) -> Registry:
+    """Open a registry that must already exist (list/remove/... never create one)."""
+    if path != ":memory:" and not os.path.exists(path):
+        raise CliError(f"no registry database at {path!r} (create one with 'agents add')")
+    return Registry.open(path)
+
+
+# --------------------------------------------------------------------------- keygen
+
+
+def _cmd_keygen(args: argparse.Namespace) -> int:
+    out: str = args.out
+    pub = out + ".pub"
+    password = _password_from_env(args.password_env)
+    if not args.force:
+        for path in (out, pub):
+            if os.path.lexists(path):
+                raise CliError(f"{path} already exists (use --force to overwrite)")
+    directory = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(directory):
+        raise CliError(f"directory {directory} does not exist")
+    key = generate_private_key(args.type, rsa_bits=args.bits)
+    pem = key.to_pem(password)
+    _write_private(out, pem, force=args.force)
+    line = key.public_key.to_openssh(comment=os.path.basename(out)) + "\n"
+    with open(pub, "w", encoding="ascii") as f:
+        f.write(line)
+    print(key.public_key.fingerprint)
+    kind = "encrypted " if password else ""
+    _note(f"wrote {kind}{args.type} private key {out} (mode 0600) and public key {pub}")
+    return EXIT_OK
+
+
+def _write_private(path: str, data: bytes, *, force: bool) -> None:
+    """Write ``data`` to a new file created with mode 0600 (atomically replaced with force)."""
+    if not force:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+# --------------------------------------------------------------------------- agents
+
+
+def _agent_json(record: AgentRecord) -> dict[str, Any]:
+    return {
+        "tenant_id": record.tenant_id,
+        "agent_id": record.agent_id,
+        "disabled": record.disabled,
+        "fingerprints": list(record.fingerprints),
+        "created_at": _iso(record.created_at),
+        "status": record.status,
+        "reason": record.reason,
+        "last_seen": _iso(record.last_seen),
+        "last_heartbeat_ack": _iso(record.last_heartbeat),
+    }
+
+
+def _cmd_agents_add(args: argparse.Namespace) -> int:
+    public_key = load_public_key(args.public_key)
+    with Registry.open(args.db) as registry:
+        try:
+            fingerprint = registry.add_key(args.tenant, args.agent, public_key)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    print(fingerprint)
+    _note(f"added key for {args.tenant}/{args.agent} to {args.db}")
+    return EXIT_OK
+
+
+def _cmd_agents_list(args: argparse.Namespace) -> int:
+    with _open_existing_registry(args.db) as registry:
+        records = registry.list_agents(args.tenant)
+    if args.json:
+        print(json.dumps([_agent_json(r) for r in records], indent=2))
+        return EXIT_OK
+    if not records:
+        _note("no agents registered")
+        return EXIT_OK
+    headers = ("TENANT", "AGENT", "DISABLED", "KEYS", "STATUS", "REASON", "LAST SEEN")
+    rows = [
+        (
+            r.tenant_id,
+            r.agent_id,
+            "yes" if r.disabled else "no",
+            ",".join(r.fingerprints) or "-",
+            r.status or "-",
+            r.reason or "-",
+            _iso(r.last_seen, "seconds") or "-",
+        )
+        for r in records
+    ]
+    print(_table(headers, rows))
+    return EXIT_OK
+
+
+def _cmd_agents_remove(args: argparse.Namespace) -> int:
+    with _open_existing_registry(args.db) as registry:
+        if args.purge:
+            if not registry.remove_agent(args.tenant, args.agent):
+                raise CliError(f"no agent {args.tenant}/{args.agent} in {args.db}")
+            _note(f"removed agent {args.tenant}/{args.agent}, its keys and its presence")
+            return EXIT_OK
+        removed = registry.remove_key(args.tenant, args.agent, args.fingerprint)
+        if not removed:
+            what = f"key {args.fingerprint}" if args.fingerprint else "keys"
+            raise CliError(f"no {what} for agent {args.tenant}/{args.agent} in {args.db}")
+        left = registry.keys_for(args.tenant, args.agent)
+    _note(f"removed {removed} key(s) of {args.tenant}/{args.agent}")
+    if not left:
+        _note("the agent has no key left: it can no longer authenticate")
+    return EXIT_OK
+
+
+def _cmd_agents_set_disabled(args: argparse.Namespace, disabled: bool) -> int:
+    with _open_existing_registry(args.db) as registry:
+        if not registry.set_disabled(args.tenant, args.agent, disabled):
+            raise CliError(f"no agent {args.tenant}/{args.agent} in {args.db}")
+    _note(f"{'disabled' if disabled else 'enabled'} {args.tenant}/{args.agent}")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- hub
+
+
+def _hub_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    mapping = {
+        "heartbeat_min": "min_heartbeat_interval",
+        "heartbeat_max": "max_heartbeat_interval",
+        "disconnect_grace": "disconnect_grace",
+        "max_frame_bytes": "max_frame_bytes",
+        "max_subscriptions": "max_subscriptions",
+        "send_queue": "send_queue_size",
+        "publish_rate": "publish_rate",
+        "publish_burst": "publish_burst",
+    }
+    kwargs = {
+        field: getattr(args, option)
+        for option, field in mapping.items()
+        if getattr(args, option) is not None
+    }
+    low = kwargs.get("min_heartbeat_interval")
+    high = kwargs.get("max_heartbeat_interval")
+    if low is not None and high is not None and low > high:
+        raise CliError("--heartbeat-min must not exceed --heartbeat-max")
+    return kwargs
+
+
+def _load_metrics() -> Callable[..., Any] | None:
+    """``artcafe_trio._metrics.start_metrics_server``, or ``None`` (message printed)."""
+    try:
+        module = importlib.import_module("artcafe_trio._metrics")
+        start: Callable[..., Any] = module.start_metrics_server
+    except (ImportError, AttributeError) as exc:
+        _err(f"{METRICS_HINT} ({exc})")
+        return None
+    return start
+
+
+def _cmd_hub(args: argparse.Namespace) -> int:
+    if args.tls_key is not None and args.tls_cert is None:
+        raise CliError("--tls-key needs --tls-cert")
+    config_kwargs = _hub_config_kwargs(args)
+    start_metrics = None
+    if args.metrics_port is not None:
+        start_metrics = _load_metrics()
+        if start_metrics is None:
+            return EXIT_ERROR
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
+        if path is not None and not os.access(path, os.R_OK):
+            raise CliError(f"{option} {path}: no such file or not readable")
+    import trio
+
+    try:
+        trio.run(functools.partial(_run_hub, args, config_kwargs, start_metrics))
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise CliError(
+                f"cannot listen on {args.host}:{args.port}: address already in use"
+                " (is another hub running?)"
+            ) from None
+        raise
+    return EXIT_OK
+
+
+async def _run_hub(
+    args: argparse.Namespace,
+    config_kwargs: dict[str, Any],
+    start_metrics: Callable[..., Any] | None,
+) -> None:
+    import trio
+
+    from ._hub import Hub, HubConfig, serve_hub
+    from ._util import collapse_exception_groups
+
+    db: str = args.db
+    with (
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        collapse_exception_groups(),
+    ):
+        async with trio.open_nursery() as nursery:
+            hub: Hub = await nursery.start(
+                functools.partial(
+                    serve_hub,
+                    db=db,
+                    host=args.host,
+                    port=args.port,
+                    config=HubConfig(**config_kwargs),
+                    tls_cert=args.tls_cert,
+                    tls_key=args.tls_key,
+                    admin_file=db + ADMIN_SUFFIX,
+                )
+            )
+            if start_metrics is not None:
+                started = start_metrics(hub, args.metrics_port)
+                if inspect.isawaitable(started):
+                    await started
+                log.info("metrics on port %d", args.metrics_port)
+            print(f"hub listening on {hub.url}", flush=True)
+            async for signum in signals:
+                log.info("%s received: shutting down", signal.Signals(signum).name)
+                break
+            nursery.cancel_scope.cancel()
+    log.info("hub stopped")
+
+
+# --------------------------------------------------------------------------- status
+
+
+def _presence_json(record: PresenceRecord, source: str) -> dict[str, Any]:
+    """A ``PresenceRecord`` as the JSON object ``status --json`` prints."""
+    return {
+        "tenant_id": record.tenant_id,
+        "agent_id": record.agent_id,
+        "status": record.status,
+        "reason": record.reason,
+        "session_id": record.session_id,
+        "since": _iso(record.since),
+        "last_seen": _iso(record.last_seen),
+        "last_heartbeat_ack": _iso(record.last_heartbeat),
+        "heartbeat_timeout": record.heartbeat_timeout,
+        "source": source,
+    }
+
+
+def _registry_presence_json(record: AgentRecord) -> dict[str, Any]:
+    """Last known presence from the database; with no hub running nobody is online."""
+    if record.status == "offline":
+        reason = record.reason
+    elif record.status == "online":
+        reason = "disconnected"  # the hub died with the agent online (as a restart records it)
+    else:
+        reason = None  # never seen
+    return {
+        "tenant_id": record.tenant_id,
+        "agent_id": record.agent_id,
+        "status": "offline",
+        "reason": reason,
+        "session_id": None,
+        "since": None,
+        "last_seen": _iso(record.last_seen),
+        "last_heartbeat_ack": _iso(record.last_heartbeat),
+        "heartbeat_timeout": None,
+        "source": "registry",
+    }
+
+
+def _presence_table(rows: Sequence[dict[str, Any]]) -> str:
+    headers = ("TENANT", "AGENT", "STATUS", "REASON", "LAST SEEN", "LAST HEARTBEAT ACK")
+
+    def short(value: str | None) -> str:
+        return value[:19] + "Z" if value else "-"
+
+    return _table(
+        headers,
+        [
+            (
+                row["tenant_id"],
+                row["agent_id"],
+                row["status"],
+                row["reason"] or "-",
+                short(row["last_seen"]),
+                short(row["last_heartbeat_ack"]),
+            )
+            for row in rows
+        ],
+    )
+
+
+class _StatusPrinter:
+    def __init__(self, as_json: bool, watch: bool, stream: IO[str]) -> None:
+        self.as_json = as_json
+        self.watch = watch
+        self.stream = stream
+        self.tty = stream.isatty()
+
+    def show(self, rows: Sequence[dict[str, Any]]) -> None:
+        if self.as_json:
+            # One line per table in watch mode (JSON Lines), pretty otherwise.
+            text = json.dumps(list(rows), indent=None if self.watch else 2)
+        else:
+            text = _presence_table(rows) if rows else "no agents known to the hub"
+            if self.watch:
+                stamp = datetime.datetime.now(tz=datetime.UTC).isoformat(timespec="seconds")
+                text = f"presence at {stamp} (Ctrl+C to stop)\n{text}"
+                if self.tty:
+                    text = "\x1b[H\x1b[2J" + text
+                else:
+                    text += "\n"
+        print(text, file=self.stream, flush=True)
+
+
+def _read_admin_file(path: str) -> tuple[str, str] | None:
+    """``(url, token)`` from a hub's admin file; ``None`` if there is none (or it is unusable)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        log.debug("unreadable admin file %s: %s", path, exc)
+        _note(f"warning: ignoring unreadable admin file {path}")
+        return None
+    url, token = (data.get("url"), data.get("token")) if isinstance(data, dict) else (None, None)
+    if not isinstance(url, str) or not isinstance(token, str):
+        _note(f"warning: ignoring malformed admin file {path}")
+        return None
+    return url, token
+
+
+async def _admin_session(
+    url: str,
+    token: str,
+    ssl_context: ssl.SSLContext | None,
+    printer: _StatusPrinter,
+) -> None:
+    """Query (and with ``printer.watch`` follow) the hub's presence table."""
+    import trio
+    import trio_websocket
+
+    from ._frames import (
+        AdminAuth,
+        Challenge,
+        Error,
+        Frame,
+        Message,
+        PresenceQuery,
+        PresenceState,
+        Subscribe,
+        Welcome,
+        decode,
+        encode,
+    )
+
+    async def receive(ws: trio_websocket.WebSocketConnection) -> Frame:
+        try:
+            return decode(await ws.get_message(), max_bytes=64 * 1024 * 1024)
+        except trio_websocket.ConnectionClosed as exc:
+            raise HubUnreachable(f"the hub closed the admin connection ({exc.reason})") from None
+
+    try:
+        with trio.fail_after(STATUS_TIMEOUT) as handshake_scope:
+            if ssl_context is not None:
+                await _tls_preflight(url, ssl_context)
+            async with trio_websocket.open_websocket_url(
+                url.rstrip("/") + ADMIN_PATH,
+                ssl_context,
+                max_message_size=64 * 1024 * 1024,
+            ) as ws:
+                challenge = await receive(ws)
+                if not isinstance(challenge, Challenge):
+                    raise CliError(f"unexpected first frame from the hub: {challenge.type!r}")
+                await ws.send_message(encode(AdminAuth(token=token)))
+                answer = await receive(ws)
+                if isinstance(answer, Error):
+                    raise AuthenticationError(
+                        f"the hub refused the admin token from the admin file: {answer.message}"
+                    )
+                if not isinstance(answer, Welcome):
+                    raise CliError(f"unexpected answer from the hub: {answer.type!r}")
+                if printer.watch:
+                    await ws.send_message(encode(Subscribe(id="watch", subject=PRESENCE_SUBJECT)))
+                query = 0
+                await ws.send_message(encode(PresenceQuery(id=f"q{query}")))
+                while True:
+                    frame = await receive(ws)
+                    if isinstance(frame, PresenceState) and frame.id == f"q{query}":
+                        printer.show([_presence_json(r, "hub") for r in frame.agents])
+                        if not printer.watch:
+                            return
+                        handshake_scope.deadline = math.inf  # watching: wait forever
+                    elif isinstance(frame, Message) and frame.subject.startswith("$presence."):
+                        query += 1
+                        await ws.send_message(encode(PresenceQuery(id=f"q{query}")))
+                    elif isinstance(frame, Error):
+                        raise HubError(frame.code, frame.message)
+    except trio.TooSlowError:
+        raise HubUnreachable(
+            f"the hub at {url} did not answer within {STATUS_TIMEOUT:g} s"
+        ) from None
+    except (OSError, trio_websocket.HandshakeError) as exc:
+        raise HubUnreachable(f"cannot reach the hub at {url}: {exc}") from None
+
+
+async def _tls_preflight(url: str, ssl_context: ssl.SSLContext) -> None:
+    """Fail fast on a TLS error: trio-websocket only times out on one (its issue #199)."""
+    import trio
+
+    split = urlsplit(url)
+    host, port = split.hostname or "127.0.0.1", split.port or 443
+    try:
+        stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=ssl_context)
+    except OSError:
+        return  # unreachable: the caller's own connection attempt reports (or retries) that
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__ or exc
+        raise CliError(
+            f"TLS handshake with {host}:{port} failed: {cause} (pass --cafile to trust its CA)"
+        ) from None
+    finally:
+        with trio.move_on_after(1, shield=True):
+            await stream.aclose()
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    import trio
+
+    db: str | None = args.db
+    admin_file: str | None = args.admin_file
+    if admin_file is None and db is None:
+        db = DEFAULT_DB
+    if admin_file is None:
+        assert db is not None
+        admin_file = db + ADMIN_SUFFIX
+    printer = _StatusPrinter(args.json, args.watch, sys.stdout)
+    admin = _read_admin_file(admin_file)
+    why = f"no admin file {admin_file}"
+    if admin is not None:
+        url, token = admin
+        try:
+            trio.run(_admin_session, url, token, _ssl_context(url, args.cafile), printer)
+        except HubUnreachable as exc:
+            why = str(exc)
+        except KeyboardInterrupt:
+            return EXIT_OK
+        else:
+            return EXIT_OK
+    if db is None:
+        _err(f"hub not running ({why}); give --db to show the last known presence")
+        return EXIT_HUB_DOWN
+    if not os.path.exists(db):
+        _err(f"hub not running ({why}) and no registry database at {db!r}")
+        return EXIT_HUB_DOWN
+    with Registry.open(db) as registry:
+        records = registry.list_agents()
+    _note(f"hub not running; showing last known presence from DB ({why})")
+    printer.watch = False
+    printer.show([_registry_presence_json(r) for r in records])
+    return EXIT_HUB_DOWN
+
+
+# --------------------------------------------------------------------------- publish / listen
+
+
+def _agent_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "url": args.url,
+        "tenant_id": args.tenant,
+        "agent_id": args.agent,
+        "private_key_path": args.key,
+        "private_key_password": _password_from_env(args.password_env),
+        "heartbeat_interval": 30,
+    }
+    url = args.url or os.environ.get("ARTCAFE_URL") or ""
+    context = _ssl_context(url, args.cafile)
+    if context is not None:
+        kwargs["ssl_context"] = context
+    return kwargs
+
+
+async def _agent_preflight(kwargs: dict[str, Any]) -> None:
+    context = kwargs.get("ssl_context")
+    if context is not None:
+        await _tls_preflight(kwargs["url"] or os.environ["ARTCAFE_URL"], context)
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    import trio
+
+    try:
+        data = json.loads(args.data)
+    except ValueError as exc:
+        raise CliError(
+            f"JSON_DATA is not valid JSON ({exc}); quote a string like this: '\"text\"'"
+        ) from None
+    kwargs = _agent_kwargs(args)
+
+    async def run() -> str | None:
+        from ._agent import open_agent
+
+        await _agent_preflight(kwargs)
+        # One shot: fail at once if the hub is unreachable instead of backing off.
+        async with open_agent(auto_reconnect=False, **kwargs) as agent:
+            return await agent.publish(args.subject, data, confirm=args.confirm)
+
+    message_id = trio.run(run)
+    if message_id is not None:
+        print(message_id)
+    return EXIT_OK
+
+
+def _cmd_listen(args: argparse.Namespace) -> int:
+    import trio
+
+    kwargs = _agent_kwargs(args)
+
+    async def run() -> None:
+        from ._agent import open_agent
+        from ._frames import Message
+
+        send, receive = trio.open_memory_channel[Message](math.inf)
+
+        async def handler(subject: str, data: Any, message: Message) -> None:
+            await send.send(message)
+
+        await _agent_preflight(kwargs)
+        async with open_agent(**kwargs) as agent:
+            await agent.subscribe(args.pattern, handler)
+            _note(f"listening on {args.pattern!r} (Ctrl+C to stop)")
+            seen = 0
+            async for message in receive:
+                line = {
+                    "subject": message.subject,
+                    "data": message.data,
+                    "sender": message.sender,
+                    "time": _iso(message.time),
+                }
+                print(json.dumps(line), flush=True)
+                seen += 1
+                if args.count is not None and seen >= args.count:
+                    return
+
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(run)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        module = importlib.import_module("artcafe_trio._demo")
+    except ModuleNotFoundError as exc:
+        if exc.name != "artcafe_trio._demo":
+            raise
+        _err("demo not available yet")
+        return EXIT_USAGE
+    result = module.main(args)
+    return int(result) if isinstance(result, int) else EXIT_OK
+
+
+# --------------------------------------------------------------------------- parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"error: {message}\n")
+
+
+def _add_db(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--db",
+        default=DEFAULT_DB,
+        metavar="PATH",
+        help=f"registry database (SQLite; default ./{DEFAULT_DB})",
+    )
+
+
+def _add_identity(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", default=DEFAULT_DB, metavar="PATH", help="registry database")
+    parser.add_argument("--tenant", required=True, help="tenant (organization) id")
+    parser.add_argument("--agent", required=True, help="agent id")
+
+
+def _add_agent_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url", default=None, help="hub URL (default $ARTCAFE_URL or ws://127.0.0.1:8765)"
+    )
+    parser.add_argument("--tenant", required=True, help="tenant (organization) id")
+    parser.add_argument(
+        "--agent",
+        required=True,
+        help="agent id (a registered one; a running agent with the same id is replaced)",
+    )
+    parser.add_argument("--key", required=True, metavar="PATH", help="the agent's private key")
+    parser.add_argument(
+        "--password-env", metavar="VAR", help="environment variable holding the key's password"
+    )
+    parser.add_argument("--cafile", metavar="PEM", help="CA bundle to verify a wss:// hub")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``artcafe-trio`` argument parser."""
+    parser = _Parser(
+        prog="artcafe-trio",
+        description="Agents, a hub and honest presence, for trio.",
+        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 hub not running (status)",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    # keygen
+    keygen = commands.add_parser("keygen", help="generate an agent key pair")
+    keygen.add_argument("--type", choices=("ed25519", "rsa"), default="ed25519")
+    keygen.add_argument("--bits", type=int, default=3072, help="RSA key size (default 3072)")
+    keygen.add_argument("--out", required=True, metavar="PATH", help="private key file")
+    keygen.add_argument(
+        "--password-env", metavar="VAR", help="encrypt with the password in this env variable"
+    )
+    keygen.add_argument("--force", action="store_true", help="overwrite existing files")
+    keygen.set_defaults(handler=_cmd_keygen)
+
+    # agents
+    agents = commands.add_parser("agents", help="manage registered agents and their keys")
+    agent_commands = agents.add_subparsers(
+        dest="agents_command", metavar="ACTION", parser_class=_Parser
+    )
+    agents.set_defaults(handler=lambda _args: _usage_help(agents))
+
+    add = agent_commands.add_parser("add", help="register a public key for an agent")
+    _add_identity(add)
+    add.add_argument("--public-key", required=True, metavar="PATH", help="OpenSSH .pub file")
+    add.set_defaults(handler=_cmd_agents_add)
+
+    listing = agent_commands.add_parser("list", help="list agents, keys and last known presence")
+    _add_db(listing)
+    listing.add_argument("--tenant", default=None, help="only this tenant")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(handler=_cmd_agents_list)
+
+    remove = agent_commands.add_parser(
+        "remove", help="remove one key or all keys (connected sessions are closed)"
+    )
+    _add_identity(remove)
+    which = remove.add_mutually_exclusive_group()
+    which.add_argument("--fingerprint", metavar="FP", help="remove only this key")
+    which.add_argument(
+        "--purge", action="store_true", help="remove the agent itself with its keys and presence"
+    )
+    remove.set_defaults(handler=_cmd_agents_remove)
+
+    disable = agent_commands.add_parser("disable", help="refuse the agent (sessions are closed)")
+    _add_identity(disable)
+    disable.set_defaults(handler=functools.partial(_cmd_agents_set_disabled, disabled=True))
+
+    enable = agent_commands.add_parser("enable", help="accept a disabled agent again")
+    _add_identity(enable)
+    enable.set_defaults(handler=functools.partial(_cmd_agents_set_disabled, disabled=False))
+
+    # hub
+    hub = commands.add_parser("hub", help="run a hub (SIGINT/SIGTERM stop it gracefully)")
+    hub.add_argument("--host", default="127.0.0.1")
+    hub.add_argument("--port", type=_port, default=8765, help="0 picks a free port")
+    _add_db(hub)
+    hub.add_argument("--tls-cert", metavar="PEM", help="certificate chain: serve wss://")
+    hub.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    hub.add_argument("--heartbeat-min", type=_positive_float, metavar="S")
+    hub.add_argument("--heartbeat-max", type=_positive_float, metavar="S")
+    hub.add_argument("--disconnect-grace", type=_non_negative_float, metavar="S")
+    hub.add_argument("--max-frame-bytes", type=_positive_int, metavar="N")
+    hub.add_argument("--max-subscriptions", type=_positive_int, metavar="N")
+    hub.add_argument("--send-queue", type=_positive_int, metavar="N")
+    hub.add_argument("--publish-rate", type=_positive_float, metavar="R", help="per agent, /s")
+    hub.add_argument("--publish-burst", type=_positive_int, metavar="N")
+    hub.add_argument("--metrics-port", type=_port, metavar="P", help="Prometheus metrics")
+    hub.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+    )
+    hub.set_defaults(handler=_cmd_hub)
+
+    # status
+    status = commands.add_parser(
+        "status", help="presence table of a running hub (or last known, exit 3)"
+    )
+    status.add_argument(
+        "--db", default=None, metavar="PATH", help=f"registry database (default ./{DEFAULT_DB})"
+    )
+    status.add_argument(
+        "--admin-file", metavar="PATH", help="the hub's admin file (default: <db>.admin)"
+    )
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument("--watch", action="store_true", help="follow presence changes")
+    status.add_argument("--cafile", metavar="PEM", help="CA bundle to verify a wss:// hub")
+    status.set_defaults(handler=_cmd_status)
+
+    # publish / listen
+    publish = commands.add_parser("publish", help="publish one message as an agent")
+    _add_agent_options(publish)
+    publish.add_argument("subject")
+    publish.add_argument("data", metavar="JSON_DATA", help="any JSON value, e.g. '{\"x\": 1}'")
+    publish.add_argument(
+        "--confirm", action="store_true", help="wait for the hub's ack; print the message id"
+    )
+    publish.set_defaults(handler=_cmd_publish)
+
+    listen = commands.add_parser("listen", help="print matching messages as JSON lines")
+    _add_agent_options(listen)
+    listen.add_argument("pattern", help="subject pattern, e.g. 'tasks.>' or '$presence.>'")
+    listen.add_argument("--count", type=_positive_int, metavar="N", help="exit after N messages")
+    listen.set_defaults(handler=_cmd_listen)
+
+    # demo
+    demo = commands.add_parser("demo", help="a self-contained demonstration")
+    demo.add_argument("--duration", type=_positive_float, default=None, metavar="S")
+    demo.add_argument("--agents", type=_positive_int, default=3, metavar="N")
+    demo.add_argument("--interval", type=_positive_float, default=1.0, metavar="S")
+    demo.set_defaults(handler=_cmd_demo)
+
+    parser.set_defaults(handler=lambda _args: _print_help(parser))
+    return parser
+
+
+def _print_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return EXIT_OK
+
+
+def _usage_help(parser: argparse.ArgumentParser) -> int:
+    """A command group given without its action: help on stderr, usage error."""
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except CliError as exc:
+        _err(str(exc))
+        return exc.code
+    except (KeyLoadError, RegistryError, ArtcafeError, OSError) as exc:
+        _err(_describe(exc))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _note("interrupted")
+        return 130
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, AuthenticationError | HubError) and type(exc).__name__ not in text:
+        return f"{type(exc).__name__}: {text}"
+    return text
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

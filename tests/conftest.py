@@ -1,0 +1,130 @@
+"""Shared fixtures and a raw protocol client for hub tests."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+import trio_websocket
+
+from artcafe_trio.protocol import (
+    Auth,
+    Challenge,
+    Frame,
+    Message,
+    PrivateKey,
+    Subscribe,
+    Subscribed,
+    Welcome,
+    decode,
+    encode,
+)
+from artcafe_trio.testing import TestHub, open_test_hub
+
+
+class RawClient:
+    """Speaks protocol v1 frame by frame, for tests that poke the hub directly."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self.ws = ws
+        self.welcome: Welcome | None = None
+        self._ids = 0
+
+    def next_id(self) -> str:
+        self._ids += 1
+        return f"r{self._ids}"
+
+    async def send(self, frame: Frame | str | bytes) -> None:
+        await self.ws.send_message(frame if isinstance(frame, str | bytes) else encode(frame))
+
+    async def recv(self) -> Frame:
+        return decode(await self.ws.get_message())
+
+    async def recv_type(self, cls: type[Any]) -> Any:
+        """Receive frames until one of ``cls`` arrives (skipping e.g. presence messages)."""
+        while True:
+            frame = await self.recv()
+            if isinstance(frame, cls):
+                return frame
+
+    async def subscribe(self, pattern: str) -> Subscribed:
+        frame_id = self.next_id()
+        await self.send(Subscribe(id=frame_id, subject=pattern))
+        answer = await self.recv_type(Subscribed)
+        assert answer.id == frame_id
+        return answer
+
+    async def messages(self, count: int) -> list[Message]:
+        return [await self.recv_type(Message) for _ in range(count)]
+
+    async def close_code(self) -> int | None:
+        """Read until the hub closes; return the close code."""
+        try:
+            while True:
+                await self.ws.get_message()
+        except trio_websocket.ConnectionClosed as exc:
+            return exc.reason.code
+
+
+async def raw_connect(
+    hub: TestHub,
+    nursery: trio.Nursery,
+    agent_id: str,
+    tenant_id: str,
+    key: PrivateKey | None,
+    *,
+    path_agent: str | None = None,
+    path_tenant: str | None = None,
+    authenticate: bool = True,
+    **auth_fields: Any,
+) -> RawClient:
+    """Connect in memory; with ``authenticate``, answer the challenge and expect a welcome."""
+    resource = f"/api/v1/ws/agent/{path_agent or agent_id}?tenant_id={path_tenant or tenant_id}"
+    client = RawClient(await hub.dial(nursery, resource))
+    if not authenticate:
+        return client
+    challenge = await client.recv()
+    assert isinstance(challenge, Challenge)
+    assert key is not None
+    fields: dict[str, Any] = {
+        "agent_id": agent_id,
+        "tenant_id": tenant_id,
+        "algorithm": key.algorithm,
+        "signature": key.sign_auth(tenant_id=tenant_id, agent_id=agent_id, nonce=challenge.nonce),
+        "heartbeat_interval": 10.0,
+        "heartbeat_timeout_multiplier": 3.0,
+    }
+    fields.update(auth_fields)
+    await client.send(Auth(**fields))
+    answer = await client.recv()
+    if isinstance(answer, Welcome):
+        client.welcome = answer
+    else:
+        client.welcome = None
+        client.refusal = answer  # type: ignore[attr-defined]
+    return client
+
+
+@pytest.fixture
+async def test_hub() -> AsyncIterator[TestHub]:
+    async with open_test_hub(disconnect_grace=5.0) as hub:
+        yield hub
+
+
+class _SecretsFilter(logging.Handler):
+    """Collects every log record of the suite to check no secret leaks into logs."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+LOG_CAPTURE = _SecretsFilter()
+logging.getLogger("artcafe_trio").addHandler(LOG_CAPTURE)
+logging.getLogger("artcafe_trio").setLevel(logging.DEBUG)

@@ -1,0 +1,672 @@
+"""The ``artcafe-trio`` command line.
+
+In-process tests call ``main([...])``; the end-to-end tests run the real
+thing in subprocesses (a hub, agents, ``status``), with every wait bounded.
+They are plain sync tests on purpose: they drive real processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from artcafe_trio import KeyLoadError, Registry, load_private_key, parse_public_key
+from artcafe_trio._cli import main
+
+CLI = [sys.executable, "-c", "from artcafe_trio._cli import main; raise SystemExit(main())"]
+
+AGENT_SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    import trio
+
+    from artcafe_trio import open_agent
+
+
+    async def run(url, tenant, agent, key):
+        async with open_agent(
+            url=url, tenant_id=tenant, agent_id=agent, private_key_path=key,
+            heartbeat_interval=0.5,
+        ):
+            print("connected", flush=True)
+            await trio.sleep_forever()
+
+
+    trio.run(run, *sys.argv[1:])
+    """
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _keygen(tmp_path: Path, name: str = "agent.key", *extra: str) -> tuple[Path, str]:
+    out = tmp_path / name
+    assert main(["keygen", "--out", str(out), *extra]) == 0
+    return out, parse_public_key((tmp_path / f"{name}.pub").read_text()).fingerprint
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def _free_port() -> int:
+    """A port nothing listens on (bound and released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+# --------------------------------------------------------------------------- top level
+
+
+def test_no_arguments_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "usage: artcafe-trio" in out
+    for command in ("keygen", "agents", "hub", "status", "publish", "listen", "demo"):
+        assert command in out
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("artcafe-trio 0.1.0")
+
+
+def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keygen"]) == 2  # --out is required
+    assert "--out" in capsys.readouterr().err
+    assert main(["hub", "--port", "70000"]) == 2
+    assert main(["agents"]) == 2  # an action is required
+    assert "add" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- keygen
+
+
+def test_keygen_ed25519(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "bot.key"
+    assert main(["keygen", "--type", "ed25519", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.strip()
+    assert _mode(out) == 0o600
+    assert out.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")  # PKCS#8
+    line = (tmp_path / "bot.key.pub").read_text()
+    assert line.endswith(" bot.key\n")
+    public = parse_public_key(line)
+    assert public.algorithm == "ed25519"
+    assert printed == public.fingerprint
+    assert load_private_key(out).public_key == public
+
+
+def test_keygen_rsa(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "rsa.key"
+    assert main(["keygen", "--type", "rsa", "--bits", "2048", "--out", str(out)]) == 0
+    public = parse_public_key((tmp_path / "rsa.key.pub").read_text())
+    assert public.algorithm == "rsa-pkcs1-sha256"
+    assert load_private_key(out).public_key == public
+    assert _mode(out) == 0o600
+    capsys.readouterr()
+    assert main(["keygen", "--type", "rsa", "--bits", "1024", "--out", str(tmp_path / "s")]) == 1
+    assert "2048" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_keygen_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, _ = _keygen(tmp_path)
+    before = out.read_bytes()
+    capsys.readouterr()
+    assert main(["keygen", "--out", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("error: ")
+    assert "already exists" in captured.err
+    assert "--force" in captured.err
+    assert "Traceback" not in captured.err
+    assert out.read_bytes() == before
+    # the .pub alone is protected too
+    out.unlink()
+    assert main(["keygen", "--out", str(out)]) == 1
+    assert not out.exists()
+
+
+def test_keygen_force_overwrites_with_mode_0600(tmp_path: Path) -> None:
+    out, first = _keygen(tmp_path)
+    os.chmod(out, 0o644)
+    assert main(["keygen", "--out", str(out), "--force"]) == 0
+    second = parse_public_key((tmp_path / "agent.key.pub").read_text()).fingerprint
+    assert second != first
+    assert _mode(out) == 0o600
+    assert load_private_key(out).public_key.fingerprint == second
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+def test_keygen_encrypted(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AGENT_KEY_PASSWORD", "correct horse")
+    out = tmp_path / "enc.key"
+    assert main(["keygen", "--out", str(out), "--password-env", "AGENT_KEY_PASSWORD"]) == 0
+    captured = capsys.readouterr()
+    assert "correct horse" not in captured.out + captured.err
+    assert b"ENCRYPTED" in out.read_bytes()
+    with pytest.raises(KeyLoadError) as info:
+        load_private_key(out)
+    assert info.value.reason == "password_required"
+    key = load_private_key(out, "correct horse")
+    assert key.public_key == parse_public_key((tmp_path / "enc.key.pub").read_text())
+
+
+def test_keygen_password_env_unset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("NO_SUCH_PASSWORD_VAR", raising=False)
+    out = tmp_path / "k"
+    assert main(["keygen", "--out", str(out), "--password-env", "NO_SUCH_PASSWORD_VAR"]) == 1
+    assert "NO_SUCH_PASSWORD_VAR" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_keygen_missing_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["keygen", "--out", str(tmp_path / "nope" / "k")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- agents
+
+
+def test_agents_add_list_remove(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "hub.db")
+    key1, fp1 = _keygen(tmp_path, "k1")
+    key2, fp2 = _keygen(tmp_path, "k2")
+    capsys.readouterr()
+    base = ["agents", "add", "--db", db, "--tenant", "acme"]
+    assert main([*base, "--agent", "bot", "--public-key", f"{key1}.pub"]) == 0
+    assert capsys.readouterr().out.strip() == fp1
+    assert main([*base, "--agent", "bot", "--public-key", f"{key2}.pub"]) == 0
+    assert main([*base, "--agent", "other", "--public-key", f"{key2}.pub"]) == 0
+    assert main(["agents", "add", "--db", db, "--tenant", "zeta", "--agent", "z",
+                 "--public-key", f"{key1}.pub"]) == 0  # fmt: skip
+    with Registry.open(db) as registry:
+        assert {k.fingerprint for k in registry.keys_for("acme", "bot")} == {fp1, fp2}
+    capsys.readouterr()
+
+    assert main(["agents", "list", "--db", db]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["TENANT", "AGENT", "DISABLED", "KEYS"]
+    assert "LAST SEEN" in table[0]
+    assert len(table) == 4
+    assert table[1].split()[:3] == ["acme", "bot", "no"]
+    assert fp1 in table[1]
+    assert fp2 in table[1]
+
+    assert main(["agents", "list", "--db", db, "--json", "--tenant", "acme"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(a["tenant_id"], a["agent_id"]) for a in listed] == [("acme", "bot"), ("acme", "other")]
+    assert set(listed[0]["fingerprints"]) == {fp1, fp2}
+    assert listed[0]["disabled"] is False
+    assert listed[0]["last_seen"] is None
+    assert listed[0]["status"] is None
+
+    rm = ["agents", "remove", "--db", db, "--tenant", "acme", "--agent", "bot"]
+    assert main([*rm, "--fingerprint", fp1]) == 0
+    with Registry.open(db) as registry:
+        assert [k.fingerprint for k in registry.keys_for("acme", "bot")] == [fp2]
+    assert main([*rm, "--fingerprint", fp1]) == 1  # already gone
+    assert "no key" in capsys.readouterr().err
+    assert main(rm) == 0
+    assert "no key left" in capsys.readouterr().err
+    with Registry.open(db) as registry:
+        assert registry.keys_for("acme", "bot") == ()
+        assert [a.agent_id for a in registry.list_agents("acme")] == ["bot", "other"]
+    assert main(rm) == 1
+
+    purge = ["agents", "remove", "--db", db, "--tenant", "acme", "--agent", "other", "--purge"]
+    assert main(purge) == 0
+    with Registry.open(db) as registry:
+        assert [a.agent_id for a in registry.list_agents("acme")] == ["bot"]
+    assert main(purge) == 1
+
+
+def test_agents_disable_enable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "hub.db")
+    key, fp = _keygen(tmp_path)
+    ident = ["--db", db, "--tenant", "acme", "--agent", "bot"]
+    assert main(["agents", "add", *ident, "--public-key", f"{key}.pub"]) == 0
+    assert main(["agents", "disable", *ident]) == 0
+    with Registry.open(db) as registry:
+        assert registry.keys_for("acme", "bot") == ()
+        assert registry.list_agents()[0].disabled
+    capsys.readouterr()
+    assert main(["agents", "list", "--db", db]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:3] == ["acme", "bot", "yes"]
+    assert main(["agents", "enable", *ident]) == 0
+    with Registry.open(db) as registry:
+        assert [k.fingerprint for k in registry.keys_for("acme", "bot")] == [fp]
+    capsys.readouterr()
+    assert main(["agents", "disable", "--db", db, "--tenant", "acme", "--agent", "ghost"]) == 1
+    assert "no agent acme/ghost" in capsys.readouterr().err
+
+
+def test_agents_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "hub.db")
+    missing = tmp_path / "missing.pub"
+    add = ["agents", "add", "--db", db, "--tenant", "acme", "--agent", "bot"]
+    assert main([*add, "--public-key", str(missing)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert "not found" in err
+    assert str(missing) in err
+    assert "Traceback" not in err
+    assert not os.path.exists(db)  # nothing created on failure
+
+    key, _ = _keygen(tmp_path)
+    capsys.readouterr()
+    assert main([*add, "--public-key", str(key)]) == 1  # a private key is not a .pub
+    assert "error: " in capsys.readouterr().err
+    bad_id = ["agents", "add", "--db", db, "--tenant", "a b", "--agent", "bot"]
+    assert main([*bad_id, "--public-key", f"{key}.pub"]) == 1
+    assert "invalid tenant id" in capsys.readouterr().err
+
+    assert main(["agents", "list", "--db", str(tmp_path / "none.db")]) == 1
+    assert "no registry database" in capsys.readouterr().err
+    assert not (tmp_path / "none.db").exists()
+
+    junk = tmp_path / "junk.db"
+    junk.write_text("this is not a database\n" * 100)
+    assert main(["agents", "list", "--db", str(junk)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert "Traceback" not in err
+    assert main(["agents", "add", "--db", str(tmp_path / "no" / "dir.db"), "--tenant", "t",
+                 "--agent", "a", "--public-key", f"{key}.pub"]) == 1  # fmt: skip
+    assert "does not exist" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- other commands
+
+
+def test_publish_errors_without_a_hub(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    key, _ = _keygen(tmp_path)
+    capsys.readouterr()
+    url = f"ws://127.0.0.1:{_free_port()}"
+    base = ["publish", "--url", url, "--tenant", "t", "--agent", "a"]
+    assert main([*base, "--key", str(tmp_path / "nokey"), "x.y", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "private key file not found" in err
+    assert "Traceback" not in err
+    assert main([*base, "--key", str(key), "x.y", "{not json"]) == 1
+    assert "not valid JSON" in capsys.readouterr().err
+    assert main([*base, "--key", str(key), "x.y", '{"n": 1}']) == 1  # nobody listening
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert "Traceback" not in err
+
+
+def test_status_without_hub_or_db(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--db", str(tmp_path / "hub.db")]) == 3
+    assert "hub not running" in capsys.readouterr().err
+    admin = tmp_path / "x.admin"
+    admin.write_text(json.dumps({"url": f"ws://127.0.0.1:{_free_port()}", "token": "t0k3n"}))
+    assert main(["status", "--admin-file", str(admin)]) == 3
+    err = capsys.readouterr().err
+    assert "hub not running" in err
+    assert "--db" in err
+    assert "t0k3n" not in err
+
+
+def test_status_falls_back_to_registry(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "hub.db"
+    key, _ = _keygen(tmp_path)
+    ident = ["--db", str(db), "--tenant", "acme", "--agent", "bot"]
+    assert main(["agents", "add", *ident, "--public-key", f"{key}.pub"]) == 0
+    # A stale admin file (the hub was killed): nothing listens on its port.
+    Path(f"{db}.admin").write_text(
+        json.dumps({"url": f"ws://127.0.0.1:{_free_port()}", "token": "secret-token", "pid": 1})
+    )
+    capsys.readouterr()
+    assert main(["status", "--db", str(db), "--json"]) == 3
+    captured = capsys.readouterr()
+    assert "hub not running; showing last known presence from DB" in captured.err
+    assert "secret-token" not in captured.err + captured.out
+    rows = json.loads(captured.out)
+    assert rows == [
+        {
+            "tenant_id": "acme", "agent_id": "bot", "status": "offline", "reason": None,
+            "session_id": None, "since": None, "last_seen": None, "last_heartbeat_ack": None,
+            "heartbeat_timeout": None, "source": "registry",
+        }
+    ]  # fmt: skip
+    assert main(["status", "--db", str(db)]) == 3
+    assert capsys.readouterr().out.split()[:6] == [
+        "TENANT", "AGENT", "STATUS", "REASON", "LAST", "SEEN",
+    ]  # fmt: skip
+
+
+def test_demo_not_available(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "artcafe_trio._demo", None)  # as if it did not exist
+    assert main(["demo"]) == 2
+    assert "demo not available yet" in capsys.readouterr().err
+
+
+def test_demo_dispatches(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[Any] = []
+    fake = types.ModuleType("artcafe_trio._demo")
+
+    def fake_main(args: Any) -> int:
+        seen.append(args)
+        return 0
+
+    fake.main = fake_main  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "artcafe_trio._demo", fake)
+    assert main(["demo", "--duration", "2", "--agents", "4", "--interval", "0.5"]) == 0
+    assert (seen[0].duration, seen[0].agents, seen[0].interval) == (2.0, 4, 0.5)
+
+
+def test_hub_metrics_without_module(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "artcafe_trio._metrics", None)
+    db = str(tmp_path / "hub.db")
+    assert main(["hub", "--port", "0", "--db", db, "--metrics-port", "0"]) == 1
+    assert "pip install 'artcafe-trio[metrics]'" in capsys.readouterr().err
+    assert not os.path.exists(db)  # failed before starting anything
+
+
+# --------------------------------------------------------------------------- subprocesses
+
+
+class _Process:
+    """A subprocess whose stdout and stderr lines are collected by reader threads."""
+
+    def __init__(self, args: list[str], **kwargs: Any) -> None:
+        self.args = args
+        self.popen = subprocess.Popen(
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            **kwargs,
+        )
+        self.out: list[str] = []
+        self.err: list[str] = []
+        self._threads = [
+            threading.Thread(target=self._pump, args=(self.popen.stdout, self.out), daemon=True),
+            threading.Thread(target=self._pump, args=(self.popen.stderr, self.err), daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @staticmethod
+    def _pump(stream: Any, lines: list[str]) -> None:
+        for line in stream:
+            lines.append(line)
+
+    def wait_line(self, text: str, timeout: float = 10.0, *, stream: str = "out") -> str:
+        lines = self.out if stream == "out" else self.err
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(lines):
+                if text in line:
+                    return line
+            if self.popen.poll() is not None and not any(t.is_alive() for t in self._threads):
+                break
+            time.sleep(0.02)
+        raise AssertionError(f"no {text!r} from {self.args[-3:]}: {self.describe()}")
+
+    def wait(self, timeout: float) -> int:
+        code = self.popen.wait(timeout)
+        for thread in self._threads:
+            thread.join(2)
+        return code
+
+    def describe(self) -> str:
+        return (
+            f"exit={self.popen.poll()}\n--- stdout:\n{''.join(self.out)[-3000:]}"
+            f"\n--- stderr:\n{''.join(self.err)[-3000:]}"
+        )
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            with suppress(ProcessLookupError):
+                os.kill(self.popen.pid, signal.SIGCONT)
+            self.popen.kill()
+        self.popen.wait(5)
+        for thread in self._threads:
+            thread.join(2)
+
+
+@contextmanager
+def _processes() -> Iterator[Callable[..., _Process]]:
+    """Start processes with the returned function; all are killed on exit."""
+    started: list[_Process] = []
+
+    def start(args: list[str], **kwargs: Any) -> _Process:
+        proc = _Process(args, **kwargs)
+        started.append(proc)
+        return proc
+
+    try:
+        yield start
+    finally:
+        for proc in reversed(started):
+            proc.kill()
+
+
+def _cli(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
+
+
+def _start_hub(start: Callable[..., _Process], db: Path, *extra: str) -> tuple[_Process, str]:
+    hub = start([*CLI, "hub", "--port", "0", "--db", str(db), "--disconnect-grace", "0.5", *extra])
+    line = hub.wait_line("hub listening on ")
+    url = line.split("hub listening on ", 1)[1].strip()
+    assert url.startswith("ws://127.0.0.1:")
+    return hub, url
+
+
+def _start_agent(
+    start: Callable[..., _Process], tmp_path: Path, url: str, key: Path, agent: str
+) -> _Process:
+    script = tmp_path / "agent_script.py"
+    if not script.exists():
+        script.write_text(AGENT_SCRIPT)
+    proc = start([sys.executable, str(script), url, "acme", agent, str(key)])
+    proc.wait_line("connected")
+    return proc
+
+
+def _poll_status(
+    db: Path, agent: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+) -> dict[str, Any]:
+    """Run ``status --json`` until the agent's row satisfies ``predicate``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        result = _cli("status", "--db", str(db), "--json")
+        last = (result.returncode, result.stdout, result.stderr)
+        if result.returncode == 0:
+            rows = {row["agent_id"]: row for row in json.loads(result.stdout)}
+            row = rows.get(agent)
+            if row is not None and predicate(row):
+                found: dict[str, Any] = row
+                return found
+        time.sleep(0.05)
+    raise AssertionError(f"status of {agent} never matched; last: {last}")
+
+
+def _register(tmp_path: Path, db: Path, *agents: str) -> Path:
+    key = tmp_path / "agent.key"
+    result = _cli("keygen", "--out", str(key))
+    assert result.returncode == 0, result.stderr
+    for agent in agents:
+        result = _cli("agents", "add", "--db", str(db), "--tenant", "acme", "--agent", agent,
+                      "--public-key", f"{key}.pub")  # fmt: skip
+        assert result.returncode == 0, result.stderr
+    return key
+
+
+@pytest.mark.slow
+def test_end_to_end_presence(tmp_path: Path) -> None:
+    """keygen → agents add → hub → agents → status: online, disconnected, timeout, restart."""
+    db = tmp_path / "hub.db"
+    key = _register(tmp_path, db, "crasher", "freezer")
+    with _processes() as start:
+        hub, url = _start_hub(start, db)
+        assert _mode(Path(f"{db}.admin")) == 0o600
+
+        crasher = _start_agent(start, tmp_path, url, key, "crasher")
+        row = _poll_status(db, "crasher", lambda r: r["status"] == "online")
+        assert row["reason"] == "connected"
+        assert row["tenant_id"] == "acme"
+        assert row["last_seen"] is not None
+        assert row["heartbeat_timeout"] == pytest.approx(1.5)
+        row = _poll_status(db, "crasher", lambda r: r["last_heartbeat_ack"] is not None)
+
+        crasher.popen.send_signal(signal.SIGKILL)  # crash: the socket goes away
+        row = _poll_status(db, "crasher", lambda r: r["status"] == "offline")
+        assert row["reason"] == "disconnected"
+
+        freezer = _start_agent(start, tmp_path, url, key, "freezer")
+        _poll_status(db, "freezer", lambda r: r["status"] == "online")
+        freezer.popen.send_signal(signal.SIGSTOP)  # hang: the socket stays open
+        frozen_at = time.monotonic()
+        row = _poll_status(db, "freezer", lambda r: r["status"] == "offline")
+        assert row["reason"] == "timeout"
+        assert time.monotonic() - frozen_at >= 1.0  # 0.5 s interval x 3.0
+        freezer.popen.send_signal(signal.SIGCONT)
+        freezer.kill()
+
+        table = _cli("status", "--db", str(db))
+        assert table.returncode == 0
+        assert "LAST HEARTBEAT ACK" in table.stdout
+        assert "crasher" in table.stdout
+
+        hub.popen.send_signal(signal.SIGTERM)
+        assert hub.wait(5) == 0, hub.describe()
+        assert "hub listening on" not in "".join(hub.err)
+        assert not Path(f"{db}.admin").exists()
+
+    result = _cli("status", "--db", str(db), "--json")
+    assert result.returncode == 3, result
+    assert "hub not running; showing last known presence from DB" in result.stderr
+    rows = {row["agent_id"]: row for row in json.loads(result.stdout)}
+    assert set(rows) == {"crasher", "freezer"}
+    for row in rows.values():
+        assert row["status"] == "offline"
+        assert row["last_seen"] is not None
+        assert row["source"] == "registry"
+    assert rows["crasher"]["reason"] == "disconnected"
+
+    listed = _cli("agents", "list", "--db", str(db), "--json")
+    assert listed.returncode == 0
+    assert all(a["last_seen"] is not None for a in json.loads(listed.stdout))
+
+
+@pytest.mark.slow
+def test_removing_a_key_closes_the_live_session(tmp_path: Path) -> None:
+    db = tmp_path / "hub.db"
+    key = _register(tmp_path, db, "doomed")
+    with _processes() as start:
+        hub, url = _start_hub(start, db)
+        agent = _start_agent(start, tmp_path, url, key, "doomed")
+        _poll_status(db, "doomed", lambda r: r["status"] == "online")
+
+        removed = _cli("agents", "remove", "--db", str(db), "--tenant", "acme", "--agent", "doomed")
+        assert removed.returncode == 0, removed.stderr
+        # The hub closes the session (key revoked); the agent's reconnect is refused.
+        code = agent.wait(10)
+        assert code != 0
+        assert "AuthenticationError" in "".join(agent.err), agent.describe()
+        row = _poll_status(db, "doomed", lambda r: r["status"] == "offline")
+        assert row["reason"] == "disconnected"
+        assert "key removed or agent disabled" in "".join(hub.err)
+
+        hub.popen.send_signal(signal.SIGINT)
+        assert hub.wait(5) == 0, hub.describe()
+
+
+@pytest.mark.slow
+def test_publish_listen_and_watch(tmp_path: Path) -> None:
+    db = tmp_path / "hub.db"
+    key = _register(tmp_path, db, "listener", "publisher", "watched")
+    with _processes() as start:
+        hub, url = _start_hub(start, db)
+        watch = start([*CLI, "status", "--db", str(db), "--watch", "--json"])
+        watch.wait_line("[")  # the first table (JSON Lines: stdout is not a TTY)
+
+        agent_args = ["--url", url, "--tenant", "acme", "--key", str(key)]
+        listen = start([*CLI, "listen", *agent_args, "--agent", "listener", "tasks.>",
+                        "--count", "2"])  # fmt: skip
+        listen.wait_line("listening on", stream="err")
+        for n in (1, 2):
+            published = _cli("publish", *agent_args, "--agent", "publisher", "tasks.new",
+                             json.dumps({"n": n}), "--confirm")  # fmt: skip
+            assert published.returncode == 0, published.stderr
+            assert published.stdout.strip()  # the hub's message id
+        assert listen.wait(10) == 0, listen.describe()
+        lines = [json.loads(line) for line in listen.out]
+        assert [(m["subject"], m["data"], m["sender"]) for m in lines] == [
+            ("tasks.new", {"n": 1}, "publisher"),
+            ("tasks.new", {"n": 2}, "publisher"),
+        ]
+        assert all(m["time"].endswith("+00:00") for m in lines)
+
+        _start_agent(start, tmp_path, url, key, "watched")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            tables = [json.loads(line) for line in list(watch.out) if line.startswith("[")]
+            if any(r["agent_id"] == "watched" and r["status"] == "online" for r in tables[-1]):
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"watch never showed the agent online: {watch.describe()}")
+        watch.popen.send_signal(signal.SIGINT)
+        assert watch.wait(5) == 0, watch.describe()
+
+        hub.popen.send_signal(signal.SIGTERM)
+        assert hub.wait(5) == 0, hub.describe()
+
+
+@pytest.mark.slow
+def test_status_over_tls(tmp_path: Path) -> None:
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server = tmp_path / "server.pem"
+    ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(server))
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    db = tmp_path / "hub.db"
+    with _processes() as start:
+        hub = start([*CLI, "hub", "--port", "0", "--db", str(db), "--tls-cert", str(server)])
+        assert hub.wait_line("hub listening on ").startswith("hub listening on wss://127.0.0.1:")
+        # An untrusted certificate fails at once with a clear message (not a 10 s timeout).
+        untrusted = _cli("status", "--db", str(db), timeout=8)
+        assert untrusted.returncode == 1
+        assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
+        assert "--cafile" in untrusted.stderr
+        trusted = _cli("status", "--db", str(db), "--cafile", str(ca_file), "--json")
+        assert trusted.returncode == 0, trusted.stderr
+        assert json.loads(trusted.stdout) == []
+        hub.popen.send_signal(signal.SIGTERM)
+        assert hub.wait(5) == 0, hub.describe()
