@@ -30,7 +30,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal, TypeAlias
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import attrs
 import trio
@@ -576,10 +576,35 @@ class Agent:
     # --- connection supervisor -------------------------------------------------
 
     async def _dial_url(self, nursery: trio.Nursery, resource: str) -> WebSocketConnection:
-        return await trio_websocket.connect_websocket_url(
+        split = urlsplit(self.url)
+        if split.scheme not in ("ws", "wss") or not split.hostname:
+            raise ValueError(f"hub url must be ws://host:port or wss://host:port, got {self.url!r}")
+        secure = split.scheme == "wss"
+        port = split.port or (443 if secure else 80)
+        stream: trio.abc.Stream = await trio.open_tcp_stream(split.hostname, port)
+        if secure:
+            context = self._ssl_context or ssl.create_default_context()
+            tls = trio.SSLStream(stream, context, server_hostname=split.hostname)
+            try:
+                # Handshake here, not lazily inside the WebSocket reader, so that a
+                # certificate problem is an immediate, precise error.
+                await tls.do_handshake()
+            except trio.BrokenResourceError as exc:
+                await trio.aclose_forcefully(tls)
+                if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+                    reason = exc.__cause__.verify_message
+                    raise AuthenticationError(
+                        f"the hub's TLS certificate does not verify: {reason}",
+                        code="hub_certificate_invalid",
+                    ) from exc
+                raise
+            stream = tls
+        host = split.hostname if split.port is None else f"{split.hostname}:{port}"
+        return await trio_websocket.wrap_client_stream(
             nursery,
-            self.url + resource,
-            self._ssl_context,
+            stream,  # type: ignore[arg-type]
+            host,
+            (split.path.rstrip("/") or "") + resource,
             max_message_size=MAX_RECEIVE_BYTES,
         )
 
@@ -665,10 +690,22 @@ class Agent:
                     with trio.CancelScope(shield=True), trio.move_on_after(1):
                         await ws.aclose(1000 if self._closed else 1001, "agent reconnecting")
         # The nursery ended without an error: its cancel scope was cancelled.
-        timeout = conn.welcome.heartbeat_timeout if conn else None
-        if conn is not None and timeout is not None and trio.current_time() >= conn.scope.deadline:
+        if conn is not None and self._watchdog_fired(conn):
+            timeout = conn.welcome.heartbeat_timeout
             raise ConnectionLost(f"no heartbeat ACK from the hub within {timeout:g} s")
         raise ConnectionLost("connection closed")
+
+    @staticmethod
+    def _watchdog_fired(conn: _Connection) -> bool:
+        return trio.current_time() >= conn.scope.deadline
+
+    async def _leave(self, ws: WebSocketConnection) -> None:
+        """Send ``leave`` and close with 1000 (the hub then reports ``left``)."""
+        try:
+            await ws.send_message(encode(Leave(reason="agent stopped")))
+            await ws.aclose(1000, "agent stopped")
+        except ConnectionClosed:
+            pass
 
     async def _handshake(self, ws: WebSocketConnection) -> Welcome:
         challenge = await self._receive_frame(ws)
@@ -911,23 +948,22 @@ class Agent:
             self._dispatch_nursery.start_soon(self._dispatch, sub)
 
     async def _dispatch(self, sub: _Subscription) -> None:
-        limiter = trio.CapacityLimiter(self._max_concurrent)
-        assert self._dispatch_nursery is not None
+        slots = trio.Semaphore(self._max_concurrent)
         async with trio.open_nursery() as concurrent:
             async for message in sub.receive_channel:
                 if self._max_concurrent == 1:
                     await self._call_handlers(sub, message)
                 else:
-                    await limiter.acquire()
-                    concurrent.start_soon(self._call_and_release, sub, message, limiter)
+                    await slots.acquire()
+                    concurrent.start_soon(self._call_and_release, sub, message, slots)
 
     async def _call_and_release(
-        self, sub: _Subscription, message: Message, limiter: trio.CapacityLimiter
+        self, sub: _Subscription, message: Message, slots: trio.Semaphore
     ) -> None:
         try:
             await self._call_handlers(sub, message)
         finally:
-            limiter.release()
+            slots.release()
 
     async def _call_handlers(self, sub: _Subscription, message: Message) -> None:
         for handler, wants_message in list(sub.handlers):
@@ -952,20 +988,37 @@ class Agent:
     async def _running(self) -> AsyncIterator[Agent]:
         if self._nursery is not None:
             raise RuntimeError("an Agent can run only once")
+        # The agent's own tasks run under a shielded scope: a cancellation from
+        # outside reaches only the user's block, so the agent can still leave
+        # gracefully (briefly) before its tasks are cancelled.
+        internals = trio.CancelScope(shield=True)
         with collapse_exception_groups():
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await nursery.start(self._run_dispatch)
-                nursery.start_soon(self._supervise_and_close)
+                await nursery.start(self._run_internals, internals)
                 await self._ever_connected.wait()
+                cancelled_from_outside = False
                 try:
                     with trio.CancelScope() as self._body_scope:
                         if self._stop_early:
                             self._body_scope.cancel()
                         yield self
+                except trio.Cancelled:
+                    cancelled_from_outside = True
+                    raise
                 finally:
-                    await self._graceful_stop()
-                    nursery.cancel_scope.cancel()
+                    with trio.CancelScope(shield=True):
+                        await self._graceful_stop(quick=cancelled_from_outside)
+                    internals.cancel()
+
+    async def _run_internals(
+        self, scope: trio.CancelScope, task_status: trio.TaskStatus[None]
+    ) -> None:
+        with scope:
+            async with trio.open_nursery() as internals:
+                await internals.start(self._run_dispatch)
+                internals.start_soon(self._supervise_and_close)
+                task_status.started()
 
     async def _supervise_and_close(self) -> None:
         try:
@@ -985,25 +1038,29 @@ class Agent:
         finally:
             self._dispatch_done.set()
 
-    async def _graceful_stop(self) -> None:
+    async def _graceful_stop(self, *, quick: bool) -> None:
         """Stop taking messages, let handlers finish, flush publishes, leave, close.
 
-        Every step is bounded. Under an outside cancellation only the shielded,
-        one-second ``leave`` is attempted, and the ``Cancelled`` propagates.
+        Each step is bounded by ``stop_timeout``. When the block was cancelled
+        from outside (``quick``), only the one-second ``leave`` is attempted;
+        the caller re-raises the ``Cancelled``.
         """
         self._stopping = True
         for sub in self._subscriptions.values():
             sub.send_channel.close()
         self._dispatch_stop.set()
         try:
-            with trio.move_on_after(self._stop_timeout) as grace:
+            with trio.move_on_after(0 if quick else self._stop_timeout) as grace:
                 await self._dispatch_done.wait()
                 while self._pending and self._state != "closed":
                     self._flushed = trio.Event()
                     await self._flushed.wait()
             if grace.cancelled_caught and self._dispatch_nursery is not None:
                 self._dispatch_nursery.cancel_scope.cancel()
-                log.warning("stop: handlers or publishes still busy after %g s", self._stop_timeout)
+                if not quick:
+                    log.warning(
+                        "stop: handlers or publishes still busy after %g s", self._stop_timeout
+                    )
         finally:
             self._closed = True
             if self._pending:
@@ -1016,11 +1073,7 @@ class Agent:
             conn = self._conn
             if conn is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    try:
-                        await conn.ws.send_message(encode(Leave(reason="agent stopped")))
-                        await conn.ws.aclose(1000, "agent stopped")
-                    except ConnectionClosed:
-                        pass
+                    await self._leave(conn.ws)
             self._state = "closed"
 
 

@@ -559,7 +559,7 @@ async def _admin_session(
                 await ws.send_message(encode(PresenceQuery(id=f"q{query}")))
                 while True:
                     frame = await receive(ws)
-                    if isinstance(frame, PresenceState) and frame.id == f"q{query}":
+                    if isinstance(frame, PresenceState):  # answers come in order: show each
                         printer.show([_presence_json(r, "hub") for r in frame.agents])
                         if not printer.watch:
                             return

@@ -221,6 +221,7 @@ class _Session:
         self.closing = False
         self.left = False
         self.timed_out = False
+        self.ended = False
         self.bucket = _TokenBucket(hub.config.publish_rate, hub.config.publish_burst)
         now = trio.current_time()
         self.deadline = now + heartbeat_timeout if heartbeat_timeout is not None else math.inf
@@ -266,7 +267,7 @@ class _Session:
 
     def expire(self, now: float) -> float | None:
         """DeadlineQueue callback: the heartbeat deadline came due."""
-        if self.closing:
+        if self.closing or self.ended:
             return None
         if self.deadline > now:
             return self.deadline
@@ -776,6 +777,9 @@ class Hub:
 
     def _detach(self, session: _Session) -> None:
         """Forget a finished session; start the disconnect grace unless it left or was replaced."""
+        session.ended = True
+        if not session.closing:
+            session.close_reason = "connection lost"
         self._sessions_by_id.pop(session.session_id, None)
         if not self._sessions_by_id:
             self._sessions_gone.set()

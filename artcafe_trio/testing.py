@@ -39,15 +39,25 @@ __all__ = ["FaultyStream", "TestHub", "open_test_hub"]
 
 
 class FaultyStream(trio.abc.Stream):
-    """A byte stream that can be blackholed: while it is, bytes in both directions
-    are silently dropped but the stream stays open (a half-open connection)."""
+    """An agent's byte stream that can be blackholed: bytes are silently dropped
+    but the stream stays open (a half-open connection). ``drop_outgoing`` loses
+    what the agent sends, ``drop_incoming`` what the hub sends."""
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
-        self.blackholed = False
+        self.drop_outgoing = False
+        self.drop_incoming = False
+
+    @property
+    def blackholed(self) -> bool:
+        return self.drop_outgoing and self.drop_incoming
+
+    @blackholed.setter
+    def blackholed(self, on: bool) -> None:
+        self.drop_outgoing = self.drop_incoming = on
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self.blackholed:
+        if self.drop_outgoing:
             await trio.lowlevel.checkpoint()
             return
         await self.inner.send_all(data)
@@ -58,7 +68,7 @@ class FaultyStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         while True:
             data = await self.inner.receive_some(max_bytes)
-            if not data or not self.blackholed:
+            if not data or not self.drop_incoming:
                 return data
 
     async def send_eof(self) -> None:
@@ -91,7 +101,6 @@ class TestHub:
             await trio.lowlevel.checkpoint()
             raise OSError("test hub is down")
         stream = FaultyStream(await self.hub.connect_in_memory())
-        self._streams = [s for s in self._streams if not getattr(s.inner, "_closed", False)]
         self._streams.append(stream)
         return await trio_websocket.wrap_client_stream(
             nursery,
@@ -108,9 +117,8 @@ class TestHub:
         """``open_agent`` connected to this hub; registers the agent if it has no key."""
         if "private_key" not in kwargs and "private_key_path" not in kwargs:
             kwargs["private_key"] = self.register(tenant_id, agent_id)
-        async with open_agent(
-            agent_id=agent_id, tenant_id=tenant_id, dial=self.dial, **kwargs
-        ) as agent:
+        kwargs.setdefault("dial", self.dial)
+        async with open_agent(agent_id=agent_id, tenant_id=tenant_id, **kwargs) as agent:
             yield agent
 
     def go_down(self, code: int = CloseCode.SERVICE_RESTART) -> None:
@@ -122,10 +130,14 @@ class TestHub:
     def come_back(self) -> None:
         self.down = False
 
-    def blackhole(self, on: bool = True) -> None:
-        """Silence every current connection in both directions (sockets stay open)."""
+    def blackhole(self, on: bool = True, *, to_agents: bool = True, to_hub: bool = True) -> None:
+        """Silence every current connection (sockets stay open): what the hub sends
+        (``to_agents``), what agents send (``to_hub``), or both."""
         for stream in self._streams:
-            stream.blackholed = on
+            if to_agents:
+                stream.drop_incoming = on
+            if to_hub:
+                stream.drop_outgoing = on
 
 
 @asynccontextmanager

@@ -1,0 +1,657 @@
+"""The agent against the real hub over memory streams, under autojump_clock."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from typing import Any
+
+import pytest
+import trio
+
+from artcafe_trio import (
+    AgentClosed,
+    AuthenticationError,
+    Backoff,
+    ConnectionLost,
+    HeartbeatAgent,
+    HubError,
+    Message,
+    ProtocolError,
+    ReconnectFailed,
+    SimpleAgent,
+)
+from artcafe_trio.testing import TestHub, open_test_hub
+
+pytestmark = pytest.mark.timeout(30)
+
+
+async def test_enter_returns_connected_and_health_is_filled(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    async with test_hub.open_agent("a1", heartbeat_interval=10) as agent:
+        assert agent.state == "connected"
+        await trio.sleep(0.5)
+        health = agent.health()
+        assert health.connected
+        assert health.healthy
+        assert health.session_id is not None
+        assert health.heartbeat_timeout == 30.0
+        assert health.rtt is not None
+        assert health.seconds_since_ack == pytest.approx(0.5)
+        legacy = agent.get_connection_health()
+        assert legacy["healthy"] is True
+        assert legacy["connected"] is True
+        assert isinstance(legacy["last_heartbeat_ack"], str)
+        assert "T" in legacy["last_heartbeat_ack"]
+        assert legacy["reconnect_attempts"] == 0
+    assert agent.state == "closed"
+    assert not agent.health().connected
+
+
+@pytest.mark.parametrize(("interval", "multiplier"), [(30.0, 3.0), (10.0, 2.0), (1.0, 5.0)])
+async def test_ack_timeout_is_detected_exactly_at_interval_times_multiplier(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock, interval: float, multiplier: float
+) -> None:
+    timeout = interval * multiplier
+    async with test_hub.open_agent(
+        "a1", heartbeat_interval=interval, heartbeat_timeout_multiplier=multiplier
+    ) as agent:
+        await trio.sleep(interval * 2.5)
+        test_hub.blackhole()  # the hub hangs: the socket stays open, nothing gets through
+        health = agent.health()
+        assert health.seconds_since_ack is not None
+        last_ack = trio.current_time() - health.seconds_since_ack
+        await trio.sleep_until(last_ack + timeout - 0.001)
+        assert agent.health().connected
+        await trio.sleep_until(last_ack + timeout + 0.0001)
+        assert not agent.health().connected
+        assert agent.state == "reconnecting"
+        test_hub.blackhole(False)
+        with trio.fail_after(120):
+            await agent.wait_connected()
+
+
+async def test_backoff_delays_follow_the_policy_and_give_up_after_ten(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    attempts: list[float] = []
+
+    async def refusing_dial(nursery: trio.Nursery, resource: str) -> Any:
+        attempts.append(trio.current_time())
+        await trio.lowlevel.checkpoint()
+        raise OSError("connection refused")
+
+    key = test_hub.register("test", "a1")
+    expected = list(Backoff().delays(random.Random(7)))
+    assert len(expected) == 10
+    start = trio.current_time()
+    with pytest.raises(ReconnectFailed) as info:
+        async with test_hub.open_agent(
+            "a1", private_key=key, dial=refusing_dial, rng=random.Random(7)
+        ):
+            pytest.fail("must not connect")
+    assert info.value.attempts == 10
+    assert isinstance(info.value.last_cause, OSError)
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert gaps == pytest.approx(expected, abs=1e-9)
+    assert len(attempts) == 11  # the first try, then ten reconnection attempts
+    assert trio.current_time() - start == pytest.approx(sum(expected), abs=1e-9)
+    assert info.value.elapsed == pytest.approx(sum(expected), abs=1e-9)
+
+
+async def test_unreachable_hub_without_auto_reconnect_fails_at_once(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    test_hub.go_down()
+    start = trio.current_time()
+    with pytest.raises(ConnectionLost) as info:
+        async with test_hub.open_agent("a1", auto_reconnect=False):
+            pytest.fail("must not connect")
+    assert not isinstance(info.value, ReconnectFailed)
+    assert trio.current_time() == start
+
+
+async def test_unreachable_hub_at_start_is_retried_until_it_comes_up(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    test_hub.go_down()
+
+    async def bring_up() -> None:
+        await trio.sleep(20)
+        test_hub.come_back()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(bring_up)
+        async with test_hub.open_agent("a1") as agent:
+            assert trio.current_time() >= 20
+            assert agent.health().reconnect_attempts > 0
+            await trio.sleep(1)  # the first ACK proves the connection healthy
+            assert agent.health().reconnect_attempts == 0
+
+
+async def test_rejected_key_raises_at_once_and_is_never_retried(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    dials = 0
+
+    async def counting_dial(nursery: trio.Nursery, resource: str) -> Any:
+        nonlocal dials
+        dials += 1
+        return await test_hub.dial(nursery, resource)
+
+    stranger = test_hub.register("other-tenant", "a1")
+    test_hub.register("test", "a1")
+    with pytest.raises(AuthenticationError, match="refused agent 'a1'"):
+        async with test_hub.open_agent("a1", private_key=stranger, dial=counting_dial):
+            pytest.fail("must not connect")
+    assert dials == 1
+
+
+async def test_failure_counter_resets_only_after_a_healthy_connection(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every connection is welcomed, but the hub never ACKs a heartbeat.
+    hub = test_hub.hub
+    handle_frame = hub._handle_frame
+
+    def no_acks(session: Any, frame: Any) -> None:
+        if frame.type != "heartbeat":
+            handle_frame(session, frame)
+
+    monkeypatch.setattr(hub, "_handle_frame", no_acks)
+    with pytest.raises(ReconnectFailed) as info:
+        async with test_hub.open_agent("a1", heartbeat_interval=1.0) as agent:
+            await trio.sleep_forever()
+    assert info.value.attempts == 10
+    assert "no heartbeat ACK" in str(info.value.last_cause)
+    assert agent.get_connection_health()["reconnect_attempts"] == 10
+    assert agent.get_connection_health()["connected"] is False
+
+
+async def test_clean_close_by_the_hub_reconnects(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "artcafe_trio.agent")
+    async with test_hub.open_agent("a1", rng=random.Random(1)) as agent:
+        first = agent.session_id
+        for code in (1000, 1001, 1012):
+            test_hub.hub.close_all(code, "bye")
+            await trio.sleep(0.01)
+            assert not agent.health().connected
+            with trio.fail_after(5):
+                await agent.wait_connected()
+            assert agent.session_id != first
+        assert agent.health().total_reconnects == 3
+    warnings = [r.getMessage() for r in caplog.records if "reconnect attempt" in r.getMessage()]
+    assert len(warnings) == 3
+    assert "attempt 1/10" in warnings[0]
+    assert "1012" in warnings[2]
+
+
+async def test_auto_reconnect_false_raises_connection_lost(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    with pytest.raises(ConnectionLost) as info:
+        async with test_hub.open_agent("a1", auto_reconnect=False):
+            test_hub.hub.close_all(1012, "restart")
+            await trio.sleep_forever()
+    assert info.value.code == 1012
+
+
+async def test_hub_outage_restores_subscriptions_before_buffered_publishes(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    received: list[Any] = []
+    order: list[str] = []
+    async with test_hub.open_agent("a1") as agent:
+        agent.on_message("jobs.*")(lambda subject, data: received.append(data))
+
+        @agent.on_reconnect
+        async def recovered() -> None:
+            order.append(f"callback after {len(received)} messages")
+
+        await trio.sleep(1)
+        test_hub.go_down()
+        await trio.sleep(0.01)
+        assert agent.state == "reconnecting"
+        publishing_done = trio.Event()
+
+        confirmed = 0
+
+        async def publish_during_outage(i: int) -> None:
+            nonlocal confirmed
+            await agent.publish(f"jobs.{i}", i, confirm=True)
+            confirmed += 1
+            if confirmed == 5:
+                publishing_done.set()
+
+        async with trio.open_nursery() as nursery:
+            for i in range(5):
+                nursery.start_soon(publish_during_outage, i)
+            await trio.sleep(10)
+            assert agent.health().waiting_publishes == 5
+            assert received == []
+            test_hub.come_back()
+            with trio.fail_after(120):
+                await publishing_done.wait()
+        await trio.sleep(0.1)
+        # Self-delivery proves the subscription was back before the buffered publishes.
+        assert sorted(received) == [0, 1, 2, 3, 4]
+        assert len(order) == 1  # on_reconnect ran once, for the one reconnection
+
+
+async def test_confirmed_publish_whose_ack_was_lost_arrives_exactly_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with open_test_hub() as hub:
+        received: list[Any] = []
+        async with (
+            hub.open_agent("watcher", heartbeat_interval=None) as watcher,
+            hub.open_agent("pub", heartbeat_interval=5) as pub,
+        ):
+            await watcher.subscribe("orders.>", lambda s, d: received.append(d))
+            stream = hub._streams[-1]  # the publisher's connection
+            stream.drop_incoming = True  # the hub's answers (ACKs) are lost
+            with trio.fail_after(60):
+                message_id = await pub.publish("orders.new", {"n": 1}, confirm=True)
+            assert message_id is not None
+            assert pub.health().total_reconnects == 1
+            await trio.sleep(1)
+        assert received == [{"n": 1}]
+
+
+async def test_publish_waits_while_disconnected_and_a_cancelled_wait_withdraws_it(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    received: list[Any] = []
+    async with (
+        test_hub.open_agent("watcher", heartbeat_interval=None) as watcher,
+        test_hub.open_agent("pub") as pub,
+    ):
+        await watcher.subscribe("x", lambda s, d: received.append(d))
+        test_hub.go_down()
+        await trio.sleep(0.01)
+        assert not pub.health().connected
+        with trio.move_on_after(3) as scope:
+            await pub.publish("x", "withdrawn")
+        assert scope.cancelled_caught
+        assert pub.health().waiting_publishes == 0
+        test_hub.come_back()
+        await pub.wait_connected()
+        await watcher.wait_connected()
+        await pub.publish("x", "sent", confirm=True)
+        await trio.sleep(1)
+    assert received == ["sent"]
+
+
+async def test_handler_blocking_ten_timeouts_causes_no_reconnect(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    done = trio.Event()
+    async with test_hub.open_agent(
+        "a1", heartbeat_interval=1, heartbeat_timeout_multiplier=3
+    ) as agent:
+
+        @agent.on_message("slow")
+        async def slow(subject: str, data: Any) -> None:
+            await trio.sleep(30)  # 10 x the 3 s timeout
+            done.set()
+
+        await agent.subscribe("ping", lambda s, d: None)
+        session = agent.session_id
+        await agent.publish("slow", None)
+        await done.wait()
+        health = agent.health()
+        assert health.total_reconnects == 0
+        assert agent.session_id == session
+        assert health.seconds_since_ack is not None
+        assert health.seconds_since_ack < 1.0 + 1e-6
+    [record] = [r for r in test_hub.hub.presence_table() if r.agent_id == "a1"]
+    assert (record.status, record.reason) == ("offline", "left")
+
+
+async def test_handlers_are_ordered_per_subscription_and_errors_do_not_stop_the_agent(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[int] = []
+    async with test_hub.open_agent("a1") as agent:
+
+        @agent.on_message("n")
+        async def ordered(subject: str, data: int) -> None:
+            await trio.sleep(random.random())
+            if data == 3:
+                raise ValueError("boom on 3")
+            seen.append(data)
+
+        for i in range(6):
+            await agent.publish("n", i, confirm=True)
+        await trio.sleep(10)
+        assert seen == [0, 1, 2, 4, 5]
+        assert agent.health().handler_errors == 1
+        assert agent.health().connected
+    assert any("boom on 3" in (r.exc_text or "") or r.exc_info for r in caplog.records)
+
+
+async def test_raise_handler_errors_makes_a_handler_error_fatal(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    with pytest.raises(ValueError, match="fatal"):
+        async with test_hub.open_agent("a1", raise_handler_errors=True) as agent:
+
+            @agent.on_message("x")
+            def bad(subject: str, data: Any) -> None:
+                raise ValueError("fatal")
+
+            await agent.publish("x", 1)
+            await trio.sleep_forever()
+
+
+async def test_concurrent_handlers_overlap_up_to_the_limit(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    running = peak = 0
+    async with test_hub.open_agent("a1", max_concurrent_handlers=3) as agent:
+
+        @agent.on_message("job")
+        async def work(subject: str, data: Any) -> None:
+            nonlocal running, peak
+            running += 1
+            peak = max(peak, running)
+            await trio.sleep(1)
+            running -= 1
+
+        for i in range(9):
+            await agent.publish("job", i)
+        await trio.sleep(2.9)
+        assert running == 3  # the third batch of three is still at work
+        await trio.sleep(0.2)
+        assert running == 0
+        assert peak == 3
+
+
+async def test_wildcards_and_concrete_subject_and_message_argument(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    got: list[tuple[str, str, Any]] = []
+    async with test_hub.open_agent("a1") as agent:
+        await agent.subscribe("tasks.*", lambda s, d: got.append(("*", s, d)))
+        await agent.subscribe("tasks.>", lambda s, d, m: got.append((">", s, m.sender)))
+        await agent.publish("tasks.new", 1)
+        await agent.publish("tasks.a.b", 2)
+        await agent.publish("tasksXYZ", 3)
+        await trio.sleep(1)
+    assert sorted(got) == [
+        ("*", "tasks.new", 1),
+        (">", "tasks.a.b", "a1"),
+        (">", "tasks.new", "a1"),
+    ]
+
+
+async def test_unsubscribe_stops_delivery(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    got: list[Any] = []
+    async with test_hub.open_agent("a1") as agent:
+        handler = got.append
+        await agent.subscribe("x", lambda s, d: handler(d))
+        await agent.publish("x", 1, confirm=True)
+        await trio.sleep(0.1)
+        await agent.unsubscribe("x")
+        await agent.publish("x", 2, confirm=True)
+        await trio.sleep(0.1)
+    assert got == [1]
+
+
+async def test_refused_subscription_raises_hub_error(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    async with test_hub.open_agent("a1") as agent:
+        with pytest.raises(HubError) as info:
+            await agent.subscribe("$reply.>", lambda s, d: None)
+        assert info.value.code == "forbidden_subject"
+
+
+async def test_publishing_to_the_presence_prefix_fails_loudly(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    async with test_hub.open_agent("a1") as agent:
+        with pytest.raises(HubError) as info:
+            await agent.publish("$presence.a2", {"status": "offline"}, confirm=True)
+        assert info.value.code == "forbidden_subject"
+        assert agent.health().waiting_publishes == 0
+
+
+async def test_invalid_or_oversized_publish_fails_in_the_caller(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    async with test_hub.open_agent("a1") as agent:
+        with pytest.raises(ProtocolError) as info:
+            await agent.publish("tasks.*", 1)
+        assert info.value.code == "invalid_subject"
+        with pytest.raises(ProtocolError) as info:
+            await agent.publish("big", "x" * (1024 * 1024))
+        assert info.value.code == "frame_too_large"
+        with pytest.raises(TypeError):
+            await agent.publish("x", object())
+        assert agent.health().waiting_publishes == 0
+
+
+async def test_request_reply(test_hub: TestHub, autojump_clock: trio.abc.Clock) -> None:
+    async with test_hub.open_agent("worker") as worker, test_hub.open_agent("client") as client:
+
+        @worker.on_message("math.double")
+        async def double(subject: str, data: int, message: Message) -> None:
+            await worker.reply(message, data * 2)
+
+        await trio.sleep(0.1)
+        with trio.fail_after(5):
+            assert await client.request("math.double", 21) == 42
+
+
+async def test_presence_events_and_table(test_hub: TestHub, autojump_clock: trio.abc.Clock) -> None:
+    events: list[tuple[str, str, str]] = []
+    async with test_hub.open_agent("monitor") as monitor:
+        await monitor.subscribe(
+            "$presence.>", lambda s, d: events.append((d["agent_id"], d["status"], d["reason"]))
+        )
+        async with test_hub.open_agent("worker"):
+            table = {r.agent_id: r.status for r in await monitor.presence()}
+            assert table == {"monitor": "online", "worker": "online"}
+        await trio.sleep(0.1)
+    assert events == [("worker", "online", "connected"), ("worker", "offline", "left")]
+
+
+async def test_graceful_exit_lets_handlers_finish_and_flushes_publishes(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    results: list[Any] = []
+    async with test_hub.open_agent("collector", heartbeat_interval=None) as collector:
+        await collector.subscribe("results", lambda s, d: results.append(d))
+        async with test_hub.open_agent("worker", stop_timeout=10) as worker:
+
+            @worker.on_message("work")
+            async def work(subject: str, data: int) -> None:
+                await trio.sleep(2)
+                await worker.publish("results", data * 10)
+
+            await worker.publish("work", 1)
+            await worker.publish("work", 2)
+            await trio.sleep(0.1)
+        # Leaving the block waited for both handlers and their publishes.
+        await trio.sleep(0.1)
+        assert results == [10, 20]
+        with pytest.raises(AgentClosed):
+            await worker.publish("results", 3)
+    [record] = [r for r in test_hub.hub.presence_table() if r.agent_id == "worker"]
+    assert (record.status, record.reason) == ("offline", "left")
+
+
+async def test_stop_timeout_bounds_a_handler_that_never_ends(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    started = trio.Event()
+    async with test_hub.open_agent("a1", stop_timeout=4) as agent:
+
+        @agent.on_message("forever")
+        async def forever(subject: str, data: Any) -> None:
+            started.set()
+            await trio.sleep_forever()
+
+        await agent.publish("forever", None)
+        await started.wait()
+        leaving = trio.current_time()
+    assert trio.current_time() - leaving == pytest.approx(4.0, abs=0.01)
+
+
+async def test_outside_cancellation_propagates_and_still_leaves(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    with trio.move_on_after(5) as scope:
+        async with test_hub.open_agent("a1"):
+            await trio.sleep_forever()
+    assert scope.cancelled_caught
+    await trio.sleep(0.1)
+    [record] = test_hub.hub.presence_table()
+    assert (record.status, record.reason) == ("offline", "left")
+
+
+async def test_stop_ends_the_block_without_error(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    async with test_hub.open_agent("a1") as agent:
+        agent.stop()
+        await trio.sleep_forever()
+    assert agent.state == "closed"
+
+
+async def test_get_connection_health_during_outage_and_after_giving_up(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    snapshots: list[dict[str, Any]] = []
+    with pytest.raises(ReconnectFailed):
+        async with test_hub.open_agent(
+            "a1", heartbeat_interval=1, max_reconnect_attempts=3
+        ) as agent:
+            await trio.sleep(1.5)
+            snapshots.append(agent.get_connection_health())
+            test_hub.go_down()
+            await trio.sleep(0.01)
+            snapshots.append(agent.get_connection_health())
+            await trio.sleep_forever()
+    snapshots.append(agent.get_connection_health())
+    connected, outage, gave_up = snapshots
+    assert (connected["connected"], connected["healthy"]) == (True, True)
+    assert (outage["connected"], outage["healthy"]) == (False, False)
+    assert outage["reconnect_attempts"] == 1
+    assert outage["last_heartbeat_ack"] == connected["last_heartbeat_ack"]
+    assert gave_up["reconnect_attempts"] == 3
+    assert gave_up["state"] == "closed"
+    assert gave_up["seconds_since_ack"] > 1
+
+
+class CustomMonitoringAgent(HeartbeatAgent):
+    """The original guide's subclass pattern, verbatim in shape."""
+
+    async def setup(self) -> None:
+        @self.on_message("system.health")
+        async def health_check(subject: str, data: Any) -> None:
+            health = self.get_connection_health()
+            await self.publish(
+                "health.response",
+                {
+                    "agent_id": self.agent_id,
+                    "healthy": health["healthy"],
+                    "last_heartbeat": health["last_heartbeat_ack"],
+                    "uptime": health["seconds_since_ack"],
+                },
+            )
+
+    async def run(self) -> None:
+        await self.setup()
+        await super().run()
+
+
+async def test_custom_monitoring_agent_from_the_original_guide(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    responses: list[Any] = []
+    key = test_hub.register("org-1", "monitor-1")
+    agent = CustomMonitoringAgent(
+        agent_id="monitor-1",
+        private_key=key,
+        organization_id="org-1",
+        heartbeat_interval=15,
+        dial=test_hub.dial,
+    )
+    async with (
+        trio.open_nursery() as nursery,
+        test_hub.open_agent("probe", tenant_id="org-1") as probe,
+    ):
+        nursery.start_soon(agent.run)
+        await probe.subscribe("health.response", lambda s, d: responses.append(d))
+        await trio.sleep(20)
+        await probe.publish("system.health", {})
+        await trio.sleep(1)
+        await agent.stop()
+    [response] = responses
+    assert response["agent_id"] == "monitor-1"
+    assert response["healthy"] is True
+    assert isinstance(response["last_heartbeat"], str)
+    assert response["uptime"] == pytest.approx(5.0, abs=0.01)  # last ACK at t=15, asked at t=20
+
+
+async def test_simple_agent_sends_no_heartbeats(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    key = test_hub.register("org", "simple")
+    agent = SimpleAgent("simple", organization_id="org", private_key=key, dial=test_hub.dial)
+    got: list[Any] = []
+    agent.on_message("hello")(lambda s, d: got.append(d))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await trio.sleep(1000)
+        health = agent.get_connection_health()
+        assert health["connected"] is True
+        assert health["healthy"] is True
+        assert health["last_heartbeat_ack"] is None
+        await agent.publish("hello", "world")
+        await trio.sleep(1)
+        await agent.stop()
+    assert got == ["world"]
+    assert test_hub.hub.stats.heartbeats == 0
+
+
+async def test_agent_arguments_are_validated() -> None:
+    from artcafe_trio import generate_private_key, open_agent
+
+    key = generate_private_key()
+    with pytest.raises(ValueError, match="organization_id"):
+        async with open_agent(agent_id="a", private_key=key):
+            pass
+    with pytest.raises(ValueError, match="exactly one"):
+        async with open_agent(agent_id="a", tenant_id="t"):
+            pass
+    with pytest.raises(ValueError, match="aliases"):
+        async with open_agent(agent_id="a", tenant_id="t", organization_id="u", private_key=key):
+            pass
+
+
+async def test_over_real_sockets() -> None:
+    from artcafe_trio import open_hub
+
+    async with open_hub(port=0) as hub:
+        key = TestHub(hub).register("acme", "tcp-agent")
+        async with trio.open_nursery():
+            from artcafe_trio import open_agent
+
+            with trio.fail_after(10):
+                async with open_agent(
+                    url=hub.url, agent_id="tcp-agent", organization_id="acme", private_key=key
+                ) as agent:
+                    got = trio.Event()
+                    await agent.subscribe("ping", lambda s, d: got.set())
+                    await agent.publish("ping", 1, confirm=True)
+                    await got.wait()
+                assert agent.state == "closed"
