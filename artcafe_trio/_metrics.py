@@ -1,0 +1,137 @@
+"""Prometheus metrics for a hub (the optional ``metrics`` extra: ``prometheus-client``).
+
+A custom collector reads :attr:`Hub.stats` and :meth:`Hub.presence_table` when
+Prometheus scrapes, so the hub's hot path pays nothing for metrics. Exported:
+
+==========================================  =======  ======================================
+``artcafe_agents_online{tenant}``           gauge    agents online now, per tenant
+``artcafe_heartbeats_total``                counter  heartbeats received
+``artcafe_presence_transitions_total``      counter  presence transitions, by ``reason``
+``artcafe_messages_routed_total``           counter  publishes accepted and routed
+``artcafe_deliveries_total``                counter  messages queued to subscribers
+``artcafe_slow_consumers_total``            counter  connections cut off as slow consumers
+``artcafe_auth_failures_total``             counter  refused authentications
+``artcafe_refused_frames_total``            counter  frames answered with an ``error``
+``artcafe_rate_limited_total``              counter  publishes refused by the rate limit
+``artcafe_connections_total``               counter  WebSocket connections accepted
+==========================================  =======  ======================================
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import attrs
+import trio
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ._hub import Hub
+
+__all__ = ["HubCollector", "collector", "start_metrics_server"]
+
+PRESENCE_REASONS = ("connected", "disconnected", "left", "timeout")
+"""Reasons always exported (as 0 until they happen), so rates and alerts have a series."""
+
+_COUNTERS = (
+    ("heartbeats", "heartbeats", "Heartbeats received from agents."),
+    ("messages_routed", "messages_routed", "Publishes accepted and routed."),
+    ("deliveries", "deliveries", "Messages queued for delivery to subscribers."),
+    ("slow_consumers", "slow_consumers", "Connections cut off because their send queue was full."),
+    ("auth_failures", "auth_failures", "Refused authentications."),
+    ("refused_frames", "refused_frames", "Frames refused with an error frame."),
+    ("rate_limited", "rate_limited", "Publishes refused by the per-agent rate limit."),
+    ("connections", "connections", "WebSocket connections accepted (before authentication)."),
+)
+
+
+@attrs.frozen
+class _Snapshot:
+    counters: dict[str, int]
+    transitions: dict[str, int]
+    online: dict[str, int]
+
+
+class HubCollector(Collector):
+    """Builds the hub's metrics at scrape time.
+
+    ``collect()`` is called from prometheus_client's HTTP thread. With a
+    ``trio_token`` the hub's state is read on the trio thread (a consistent
+    snapshot, never racing the hub's own updates); without one, or once that
+    trio run has ended, it is read directly.
+    """
+
+    def __init__(self, hub: Hub, trio_token: trio.lowlevel.TrioToken | None = None) -> None:
+        self.hub = hub
+        self.trio_token = trio_token
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self._snapshot()
+        online = GaugeMetricFamily(
+            "artcafe_agents_online", "Agents online now, per tenant.", labels=["tenant"]
+        )
+        for tenant, count in sorted(snapshot.online.items()):
+            online.add_metric([tenant], count)
+        yield online
+        for name, key, documentation in _COUNTERS:
+            yield CounterMetricFamily(
+                f"artcafe_{name}", documentation, value=snapshot.counters[key]
+            )
+        transitions = CounterMetricFamily(
+            "artcafe_presence_transitions",
+            "Presence transitions, by reason (connected, disconnected, left, timeout).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(snapshot.transitions.items()):
+            transitions.add_metric([reason], count)
+        yield transitions
+
+    def _snapshot(self) -> _Snapshot:
+        if self.trio_token is not None and not _in_trio_thread():
+            try:
+                return trio.from_thread.run_sync(self._read, trio_token=self.trio_token)
+            except trio.RunFinishedError:
+                pass  # the hub's trio run is over: its state no longer changes
+        return self._read()
+
+    def _read(self) -> _Snapshot:
+        stats = self.hub.stats
+        counters = {key: int(getattr(stats, key)) for _name, key, _doc in _COUNTERS}
+        transitions = dict.fromkeys(PRESENCE_REASONS, 0)
+        transitions.update(stats.transitions)
+        online: dict[str, int] = {}
+        for record in self.hub.presence_table():
+            count = online.setdefault(record.tenant_id, 0)
+            if record.status == "online":
+                online[record.tenant_id] = count + 1
+        return _Snapshot(counters=counters, transitions=transitions, online=online)
+
+
+def _in_trio_thread() -> bool:
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return False
+    return True
+
+
+def collector(hub: Hub) -> HubCollector:
+    """A collector for ``hub`` (reads on the trio thread when created inside the hub's run)."""
+    token = trio.lowlevel.current_trio_token() if _in_trio_thread() else None
+    return HubCollector(hub, token)
+
+
+def start_metrics_server(hub: Hub, port: int, host: str = "127.0.0.1") -> None:
+    """Serve ``hub``'s metrics at ``http://host:port/metrics`` until the process exits.
+
+    Call it from inside the hub's trio run. The metrics get their own
+    :class:`CollectorRegistry` (no process or platform collectors from the
+    global one). Raises :class:`OSError` if the port cannot be bound.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector(hub))
+    # prometheus_client serves from its own daemon thread: that is the library's HTTP
+    # server, not one of our tasks. It only reads the hub (on the trio thread, via
+    # the collector's trio token), and it dies with the process.
+    start_http_server(port, addr=host, registry=registry)

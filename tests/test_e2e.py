@@ -1,0 +1,111 @@
+"""An agent in this process against ``artcafe-trio hub`` in a subprocess, over real TCP."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from artcafe_trio import Backoff, Registry, generate_private_key, open_agent
+
+from .hubproc import HubProcess
+
+pytestmark = [pytest.mark.timeout(90), pytest.mark.slow]
+
+FAST_BACKOFF = Backoff(base=0.2, cap=1.0)
+
+
+def register(db: Path, tenant: str, *agents: str) -> dict[str, Any]:
+    keys = {}
+    with Registry.open(db) as registry:
+        for agent in agents:
+            keys[agent] = generate_private_key()
+            registry.add_key(tenant, agent, keys[agent].public_key)
+    return keys
+
+
+async def test_agent_survives_hub_sigkill_and_restart(tmp_path: Path) -> None:
+    db = tmp_path / "hub.db"
+    keys = register(db, "acme", "worker", "producer")
+    hub = HubProcess(db)
+    received: list[int] = []
+    reconnects: list[str | None] = []
+    try:
+        await hub.start()
+        common = {"url": hub.url, "organization_id": "acme", "backoff": FAST_BACKOFF,
+                  "heartbeat_interval": 0.5}  # fmt: skip
+        async with (
+            open_agent(agent_id="worker", private_key=keys["worker"], **common) as worker,
+            open_agent(agent_id="producer", private_key=keys["producer"], **common) as producer,
+        ):
+            worker.on_reconnect(lambda: reconnects.append(worker.session_id))
+            await worker.subscribe("jobs.*", lambda s, d: received.append(d))
+            await producer.publish("jobs.before", 1, confirm=True)
+
+            await hub.kill()
+            with trio.fail_after(10):
+                while worker.health().connected or producer.health().connected:
+                    await trio.sleep(0.05)
+            assert worker.state == "reconnecting"
+
+            async with trio.open_nursery() as nursery:
+                # Published during the outage: it waits, then goes to the new hub once the
+                # worker has resubscribed (a reconnect restores subscriptions first, then
+                # flushes), so the worker receives its own message exactly once. Pub/sub
+                # keeps no backlog: a subscriber must be connected to receive.
+                nursery.start_soon(lambda: worker.publish("jobs.during", 2, confirm=True))
+                await trio.sleep(1.0)
+                assert worker.health().waiting_publishes == 1
+                await hub.start()
+                with trio.fail_after(20):
+                    await worker.wait_connected()
+                    await producer.wait_connected()
+            await producer.publish("jobs.after", 3, confirm=True)
+            with trio.fail_after(5):
+                while len(received) < 3:
+                    await trio.sleep(0.05)
+            await trio.sleep(0.5)
+            assert sorted(received) == [1, 2, 3]
+            assert len(reconnects) == 1
+            assert worker.health().total_reconnects >= 1
+            table = {r.agent_id: r.status for r in await worker.presence()}
+            assert table == {"worker": "online", "producer": "online"}
+        assert await hub.terminate() == 0
+    finally:
+        await hub.aclose()
+    with Registry.open(db) as registry:
+        history = [(h.status, h.reason) for h in reversed(registry.presence_history("acme", "worker"))]
+    # online, the outage the restarted hub recorded, online again, and the graceful leave.
+    assert history == [("online", "connected"), ("offline", "disconnected"),
+                       ("online", "connected"), ("offline", "left")]  # fmt: skip
+
+
+async def test_frozen_hub_is_detected_at_the_ack_timeout(tmp_path: Path) -> None:
+    db = tmp_path / "hub.db"
+    keys = register(db, "acme", "worker")
+    hub = HubProcess(db)
+    try:
+        await hub.start()
+        async with open_agent(
+            url=hub.url, organization_id="acme", agent_id="worker", private_key=keys["worker"],
+            heartbeat_interval=0.5, heartbeat_timeout_multiplier=3.0, backoff=FAST_BACKOFF,
+        ) as agent:  # fmt: skip
+            await trio.sleep(1.2)
+            hub.signal(signal.SIGSTOP)  # the socket stays open; nothing answers
+            health = agent.health()
+            assert health.seconds_since_ack is not None
+            last_ack = trio.current_time() - health.seconds_since_ack
+            with trio.fail_after(10):
+                while agent.health().connected:
+                    await trio.sleep(0.01)
+            detected = trio.current_time() - last_ack
+            assert 1.5 <= detected < 1.7  # interval 0.5 x multiplier 3.0
+            hub.signal(signal.SIGCONT)
+            with trio.fail_after(20):
+                await agent.wait_connected()
+    finally:
+        hub.signal(signal.SIGCONT)
+        await hub.aclose()
