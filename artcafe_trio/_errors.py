@@ -49,9 +49,9 @@ class ProtocolError(ArtcafeError):
 class KeyLoadError(ArtcafeError):
     """A private or public key could not be loaded, parsed or used.
 
-    ``reason`` is one of: ``missing_file``, ``unreadable_format``,
-    ``password_required``, ``wrong_password``, ``unsupported_key_type``,
-    ``rsa_key_too_small``.
+    ``reason`` is one of: ``missing_file``, ``unreadable_file``,
+    ``unreadable_format``, ``password_required``, ``wrong_password``,
+    ``unsupported_key_type``, ``rsa_key_too_small``, ``missing_dependency``.
     """
 
     def __init__(self, reason: str, message: str) -> None:

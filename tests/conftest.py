@@ -110,7 +110,8 @@ async def raw_connect(
 
 @pytest.fixture
 async def test_hub() -> AsyncIterator[TestHub]:
-    async with open_test_hub(disconnect_grace=5.0) as hub:
+    # Raw test clients often stop reading; a short close_timeout keeps teardown quick.
+    async with open_test_hub(disconnect_grace=5.0, close_timeout=0.5) as hub:
         yield hub
 
 
