@@ -40,6 +40,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from ._backoff import Backoff
 from ._errors import (
     AgentClosed,
+    ArtcafeError,
     AuthenticationError,
     ConnectionLost,
     HubError,
@@ -128,7 +129,7 @@ class _Pending:
 
     __slots__ = (
         "acked", "data", "error", "id", "message_id", "reply_to", "reply_token", "sent",
-        "subject", "text",
+        "subject", "text", "transmitted",
     )  # fmt: skip
 
     def __init__(
@@ -146,10 +147,11 @@ class _Pending:
         self.reply_to = reply_to
         self.reply_token = reply_token
         self.text: str | None = None
+        self.transmitted = False  # written to a connection at least once
         self.sent = trio.Event()
         self.acked = trio.Event()
         self.message_id: str | None = None
-        self.error: HubError | None = None
+        self.error: ArtcafeError | None = None
 
 
 class _Subscription:
@@ -190,9 +192,10 @@ class _Connection:
 class _Waiter:
     """Waits for the hub's answer to one request frame (subscribe, unsubscribe, presence)."""
 
-    def __init__(self) -> None:
+    def __init__(self, conn: _Connection) -> None:
+        self.conn = conn
         self.event = trio.Event()
-        self.frame: Frame | None = None
+        self.frame: Frame | None = None  # None after the event: the connection was lost
 
 
 def _iso(moment: float | None) -> datetime.datetime | None:
@@ -345,8 +348,8 @@ class Agent:
         validate_pattern(pattern)
         sub = self._add_handler(pattern, handler)
         while self._conn is not None and sub.confirmed_on is not self._conn:
-            conn = self._conn
-            await self._confirm_subscription(conn, sub)
+            with contextlib.suppress(ConnectionLost):  # the next connection resubscribes
+                await self._confirm_subscription(self._conn, sub)
 
     async def unsubscribe(self, pattern: str, handler: Handler | None = None) -> None:
         """Remove ``handler`` (or every handler) for ``pattern``; tell the hub when none is left."""
@@ -360,7 +363,10 @@ class Agent:
         sub.send_channel.close()
         conn = self._conn
         if conn is not None and sub.confirmed_on is conn:
-            answer = await self._request(conn, Unsubscribe(id=self._next_id(), subject=pattern))
+            try:
+                answer = await self._request(conn, Unsubscribe(id=self._next_id(), subject=pattern))
+            except ConnectionLost:
+                return  # the next connection will not resubscribe it
             if isinstance(answer, Error):
                 raise HubError(answer.code, answer.message)
 
@@ -429,7 +435,10 @@ class Agent:
         """The hub's presence table for this agent's tenant."""
         while True:
             conn = await self._wait_connection()
-            answer = await self._request(conn, PresenceQuery(id=self._next_id()))
+            try:
+                answer = await self._request(conn, PresenceQuery(id=self._next_id()))
+            except ConnectionLost:
+                continue  # ask again on the next connection
             if isinstance(answer, PresenceState):
                 return list(answer.agents)
             if isinstance(answer, Error):
@@ -540,6 +549,8 @@ class Agent:
     async def _wait_sent(self, pending: _Pending) -> None:
         try:
             await pending.sent.wait()
+            if not pending.transmitted and pending.error is not None:
+                raise pending.error
         except BaseException:
             if not pending.sent.is_set() and self._pending.pop(pending.id, None) is not None:
                 # Withdrawn before it reached the hub: not accepted, nothing lost.
@@ -558,7 +569,9 @@ class Agent:
             Publish(subject=pending.subject, data=pending.data, id=pending.id, reply_to=reply_to)
         )
 
-    def _acknowledge(self, frame_id: str, message_id: str | None, error: HubError | None) -> bool:
+    def _acknowledge(
+        self, frame_id: str, message_id: str | None, error: ArtcafeError | None
+    ) -> bool:
         pending = self._pending.pop(frame_id, None)
         if pending is None:
             return False
@@ -569,7 +582,7 @@ class Agent:
         self._publish_slots.release()
         if not self._pending:
             self._flushed.set()
-        if error is not None:
+        if isinstance(error, HubError):
             log.error("publish to %r refused by the hub: %s", pending.subject, error)
         return True
 
@@ -684,6 +697,9 @@ class Agent:
                 finally:
                     self._conn = None
                     self._connected = trio.Event()
+                    for waiter in self._waiters.values():
+                        if waiter.conn is conn:
+                            waiter.event.set()  # its answer will never come
                     self._conn_proved_healthy = conn.proved_healthy
                     if not self._closed:
                         self._state = "reconnecting"
@@ -796,11 +812,12 @@ class Agent:
             await self._send(conn, encode(Heartbeat(seq=seq)))
             await trio.sleep(interval)
 
-    async def _send(self, conn: _Connection, text: str) -> None:
+    async def _send(self, conn: _Connection, text: str, *, park_when_closing: bool = True) -> None:
         try:
             await conn.ws.send_message(text)
         except ConnectionClosed as exc:
-            await self._unless_closing()
+            if park_when_closing:
+                await self._unless_closing()
             raise _lost(exc) from None
 
     async def _unless_closing(self) -> None:
@@ -818,6 +835,7 @@ class Agent:
                     continue
                 await self._send(conn, self._publish_text(pending, conn))
                 self._messages_out += 1
+                pending.transmitted = True
                 pending.sent.set()
             await self._unsent_changed.wait()
 
@@ -845,13 +863,14 @@ class Agent:
         self, conn: _Connection, frame: Subscribe | Unsubscribe | PresenceQuery
     ) -> Frame:
         """Send a frame with an id and wait for the hub's answer to it."""
-        waiter = self._waiters[frame.id] = _Waiter()
+        waiter = self._waiters[frame.id] = _Waiter(conn)
         try:
-            await self._send(conn, encode(frame))
+            await self._send(conn, encode(frame), park_when_closing=False)
             await waiter.event.wait()
         finally:
             del self._waiters[frame.id]
-        assert waiter.frame is not None
+        if waiter.frame is None:
+            raise ConnectionLost("the connection was lost before the hub answered")
         return waiter.frame
 
     async def _wait_connection(self) -> _Connection:
@@ -1070,6 +1089,8 @@ class Agent:
                     self.agent_id,
                     len(self._pending),
                 )
+                for frame_id in list(self._pending):
+                    self._acknowledge(frame_id, None, AgentClosed("the agent stopped first"))
             conn = self._conn
             if conn is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(1):

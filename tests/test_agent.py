@@ -655,3 +655,49 @@ async def test_over_real_sockets() -> None:
                     await agent.publish("ping", 1, confirm=True)
                     await got.wait()
                 assert agent.state == "closed"
+
+
+async def test_presence_query_survives_a_connection_lost_before_the_answer(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = test_hub.hub
+    handle_frame = hub._handle_frame
+    dropped = 0
+
+    def lose_first_query(session: Any, frame: Any) -> None:
+        nonlocal dropped
+        if frame.type == "presence_query" and not dropped:
+            dropped += 1
+            session.close(1012, "restart")  # the answer never comes on this connection
+            return
+        handle_frame(session, frame)
+
+    monkeypatch.setattr(hub, "_handle_frame", lose_first_query)
+    async with test_hub.open_agent("a1") as agent:
+        with trio.fail_after(30):
+            table = await agent.presence()
+        assert [r.agent_id for r in table] == ["a1"]
+        assert dropped == 1
+        assert agent.health().total_reconnects == 1
+
+
+async def test_publish_waiting_when_the_agent_stops_raises_agent_closed(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    outcome: list[BaseException] = []
+
+    async def publish_from_outside(agent: Any) -> None:
+        try:
+            await agent.publish("x", 1)
+        except AgentClosed as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        async with test_hub.open_agent("a1", stop_timeout=2) as agent:
+            test_hub.go_down()
+            await trio.sleep(0.01)
+            nursery.start_soon(publish_from_outside, agent)
+            await trio.sleep(1)
+            assert agent.health().waiting_publishes == 1
+    assert len(outcome) == 1
+    assert agent.health().waiting_publishes == 0

@@ -651,6 +651,7 @@ def test_publish_listen_and_watch(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_status_over_tls(tmp_path: Path) -> None:
     import trustme
+
     ca = trustme.CA()
     server = tmp_path / "server.pem"
     ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(server))

@@ -77,7 +77,9 @@ async def test_agent_survives_hub_sigkill_and_restart(tmp_path: Path) -> None:
     finally:
         await hub.aclose()
     with Registry.open(db) as registry:
-        history = [(h.status, h.reason) for h in reversed(registry.presence_history("acme", "worker"))]
+        history = [
+            (h.status, h.reason) for h in reversed(registry.presence_history("acme", "worker"))
+        ]
     # online, the outage the restarted hub recorded, online again, and the graceful leave.
     assert history == [("online", "connected"), ("offline", "disconnected"),
                        ("online", "connected"), ("offline", "left")]  # fmt: skip

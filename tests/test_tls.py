@@ -49,7 +49,9 @@ async def test_agent_refuses_a_hub_whose_certificate_does_not_verify(ca: trustme
         key = TestHub(hub).register("acme", "a1")
         start = trio.current_time()
         with pytest.raises(AuthenticationError) as info:  # the system trust store lacks our CA
-            async with open_agent(url=hub.url, organization_id="acme", agent_id="a1", private_key=key):
+            async with open_agent(
+                url=hub.url, organization_id="acme", agent_id="a1", private_key=key
+            ):
                 pytest.fail("must not connect")
         assert info.value.code == "hub_certificate_invalid"
         assert "certificate" in str(info.value)
