@@ -781,8 +781,7 @@ class Agent:
         self._heartbeat_sent.clear()
         nursery.start_soon(self._receiver, conn)
         # Restore, in order: subscriptions (confirmed), waiting publishes, callbacks, heartbeats.
-        for sub in list(self._subscriptions.values()):
-            await self._confirm_subscription(conn, sub)
+        await self._confirm_subscriptions(conn)
         self._unsent = collections.deque(self._pending.values())
         self._unsent_changed.set()
         nursery.start_soon(self._sender, conn)
@@ -842,13 +841,18 @@ class Agent:
     async def _subscriber(self, conn: _Connection) -> None:
         while True:
             self._subscriptions_changed = trio.Event()
-            for sub in list(self._subscriptions.values()):
-                if sub.confirmed_on is not conn:
-                    try:
-                        await self._confirm_subscription(conn, sub)
-                    except HubError as exc:
-                        log.error("subscription to %r refused: %s", sub.pattern, exc)
+            await self._confirm_subscriptions(conn)
             await self._subscriptions_changed.wait()
+
+    async def _confirm_subscriptions(self, conn: _Connection) -> None:
+        """Subscribe, and wait for the hub to confirm, every pattern not yet confirmed on
+        ``conn``. A refused pattern is logged and dropped (``subscribe()`` raises instead)."""
+        for sub in list(self._subscriptions.values()):
+            if sub.confirmed_on is not conn:
+                try:
+                    await self._confirm_subscription(conn, sub)
+                except HubError as exc:
+                    log.error("subscription to %r refused by the hub: %s", sub.pattern, exc)
 
     async def _confirm_subscription(self, conn: _Connection, sub: _Subscription) -> None:
         answer = await self._request(conn, Subscribe(id=self._next_id(), subject=sub.pattern))
