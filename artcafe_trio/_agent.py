@@ -113,7 +113,7 @@ class AgentHealth:
     rtt: float | None
     rtt_smoothed: float | None
     reconnect_attempts: int
-    total_reconnects: int
+    total_reconnects: int  # successful reconnections since the agent started
     next_retry_in: float | None
     waiting_publishes: int
     messages_in: int
@@ -665,7 +665,6 @@ class Agent:
                     self._failures, trio.current_time() - loss_started, last_cause
                 ) from last_cause
             self._failures += 1
-            self._total_reconnects += 1
             log.warning(
                 "%s/%s: connection lost (%s); reconnect attempt %d%s in %.2f s",
                 self.tenant_id,
@@ -703,7 +702,9 @@ class Agent:
                     self._conn_proved_healthy = conn.proved_healthy
                     if not self._closed:
                         self._state = "reconnecting"
-                    with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    # A hub judged unresponsive gets no time for a close handshake.
+                    patience = 0 if self._watchdog_fired(conn) else 1
+                    with trio.CancelScope(shield=True), trio.move_on_after(patience):
                         await ws.aclose(1000 if self._closed else 1001, "agent reconnecting")
         # The nursery ended without an error: its cancel scope was cancelled.
         if conn is not None and self._watchdog_fired(conn):
@@ -792,12 +793,12 @@ class Agent:
         self._connected.set()
         reconnected = self._ever_connected.is_set()
         self._ever_connected.set()
+        if reconnected:
+            self._total_reconnects += 1
         log.info("%s/%s connected (session %s)", self.tenant_id, self.agent_id, conn.session_id)
         if reconnected:
             for callback in list(self._on_reconnect):
-                result = callback()
-                if inspect.isawaitable(result):
-                    await result
+                await self._call_user(callback, (), f"on_reconnect callback {callback!r}")
         if welcome.heartbeat_interval is not None:
             await self._heartbeat(conn, welcome.heartbeat_interval)
         else:
@@ -990,20 +991,26 @@ class Agent:
 
     async def _call_handlers(self, sub: _Subscription, message: Message) -> None:
         for handler, wants_message in list(sub.handlers):
-            try:
-                if wants_message:
-                    result = handler(message.subject, message.data, message)
-                else:
-                    result = handler(message.subject, message.data)
-                if inspect.isawaitable(result):
-                    await result
-            except Exception:
-                self._handler_errors += 1
-                log.exception(
-                    "handler %r for %r failed on %r", handler, sub.pattern, message.subject
-                )
-                if self._raise_handler_errors:
-                    raise
+            args: tuple[Any, ...] = (message.subject, message.data)
+            if wants_message:
+                args += (message,)
+            what = f"handler {handler!r} for {sub.pattern!r} on {message.subject!r}"
+            await self._call_user(handler, args, what)
+
+    async def _call_user(
+        self, function: Callable[..., Any], args: tuple[Any, ...], what: str
+    ) -> None:
+        """Call a user's sync or async function; its exception is logged with its traceback
+        and counted, and re-raised only with ``raise_handler_errors``."""
+        try:
+            result = function(*args)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            self._handler_errors += 1
+            log.exception("%s failed", what)
+            if self._raise_handler_errors:
+                raise
 
     # --- lifecycle -----------------------------------------------------------------------
 
@@ -1064,7 +1071,7 @@ class Agent:
     async def _graceful_stop(self, *, quick: bool) -> None:
         """Stop taking messages, let handlers finish, flush publishes, leave, close.
 
-        Each step is bounded by ``stop_timeout``. When the block was cancelled
+        All the waiting together is bounded by ``stop_timeout``. When the block was cancelled
         from outside (``quick``), only the one-second ``leave`` is attempted;
         the caller re-raises the ``Cancelled``.
         """
@@ -1106,9 +1113,26 @@ def _lost(exc: ConnectionClosed) -> ConnectionLost:
     reason = exc.reason
     code = getattr(reason, "code", None)
     text = getattr(reason, "reason", None) or ""
-    return ConnectionLost(
-        f"the hub closed the connection ({code} {text})".rstrip(), code=code, reason=text
-    )
+    if code == 1006:  # no close frame: a reset, an EOF, or our own side gave up
+        message = "connection lost without a close frame (1006)"
+    else:
+        message = f"the hub closed the connection ({code}{' ' + text if text else ''})"
+    return ConnectionLost(message, code=code, reason=text)
+
+
+class _Unset:
+    pass
+
+
+_UNSET = _Unset()
+
+
+def _backoff_policy(backoff: Backoff | None, max_attempts: int | _Unset | None) -> Backoff:
+    """``max_reconnect_attempts`` when given, else the policy's own ``max_attempts``."""
+    policy = backoff or Backoff()
+    if isinstance(max_attempts, _Unset):
+        return policy
+    return attrs.evolve(policy, max_attempts=max_attempts)
 
 
 def _resolve_tenant(organization_id: str | None, tenant_id: str | None) -> str:
@@ -1132,7 +1156,7 @@ def build_agent(
     heartbeat_interval: float | None = 30.0,
     heartbeat_timeout_multiplier: float = 3.0,
     auto_reconnect: bool = True,
-    max_reconnect_attempts: int | None = 10,
+    max_reconnect_attempts: int | _Unset | None = _UNSET,
     backoff: Backoff | None = None,
     **options: Any,
 ) -> Agent:
@@ -1152,7 +1176,7 @@ def build_agent(
         heartbeat_interval=heartbeat_interval,
         heartbeat_timeout_multiplier=heartbeat_timeout_multiplier,
         auto_reconnect=auto_reconnect,
-        backoff=attrs.evolve(backoff or Backoff(), max_attempts=max_reconnect_attempts),
+        backoff=_backoff_policy(backoff, max_reconnect_attempts),
         **options,
     )
 

@@ -892,10 +892,22 @@ def build_parser() -> argparse.ArgumentParser:
     listen.set_defaults(handler=_cmd_listen)
 
     # demo
-    demo = commands.add_parser("demo", help="a self-contained demonstration")
-    demo.add_argument("--duration", type=_positive_float, default=None, metavar="S")
-    demo.add_argument("--agents", type=_positive_int, default=3, metavar="N")
-    demo.add_argument("--interval", type=_positive_float, default=1.0, metavar="S")
+    demo = commands.add_parser(
+        "demo",
+        help="a hub and agents in one process: staged failures, measured detection times",
+    )
+    demo.add_argument(
+        "--duration", type=_positive_float, default=None, metavar="S",
+        help="total seconds (default: about 25 at --interval 1; never shorter than the stages)",
+    )  # fmt: skip
+    demo.add_argument(
+        "--agents", type=_positive_int, default=3, metavar="N",
+        help="plain workers besides the staged ones (default 3, at most 100)",
+    )  # fmt: skip
+    demo.add_argument(
+        "--interval", type=_positive_float, default=1.0, metavar="S",
+        help="heartbeat interval in seconds, 0.1 to 10 (default 1.0; timeout = 3 x interval)",
+    )  # fmt: skip
     demo.set_defaults(handler=_cmd_demo)
 
     parser.set_defaults(handler=lambda _args: _print_help(parser))

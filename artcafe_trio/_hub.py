@@ -619,7 +619,13 @@ class Hub:
                 await ws.aclose(code, reason)
 
     async def _refuse_auth(
-        self, ws: WebSocketConnection, remote: str, code: str, message: str, close: int
+        self,
+        ws: WebSocketConnection,
+        remote: str,
+        code: str,
+        message: str,
+        close: int,
+        who: str = "admin",
     ) -> None:
         """Answer a failed authentication, slowed down for repeat offenders."""
         self.stats.auth_failures += 1
@@ -634,7 +640,7 @@ class Hub:
         extra = failures - self.config.auth_failures_free
         if extra > 0:
             await trio.sleep(min(self.config.auth_failure_delay_cap, 0.25 * 2 ** (extra - 1)))
-        log.warning("authentication refused for %s: %s", remote, code)
+        log.warning("authentication refused for %s from %s: %s", who, remote, code)
         await ws.send_message(encode(Error(code=code, message=message, fatal=True)))
         await ws.aclose(close, message)
 
@@ -708,6 +714,7 @@ class Hub:
             await self._refuse_auth(
                 ws, remote, "unsupported_protocol",
                 f"this hub speaks protocol {PROTOCOL_VERSION}", CloseCode.PROTOCOL_VIOLATION,
+                who=f"{frame.tenant_id}/{frame.agent_id}",
             )  # fmt: skip
             return None
         # Unknown agent, wrong tenant, mismatched ids and bad signatures all answer alike.
@@ -720,6 +727,7 @@ class Hub:
             await self._refuse_auth(
                 ws, remote, "authentication_failed",
                 "unknown agent or signature does not verify", CloseCode.AUTHENTICATION_FAILED,
+                who=f"{frame.tenant_id}/{frame.agent_id} (path {tenant_id}/{agent_id})",
             )  # fmt: skip
             return None
         self._auth_failures.pop(remote, None)
@@ -778,8 +786,6 @@ class Hub:
     def _detach(self, session: _Session) -> None:
         """Forget a finished session; start the disconnect grace unless it left or was replaced."""
         session.ended = True
-        if not session.closing:
-            session.close_reason = "connection lost"
         self._sessions_by_id.pop(session.session_id, None)
         if not self._sessions_by_id:
             self._sessions_gone.set()
@@ -833,7 +839,10 @@ class Hub:
                         session.scope.cancel()
         finally:
             self._detach(session)
-            log.info("%r closed: %d %s", session, session.close_code, session.close_reason or "-")
+            if session.closing:
+                log.info("%r closed: %d %s", session, session.close_code, session.close_reason)
+            else:
+                log.info("%r connection lost", session)
 
     async def _writer(self, session: _Session) -> None:
         try:

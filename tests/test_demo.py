@@ -1,0 +1,221 @@
+"""``artcafe-trio demo``: end to end over real sockets, and its pure helpers."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import re
+
+import pytest
+
+from artcafe_trio import _cli, _demo
+from artcafe_trio._demo import EARLY, LATE, Check, judge, make_plan
+
+SUMMARY_ROW = re.compile(
+    r"^  (?P<verdict>ok|FAILED)\s+(?P<event>\S.*?)\s{2,}(?P<expected>\S.*?)\s{2,}"
+    r"(?P<measured>[\d.]+)(?: s)?$"
+)
+
+
+def _summary_rows(out: str) -> dict[str, tuple[str, str, float]]:
+    rows = {}
+    for line in out.splitlines():
+        match = SUMMARY_ROW.match(line)
+        if match:
+            rows[match["event"]] = (match["verdict"], match["expected"], float(match["measured"]))
+    return rows
+
+
+def test_demo_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
+    """The whole demo through the CLI, with real TCP, short heartbeats (about 10 s)."""
+    code = _cli.main(["demo", "--duration", "10", "--agents", "2", "--interval", "0.5"])
+    captured = capsys.readouterr()
+    out = captured.out
+    assert code == 0, out + captured.err
+    assert "\x1b" not in out  # not a terminal: plain lines only, no ANSI
+    assert "Traceback" not in out + captured.err
+
+    # The monitor alerted on each offline event, with the agent and the reason.
+    alerts = re.findall(r"ALERT\s+(\S+) is offline: (\w+)", out)
+    assert alerts == [
+        ("hung-worker", "timeout"),
+        ("flaky-worker", "disconnected"),
+        ("leaving-worker", "left"),
+    ]
+    for line in out.splitlines():  # event lines are timestamped
+        if " is offline: " in line:
+            assert re.match(r"^\s+\d+\.\d\ds  ALERT ", line), line
+
+    # The summary: each staged event, its expectation, the measured time, within tolerance.
+    rows = _summary_rows(out)
+    timeout, grace = 0.5 * 3, 0.5 * 2
+    verdict, expected, measured = rows["hang: hub says hung-worker offline"]
+    assert verdict == "ok" and "timeout" in expected
+    assert timeout - EARLY <= measured <= timeout + LATE
+    verdict, expected, measured = rows["hang: hung-worker's own ACK watchdog"]
+    assert verdict == "ok"
+    assert timeout - EARLY <= measured <= timeout + LATE
+    verdict, expected, measured = rows["blip: no flap"]
+    assert verdict == "ok" and "grace" in expected
+    assert 0 <= measured <= grace
+    verdict, expected, measured = rows["outage: hub says flaky-worker offline"]
+    assert verdict == "ok" and "disconnected" in expected
+    assert grace - EARLY <= measured <= grace + LATE
+    verdict, _, measured = rows["outage: flaky-worker back online"]
+    assert verdict == "ok"
+    verdict, expected, measured = rows["leave: hub says leaving-worker offline"]
+    assert verdict == "ok" and "left" in expected
+    assert 0 <= measured <= LATE
+    verdict, _, measured = rows["monitor: one ALERT per offline"]
+    assert verdict == "ok" and measured == 3
+    assert all(verdict == "ok" for verdict, _, _ in rows.values())
+    assert len(rows) == 8
+    assert "All 8 expectations met" in out
+    assert "FAILED" not in out
+
+
+# --------------------------------------------------------------------------- the judgement
+
+
+def _check(measured: float | None, **fields: object) -> Check:
+    values: dict[str, object] = {
+        "event": "hang: hub says hung-worker offline",
+        "expectation": "timeout, 3.00 s after its last frame",
+        "low": 3.0 - EARLY,
+        "high": 3.0 + LATE,
+        "measured": measured,
+    }
+    values.update(fields)
+    return Check(**values)  # type: ignore[arg-type]
+
+
+def test_judge_all_met() -> None:
+    code, lines = judge([_check(3.004), _check(0.2, event="leave", low=0.0, high=1.0)])
+    assert code == 0
+    assert lines[-1].startswith("All 2 expectations met")
+    assert not any("FAILED" in line for line in lines)
+    assert not any("\x1b" in line for line in lines)
+
+
+def test_judge_late_detection_fails_with_a_clear_line() -> None:
+    code, lines = judge([_check(5.21), _check(0.2, event="leave", low=0.0, high=1.0)])
+    assert code == 1
+    failures = [line for line in lines if line.startswith("FAILED:")]
+    assert failures == [
+        "FAILED: hang: hub says hung-worker offline: measured 5.210 s, "
+        "expected timeout, 3.00 s after its last frame (2.90..4.00 s)"
+    ]
+    assert lines[-1] == "1 of 2 expectations not met (exit 1)."
+
+
+def test_judge_early_detection_fails() -> None:
+    code, _ = judge([_check(2.5)])  # offline too early would be a flap
+    assert code == 1
+
+
+def test_judge_not_observed_fails() -> None:
+    code, lines = judge([_check(None)])
+    assert code == 1
+    assert any("not observed" in line and "not seen" not in line for line in lines)
+    assert any(line.rstrip().endswith("not seen") for line in lines)
+
+
+def test_judge_problem_fails_whatever_was_measured() -> None:
+    code, lines = judge([_check(3.0, problem="reason was 'disconnected', expected 'timeout'")])
+    assert code == 1
+    assert "FAILED: hang: hub says hung-worker offline: reason was 'disconnected'" in "\n".join(
+        lines
+    )
+
+
+def test_judge_counts_and_nothing_checked() -> None:
+    alerts = _check(2, event="alerts", expectation="3 ALERTs", low=3, high=3, unit="")
+    code, lines = judge([alerts])
+    assert code == 1
+    assert "FAILED: alerts: measured 2, expected 3 ALERTs (3)" in lines
+    assert judge([])[0] == 1
+
+
+def test_judge_colour_only_when_asked() -> None:
+    _, plain = judge([_check(3.0)])
+    _, coloured = judge([_check(3.0)], color=True)
+    assert not any("\x1b" in line for line in plain)
+    assert any("\x1b[" in line for line in coloured)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def test_default_plan_takes_20_to_30_seconds() -> None:
+    plan = make_plan(None, 3, 1.0)
+    assert 20 <= plan.duration <= 30
+    assert plan.timeout == 3.0 and plan.grace == 2.0
+    assert not plan.stretched
+    assert plan.pause >= _demo.DEFAULT_PAUSE - 1e-9
+
+
+def test_plan_fits_a_requested_duration() -> None:
+    plan = make_plan(40, 3, 1.0)
+    assert plan.duration == 40 and not plan.stretched
+    assert plan.pause > _demo.DEFAULT_PAUSE
+    busy = sum(_demo.stage_estimates(1.0).values())
+    assert busy + 5 * plan.pause == pytest.approx(40)
+
+
+def test_plan_stretches_a_duration_too_short_for_the_stages() -> None:
+    plan = make_plan(2, 3, 1.0)
+    assert plan.stretched
+    assert plan.duration > 2
+    assert plan.pause == pytest.approx(_demo.MIN_PAUSE)
+
+
+@pytest.mark.parametrize(
+    ("duration", "agents", "interval", "message"),
+    [
+        (None, 3, 0.01, "--interval"),
+        (None, 3, 60.0, "--interval"),
+        (None, 0, 1.0, "--agents"),
+        (None, 1000, 1.0, "--agents"),
+        (-1.0, 3, 1.0, "--duration"),
+    ],
+)
+def test_bad_options_are_usage_errors(
+    capsys: pytest.CaptureFixture[str],
+    duration: float | None,
+    agents: int,
+    interval: float,
+    message: str,
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_plan(duration, agents, interval)
+    args = argparse.Namespace(duration=duration, agents=agents, interval=interval)
+    assert _demo.main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- output
+
+
+@pytest.mark.parametrize("width", [80, 100, 140])
+def test_table_layout_fits_the_terminal(width: int) -> None:
+    layout = _demo._layout(width)
+    header = layout.row({c.name: c.name for c in layout.columns})
+    assert len(header) <= width
+    assert len(layout.groups("-")) <= width
+    assert ("TASKS" in header) == (width >= 100)
+
+
+def test_plain_output_prints_events_at_once_and_live_output_does_not() -> None:
+    plain = io.StringIO()
+    out = _demo._Output(plain, live=False, color=False)
+    out.event("ALERT", "hung-worker is offline: timeout")
+    assert re.match(r"^\s+\d+\.\d\ds  ALERT   hung-worker is offline: timeout\n$", plain.getvalue())
+
+    screen = io.StringIO()
+    live = _demo._Output(screen, live=True, color=True)
+    live.event("ALERT", "hung-worker is offline: timeout")
+    assert screen.getvalue() == ""  # drawn by the next redraw, not scribbled over the screen
+    live.enter_screen()
+    live.leave_screen()
+    live.leave_screen()  # idempotent
+    assert screen.getvalue() == "\x1b[?1049h\x1b[?25l\x1b[H\x1b[2J\x1b[?25h\x1b[?1049l"
