@@ -283,6 +283,7 @@ class Agent:
         self._closed = False  # no more publishing; the supervisor will not reconnect
         self._stop_early = False
         self._body_scope: trio.CancelScope | None = None
+        self._entry_scope = trio.CancelScope()
         self._nursery: trio.Nursery | None = None
         self._dispatch_nursery: trio.Nursery | None = None
         self._dispatch_stop = trio.Event()
@@ -502,6 +503,7 @@ class Agent:
             self._body_scope.cancel()
         else:
             self._stop_early = True
+            self._entry_scope.cancel()
 
     # --- registration ----------------------------------------------------------
 
@@ -826,6 +828,7 @@ class Agent:
         if self._closed:
             await trio.sleep_forever()
 
+    @trio.lowlevel.enable_ki_protection
     async def _sender(self, conn: _Connection) -> None:
         while True:
             self._unsent_changed = trio.Event()
@@ -839,6 +842,7 @@ class Agent:
                 pending.sent.set()
             await self._unsent_changed.wait()
 
+    @trio.lowlevel.enable_ki_protection
     async def _subscriber(self, conn: _Connection) -> None:
         while True:
             self._subscriptions_changed = trio.Event()
@@ -887,6 +891,7 @@ class Agent:
 
     # --- receiving ---------------------------------------------------------------
 
+    @trio.lowlevel.enable_ki_protection
     async def _receiver(self, conn: _Connection) -> None:
         while True:
             frame = await self._receive_frame(conn.ws)
@@ -971,6 +976,7 @@ class Agent:
             sub.dispatching = True
             self._dispatch_nursery.start_soon(self._dispatch, sub)
 
+    @trio.lowlevel.enable_ki_protection
     async def _dispatch(self, sub: _Subscription) -> None:
         slots = trio.Semaphore(self._max_concurrent)
         async with trio.open_nursery() as concurrent:
@@ -1026,7 +1032,14 @@ class Agent:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self._run_internals, internals)
-                await self._ever_connected.wait()
+                try:
+                    # stop() or an outside cancellation may end the wait for a first
+                    # connection; the shielded internals must then be stopped by hand.
+                    with self._entry_scope:
+                        await self._ever_connected.wait()
+                except BaseException:
+                    internals.cancel()
+                    raise
                 cancelled_from_outside = False
                 try:
                     with trio.CancelScope() as self._body_scope:
@@ -1041,6 +1054,7 @@ class Agent:
                         await self._graceful_stop(quick=cancelled_from_outside)
                     internals.cancel()
 
+    @trio.lowlevel.enable_ki_protection
     async def _run_internals(
         self, scope: trio.CancelScope, task_status: trio.TaskStatus[None]
     ) -> None:
@@ -1050,12 +1064,14 @@ class Agent:
                 internals.start_soon(self._supervise_and_close)
                 task_status.started()
 
+    @trio.lowlevel.enable_ki_protection
     async def _supervise_and_close(self) -> None:
         try:
             await self._supervise()
         finally:
             self._state = "closed"
 
+    @trio.lowlevel.enable_ki_protection
     async def _run_dispatch(self, task_status: trio.TaskStatus[None]) -> None:
         try:
             async with trio.open_nursery() as dispatch:

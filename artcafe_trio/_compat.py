@@ -9,12 +9,15 @@ heartbeat-ACK deadlines, jittered backoff and loud give-up.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from ._agent import Agent, AgentHealth, Handler, build_agent
+from ._util import collapse_exception_groups
 
 __all__ = ["HeartbeatAgent", "SimpleAgent"]
 
@@ -80,12 +83,32 @@ class HeartbeatAgent:
         return await self._agent.publish(subject, data, **kwargs)
 
     async def run(self) -> None:
-        """Connect and serve until :meth:`stop` (returns), or raise ``ReconnectFailed``/
-        ``AuthenticationError``. Ctrl+C leaves gracefully and propagates."""
+        """Connect and serve until :meth:`stop` or SIGTERM (returns), Ctrl+C (leaves
+        gracefully, then raises ``KeyboardInterrupt``), or ``ReconnectFailed`` /
+        ``AuthenticationError`` (raised)."""
         if type(self).run is HeartbeatAgent.run:
             await self.setup()
-        async with self._agent._running():
-            await trio.sleep_forever()
+        await self._serve()
+
+    async def _serve(self) -> None:
+        interrupted = False
+
+        async def stop_on_signals() -> None:
+            nonlocal interrupted
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    interrupted = interrupted or signum == signal.SIGINT
+                    self._agent.stop()
+
+        with collapse_exception_groups():
+            async with trio.open_nursery() as nursery:
+                if threading.current_thread() is threading.main_thread():
+                    nursery.start_soon(stop_on_signals)
+                async with self._agent._running():
+                    await trio.sleep_forever()
+                nursery.cancel_scope.cancel()
+        if interrupted:
+            raise KeyboardInterrupt
 
     async def stop(self) -> None:
         """Ask ``run()`` to finish: handlers complete, publishes flush, the agent leaves.
@@ -132,5 +155,4 @@ class SimpleAgent(HeartbeatAgent):
     async def run(self) -> None:
         if type(self).run is SimpleAgent.run:
             await self.setup()
-        async with self._agent._running():
-            await trio.sleep_forever()
+        await self._serve()

@@ -215,6 +215,7 @@ class _Session:
         )
         self.scope = trio.CancelScope()
         self.reader_scope = trio.CancelScope()
+        self.reading = True
         self.writing = False
         self.close_code = CloseCode.NORMAL
         self.close_reason = ""
@@ -835,7 +836,13 @@ class Hub:
                     nursery.start_soon(self._writer, session)
                     with session.reader_scope:
                         await self._reader(session)
-                    if not session.writing:
+                    # Reading is over (peer gone, left, or closed by the hub): the writer
+                    # may finish the frame it is writing, within close_timeout, no more.
+                    session.reading = False
+                    if session.writing:
+                        deadline = trio.current_time() + self.config.close_timeout
+                        session.scope.deadline = min(session.scope.deadline, deadline)
+                    else:
                         session.scope.cancel()
         finally:
             self._detach(session)
@@ -847,11 +854,13 @@ class Hub:
     async def _writer(self, session: _Session) -> None:
         try:
             async for text in session.outbox_receive:
-                if session.closing:
+                if session.closing or not session.reading:
                     break
                 session.writing = True
                 await session.ws.send_message(text)
                 session.writing = False
+                if not session.reading:
+                    break
         except ConnectionClosed:
             pass
         finally:

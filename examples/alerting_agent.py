@@ -16,8 +16,8 @@ PRIVATE_KEY_PATH, ARTCAFE_URL, HEARTBEAT_INTERVAL variables)::
     AGENT_ID=alerter ORGANIZATION_ID=acme PRIVATE_KEY_PATH=alerter.pem \\
         ALERT_COMMAND='notify-send "agent down"' python examples/alerting_agent.py
 
-Exit codes: 0 after Ctrl+C, 1 if the hub refused the key or stayed unreachable,
-2 for a configuration error.
+Exit codes: 0 after Ctrl+C or SIGTERM (the agent left the hub gracefully), 1 if
+the hub refused the key or stayed unreachable, 2 for a configuration error.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 from collections.abc import Mapping
 from typing import Any
 
@@ -118,7 +119,7 @@ class Alerter:
 
 
 async def watch(config: Config) -> None:
-    """Watch the tenant's presence until cancelled (or Ctrl+C)."""
+    """Watch the tenant's presence until Ctrl+C or SIGTERM (or cancelled)."""
     async with trio.open_nursery() as commands:
         alerter = Alerter(config, commands)
         async with open_agent(
@@ -135,7 +136,13 @@ async def watch(config: Config) -> None:
                 config.organization_id,
                 f" (already offline: {', '.join(offline)})" if offline else "",
             )
-            await trio.sleep_forever()
+            # Until Ctrl+C or SIGTERM; leaving the block leaves the hub gracefully. (The
+            # signal is caught rather than KeyboardInterrupt: trio may raise that inside
+            # the agent's own tasks, and then there is no connection to say goodbye on.)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("%s: stopping", signal.Signals(signum).name)
+                    break
 
 
 def _leaf(group: BaseExceptionGroup[Any]) -> BaseException:
@@ -159,8 +166,9 @@ async def main() -> int:
     exit_code = 0
     try:
         await watch(config)
-    except* KeyboardInterrupt:
-        log.info("interrupted: %s left the hub", config.agent_id)
+        log.info("stopped: %s left the hub", config.agent_id)
+    except* KeyboardInterrupt:  # a second Ctrl+C while stopping
+        exit_code = 130
     except* (AuthenticationError, ReconnectFailed) as failed:
         log.error("%s", _leaf(failed))
         exit_code = 1

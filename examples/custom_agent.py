@@ -18,14 +18,15 @@ and the answer appears on ``health.response`` (``artcafe-trio listen ... health.
 as a third agent shows it).
 
 Optional: HEARTBEAT_INTERVAL (seconds, default 30), LOG_LEVEL (default INFO).
-Exit codes: 0 after Ctrl+C, 1 if the hub refused the key or stayed unreachable,
-2 for a configuration error.
+Exit codes: 0 after Ctrl+C or SIGTERM (the agent left the hub gracefully), 1 if
+the hub refused the key or stayed unreachable, 2 for a configuration error.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Mapping
 from typing import Any
 
@@ -90,13 +91,35 @@ async def main() -> int:
         return 2
     exit_code = 0
     try:
-        await agent.run()
-    except* KeyboardInterrupt:
-        log.info("interrupted: %s left the hub", agent.agent_id)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_on_signals, agent)
+            await agent.run()  # returns once stop() was called
+            nursery.cancel_scope.cancel()
+        log.info("stopped: %s left the hub", agent.agent_id)
+    except* KeyboardInterrupt:  # a second Ctrl+C while stopping
+        exit_code = 130
     except* (AuthenticationError, ReconnectFailed) as failed:
-        log.error("%s", failed.exceptions[0])
+        log.error("%s", _leaf(failed))
         exit_code = 1
     return exit_code
+
+
+async def stop_on_signals(agent: HeartbeatAgent) -> None:
+    """Ctrl+C or SIGTERM: stop gracefully (the agent leaves the hub). Catching the signal
+    instead of ``KeyboardInterrupt``, which trio may raise inside the agent's own tasks."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("%s: stopping", signal.Signals(signum).name)
+            await agent.stop()
+            return
+
+
+def _leaf(group: BaseExceptionGroup[Any]) -> BaseException:
+    """The first exception inside a (possibly nested) exception group."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 if __name__ == "__main__":

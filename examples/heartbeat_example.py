@@ -18,9 +18,10 @@ Run it against a hub::
         ARTCAFE_URL=ws://127.0.0.1:8765 python examples/heartbeat_example.py
 
 Optional: HEARTBEAT_INTERVAL (seconds, default 30), STATUS_INTERVAL (default 60),
-LOG_LEVEL (default INFO). Exit codes: 0 after Ctrl+C or a ``stop`` command (the
-agent left the hub gracefully), 1 if the hub refused the key or stayed
-unreachable for 10 reconnect attempts, 2 for a configuration error.
+LOG_LEVEL (default INFO). Exit codes: 0 after Ctrl+C, SIGTERM or a ``stop``
+command (the agent left the hub gracefully), 1 if the hub refused the key or
+stayed unreachable for 10 reconnect attempts, 2 for a configuration error, 130
+for a second Ctrl+C that cuts the graceful stop short.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import signal
 from collections.abc import Mapping
 from typing import Any
 
@@ -116,13 +118,14 @@ class MonitoringAgent:
         """Serve until stopped, with the status reporter alongside the agent."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.report_status)
-            await self.agent.run()  # returns after a ``stop`` command
+            nursery.start_soon(stop_on_signals, self.agent)
+            await self.agent.run()  # returns after stop(): Ctrl+C, SIGTERM or a command
             nursery.cancel_scope.cancel()
 
     # --- handlers: called as handler(subject, data[, message]) -------------------
 
     async def on_health(self, subject: str, data: Any, message: Message) -> None:
-        health = {"agent_id": self.config.agent_id, "time": _now()}
+        health: dict[str, Any] = {"agent_id": self.config.agent_id, "time": _now()}
         health.update(self.agent.get_connection_health())
         await self._answer(message, health, otherwise="health.response")
 
@@ -190,6 +193,21 @@ class MonitoringAgent:
             return  # the agent is stopping
 
 
+async def stop_on_signals(agent: HeartbeatAgent) -> None:
+    """Ctrl+C (SIGINT) or SIGTERM: stop the agent gracefully (handlers finish, publishes
+    flush, it leaves the hub). A second Ctrl+C raises ``KeyboardInterrupt`` at once.
+
+    Catching the signal beats catching ``KeyboardInterrupt``: trio may raise that in
+    whichever task is running when the signal lands, even inside the agent's own
+    connection tasks, and then there is no connection left to say goodbye on.
+    """
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            log.info("%s: stopping", signal.Signals(signum).name)
+            await agent.stop()
+            return
+
+
 def _configure_logging() -> None:
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO").upper(),
@@ -218,8 +236,9 @@ async def main() -> int:
     try:
         await monitor.run()
         log.info("stopped: %s left the hub", config.agent_id)
-    except* KeyboardInterrupt:
-        log.info("interrupted: %s left the hub", config.agent_id)
+    except* KeyboardInterrupt:  # a second Ctrl+C while stopping
+        log.warning("interrupted while stopping")
+        exit_code = 130
     except* AuthenticationError as refused:
         log.error("the hub refused this agent: %s", _leaf(refused))
         exit_code = 1

@@ -701,3 +701,31 @@ async def test_publish_waiting_when_the_agent_stops_raises_agent_closed(
             assert agent.health().waiting_publishes == 1
     assert len(outcome) == 1
     assert agent.health().waiting_publishes == 0
+
+
+async def test_cancelling_while_the_hub_is_unreachable_ends_promptly(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    test_hub.go_down()
+    start = trio.current_time()
+    with trio.move_on_after(5) as scope:
+        async with test_hub.open_agent("a1"):
+            pytest.fail("must not connect")
+    assert scope.cancelled_caught
+    assert trio.current_time() - start == pytest.approx(5.0, abs=1e-6)
+
+
+async def test_stop_before_the_first_connection_ends_run(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    key = test_hub.register("org", "a1")
+    agent = HeartbeatAgent("a1", organization_id="org", private_key=key, dial=test_hub.dial)
+    test_hub.go_down()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await trio.sleep(3)
+        assert agent.get_connection_health()["state"] == "connecting"
+        stopped_at = trio.current_time()
+        await agent.stop()
+    assert trio.current_time() - stopped_at < 0.01
+    assert agent.get_connection_health()["state"] == "closed"
