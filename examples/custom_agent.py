@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 from collections.abc import Mapping
 from typing import Any
 
@@ -89,37 +88,15 @@ async def main() -> int:
     except (ValueError, ArtcafeError) as exc:
         log.error("configuration error: %s", exc)
         return 2
-    exit_code = 0
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(stop_on_signals, agent)
-            await agent.run()  # returns once stop() was called
-            nursery.cancel_scope.cancel()
-        log.info("stopped: %s left the hub", agent.agent_id)
-    except* KeyboardInterrupt:  # a second Ctrl+C while stopping
-        exit_code = 130
-    except* (AuthenticationError, ReconnectFailed) as failed:
-        log.error("%s", _leaf(failed))
-        exit_code = 1
-    return exit_code
-
-
-async def stop_on_signals(agent: HeartbeatAgent) -> None:
-    """Ctrl+C or SIGTERM: stop gracefully (the agent leaves the hub). Catching the signal
-    instead of ``KeyboardInterrupt``, which trio may raise inside the agent's own tasks."""
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("%s: stopping", signal.Signals(signum).name)
-            await agent.stop()
-            return
-
-
-def _leaf(group: BaseExceptionGroup[Any]) -> BaseException:
-    """The first exception inside a (possibly nested) exception group."""
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
+        await agent.run()  # until stop(), SIGTERM, or Ctrl+C (which leaves, then raises)
+    except KeyboardInterrupt:
+        pass
+    except (AuthenticationError, ReconnectFailed) as failed:
+        log.error("%s", failed)
+        return 1
+    log.info("stopped: %s left the hub", agent.agent_id)
+    return 0
 
 
 if __name__ == "__main__":

@@ -20,8 +20,7 @@ Run it against a hub::
 Optional: HEARTBEAT_INTERVAL (seconds, default 30), STATUS_INTERVAL (default 60),
 LOG_LEVEL (default INFO). Exit codes: 0 after Ctrl+C, SIGTERM or a ``stop``
 command (the agent left the hub gracefully), 1 if the hub refused the key or
-stayed unreachable for 10 reconnect attempts, 2 for a configuration error, 130
-for a second Ctrl+C that cuts the graceful stop short.
+stayed unreachable for 10 reconnect attempts, 2 for a configuration error.
 """
 
 from __future__ import annotations
@@ -29,7 +28,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import signal
 from collections.abc import Mapping
 from typing import Any
 
@@ -118,8 +116,9 @@ class MonitoringAgent:
         """Serve until stopped, with the status reporter alongside the agent."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.report_status)
-            nursery.start_soon(stop_on_signals, self.agent)
-            await self.agent.run()  # returns after stop(): Ctrl+C, SIGTERM or a command
+            # run() returns after stop() or SIGTERM; on Ctrl+C it leaves, then raises
+            # KeyboardInterrupt.
+            await self.agent.run()
             nursery.cancel_scope.cancel()
 
     # --- handlers: called as handler(subject, data[, message]) -------------------
@@ -193,21 +192,6 @@ class MonitoringAgent:
             return  # the agent is stopping
 
 
-async def stop_on_signals(agent: HeartbeatAgent) -> None:
-    """Ctrl+C (SIGINT) or SIGTERM: stop the agent gracefully (handlers finish, publishes
-    flush, it leaves the hub). A second Ctrl+C raises ``KeyboardInterrupt`` at once.
-
-    Catching the signal beats catching ``KeyboardInterrupt``: trio may raise that in
-    whichever task is running when the signal lands, even inside the agent's own
-    connection tasks, and then there is no connection left to say goodbye on.
-    """
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("%s: stopping", signal.Signals(signum).name)
-            await agent.stop()
-            return
-
-
 def _configure_logging() -> None:
     logging.basicConfig(
         level=os.environ.get("LOG_LEVEL", "INFO").upper(),
@@ -236,9 +220,8 @@ async def main() -> int:
     try:
         await monitor.run()
         log.info("stopped: %s left the hub", config.agent_id)
-    except* KeyboardInterrupt:  # a second Ctrl+C while stopping
-        log.warning("interrupted while stopping")
-        exit_code = 130
+    except* KeyboardInterrupt:  # Ctrl+C: the agent has already left the hub
+        log.info("interrupted: %s left the hub", config.agent_id)
     except* AuthenticationError as refused:
         log.error("the hub refused this agent: %s", _leaf(refused))
         exit_code = 1

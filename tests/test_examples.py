@@ -274,8 +274,8 @@ async def test_heartbeat_example_monitors_and_leaves_on_ctrl_c(tmp_path: Path) -
             assert await script.interrupt() == 0, script.text
         event = (await presence.next(lambda m: m.data["status"] == "offline")).data
         assert event["reason"] == "left"
-        assert "SIGINT: stopping" in script.text
-        assert "stopped: monitor-1 left the hub" in script.text
+        assert "interrupted: monitor-1 left the hub" in script.text
+        assert "left the hub" in script.text
 
 
 async def test_heartbeat_example_stop_command_and_refused_key(
