@@ -90,6 +90,7 @@ State: TypeAlias = Literal["connecting", "connected", "reconnecting", "closed"]
 DEFAULT_URL = "ws://127.0.0.1:8765"
 MAX_RECEIVE_BYTES = 64 * 1024 * 1024
 """What the agent accepts from the hub; the hub bounds what it forwards."""
+REPLACED_CLOSE_CODE = 4003
 _CONNECTION_ERRORS = (
     ConnectionLost,
     OSError,
@@ -159,6 +160,8 @@ class _Subscription:
         self.pattern = pattern
         self.handlers: list[tuple[Handler, bool]] = []
         self.confirmed_on: _Connection | None = None
+        self.requested_on: _Connection | None = None  # a subscribe is in flight there
+        self.settled = trio.Event()  # set when that request got its answer, or failed
         self.send_channel, self.receive_channel = trio.open_memory_channel[Message](max_pending)
         self.dispatching = False
 
@@ -169,6 +172,13 @@ class _Reply:
     def __init__(self) -> None:
         self.event = trio.Event()
         self.message: Message | None = None
+        self.conn: _Connection | None = None  # where the request was sent
+        self.error: ArtcafeError | None = None
+
+    def fail(self, error: ArtcafeError) -> None:
+        if not self.event.is_set():
+            self.error = error
+            self.event.set()
 
 
 class _Connection:
@@ -187,6 +197,7 @@ class _Connection:
         self.scope = scope
         self.session_id = welcome.session_id
         self.proved_healthy = False
+        self.lost = trio.Event()
 
 
 class _Waiter:
@@ -293,6 +304,7 @@ class Agent:
 
         self._subscriptions: dict[str, _Subscription] = {}
         self._subscriptions_changed = trio.Event()
+        self._subscriptions_dirty = False
         self._pending: dict[str, _Pending] = {}
         self._unsent: collections.deque[_Pending] = collections.deque()
         self._unsent_changed = trio.Event()
@@ -348,9 +360,10 @@ class Agent:
         """
         validate_pattern(pattern)
         sub = self._add_handler(pattern, handler)
-        while self._conn is not None and sub.confirmed_on is not self._conn:
-            with contextlib.suppress(ConnectionLost):  # the next connection resubscribes
-                await self._confirm_subscription(self._conn, sub)
+        conn = self._conn
+        if conn is not None and sub.confirmed_on is not conn:
+            with contextlib.suppress(ConnectionLost):  # the next connection resubscribes it
+                await self._confirm_subscription(conn, sub)
 
     async def unsubscribe(self, pattern: str, handler: Handler | None = None) -> None:
         """Remove ``handler`` (or every handler) for ``pattern``; tell the hub when none is left."""
@@ -363,7 +376,7 @@ class Agent:
         del self._subscriptions[pattern]
         sub.send_channel.close()
         conn = self._conn
-        if conn is not None and sub.confirmed_on is conn:
+        if conn is not None:  # also when the subscribe is still in flight: order holds
             try:
                 answer = await self._request(conn, Unsubscribe(id=self._next_id(), subject=pattern))
             except ConnectionLost:
@@ -394,8 +407,8 @@ class Agent:
         if reply_to is not None:
             validate_subject(reply_to)
         pending = await self._enqueue(subject, data, reply_to=reply_to, reply_token=None)
+        await self._wait_sent(pending)  # cancelled before it is sent: withdrawn
         if not confirm:
-            await self._wait_sent(pending)
             return None
         await pending.acked.wait()
         if pending.error is not None:
@@ -405,9 +418,9 @@ class Agent:
     async def request(self, subject: str, data: Any = None) -> Any:
         """Publish a request and return the ``data`` of the first reply.
 
-        Waits forever by default: bound it with ``trio.fail_after``. A reply
-        sent while the agent reconnects is lost (it was addressed to the old
-        session); retry in that case.
+        Waits until the reply comes: bound it with ``trio.fail_after``. Replies
+        are addressed to the requesting session, so if the connection is lost
+        before the reply arrives this raises :class:`ConnectionLost`: retry.
         """
         message = await self.request_message(subject, data)
         return message.data
@@ -421,6 +434,8 @@ class Agent:
             pending = await self._enqueue(subject, data, reply_to=None, reply_token=token)
             await self._wait_sent(pending)
             await reply.event.wait()
+            if reply.error is not None:
+                raise reply.error
             assert reply.message is not None
             return reply.message
         finally:
@@ -439,6 +454,7 @@ class Agent:
             try:
                 answer = await self._request(conn, PresenceQuery(id=self._next_id()))
             except ConnectionLost:
+                await conn.lost.wait()
                 continue  # ask again on the next connection
             if isinstance(answer, PresenceState):
                 return list(answer.agents)
@@ -510,12 +526,13 @@ class Agent:
     def _add_handler(self, pattern: str, handler: Handler) -> _Subscription:
         if not callable(handler):
             raise TypeError(f"handler must be callable, got {handler!r}")
-        if self._closed:
-            raise AgentClosed("the agent is stopped")
+        if self._stopping:
+            raise AgentClosed("the agent is stopping; no new handlers")
         sub = self._subscriptions.get(pattern)
         if sub is None:
             sub = self._subscriptions[pattern] = _Subscription(pattern, self._max_pending_messages)
             self._start_dispatcher(sub)
+            self._subscriptions_dirty = True
             self._subscriptions_changed.set()
         sub.handlers.append((handler, _wants_message(handler)))
         return sub
@@ -543,6 +560,9 @@ class Agent:
         if reply_token is None:
             pending.text = text
         await self._publish_slots.acquire()
+        if self._closed:
+            self._publish_slots.release()
+            raise AgentClosed("the agent is stopped; publish refused")
         self._pending[pending.id] = pending
         self._unsent.append(pending)
         self._unsent_changed.set()
@@ -647,6 +667,15 @@ class Agent:
                 cause: BaseException = exc
             if self._closed:
                 return
+            if isinstance(cause, ConnectionLost) and cause.code == REPLACED_CLOSE_CODE:
+                # Another process connected with this agent id. Reconnecting would take
+                # the id back from it, and both would flap forever: stop, loudly.
+                log.error(
+                    "%s/%s: replaced by a newer session with the same agent id; stopping",
+                    self.tenant_id,
+                    self.agent_id,
+                )
+                raise cause
             was_healthy = self._conn_proved_healthy
             self._conn_proved_healthy = False
             if was_healthy:
@@ -701,6 +730,10 @@ class Agent:
                     for waiter in self._waiters.values():
                         if waiter.conn is conn:
                             waiter.event.set()  # its answer will never come
+                    for reply in self._replies.values():
+                        if reply.conn is conn:
+                            reply.fail(ConnectionLost("connection lost before the reply came"))
+                    conn.lost.set()
                     self._conn_proved_healthy = conn.proved_healthy
                     if not self._closed:
                         self._state = "reconnecting"
@@ -733,7 +766,8 @@ class Agent:
         signature = self._private_key.sign_auth(
             tenant_id=self.tenant_id, agent_id=self.agent_id, nonce=challenge.nonce
         )
-        await ws.send_message(
+        await self._send_raw(
+            ws,
             encode(
                 Auth(
                     agent_id=self.agent_id,
@@ -745,7 +779,7 @@ class Agent:
                     capabilities=self.capabilities,
                     metadata=self.metadata,
                 )
-            )
+            ),
         )
         answer = await self._receive_frame(ws)
         if isinstance(answer, Error):
@@ -822,6 +856,13 @@ class Agent:
                 await self._unless_closing()
             raise _lost(exc) from None
 
+    @staticmethod
+    async def _send_raw(ws: WebSocketConnection, text: str) -> None:
+        try:
+            await ws.send_message(text)
+        except ConnectionClosed as exc:
+            raise _lost(exc) from None
+
     async def _unless_closing(self) -> None:
         """While the agent closes its own connection, park the task instead of failing:
         the connection must live until the close handshake completes."""
@@ -832,6 +873,11 @@ class Agent:
     async def _sender(self, conn: _Connection) -> None:
         while True:
             self._unsent_changed = trio.Event()
+            if self._unsent and self._subscriptions_dirty:
+                # A subscription registered before a publish is confirmed before the
+                # publish is sent, so an agent receives what it publishes right after.
+                self._subscriptions_dirty = False
+                await self._confirm_subscriptions(conn)
             while self._unsent:
                 pending = self._unsent.popleft()
                 if pending.id not in self._pending:
@@ -839,6 +885,8 @@ class Agent:
                 await self._send(conn, self._publish_text(pending, conn))
                 self._messages_out += 1
                 pending.transmitted = True
+                if pending.reply_token is not None and pending.reply_token in self._replies:
+                    self._replies[pending.reply_token].conn = conn
                 pending.sent.set()
             await self._unsent_changed.wait()
 
@@ -851,16 +899,38 @@ class Agent:
 
     async def _confirm_subscriptions(self, conn: _Connection) -> None:
         """Subscribe, and wait for the hub to confirm, every pattern not yet confirmed on
-        ``conn``. A refused pattern is logged and dropped (``subscribe()`` raises instead)."""
-        for sub in list(self._subscriptions.values()):
-            if sub.confirmed_on is not conn:
-                try:
-                    await self._confirm_subscription(conn, sub)
-                except HubError as exc:
-                    log.error("subscription to %r refused by the hub: %s", sub.pattern, exc)
+        ``conn`` (all sent at once, then all answers awaited: one round trip, not one per
+        pattern). A refused pattern is logged and dropped (``subscribe()`` raises instead)."""
+
+        async def confirm(sub: _Subscription) -> None:
+            try:
+                await self._confirm_subscription(conn, sub)
+            except HubError as exc:
+                log.error("subscription to %r refused by the hub: %s", sub.pattern, exc)
+
+        async with trio.open_nursery() as nursery:
+            for sub in list(self._subscriptions.values()):
+                if sub.confirmed_on is not conn:
+                    nursery.start_soon(confirm, sub)
 
     async def _confirm_subscription(self, conn: _Connection, sub: _Subscription) -> None:
-        answer = await self._request(conn, Subscribe(id=self._next_id(), subject=sub.pattern))
+        """Make sure the hub confirmed ``sub`` on ``conn``: one request per connection,
+        shared by every task that needs it."""
+        if sub.confirmed_on is conn:
+            return
+        if sub.requested_on is conn:
+            await sub.settled.wait()
+            if sub.confirmed_on is not conn:
+                raise ConnectionLost("the subscription was not confirmed on this connection")
+            return
+        sub.requested_on, sub.settled = conn, trio.Event()
+        try:
+            answer = await self._request(conn, Subscribe(id=self._next_id(), subject=sub.pattern))
+        except BaseException:
+            sub.requested_on = None
+            raise
+        finally:
+            sub.settled.set()
         if isinstance(answer, Error):
             if self._subscriptions.get(sub.pattern) is sub:
                 del self._subscriptions[sub.pattern]
@@ -893,8 +963,12 @@ class Agent:
 
     @trio.lowlevel.enable_ki_protection
     async def _receiver(self, conn: _Connection) -> None:
+        timeout = conn.welcome.heartbeat_timeout
         while True:
             frame = await self._receive_frame(conn.ws)
+            if timeout is not None:
+                # Any frame proves the hub alive (as any frame from us does for the hub).
+                conn.scope.deadline = trio.current_time() + timeout
             if frame is None:
                 continue
             if isinstance(frame, HeartbeatAck):
@@ -922,9 +996,6 @@ class Agent:
             )
         self._last_ack = now
         self._last_ack_wall = self._wall_clock()
-        timeout = conn.welcome.heartbeat_timeout
-        if timeout is not None:
-            conn.scope.deadline = now + timeout
         if not conn.proved_healthy:
             conn.proved_healthy = True
             self._failures = 0
@@ -1050,9 +1121,11 @@ class Agent:
                     cancelled_from_outside = True
                     raise
                 finally:
-                    with trio.CancelScope(shield=True):
-                        await self._graceful_stop(quick=cancelled_from_outside)
-                    internals.cancel()
+                    try:
+                        with trio.CancelScope(shield=True):
+                            await self._graceful_stop(quick=cancelled_from_outside)
+                    finally:
+                        internals.cancel()
 
     @trio.lowlevel.enable_ki_protection
     async def _run_internals(
@@ -1118,6 +1191,9 @@ class Agent:
                 )
                 for frame_id in list(self._pending):
                     self._acknowledge(frame_id, None, AgentClosed("the agent stopped first"))
+            for reply in self._replies.values():
+                reply.fail(AgentClosed("the agent stopped before the reply came"))
+            self._connected.set()  # wake wait_connected() callers: they see _closed
             conn = self._conn
             if conn is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(1):

@@ -130,6 +130,55 @@ def _k_strings(name: str, value: object, frame_id: str | None) -> tuple[str, ...
     return tuple(value)
 
 
+MAX_METADATA_BYTES = 8192
+MAX_METADATA_DEPTH = 16
+MAX_CAPABILITIES = 64
+
+
+def _depth(value: object) -> int:
+    """Nesting depth of a decoded JSON value (iterative: no recursion limit)."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        deepest = max(deepest, level)
+        if isinstance(item, dict):
+            stack.extend((v, level + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, level + 1) for v in item)
+    return deepest
+
+
+def _k_metadata(name: str, value: object, frame_id: str | None) -> dict[str, JSON]:
+    """An agent's metadata: an object, small and shallow (it is echoed to every watcher)."""
+    metadata = _k_object(name, value, frame_id)
+    if _depth(metadata) > MAX_METADATA_DEPTH:
+        raise ProtocolError(
+            "invalid_field",
+            f"field {name!r} is nested deeper than {MAX_METADATA_DEPTH} levels",
+            frame_id=frame_id,
+        )
+    if len(json.dumps(metadata).encode("utf-8")) > MAX_METADATA_BYTES:
+        raise ProtocolError(
+            "invalid_field",
+            f"field {name!r} is larger than {MAX_METADATA_BYTES} bytes of JSON",
+            frame_id=frame_id,
+        )
+    return metadata
+
+
+def _k_capabilities(name: str, value: object, frame_id: str | None) -> tuple[str, ...]:
+    capabilities = _k_strings(name, value, frame_id)
+    if len(capabilities) > MAX_CAPABILITIES or any(len(c) > MAX_ID_LENGTH for c in capabilities):
+        raise ProtocolError(
+            "invalid_field",
+            f"field {name!r} allows at most {MAX_CAPABILITIES} strings of at most "
+            f"{MAX_ID_LENGTH} characters",
+            frame_id=frame_id,
+        )
+    return capabilities
+
+
 def _k_subject(name: str, value: object, frame_id: str | None) -> str:
     return validate_subject(value, frame_id=frame_id)
 
@@ -184,8 +233,8 @@ class Auth(Frame):
     signature: str = _field(_k_str)
     heartbeat_interval: float | None = _field(_k_number, optional=True)
     heartbeat_timeout_multiplier: float = _field(_k_number, default=3.0)
-    capabilities: tuple[str, ...] = _field(_k_strings, default=())
-    metadata: dict[str, JSON] = _field(_k_object, default=attrs.Factory(dict))
+    capabilities: tuple[str, ...] = _field(_k_capabilities, default=())
+    metadata: dict[str, JSON] = _field(_k_metadata, default=attrs.Factory(dict))
     protocol: int = _field(_k_int, default=PROTOCOL_VERSION)
 
 

@@ -25,7 +25,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
@@ -63,7 +63,7 @@ from ._frames import (
     encode_message,
 )
 from ._keys import PublicKey
-from ._registry import PresenceChange, Registry
+from ._registry import PresenceChange, Registry, RegistryError
 from ._subjects import SubjectIndex, is_reserved
 from ._timers import DeadlineQueue
 from ._util import collapse_exception_groups
@@ -78,6 +78,7 @@ PRESENCE_PREFIX = "$presence"
 REPLY_PREFIX = "$reply"
 ADMIN_AGENT_ID = "$admin"
 HUB_SENDER = "$hub"
+AUTH_FAILURE_MEMORY = 300.0  # seconds after which an address's failures are forgiven
 
 T = TypeVar("T")
 
@@ -179,6 +180,15 @@ class _Dedupe:
 
     def remember(self, frame_id: str, message_id: str, now: float) -> None:
         self.seen[frame_id] = (now, message_id)
+
+
+class _Refused(Exception):
+    """A connection refused before authentication completed: close with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
 
 
 class _Session:
@@ -444,11 +454,15 @@ class Hub:
             while self._sessions_by_id:
                 self._sessions_gone = trio.Event()
                 await self._sessions_gone.wait()
-            now = self._wall_clock()
-            for entry in self._presence.values():
-                if entry.status == "online":
-                    self._set_offline(entry, "disconnected", now=now)
-            await self._flush_presence()
+        now = self._wall_clock()
+        for entry in self._presence.values():
+            if entry.status == "online":
+                self._set_offline(entry, "disconnected", now=now)
+        with trio.move_on_after(10):
+            try:
+                await self._flush_presence()
+            except RegistryError as exc:
+                log.error("presence not saved at shutdown: %s", exc)
 
     async def _reload_credentials(self) -> bool:
         """Reload keys if the registry changed; close sessions whose key went away."""
@@ -464,21 +478,33 @@ class Hub:
                 session.close(CloseCode.KEY_REVOKED, "key removed or agent disabled")
         return True
 
+    async def _reload_credentials_safely(self) -> bool:
+        try:
+            return await self._reload_credentials()
+        except RegistryError as exc:
+            log.error("registry unavailable, using the keys loaded before: %s", exc)
+            return False
+
     async def _watch_registry(self) -> None:
         while True:
             await trio.sleep(self.config.registry_poll_interval)
-            await self._reload_credentials()
+            await self._reload_credentials_safely()
 
     async def _write_presence(self) -> None:
         next_flush = trio.current_time() + self.config.last_seen_flush_interval
         while True:
             with trio.move_on_at(next_flush):
                 await self._changes_waiting.wait()
-            if trio.current_time() >= next_flush:
-                next_flush = trio.current_time() + self.config.last_seen_flush_interval
-                self._prune_dedupe(trio.current_time())
-                await self._flush_last_seen()
-            await self._flush_presence()
+            try:
+                if trio.current_time() >= next_flush:
+                    next_flush = trio.current_time() + self.config.last_seen_flush_interval
+                    self._prune_dedupe(trio.current_time())
+                    await self._flush_last_seen()
+                await self._flush_presence()
+            except RegistryError as exc:
+                # Keep serving; the changes stay queued and are written on the next try.
+                log.error("cannot write presence to the registry (will retry): %s", exc)
+                await trio.sleep(1.0)
 
     def _prune_dedupe(self, now: float) -> None:
         """Forget the publish-id caches of agents that published nothing within the window."""
@@ -493,7 +519,11 @@ class Hub:
         self._changes_waiting = trio.Event()
         changes, self._pending_changes = self._pending_changes, []
         if changes:
-            await self._db(self.registry.record_presence, changes)
+            try:
+                await self._db(self.registry.record_presence, changes)
+            except BaseException:
+                self._pending_changes[:0] = changes  # not written: keep them, in order
+                raise
 
     async def _flush_last_seen(self) -> None:
         rows = [
@@ -584,7 +614,18 @@ class Hub:
     # --- connections ----------------------------------------------------------
 
     async def handle_request(self, request: WebSocketRequest, remote: str = "?") -> None:
-        """Serve one WebSocket handshake request to its end (the server handler)."""
+        """Serve one WebSocket handshake request to its end (the server handler).
+
+        A barrier: nothing that happens on one connection escapes to the hub.
+        """
+        try:
+            await self._handle_request(request, remote)
+        except (ConnectionClosed, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away
+        except Exception:
+            log.exception("unexpected error on a connection from %s; connection dropped", remote)
+
+    async def _handle_request(self, request: WebSocketRequest, remote: str) -> None:
         if self._stopping:
             await request.reject(503, body=b"hub shutting down")
             return
@@ -606,17 +647,17 @@ class Hub:
         self, ws: WebSocketConnection, agent_id: str | None, tenant_id: str | None, remote: str
     ) -> None:
         session: _Session | None = None
+        code, reason = CloseCode.NORMAL, ""
         try:
             session = await self._authenticate(ws, agent_id, tenant_id, remote)
-            if session is not None:
-                await self._run_session(session)
-        except ConnectionClosed:
-            pass
+            await self._run_session(session)
+            code, reason = session.close_code, session.close_reason
+        except _Refused as refusal:
+            code, reason = refusal.code, refusal.reason
         finally:
-            code = session.close_code if session else CloseCode.NORMAL
-            reason = session.close_reason if session else ""
-            with trio.move_on_after(self.config.close_timeout) as scope:
-                scope.shield = True
+            # The only close of a connection, always bounded: a peer that never answers
+            # the close handshake cannot hold a hub task.
+            with trio.CancelScope(shield=True), trio.move_on_after(self.config.close_timeout):
                 await ws.aclose(code, reason)
 
     async def _refuse_auth(
@@ -627,27 +668,32 @@ class Hub:
         message: str,
         close: int,
         who: str = "admin",
-    ) -> None:
-        """Answer a failed authentication, slowed down for repeat offenders."""
+    ) -> NoReturn:
+        """Answer a failed authentication, slowed down for repeat offenders; raise ``_Refused``."""
         self.stats.auth_failures += 1
         now = trio.current_time()
-        failures, _ = self._auth_failures.get(remote, (0, now))
+        failures, last = self._auth_failures.get(remote, (0, now))
+        if now - last > AUTH_FAILURE_MEMORY:
+            failures = 0  # forgiven
         failures += 1
         self._auth_failures[remote] = (failures, now)
         if len(self._auth_failures) > 10_000:
             self._auth_failures = {
-                addr: v for addr, v in self._auth_failures.items() if now - v[1] < 300
+                addr: v
+                for addr, v in self._auth_failures.items()
+                if now - v[1] < AUTH_FAILURE_MEMORY
             }
-        extra = failures - self.config.auth_failures_free
+        extra = min(failures - self.config.auth_failures_free, 32)
         if extra > 0:
             await trio.sleep(min(self.config.auth_failure_delay_cap, 0.25 * 2 ** (extra - 1)))
         log.warning("authentication refused for %s from %s: %s", who, remote, code)
         await ws.send_message(encode(Error(code=code, message=message, fatal=True)))
-        await ws.aclose(close, message)
+        raise _Refused(close, message)
 
     async def _authenticate(
         self, ws: WebSocketConnection, agent_id: str | None, tenant_id: str | None, remote: str
-    ) -> _Session | None:
+    ) -> _Session:
+        """Challenge, then verify the answer; raise ``_Refused`` (after the error frame)."""
         nonce = secrets.token_urlsafe(32)
         timeout = self.config.challenge_timeout
         await ws.send_message(
@@ -663,16 +709,14 @@ class Hub:
                 fatal=True,
             )
             await ws.send_message(encode(expired))
-            await ws.aclose(CloseCode.CHALLENGE_EXPIRED, "challenge expired")
-            return None
+            raise _Refused(CloseCode.CHALLENGE_EXPIRED, "challenge expired")
         try:
             frame = decode(text, max_bytes=self.config.max_frame_bytes)
         except ProtocolError as exc:
             await ws.send_message(
                 encode(Error(code=exc.code, message=exc.message, id=exc.frame_id, fatal=True))
             )
-            await ws.aclose(CloseCode.PROTOCOL_VIOLATION, "expected auth")
-            return None
+            raise _Refused(CloseCode.PROTOCOL_VIOLATION, "expected auth") from None
         return await self._check_auth(ws, frame, nonce, agent_id, tenant_id, remote)
 
     async def _check_auth(
@@ -683,7 +727,7 @@ class Hub:
         agent_id: str | None,
         tenant_id: str | None,
         remote: str,
-    ) -> _Session | None:
+    ) -> _Session:
         config = self.config
         if agent_id is None:  # admin path
             if isinstance(frame, AdminAuth) and hmac.compare_digest(
@@ -697,7 +741,6 @@ class Hub:
                 ws, remote, "authentication_failed", "bad admin token",
                 CloseCode.AUTHENTICATION_FAILED,
             )  # fmt: skip
-            return None
         if not isinstance(frame, Auth):
             await ws.send_message(
                 encode(
@@ -709,20 +752,18 @@ class Hub:
                     )
                 )
             )
-            await ws.aclose(CloseCode.PROTOCOL_VIOLATION, "expected auth")
-            return None
+            raise _Refused(CloseCode.PROTOCOL_VIOLATION, "expected auth")
         if frame.protocol != PROTOCOL_VERSION:
             await self._refuse_auth(
                 ws, remote, "unsupported_protocol",
                 f"this hub speaks protocol {PROTOCOL_VERSION}", CloseCode.PROTOCOL_VIOLATION,
                 who=f"{frame.tenant_id}/{frame.agent_id}",
             )  # fmt: skip
-            return None
         # Unknown agent, wrong tenant, mismatched ids and bad signatures all answer alike.
         key = None
         if frame.agent_id == agent_id and frame.tenant_id == tenant_id:
             key = self._verify(frame, nonce)
-            if key is None and await self._reload_credentials():
+            if key is None and await self._reload_credentials_safely():
                 key = self._verify(frame, nonce)  # a key registered since the last poll
         if key is None:
             await self._refuse_auth(
@@ -730,7 +771,6 @@ class Hub:
                 "unknown agent or signature does not verify", CloseCode.AUTHENTICATION_FAILED,
                 who=f"{frame.tenant_id}/{frame.agent_id} (path {tenant_id}/{agent_id})",
             )  # fmt: skip
-            return None
         self._auth_failures.pop(remote, None)
         interval: float | None = None
         timeout: float | None = None
@@ -802,8 +842,8 @@ class Hub:
         if self._sessions.get(key) is not session:
             return  # replaced: the newer session owns presence
         del self._sessions[key]
-        entry = self._presence[key]
-        if entry.session is not session:
+        entry = self._presence.get(key)
+        if entry is None or entry.session is not session:
             return
         if session.left:
             self._set_offline(entry, "left")
@@ -829,8 +869,8 @@ class Hub:
             max_frame_bytes=self.config.max_frame_bytes,
         )
         session.send_frame(welcome)
-        self._attach(session)
         try:
+            self._attach(session)
             with session.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._writer, session)
@@ -1164,18 +1204,20 @@ async def serve_hub(
             async with trio.open_nursery() as nursery:
                 await hub._start(nursery)
                 await nursery.start(run_connections)
-                if admin_file is not None:
-                    _write_admin_file(admin_file, hub)
-                log.info("hub %s serving at %s", hub.config.hub_id, hub.url or "memory")
                 try:
+                    if admin_file is not None:
+                        _write_admin_file(admin_file, hub)
+                    log.info("hub %s serving at %s", hub.config.hub_id, hub.url or "memory")
                     task_status.started(hub)
                     await trio.sleep_forever()
                 finally:
-                    with trio.CancelScope(shield=True):
-                        await hub._shutdown()
-                    connections_scope.cancel()
-                    if admin_file is not None:
-                        _remove_admin_file(admin_file, hub)
+                    try:
+                        with trio.CancelScope(shield=True):
+                            await hub._shutdown()
+                    finally:
+                        connections_scope.cancel()
+                        if admin_file is not None:
+                            _remove_admin_file(admin_file, hub)
     finally:
         if own_registry:
             registry.close()
@@ -1183,9 +1225,12 @@ async def serve_hub(
 
 def _handler(hub: Hub) -> Callable[[WebSocketRequest], Awaitable[None]]:
     async def handle(request: WebSocketRequest) -> None:
-        remote = request.remote
-        address = getattr(remote, "address", None) or str(remote)
-        await hub.handle_request(request, remote=str(address))
+        try:
+            remote = request.remote
+            address = str(getattr(remote, "address", None) or remote)
+        except OSError:  # reset before we asked who it was
+            address = "?"
+        await hub.handle_request(request, remote=address)
 
     return handle
 

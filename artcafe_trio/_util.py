@@ -38,4 +38,4 @@ def collapse_exception_groups() -> Iterator[None]:
         for other in errors:
             if other is not chosen:
                 log.error("further error while stopping", exc_info=other)
-        raise chosen from group.__cause__
+        raise chosen from chosen.__cause__  # keep its own cause; drop the group
