@@ -27,10 +27,10 @@ pytestmark = pytest.mark.timeout(60)
 
 async def test_a_reset_right_after_the_upgrade_request_does_not_kill_the_hub() -> None:
     request = (
-        "GET /api/v1/ws/agent/a?tenant_id=t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-        "Sec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
+        b"GET /api/v1/ws/agent/a?tenant_id=t HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
 
     def reset_many(port: int) -> None:
         for _ in range(100):
