@@ -963,12 +963,8 @@ class Agent:
 
     @trio.lowlevel.enable_ki_protection
     async def _receiver(self, conn: _Connection) -> None:
-        timeout = conn.welcome.heartbeat_timeout
         while True:
             frame = await self._receive_frame(conn.ws)
-            if timeout is not None:
-                # Any frame proves the hub alive (as any frame from us does for the hub).
-                conn.scope.deadline = trio.current_time() + timeout
             if frame is None:
                 continue
             if isinstance(frame, HeartbeatAck):
@@ -996,6 +992,11 @@ class Agent:
             )
         self._last_ack = now
         self._last_ack_wall = self._wall_clock()
+        # Only an ACK moves the watchdog: it alone proves our frames reach the hub and
+        # the hub answers (messages may keep coming from a hub that no longer reads us).
+        timeout = conn.welcome.heartbeat_timeout
+        if timeout is not None:
+            conn.scope.deadline = now + timeout
         if not conn.proved_healthy:
             conn.proved_healthy = True
             self._failures = 0
