@@ -100,6 +100,39 @@ _CONNECTION_ERRORS = (
 _AUTH_REFUSALS = {"authentication_failed", "unsupported_protocol"}
 
 
+class _HangUpAlarm(trio.abc.Stream):
+    """The agent's byte stream during the WebSocket handshake: end of stream or an error
+    cancels ``scope``. (trio-websocket 0.12 waits forever for a handshake that the peer
+    abandoned; this turns that into an immediate failed attempt.)"""
+
+    def __init__(self, inner: trio.abc.Stream, scope: trio.CancelScope) -> None:
+        self.inner = inner
+        self.scope: trio.CancelScope | None = scope
+
+    def disarm(self) -> None:
+        self.scope = None
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self.inner.receive_some(max_bytes)
+        except BaseException:
+            if self.scope is not None:
+                self.scope.cancel()
+            raise
+        if not data and self.scope is not None:
+            self.scope.cancel()
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 @attrs.frozen
 class AgentHealth:
     """A snapshot of the agent's connection health (``agent.health()``)."""
@@ -635,13 +668,19 @@ class Agent:
                 raise
             stream = tls
         host = split.hostname if split.port is None else f"{split.hostname}:{port}"
-        return await trio_websocket.wrap_client_stream(
-            nursery,
-            stream,  # type: ignore[arg-type]
-            host,
-            (split.path.rstrip("/") or "") + resource,
-            max_message_size=MAX_RECEIVE_BYTES,
-        )
+        with trio.CancelScope() as handshake:
+            watched = _HangUpAlarm(stream, handshake)
+            ws = await trio_websocket.wrap_client_stream(
+                nursery,
+                watched,  # type: ignore[arg-type]
+                host,
+                (split.path.rstrip("/") or "") + resource,
+                max_message_size=MAX_RECEIVE_BYTES,
+            )
+            watched.disarm()
+            return ws
+        await trio.aclose_forcefully(stream)
+        raise ConnectionLost("the hub hung up during the WebSocket handshake")
 
     def _resource(self) -> str:
         agent, tenant = quote(self.agent_id, safe=""), quote(self.tenant_id, safe="")

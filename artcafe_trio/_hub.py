@@ -227,6 +227,7 @@ class _Session:
         self.reader_scope = trio.CancelScope()
         self.reading = True
         self.writing = False
+        self.draining = False
         self.close_code = CloseCode.NORMAL
         self.close_reason = ""
         self.closing = False
@@ -257,20 +258,28 @@ class _Session:
     def send_frame(self, frame: Frame) -> None:
         self.send(encode(frame))
 
-    def close(self, code: int, reason: str) -> None:
+    def close(self, code: int, reason: str, *, drain: bool = False) -> None:
         """End the session with ``code``. A frame being written is finished first (within
         ``close_timeout``): cutting one in half would corrupt the stream, and the peer
-        would never see the close code."""
+        would never see the close code. With ``drain`` (a graceful shutdown), every
+        frame already queued is sent too, within the same bound: a delivery the hub
+        confirmed to its publisher is not dropped."""
         if not self.closing:
             self.closing = True
             self.close_code = code
             self.close_reason = reason
+            if drain:
+                self.draining = True
+                self.outbox_send.close()  # the writer ends once the queue is empty
         self.reader_scope.cancel()
-        if self.writing:
+        if self.writing or self.draining:
             deadline = trio.current_time() + self.hub.config.close_timeout
             self.scope.deadline = min(self.scope.deadline, deadline)
         else:
             self.scope.cancel()
+
+    def may_write(self) -> bool:
+        return self.draining or (self.reading and not self.closing)
 
     def touch(self, now: float) -> None:
         if self.heartbeat_timeout is not None:
@@ -401,7 +410,8 @@ class Hub:
         self._changes_waiting = trio.Event()
         self._refused_log = _RateLimitedLog(self.config.refused_log_per_second)
         self._stopping = False
-        self._sessions_gone = trio.Event()
+        self._open_connections = 0
+        self._connections_gone = trio.Event()
 
     # --- lifecycle -------------------------------------------------------
 
@@ -451,9 +461,9 @@ class Hub:
         self._stopping = True
         self.close_all(CloseCode.SERVICE_RESTART, "hub shutting down")
         with trio.move_on_after(self.config.close_timeout + 1):
-            while self._sessions_by_id:
-                self._sessions_gone = trio.Event()
-                await self._sessions_gone.wait()
+            while self._open_connections:
+                self._connections_gone = trio.Event()
+                await self._connections_gone.wait()
         now = self._wall_clock()
         for entry in self._presence.values():
             if entry.status == "online":
@@ -535,9 +545,10 @@ class Hub:
             await self._db(self.registry.record_last_seen, rows)
 
     def close_all(self, code: int = CloseCode.SERVICE_RESTART, reason: str = "") -> None:
-        """Close every authenticated session with ``code`` (agents will reconnect)."""
+        """Close every authenticated session with ``code`` (agents will reconnect), after
+        sending what is already queued for it (within ``close_timeout``)."""
         for session in list(self._sessions_by_id.values()):
-            session.close(code, reason)
+            session.close(code, reason, drain=True)
 
     # --- presence ----------------------------------------------------------
 
@@ -648,6 +659,7 @@ class Hub:
     ) -> None:
         session: _Session | None = None
         code, reason = CloseCode.NORMAL, ""
+        self._open_connections += 1
         try:
             session = await self._authenticate(ws, agent_id, tenant_id, remote)
             await self._run_session(session)
@@ -657,8 +669,13 @@ class Hub:
         finally:
             # The only close of a connection, always bounded: a peer that never answers
             # the close handshake cannot hold a hub task.
-            with trio.CancelScope(shield=True), trio.move_on_after(self.config.close_timeout):
-                await ws.aclose(code, reason)
+            try:
+                with trio.CancelScope(shield=True), trio.move_on_after(self.config.close_timeout):
+                    await ws.aclose(code, reason)
+            finally:
+                self._open_connections -= 1
+                if not self._open_connections:
+                    self._connections_gone.set()
 
     async def _refuse_auth(
         self,
@@ -828,8 +845,6 @@ class Hub:
         """Forget a finished session; start the disconnect grace unless it left or was replaced."""
         session.ended = True
         self._sessions_by_id.pop(session.session_id, None)
-        if not self._sessions_by_id:
-            self._sessions_gone.set()
         if session.is_admin:
             self._admins.discard(session)
             return
@@ -879,7 +894,7 @@ class Hub:
                     # Reading is over (peer gone, left, or closed by the hub): the writer
                     # may finish the frame it is writing, within close_timeout, no more.
                     session.reading = False
-                    if session.writing:
+                    if session.writing or session.draining:
                         deadline = trio.current_time() + self.config.close_timeout
                         session.scope.deadline = min(session.scope.deadline, deadline)
                     else:
@@ -894,12 +909,12 @@ class Hub:
     async def _writer(self, session: _Session) -> None:
         try:
             async for text in session.outbox_receive:
-                if session.closing or not session.reading:
+                if not session.may_write():
                     break
                 session.writing = True
                 await session.ws.send_message(text)
                 session.writing = False
-                if not session.reading:
+                if not session.may_write():
                     break
         except ConnectionClosed:
             pass
