@@ -1300,11 +1300,18 @@ def build_agent(
     if private_key is None:
         assert private_key_path is not None
         private_key = load_private_key(private_key_path, private_key_password)
+    url = url or os.environ.get("ARTCAFE_URL") or DEFAULT_URL
+    if options.get("dial") is None:
+        split = urlsplit(url)
+        if split.scheme not in ("ws", "wss") or not split.hostname:
+            raise ValueError(
+                f"hub url must look like ws://host:port or wss://host:port, got {url!r}"
+            )
     return Agent(
         agent_id=agent_id,
         tenant_id=_resolve_tenant(organization_id, tenant_id),
         private_key=private_key,
-        url=url or os.environ.get("ARTCAFE_URL") or DEFAULT_URL,
+        url=url,
         heartbeat_interval=heartbeat_interval,
         heartbeat_timeout_multiplier=heartbeat_timeout_multiplier,
         auto_reconnect=auto_reconnect,

@@ -678,10 +678,11 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         await _agent_preflight(kwargs)
         # One shot: fail at once if the hub is unreachable instead of backing off.
         async with open_agent(auto_reconnect=False, **kwargs) as agent:
-            return await agent.publish(args.subject, data, confirm=args.confirm)
+            # Always wait for the hub's answer, so a refusal is an exit code, not a log line.
+            return await agent.publish(args.subject, data, confirm=True)
 
     message_id = trio.run(run)
-    if message_id is not None:
+    if args.confirm and message_id is not None:
         print(message_id)
     return EXIT_OK
 
@@ -938,7 +939,7 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         _err(str(exc))
         return exc.code
-    except (KeyLoadError, RegistryError, ArtcafeError, OSError) as exc:
+    except (KeyLoadError, RegistryError, ArtcafeError, OSError, ValueError) as exc:
         _err(_describe(exc))
         return EXIT_ERROR
     except KeyboardInterrupt:

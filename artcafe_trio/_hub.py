@@ -368,6 +368,14 @@ class _RateLimitedLog:
             self.suppressed += 1
 
 
+def _claimed(frame: Auth, tenant_id: str | None, agent_id: str | None) -> str:
+    """Who an auth frame claims to be, for the log (ids are not secrets)."""
+    who = f"{frame.tenant_id}/{frame.agent_id}"
+    if (frame.tenant_id, frame.agent_id) != (tenant_id, agent_id):
+        who += f" (URL says {tenant_id}/{agent_id})"
+    return who
+
+
 def _clamp(value: float, low: float, high: float) -> float:
     return max(low, min(high, value))
 
@@ -450,11 +458,11 @@ class Hub:
                         row.last_seen or now,
                     )
                 )
-        if stale:
-            await self._db(self.registry.record_presence, stale)
+        # Written by the presence writer, which starts only once the hub listens: a hub
+        # that fails to start (port in use) must not rewrite a running hub's presence.
+        self._pending_changes.extend(stale)
         nursery.start_soon(self._timers.run)
         nursery.start_soon(self._watch_registry)
-        nursery.start_soon(self._write_presence)
 
     async def _shutdown(self) -> None:
         """Close every session with 1012 and flush presence to the registry."""
@@ -786,7 +794,7 @@ class Hub:
             await self._refuse_auth(
                 ws, remote, "authentication_failed",
                 "unknown agent or signature does not verify", CloseCode.AUTHENTICATION_FAILED,
-                who=f"{frame.tenant_id}/{frame.agent_id} (path {tenant_id}/{agent_id})",
+                who=_claimed(frame, tenant_id, agent_id),
             )  # fmt: skip
         self._auth_failures.pop(remote, None)
         interval: float | None = None
@@ -1181,11 +1189,22 @@ async def serve_hub(
     task shuts down gracefully: every agent is closed with 1012 (service
     restart) and presence is flushed to the registry, within a bounded time.
     """
-    own_registry = registry is None
-    if registry is None:
-        registry = Registry.open(db if db is not None else ":memory:")
-    hub = Hub(registry, config)
     context = _load_ssl_context(ssl_context, tls_cert, tls_key)
+    # Listen first: if the port is taken, fail before touching the registry.
+    listeners: list[Any] = []
+    if port is not None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        if context is not None:
+            listeners = [trio.SSLListener(lst, context) for lst in listeners]
+    own_registry = registry is None
+    try:
+        if registry is None:
+            registry = Registry.open(db if db is not None else ":memory:")
+    except BaseException:
+        for listener in listeners:
+            await trio.aclose_forcefully(listener)
+        raise
+    hub = Hub(registry, config)
     # Connections run under a shielded scope: an outside cancellation first
     # closes every session with 1012, then stops the connection machinery.
     connections_scope = trio.CancelScope(shield=True)
@@ -1194,10 +1213,7 @@ async def serve_hub(
         with connections_scope:
             async with trio.open_nursery() as connections:
                 hub._nursery = connections
-                if port is not None:
-                    listeners: list[Any] = await trio.open_tcp_listeners(port, host=host)
-                    if context is not None:
-                        listeners = [trio.SSLListener(lst, context) for lst in listeners]
+                if listeners:
                     server = trio_websocket.WebSocketServer(
                         _handler(hub),
                         listeners,
@@ -1219,6 +1235,8 @@ async def serve_hub(
             async with trio.open_nursery() as nursery:
                 await hub._start(nursery)
                 await nursery.start(run_connections)
+                await hub._flush_presence()  # an outage the previous hub left behind
+                nursery.start_soon(hub._write_presence)
                 try:
                     if admin_file is not None:
                         _write_admin_file(admin_file, hub)

@@ -45,6 +45,11 @@ async def test_agent_survives_hub_sigkill_and_restart(tmp_path: Path) -> None:
             worker.on_reconnect(lambda: reconnects.append(worker.session_id))
             await worker.subscribe("jobs.*", lambda s, d: received.append(d))
             await producer.publish("jobs.before", 1, confirm=True)
+            # The ACK means the hub accepted and routed it, not that the worker has it:
+            # wait for the delivery before killing the hub.
+            with trio.fail_after(5):
+                while not received:
+                    await trio.sleep(0.02)
 
             await hub.kill()
             with trio.fail_after(10):

@@ -226,3 +226,24 @@ async def test_adding_a_handler_while_stopping_raises_agent_closed(
             await agent.publish("work", 1, confirm=True)
             await trio.sleep(0.1)
         assert agent.state == "closed"
+
+
+async def test_a_hub_that_cannot_listen_changes_nothing(tmp_path: Any) -> None:
+    from pathlib import Path
+
+    from artcafe_trio import Registry
+
+    db = Path(str(tmp_path)) / "hub.db"
+    async with open_hub(db=db, port=0) as running:
+        async with TestHub(running).open_agent("a1", tenant_id="t"):
+            other_db = Path(str(tmp_path)) / "other.db"
+            with pytest.raises(OSError):
+                async with open_hub(db=db, port=running.port):
+                    pass
+            with pytest.raises(OSError):
+                async with open_hub(db=other_db, port=running.port):
+                    pass
+            assert not other_db.exists()
+            with Registry.open(db) as registry:
+                [row] = [r for r in registry.list_agents() if r.agent_id == "a1"]
+                assert row.status == "online"
