@@ -237,10 +237,10 @@ async def test_a_hub_that_cannot_listen_changes_nothing(tmp_path: Any) -> None:
     async with open_hub(db=db, port=0) as running:
         async with TestHub(running).open_agent("a1", tenant_id="t"):
             other_db = Path(str(tmp_path)) / "other.db"
-            with pytest.raises(OSError):
+            with pytest.raises(OSError, match="ddress already in use"):
                 async with open_hub(db=db, port=running.port):
                     pass
-            with pytest.raises(OSError):
+            with pytest.raises(OSError, match="ddress already in use"):
                 async with open_hub(db=other_db, port=running.port):
                     pass
             assert not other_db.exists()
