@@ -12,8 +12,14 @@ Sub-commands::
     demo                       a self-contained demonstration (artcafe_trio._demo)
 
 Exit codes: 0 success, 1 error (one ``error: ...`` line on stderr, no traceback),
-2 usage error (or ``demo`` not available), 3 hub not running (``status``).
-Private keys, signatures and the admin token are never printed.
+2 usage error (or ``demo`` not available), 3 hub not running (``status``),
+130 interrupted by Ctrl+C. Ctrl+C is the normal way to end ``listen`` and
+``status --watch``, so those exit 0; ``hub`` stops gracefully on SIGINT/SIGTERM
+and exits 0 too. ``artcafe-trio`` without a command prints the help on stdout
+and exits 0; ``artcafe-trio agents`` without an action prints the ``agents``
+help on stdout and exits 2 (usage).
+Private keys, signatures and the admin token are never printed. Times are
+printed as ISO-8601 in UTC with a ``Z`` suffix.
 """
 
 from __future__ import annotations
@@ -32,17 +38,35 @@ import os
 import signal
 import ssl
 import sys
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any, NoReturn
 from urllib.parse import urlsplit
 
 from . import __version__
-from ._errors import ArtcafeError, AuthenticationError, HubError, KeyLoadError
+from ._errors import (
+    ArtcafeError,
+    AuthenticationError,
+    ConnectionLost,
+    HubError,
+    KeyLoadError,
+    ProtocolError,
+    ReconnectFailed,
+)
 from ._frames import PresenceRecord
 from ._keys import generate_private_key, load_public_key
 from ._registry import AgentRecord, Registry, RegistryError
+from .protocol import validate_pattern, validate_subject
 
-__all__ = ["EXIT_ERROR", "EXIT_HUB_DOWN", "EXIT_OK", "EXIT_USAGE", "build_parser", "main"]
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_HUB_DOWN",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+]
 
 log = logging.getLogger("artcafe_trio.cli")
 
@@ -50,8 +74,12 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_HUB_DOWN = 3
+EXIT_INTERRUPTED = 130
 
 DEFAULT_DB = "artcafe-hub.db"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+DEFAULT_URL = f"ws://{DEFAULT_HOST}:{DEFAULT_PORT}"  # the agent's default too
 ADMIN_SUFFIX = ".admin"
 ADMIN_PATH = "/api/v1/ws/admin"
 STATUS_TIMEOUT = 10.0
@@ -83,11 +111,14 @@ def _note(message: str) -> None:
 
 
 def _iso(moment: float | None, timespec: str = "milliseconds") -> str | None:
-    """Unix time → ISO-8601 in UTC (``None`` stays ``None``)."""
+    """Unix time → ISO-8601 in UTC with a ``Z`` suffix (``None`` stays ``None``).
+
+    The one time format of the command line: tables, JSON and ``listen`` lines.
+    """
     if moment is None:
         return None
     stamp = datetime.datetime.fromtimestamp(moment, tz=datetime.UTC)
-    return stamp.isoformat(timespec=timespec)
+    return stamp.replace(tzinfo=None).isoformat(timespec=timespec) + "Z"
 
 
 def _positive_float(text: str) -> float:
@@ -155,6 +186,93 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows
     ]
     return "\n".join(lines)
+
+
+def _os_error_text(exc: BaseException) -> str:
+    """The short cause of a failed connection: ``Connection refused``, not a repr.
+
+    trio's ``open_tcp_stream`` raises ``OSError('all attempts to connect to ...
+    failed')`` caused by a group of one error per address tried: show those.
+    """
+    errors: list[BaseException] = [exc]
+    if isinstance(exc.__cause__, BaseExceptionGroup):
+        errors = list(_leaves(exc.__cause__)) or errors
+    texts: list[str] = []
+    for error in errors:
+        if isinstance(error, OSError) and isinstance(error.errno, int) and error.errno > 0:
+            text = os.strerror(error.errno)
+        elif isinstance(error, OSError) and error.strerror:
+            text = error.strerror  # e.g. socket.gaierror: 'Name or service not known'
+        else:
+            text = str(error) or type(error).__name__
+        if text not in texts:
+            texts.append(text)
+    return "; ".join(texts)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+def _not_tls(exc: BaseException | None) -> bool:
+    """Whether a TLS handshake failed because the server answered in plain text."""
+    while exc is not None:
+        if isinstance(exc, ssl.SSLError) and exc.reason == "WRONG_VERSION_NUMBER":
+            return True
+        exc = exc.__cause__
+    return False
+
+
+def _close_text(reason: Any) -> str:
+    """A trio-websocket ``CloseReason`` as ``1012 hub shutting down`` (not its repr)."""
+    code = getattr(reason, "code", None)
+    text = getattr(reason, "reason", None) or ""
+    if code is None:
+        return "no close code"
+    if code == 1006:
+        return "1006, without a close frame"
+    return f"{code} {text}".rstrip()
+
+
+def _connection_problem(exc: BaseException, url: str, *, hint: bool = True) -> str:
+    """One friendly line for a failed connection to the hub at ``url``.
+
+    ``exc`` is what the agent raised (``ConnectionLost`` ``from`` its cause, or
+    ``ReconnectFailed`` with ``last_cause``) or the cause itself. ``hint=False``
+    leaves out "(is it running?)" where the caller says so already (``status``).
+    """
+    import trio_websocket
+
+    cause: BaseException = exc
+    suffix = ""
+    if isinstance(exc, ReconnectFailed):
+        if exc.last_cause is None:
+            return str(exc)
+        cause = exc.last_cause
+        suffix = f" (gave up after {exc.attempts} attempts over {exc.elapsed:.0f} s)"
+    if isinstance(cause, ConnectionLost) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if isinstance(cause, trio_websocket.ConnectionRejected):
+        text = f"the server at {url} refused the WebSocket upgrade (HTTP {cause.status_code})"
+        body = (cause.body or b"").decode("utf-8", "replace").strip()
+        if cause.status_code == 404:
+            text += ": is this an artcafe-trio hub URL?"
+        elif body and len(body) <= 200 and body.isprintable():
+            text += f": {body}"
+    elif _not_tls(cause):
+        text = f"the server at {url} does not speak TLS: use ws:// instead of wss://"
+    elif isinstance(cause, OSError):
+        running = " (is it running?)" if hint else ""
+        text = f"cannot connect to the hub at {url}{running}: {_os_error_text(cause)}"
+    elif isinstance(cause, trio_websocket.HandshakeError):
+        text = f"the WebSocket handshake with {url} failed ({type(cause).__name__})"
+    else:
+        text = str(cause) or type(cause).__name__
+    return text + suffix
 
 
 def _open_existing_registry(path: str) -> Registry:
@@ -226,8 +344,26 @@ def _agent_json(record: AgentRecord) -> dict[str, Any]:
     }
 
 
+def _looks_private(path: str) -> bool:
+    """Whether ``path`` holds a private key (PEM or OpenSSH ``... PRIVATE KEY-----``)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64 * 1024)
+    except OSError:
+        return False
+    return b"PRIVATE KEY-----" in head
+
+
 def _cmd_agents_add(args: argparse.Namespace) -> int:
-    public_key = load_public_key(args.public_key)
+    path: str = args.public_key
+    try:
+        public_key = load_public_key(path)
+    except KeyLoadError:
+        if not _looks_private(path):
+            raise
+        pub = path + ".pub"
+        which = f"the .pub file ({pub})" if os.path.exists(pub) else "its public key (.pub) file"
+        raise CliError(f"{path}: this looks like a private key; pass {which}") from None
     with Registry.open(args.db) as registry:
         try:
             fingerprint = registry.add_key(args.tenant, args.agent, public_key)
@@ -293,21 +429,51 @@ def _cmd_agents_set_disabled(args: argparse.Namespace, disabled: bool) -> int:
 # --------------------------------------------------------------------------- hub
 
 
+class _HubDefault:
+    """The default of a ``hub`` flag: the ``HubConfig`` field's, read when help is shown.
+
+    It stays in the parsed arguments when the flag is not given (the hub then
+    uses ``HubConfig``'s own default); only ``str()`` (``--help``) imports the hub,
+    so that other commands do not pay for importing trio.
+    """
+
+    def __init__(self, field: str) -> None:
+        self.field = field
+
+    def __str__(self) -> str:
+        return _format_default(_hub_config_default(self.field))
+
+
+def _hub_config_default(field: str) -> Any:
+    import attrs
+
+    from ._hub import HubConfig
+
+    return attrs.fields_dict(HubConfig)[field].default
+
+
+def _format_default(value: Any) -> str:
+    return format(value, "g") if isinstance(value, float) else str(value)
+
+
+# hub flag (argparse dest) → HubConfig field
+_HUB_FLAGS = {
+    "heartbeat_min": "min_heartbeat_interval",
+    "heartbeat_max": "max_heartbeat_interval",
+    "disconnect_grace": "disconnect_grace",
+    "max_frame_bytes": "max_frame_bytes",
+    "max_subscriptions": "max_subscriptions",
+    "send_queue": "send_queue_size",
+    "publish_rate": "publish_rate",
+    "publish_burst": "publish_burst",
+}
+
+
 def _hub_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    mapping = {
-        "heartbeat_min": "min_heartbeat_interval",
-        "heartbeat_max": "max_heartbeat_interval",
-        "disconnect_grace": "disconnect_grace",
-        "max_frame_bytes": "max_frame_bytes",
-        "max_subscriptions": "max_subscriptions",
-        "send_queue": "send_queue_size",
-        "publish_rate": "publish_rate",
-        "publish_burst": "publish_burst",
-    }
     kwargs = {
         field: getattr(args, option)
-        for option, field in mapping.items()
-        if getattr(args, option) is not None
+        for option, field in _HUB_FLAGS.items()
+        if not isinstance(getattr(args, option), _HubDefault | None)
     }
     low = kwargs.get("min_heartbeat_interval")
     high = kwargs.get("max_heartbeat_interval")
@@ -476,7 +642,7 @@ class _StatusPrinter:
         else:
             text = _presence_table(rows) if rows else "no agents known to the hub"
             if self.watch:
-                stamp = datetime.datetime.now(tz=datetime.UTC).isoformat(timespec="seconds")
+                stamp = _iso(time.time(), "seconds")
                 text = f"presence at {stamp} (Ctrl+C to stop)\n{text}"
                 if self.tty:
                     text = "\x1b[H\x1b[2J" + text
@@ -531,7 +697,9 @@ async def _admin_session(
         try:
             return decode(await ws.get_message(), max_bytes=64 * 1024 * 1024)
         except trio_websocket.ConnectionClosed as exc:
-            raise HubUnreachable(f"the hub closed the admin connection ({exc.reason})") from None
+            raise HubUnreachable(
+                f"hub closed the admin connection ({_close_text(exc.reason)})"
+            ) from None
 
     try:
         with trio.fail_after(STATUS_TIMEOUT) as handshake_scope:
@@ -574,7 +742,7 @@ async def _admin_session(
             f"the hub at {url} did not answer within {STATUS_TIMEOUT:g} s"
         ) from None
     except (OSError, trio_websocket.HandshakeError) as exc:
-        raise HubUnreachable(f"cannot reach the hub at {url}: {exc}") from None
+        raise HubUnreachable(_connection_problem(exc, url, hint=False)) from None
 
 
 async def _tls_preflight(url: str, ssl_context: ssl.SSLContext) -> None:
@@ -591,9 +759,14 @@ async def _tls_preflight(url: str, ssl_context: ssl.SSLContext) -> None:
         await stream.do_handshake()
     except trio.BrokenResourceError as exc:
         cause = exc.__cause__ or exc
-        raise CliError(
-            f"TLS handshake with {host}:{port} failed: {cause} (pass --cafile to trust its CA)"
-        ) from None
+        if _not_tls(cause):
+            raise CliError(
+                f"the server at {host}:{port} does not speak TLS: use ws:// instead of wss://"
+            ) from None
+        hint = " (pass --cafile to trust its CA)"
+        if not isinstance(cause, ssl.SSLCertVerificationError):
+            hint = ""
+        raise CliError(f"TLS handshake with {host}:{port} failed: {cause}{hint}") from None
     finally:
         with trio.move_on_after(1, shield=True):
             await stream.aclose()
@@ -619,7 +792,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         except HubUnreachable as exc:
             why = str(exc)
         except KeyboardInterrupt:
-            return EXIT_OK
+            if not args.watch:
+                raise  # a one-shot query interrupted: 130, like the other commands
+            return EXIT_OK  # Ctrl+C is how --watch ends
         else:
             return EXIT_OK
     if db is None:

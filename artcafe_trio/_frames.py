@@ -43,6 +43,7 @@ __all__ = [
     "Unsubscribed",
     "Welcome",
     "decode",
+    "decode_with_id",
     "encode",
     "encode_message",
 ]
@@ -158,7 +159,13 @@ def _k_metadata(name: str, value: object, frame_id: str | None) -> dict[str, JSO
             f"field {name!r} is nested deeper than {MAX_METADATA_DEPTH} levels",
             frame_id=frame_id,
         )
-    if len(json.dumps(metadata).encode("utf-8")) > MAX_METADATA_BYTES:
+    try:
+        size = len(json.dumps(metadata, allow_nan=False).encode("utf-8"))
+    except ValueError:  # 1e999 parses as infinity, which JSON cannot carry back out
+        raise ProtocolError(
+            "invalid_field", f"field {name!r} holds a number out of range", frame_id=frame_id
+        ) from None
+    if size > MAX_METADATA_BYTES:
         raise ProtocolError(
             "invalid_field",
             f"field {name!r} is larger than {MAX_METADATA_BYTES} bytes of JSON",
@@ -547,6 +554,14 @@ def decode(text: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Fr
 
     Unknown extra fields are ignored (forward compatibility); wrong types are not.
     """
+    return decode_with_id(text, max_bytes=max_bytes)[0]
+
+
+def decode_with_id(
+    text: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES
+) -> tuple[Frame, str | None]:
+    """:func:`decode`, also returning the frame's ``id`` as sent, whether or not its
+    type has an ``id`` field (so a refusal can name the frame it refers to)."""
     if not isinstance(text, str):
         raise ProtocolError(
             "binary_frame", "binary frames are not supported: send JSON in a text frame"
@@ -576,7 +591,7 @@ def decode(text: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Fr
             "unknown_type", f"unknown frame type {frame_type[:64]!r}", frame_id=frame_id
         )
     frame: Frame = _from_object(cls, obj, frame_id, frame_type)
-    return frame
+    return frame, frame_id
 
 
 def _kind(obj: object) -> str:

@@ -58,7 +58,7 @@ from ._frames import (
     Unsubscribe,
     Unsubscribed,
     Welcome,
-    decode,
+    decode_with_id,
     encode,
     encode_message,
 )
@@ -370,10 +370,17 @@ class _RateLimitedLog:
 
 def _claimed(frame: Auth, tenant_id: str | None, agent_id: str | None) -> str:
     """Who an auth frame claims to be, for the log (ids are not secrets)."""
-    who = f"{frame.tenant_id}/{frame.agent_id}"
+    who = f"{_printable(frame.tenant_id)}/{_printable(frame.agent_id)}"
     if (frame.tenant_id, frame.agent_id) != (tenant_id, agent_id):
-        who += f" (URL says {tenant_id}/{agent_id})"
+        who += f" (URL says {_printable(tenant_id)}/{_printable(agent_id)})"
     return who
+
+
+def _printable(text: str | None) -> str:
+    """An untrusted string made safe for one log line (no control characters)."""
+    if text is None:
+        return "-"
+    return text[:128].encode("unicode_escape").decode("ascii")
 
 
 def _clamp(value: float, low: float, high: float) -> float:
@@ -736,18 +743,19 @@ class Hub:
             await ws.send_message(encode(expired))
             raise _Refused(CloseCode.CHALLENGE_EXPIRED, "challenge expired")
         try:
-            frame = decode(text, max_bytes=self.config.max_frame_bytes)
+            frame, raw_id = decode_with_id(text, max_bytes=self.config.max_frame_bytes)
         except ProtocolError as exc:
             await ws.send_message(
                 encode(Error(code=exc.code, message=exc.message, id=exc.frame_id, fatal=True))
             )
             raise _Refused(CloseCode.PROTOCOL_VIOLATION, "expected auth") from None
-        return await self._check_auth(ws, frame, nonce, agent_id, tenant_id, remote)
+        return await self._check_auth(ws, frame, raw_id, nonce, agent_id, tenant_id, remote)
 
     async def _check_auth(
         self,
         ws: WebSocketConnection,
         frame: Frame,
+        raw_id: str | None,
         nonce: str,
         agent_id: str | None,
         tenant_id: str | None,
@@ -772,7 +780,7 @@ class Hub:
                     Error(
                         code="not_authenticated",
                         message=f"expected an auth frame, got {frame.type!r}",
-                        id=getattr(frame, "id", None),
+                        id=raw_id,
                         fatal=True,
                     )
                 )
@@ -782,7 +790,7 @@ class Hub:
             await self._refuse_auth(
                 ws, remote, "unsupported_protocol",
                 f"this hub speaks protocol {PROTOCOL_VERSION}", CloseCode.PROTOCOL_VIOLATION,
-                who=f"{frame.tenant_id}/{frame.agent_id}",
+                who=_claimed(frame, frame.tenant_id, frame.agent_id),
             )  # fmt: skip
         # Unknown agent, wrong tenant, mismatched ids and bad signatures all answer alike.
         key = None
@@ -943,16 +951,19 @@ class Hub:
             entry = self._presence.get((session.tenant_id, session.agent_id))
             if entry is not None and entry.session is session:
                 entry.last_seen = self._wall_clock()
+            raw_id = None
             try:
-                frame = decode(text, max_bytes=max_bytes)
+                frame, raw_id = decode_with_id(text, max_bytes=max_bytes)
                 if frame.type not in CLIENT_FRAME_TYPES:
                     raise ProtocolError(
                         "unexpected_type",
                         f"a hub does not accept {frame.type!r} frames",
-                        frame_id=getattr(frame, "id", None),
+                        frame_id=raw_id,
                     )
                 self._handle_frame(session, frame)
             except ProtocolError as exc:
+                if exc.frame_id is None:
+                    exc.frame_id = raw_id
                 self.stats.refused_frames += 1
                 self._refused_log.warning("%r: refused frame: %s", session, exc)
                 session.send_frame(Error(code=exc.code, message=exc.message, id=exc.frame_id))
@@ -1064,10 +1075,12 @@ class Hub:
             )
         message_id = f"{self.config.hub_id}-{next(self._message_ids)}"
         try:
-            data_json = json.dumps(frame.data, separators=(",", ":"))
-        except (ValueError, RecursionError):
+            data_json = json.dumps(frame.data, separators=(",", ":"), allow_nan=False)
+        except (ValueError, RecursionError):  # e.g. 1e999, parsed as infinity
             raise ProtocolError(
-                "invalid_field", "data cannot be re-encoded as JSON", frame_id=frame.id
+                "invalid_field",
+                "data holds a number out of range or is nested too deeply",
+                frame_id=frame.id,
             ) from None
         if dedupe is not None and frame.id is not None:
             dedupe.remember(frame.id, message_id, now)

@@ -33,6 +33,7 @@ from ._frames import (
     Unsubscribed,
     Welcome,
     decode,
+    decode_with_id,
     encode,
     encode_message,
 )
@@ -95,6 +96,7 @@ __all__ = [
     "Welcome",
     "auth_payload",
     "decode",
+    "decode_with_id",
     "encode",
     "encode_message",
     "generate_private_key",
