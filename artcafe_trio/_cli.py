@@ -814,17 +814,40 @@ def _cmd_status(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- publish / listen
 
 
+def _agent_url(args: argparse.Namespace) -> str:
+    """The hub URL the agent will use (as ``open_agent`` resolves it)."""
+    url: str = args.url or os.environ.get("ARTCAFE_URL") or DEFAULT_URL
+    return url
+
+
+def _valid(check: Callable[[str], str], value: str) -> str:
+    """``value`` checked before connecting: one ``error:`` line instead of a hub refusal."""
+    try:
+        return check(value)
+    except ProtocolError as exc:
+        raise CliError(exc.message) from None
+
+
+def _run_agent(args: argparse.Namespace, run: Callable[[], Any]) -> Any:
+    """``trio.run(run)``, with a failed connection told in words, not reprs."""
+    import trio
+
+    try:
+        return trio.run(run)
+    except ConnectionLost as exc:
+        raise CliError(_connection_problem(exc, _agent_url(args))) from None
+
+
 def _agent_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
-        "url": args.url,
+        "url": _agent_url(args),
         "tenant_id": args.tenant,
         "agent_id": args.agent,
         "private_key_path": args.key,
         "private_key_password": _password_from_env(args.password_env),
         "heartbeat_interval": 30,
     }
-    url = args.url or os.environ.get("ARTCAFE_URL") or ""
-    context = _ssl_context(url, args.cafile)
+    context = _ssl_context(_agent_url(args), args.cafile)
     if context is not None:
         kwargs["ssl_context"] = context
     return kwargs
@@ -833,12 +856,11 @@ def _agent_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 async def _agent_preflight(kwargs: dict[str, Any]) -> None:
     context = kwargs.get("ssl_context")
     if context is not None:
-        await _tls_preflight(kwargs["url"] or os.environ["ARTCAFE_URL"], context)
+        await _tls_preflight(kwargs["url"], context)
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
-    import trio
-
+    subject = _valid(validate_subject, args.subject)
     try:
         data = json.loads(args.data)
     except ValueError as exc:
@@ -854,20 +876,21 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         # One shot: fail at once if the hub is unreachable instead of backing off.
         async with open_agent(auto_reconnect=False, **kwargs) as agent:
             # Always wait for the hub's answer, so a refusal is an exit code, not a log line.
-            return await agent.publish(args.subject, data, confirm=True)
+            return await agent.publish(subject, data, confirm=True)
 
-    message_id = trio.run(run)
+    message_id = _run_agent(args, run)
     if args.confirm and message_id is not None:
         print(message_id)
     return EXIT_OK
 
 
 def _cmd_listen(args: argparse.Namespace) -> int:
-    import trio
-
+    pattern = _valid(validate_pattern, args.pattern)
     kwargs = _agent_kwargs(args)
 
     async def run() -> None:
+        import trio
+
         from ._agent import open_agent
         from ._frames import Message
 
@@ -878,8 +901,8 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 
         await _agent_preflight(kwargs)
         async with open_agent(**kwargs) as agent:
-            await agent.subscribe(args.pattern, handler)
-            _note(f"listening on {args.pattern!r} (Ctrl+C to stop)")
+            await agent.subscribe(pattern, handler)
+            _note(f"listening on {pattern!r} (Ctrl+C to stop)")
             seen = 0
             async for message in receive:
                 line = {
@@ -893,8 +916,8 @@ def _cmd_listen(args: argparse.Namespace) -> int:
                 if args.count is not None and seen >= args.count:
                     return
 
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(run)
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how listen ends: exit 0
+        _run_agent(args, run)
     return EXIT_OK
 
 
@@ -916,30 +939,58 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- parser
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to an option's help, unless it has no default worth showing.
+
+    Left alone: help that already names its default, required options, and
+    options whose default is ``None`` or ``False`` (absent, off).
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or action.required
+            or default is None
+            or default is False
+            or default == argparse.SUPPRESS
+        ):
+            return text
+        return super()._get_help_string(action)
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> NoReturn:
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"error: {message}\n")
 
 
-def _add_db(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--db",
-        default=DEFAULT_DB,
-        metavar="PATH",
-        help=f"registry database (SQLite; default ./{DEFAULT_DB})",
-    )
+def _command(commands: Any, name: str, text: str) -> _Parser:
+    """A sub-command whose ``--help`` starts with its one-line description."""
+    parser: _Parser = commands.add_parser(name, help=text, description=text)
+    return parser
 
 
-def _add_identity(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", default=DEFAULT_DB, metavar="PATH", help="registry database")
+def _add_db(parser: argparse.ArgumentParser, text: str = "registry database (SQLite)") -> None:
+    parser.add_argument("--db", default=DEFAULT_DB, metavar="PATH", help=text)
+
+
+def _add_identity(
+    parser: argparse.ArgumentParser, db_text: str = "registry database (SQLite; must exist)"
+) -> None:
+    _add_db(parser, db_text)
     parser.add_argument("--tenant", required=True, help="tenant (organization) id")
     parser.add_argument("--agent", required=True, help="agent id")
 
 
 def _add_agent_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--url", default=None, help="hub URL (default $ARTCAFE_URL or ws://127.0.0.1:8765)"
+        "--url", default=None, help=f"hub URL (default: $ARTCAFE_URL, else {DEFAULT_URL})"
     )
     parser.add_argument("--tenant", required=True, help="tenant (organization) id")
     parser.add_argument(
@@ -951,7 +1002,24 @@ def _add_agent_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--password-env", metavar="VAR", help="environment variable holding the key's password"
     )
-    parser.add_argument("--cafile", metavar="PEM", help="CA bundle to verify a wss:// hub")
+    parser.add_argument(
+        "--cafile", metavar="PEM", help="CA bundle to verify a wss:// hub (default: system CAs)"
+    )
+
+
+def _add_hub_flag(
+    parser: argparse.ArgumentParser, flag: str, kind: Callable[[str], Any], metavar: str, text: str
+) -> None:
+    """A hub tuning flag whose default (shown in ``--help``) is ``HubConfig``'s."""
+    dest = flag.removeprefix("--").replace("-", "_")
+    field = _HUB_FLAGS[dest]
+    parser.add_argument(
+        flag,
+        type=kind,
+        default=_HubDefault(field),
+        metavar=metavar,
+        help=f"{text}; HubConfig.{field}",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -959,16 +1027,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="artcafe-trio",
         description="Agents, a hub and honest presence, for trio.",
-        epilog="exit codes: 0 ok, 1 error, 2 usage, 3 hub not running (status)",
+        epilog=(
+            "exit codes: 0 ok, 1 error, 2 usage, 3 hub not running (status),"
+            " 130 interrupted (listen and status --watch: Ctrl+C exits 0)"
+        ),
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     # keygen
-    keygen = commands.add_parser("keygen", help="generate an agent key pair")
-    keygen.add_argument("--type", choices=("ed25519", "rsa"), default="ed25519")
-    keygen.add_argument("--bits", type=int, default=3072, help="RSA key size (default 3072)")
-    keygen.add_argument("--out", required=True, metavar="PATH", help="private key file")
+    keygen = _command(commands, "keygen", "generate an agent key pair")
+    keygen.add_argument(
+        "--type",
+        choices=("ed25519", "rsa"),
+        default="ed25519",
+        help="key type: ed25519 (small, fast) or rsa (compatibility)",
+    )
+    keygen.add_argument("--bits", type=int, default=3072, help="RSA key size, at least 2048")
+    keygen.add_argument(
+        "--out", required=True, metavar="PATH", help="private key file (public key: PATH.pub)"
+    )
     keygen.add_argument(
         "--password-env", metavar="VAR", help="encrypt with the password in this env variable"
     )
@@ -976,101 +1054,157 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.set_defaults(handler=_cmd_keygen)
 
     # agents
-    agents = commands.add_parser("agents", help="manage registered agents and their keys")
+    agents = _command(commands, "agents", "manage registered agents and their keys")
     agent_commands = agents.add_subparsers(
         dest="agents_command", metavar="ACTION", parser_class=_Parser
     )
     agents.set_defaults(handler=lambda _args: _usage_help(agents))
 
-    add = agent_commands.add_parser("add", help="register a public key for an agent")
-    _add_identity(add)
-    add.add_argument("--public-key", required=True, metavar="PATH", help="OpenSSH .pub file")
+    add = _command(agent_commands, "add", "register a public key for an agent")
+    _add_identity(add, "registry database (SQLite; created if missing)")
+    add.add_argument(
+        "--public-key", required=True, metavar="PATH", help="OpenSSH public key file (.pub)"
+    )
     add.set_defaults(handler=_cmd_agents_add)
 
-    listing = agent_commands.add_parser("list", help="list agents, keys and last known presence")
-    _add_db(listing)
-    listing.add_argument("--tenant", default=None, help="only this tenant")
+    listing = _command(agent_commands, "list", "list agents, keys and last known presence")
+    _add_db(listing, "registry database (SQLite; must exist)")
+    listing.add_argument("--tenant", default=None, help="only this tenant (default: all)")
     listing.add_argument("--json", action="store_true", help="print JSON")
     listing.set_defaults(handler=_cmd_agents_list)
 
-    remove = agent_commands.add_parser(
-        "remove", help="remove one key or all keys (connected sessions are closed)"
+    remove = _command(
+        agent_commands, "remove", "remove one key or all keys (connected sessions are closed)"
     )
     _add_identity(remove)
     which = remove.add_mutually_exclusive_group()
-    which.add_argument("--fingerprint", metavar="FP", help="remove only this key")
+    which.add_argument(
+        "--fingerprint", metavar="FP", help="remove only this key (default: all keys)"
+    )
     which.add_argument(
         "--purge", action="store_true", help="remove the agent itself with its keys and presence"
     )
     remove.set_defaults(handler=_cmd_agents_remove)
 
-    disable = agent_commands.add_parser("disable", help="refuse the agent (sessions are closed)")
+    disable = _command(agent_commands, "disable", "refuse the agent (sessions are closed)")
     _add_identity(disable)
     disable.set_defaults(handler=functools.partial(_cmd_agents_set_disabled, disabled=True))
 
-    enable = agent_commands.add_parser("enable", help="accept a disabled agent again")
+    enable = _command(agent_commands, "enable", "accept a disabled agent again")
     _add_identity(enable)
     enable.set_defaults(handler=functools.partial(_cmd_agents_set_disabled, disabled=False))
 
     # hub
-    hub = commands.add_parser("hub", help="run a hub (SIGINT/SIGTERM stop it gracefully)")
-    hub.add_argument("--host", default="127.0.0.1")
-    hub.add_argument("--port", type=_port, default=8765, help="0 picks a free port")
-    _add_db(hub)
-    hub.add_argument("--tls-cert", metavar="PEM", help="certificate chain: serve wss://")
-    hub.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
-    hub.add_argument("--heartbeat-min", type=_positive_float, metavar="S")
-    hub.add_argument("--heartbeat-max", type=_positive_float, metavar="S")
-    hub.add_argument("--disconnect-grace", type=_non_negative_float, metavar="S")
-    hub.add_argument("--max-frame-bytes", type=_positive_int, metavar="N")
-    hub.add_argument("--max-subscriptions", type=_positive_int, metavar="N")
-    hub.add_argument("--send-queue", type=_positive_int, metavar="N")
-    hub.add_argument("--publish-rate", type=_positive_float, metavar="R", help="per agent, /s")
-    hub.add_argument("--publish-burst", type=_positive_int, metavar="N")
-    hub.add_argument("--metrics-port", type=_port, metavar="P", help="Prometheus metrics")
+    hub = _command(commands, "hub", "run a hub (SIGINT/SIGTERM stop it gracefully)")
+    hub.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help="address to listen on (0.0.0.0: all interfaces)",
+    )
+    hub.add_argument(
+        "--port", type=_port, default=DEFAULT_PORT, help="TCP port to listen on; 0 picks a free one"
+    )
+    _add_db(hub, "registry database (SQLite; created if missing; admin file: PATH.admin)")
+    hub.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="certificate chain: serve wss:// (default: plain ws://)",
+    )
+    hub.add_argument(
+        "--tls-key",
+        metavar="PEM",
+        help="private key of --tls-cert (default: read from the --tls-cert file)",
+    )
+    _add_hub_flag(
+        hub, "--heartbeat-min", _positive_float, "S", "lowest heartbeat interval agents get, s"
+    )
+    _add_hub_flag(
+        hub, "--heartbeat-max", _positive_float, "S", "highest heartbeat interval agents get, s"
+    )
+    _add_hub_flag(
+        hub,
+        "--disconnect-grace",
+        _non_negative_float,
+        "S",
+        "seconds before a dropped agent is reported offline (0: at once)",
+    )
+    _add_hub_flag(hub, "--max-frame-bytes", _positive_int, "N", "largest frame accepted, bytes")
+    _add_hub_flag(hub, "--max-subscriptions", _positive_int, "N", "patterns per connection")
+    _add_hub_flag(
+        hub,
+        "--send-queue",
+        _positive_int,
+        "N",
+        "frames queued per connection before it is closed as a slow consumer (4004)",
+    )
+    _add_hub_flag(
+        hub, "--publish-rate", _positive_float, "R", "sustained publishes per second per agent"
+    )
+    _add_hub_flag(hub, "--publish-burst", _positive_int, "N", "publishes allowed in a burst")
+    hub.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="P",
+        help="serve Prometheus metrics on this port (default: off; needs the [metrics] extra)",
+    )
     hub.add_argument(
         "--log-level",
         default="INFO",
         type=str.upper,
         choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        help="log level of the hub's log on stderr",
     )
     hub.set_defaults(handler=_cmd_hub)
 
     # status
-    status = commands.add_parser(
-        "status", help="presence table of a running hub (or last known, exit 3)"
-    )
+    status = _command(commands, "status", "presence table of a running hub (or last known, exit 3)")
     status.add_argument(
-        "--db", default=None, metavar="PATH", help=f"registry database (default ./{DEFAULT_DB})"
+        "--db",
+        default=None,
+        metavar="PATH",
+        help=f"registry database; the admin file is PATH.admin (default: {DEFAULT_DB})",
     )
     status.add_argument(
         "--admin-file", metavar="PATH", help="the hub's admin file (default: <db>.admin)"
     )
     status.add_argument("--json", action="store_true", help="print JSON")
-    status.add_argument("--watch", action="store_true", help="follow presence changes")
-    status.add_argument("--cafile", metavar="PEM", help="CA bundle to verify a wss:// hub")
+    status.add_argument(
+        "--watch", action="store_true", help="follow presence changes until Ctrl+C (exit 0)"
+    )
+    status.add_argument(
+        "--cafile", metavar="PEM", help="CA bundle to verify a wss:// hub (default: system CAs)"
+    )
     status.set_defaults(handler=_cmd_status)
 
     # publish / listen
-    publish = commands.add_parser("publish", help="publish one message as an agent")
+    publish = _command(commands, "publish", "publish one message as an agent")
     _add_agent_options(publish)
-    publish.add_argument("subject")
+    publish.add_argument(
+        "subject", metavar="SUBJECT", help="concrete subject (no wildcards), e.g. 'tasks.new'"
+    )
     publish.add_argument("data", metavar="JSON_DATA", help="any JSON value, e.g. '{\"x\": 1}'")
     publish.add_argument(
         "--confirm", action="store_true", help="wait for the hub's ack; print the message id"
     )
     publish.set_defaults(handler=_cmd_publish)
 
-    listen = commands.add_parser("listen", help="print matching messages as JSON lines")
+    listen = _command(
+        commands, "listen", "print matching messages as JSON lines (until Ctrl+C: exit 0)"
+    )
     _add_agent_options(listen)
-    listen.add_argument("pattern", help="subject pattern, e.g. 'tasks.>' or '$presence.>'")
-    listen.add_argument("--count", type=_positive_int, metavar="N", help="exit after N messages")
+    listen.add_argument(
+        "pattern", metavar="PATTERN", help="subject pattern, e.g. 'tasks.>' or '$presence.>'"
+    )
+    listen.add_argument(
+        "--count", type=_positive_int, metavar="N", help="exit after N messages (default: never)"
+    )
     listen.set_defaults(handler=_cmd_listen)
 
     # demo
-    demo = commands.add_parser(
+    demo = _command(
+        commands,
         "demo",
-        help="a hub and agents in one process: staged failures, measured detection times",
+        "a hub and agents in one process: staged failures, measured detection times",
     )
     demo.add_argument(
         "--duration", type=_positive_float, default=None, metavar="S",
@@ -1091,13 +1225,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_help(parser: argparse.ArgumentParser) -> int:
+    """No command: the help on stdout, success."""
     parser.print_help()
     return EXIT_OK
 
 
 def _usage_help(parser: argparse.ArgumentParser) -> int:
-    """A command group given without its action: help on stderr, usage error."""
-    parser.print_help(sys.stderr)
+    """A command group given without its action: its help on stdout, usage error."""
+    parser.print_help()
     return EXIT_USAGE
 
 

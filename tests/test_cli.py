@@ -7,6 +7,9 @@ They are plain sync tests on purpose: they drive real processes.
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import errno
 import json
 import os
 import signal
@@ -23,10 +26,31 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
+import trio
+import trio_websocket
 
-from artcafe_trio import KeyLoadError, Registry, load_private_key, parse_public_key
-from artcafe_trio._cli import main
+from artcafe_trio import (
+    ConnectionLost,
+    HubConfig,
+    KeyLoadError,
+    ReconnectFailed,
+    Registry,
+    load_private_key,
+    open_hub,
+    parse_public_key,
+)
+from artcafe_trio._cli import (
+    DEFAULT_URL,
+    EXIT_INTERRUPTED,
+    _close_text,
+    _connection_problem,
+    _hub_config_kwargs,
+    _iso,
+    build_parser,
+    main,
+)
 
 CLI = [sys.executable, "-c", "from artcafe_trio._cli import main; raise SystemExit(main())"]
 
@@ -94,8 +118,127 @@ def test_usage_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["keygen"]) == 2  # --out is required
     assert "--out" in capsys.readouterr().err
     assert main(["hub", "--port", "70000"]) == 2
-    assert main(["agents"]) == 2  # an action is required
-    assert "add" in capsys.readouterr().err
+
+
+def test_no_command_and_no_action_print_help_on_stdout(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Both print their help on stdout; no command is fine (0), no action is a usage error."""
+    assert main([]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("usage: artcafe-trio [-h]")
+    assert captured.err == ""
+    assert main(["agents"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out.startswith("usage: artcafe-trio agents")
+    assert "manage registered agents and their keys" in captured.out
+    for action in ("add", "list", "remove", "disable", "enable"):
+        assert action in captured.out
+    assert captured.err == ""
+
+
+def _subparsers(parser: Any) -> dict[str, Any]:
+    """``{name: parser}`` of a parser's sub-commands."""
+    for action in parser._actions:
+        if action.choices and isinstance(action.choices, dict):
+            return dict(action.choices)
+    return {}
+
+
+def _help(capsys: pytest.CaptureFixture[str], *command: str) -> str:
+    assert main([*command, "--help"]) == 0
+    return " ".join(capsys.readouterr().out.split())  # unwrapped
+
+
+def test_every_command_and_option_has_help(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    top = _subparsers(build_parser())
+    commands = [((name,), sub) for name, sub in top.items()]
+    commands += [(("agents", name), sub) for name, sub in _subparsers(top["agents"]).items()]
+    assert len(commands) == 12
+    for command, parser in commands:
+        # the one-line description of COMMAND --help is the help of the command list
+        assert parser.description, command
+        text = _help(capsys, *command)
+        assert text.startswith("usage: artcafe-trio " + " ".join(command))
+        assert f" {parser.description} " in text
+        for action in parser._actions:
+            if not isinstance(action, argparse._SubParsersAction):  # each choice has help
+                assert action.help, (command, action.dest)
+
+
+def test_help_shows_defaults(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "200")
+    keygen = _help(capsys, "keygen")
+    assert "--type {ed25519,rsa} key type: ed25519 (small, fast) or rsa" in keygen
+    assert "(default: ed25519)" in keygen
+    assert "RSA key size, at least 2048 (default: 3072)" in keygen
+    assert "(default: None)" not in keygen
+    assert "(default: False)" not in keygen
+    for action in ("add", "list", "remove", "disable", "enable"):
+        assert "(default: artcafe-hub.db)" in _help(capsys, "agents", action), action
+    hub = _help(capsys, "hub")
+    assert "(default: 127.0.0.1)" in hub
+    assert "(default: 8765)" in hub
+    assert "(default: artcafe-hub.db)" in hub
+    assert "(default: INFO)" in hub
+    assert "(default: off" in hub  # --metrics-port
+    assert "(default: plain ws://)" in hub  # --tls-cert
+    assert "(default: None)" not in hub
+    # The tuning flags show HubConfig's own defaults: they cannot drift.
+    fields = attrs.fields_dict(HubConfig)
+    flags = {
+        "--heartbeat-min": "min_heartbeat_interval",
+        "--heartbeat-max": "max_heartbeat_interval",
+        "--disconnect-grace": "disconnect_grace",
+        "--max-frame-bytes": "max_frame_bytes",
+        "--max-subscriptions": "max_subscriptions",
+        "--send-queue": "send_queue_size",
+        "--publish-rate": "publish_rate",
+        "--publish-burst": "publish_burst",
+    }
+    for flag, field in flags.items():
+        default = fields[field].default
+        shown = format(default, "g") if isinstance(default, float) else str(default)
+        assert f"HubConfig.{field} (default: {shown})" in hub, flag
+    assert "(default: 1048576)" in hub
+    assert "(default: 300)" in hub
+    publish = _help(capsys, "publish")
+    assert f"(default: $ARTCAFE_URL, else {DEFAULT_URL})" in publish
+    assert "SUBJECT concrete subject" in publish
+    assert "JSON_DATA any JSON value" in publish
+    assert "PATTERN subject pattern" in _help(capsys, "listen")
+
+
+def test_default_url_is_the_agents() -> None:
+    from artcafe_trio import _agent
+
+    assert DEFAULT_URL == _agent.DEFAULT_URL
+
+
+def test_hub_flags_left_out_keep_hubconfig_defaults() -> None:
+    parser = build_parser()
+    assert _hub_config_kwargs(parser.parse_args(["hub"])) == {}
+    args = parser.parse_args(["hub", "--disconnect-grace", "0", "--send-queue", "7"])
+    assert _hub_config_kwargs(args) == {"disconnect_grace": 0.0, "send_queue_size": 7}
+    assert HubConfig(**_hub_config_kwargs(args)).send_queue_size == 7
+
+
+def test_help_does_not_import_the_hub() -> None:
+    """Defaults are read from HubConfig only for ``hub --help``: other commands stay light."""
+    code = (
+        "import sys; from artcafe_trio._cli import main; main(['agents', 'list', '--help']);"
+        " assert 'artcafe_trio._hub' not in sys.modules, 'hub imported';"
+        " main(['hub', '--help']); assert 'artcafe_trio._hub' in sys.modules"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=20
+    )
+    assert result.returncode == 0, result.stderr
 
 
 # --------------------------------------------------------------------------- keygen
@@ -278,7 +421,20 @@ def test_agents_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     key, _ = _keygen(tmp_path)
     capsys.readouterr()
     assert main([*add, "--public-key", str(key)]) == 1  # a private key is not a .pub
-    assert "error: " in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err == f"error: {key}: this looks like a private key; pass the .pub file ({key}.pub)\n"
+    lone = tmp_path / "lone-private"
+    lone.write_bytes(key.read_bytes())  # no .pub beside it
+    assert main([*add, "--public-key", str(lone)]) == 1
+    err = capsys.readouterr().err
+    assert "this looks like a private key; pass its public key (.pub) file" in err
+    garbage = tmp_path / "garbage.pub"
+    garbage.write_text("not a key\n")
+    assert main([*add, "--public-key", str(garbage)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert "private key" not in err  # only said of a private key
+    assert not os.path.exists(db)
     bad_id = ["agents", "add", "--db", db, "--tenant", "a b", "--agent", "bot"]
     assert main([*bad_id, "--public-key", f"{key}.pub"]) == 1
     assert "invalid tenant id" in capsys.readouterr().err
@@ -314,8 +470,171 @@ def test_publish_errors_without_a_hub(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "not valid JSON" in capsys.readouterr().err
     assert main([*base, "--key", str(key), "x.y", '{"n": 1}']) == 1  # nobody listening
     err = capsys.readouterr().err
-    assert err.startswith("error: ")
-    assert "Traceback" not in err
+    assert (
+        err == f"error: cannot connect to the hub at {url} (is it running?): Connection refused\n"
+    )
+
+
+def test_connection_problem_texts() -> None:
+    """Failed connections are told in words: no exception reprs."""
+    url = "ws://127.0.0.1:9"
+    refused = ConnectionRefusedError(errno.ECONNREFUSED, "Error connecting to ('::1', 9): ...")
+    group = OSError("all attempts to connect to 127.0.0.1:9 failed")
+    group.__cause__ = ExceptionGroup("all attempts", [refused, refused])
+    lost = ConnectionLost(f"connection failed: {group!r}")
+    lost.__cause__ = group
+    assert _connection_problem(lost, url) == (
+        f"cannot connect to the hub at {url} (is it running?): Connection refused"
+    )
+    assert _connection_problem(lost, url, hint=False) == (
+        f"cannot connect to the hub at {url}: Connection refused"
+    )
+    gave_up = ReconnectFailed(10, 151.2, group)
+    assert _connection_problem(gave_up, url) == (
+        f"cannot connect to the hub at {url} (is it running?): Connection refused"
+        " (gave up after 10 attempts over 151 s)"
+    )
+    rejected = trio_websocket.ConnectionRejected(503, (), b"hub shutting down")
+    assert _connection_problem(rejected, url) == (
+        f"the server at {url} refused the WebSocket upgrade (HTTP 503): hub shutting down"
+    )
+    closed = ConnectionLost("the hub closed the connection (1012 hub shutting down)", code=1012)
+    assert _connection_problem(closed, url) == str(closed)
+    assert _close_text(trio_websocket.CloseReason(1012, "hub shutting down")) == (
+        "1012 hub shutting down"
+    )
+    assert _close_text(trio_websocket.CloseReason(1000, None)) == "1000"
+
+
+def test_subject_and_pattern_checked_before_connecting(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_connection(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("connected before checking the subject")
+
+    monkeypatch.setattr(trio, "run", no_connection)
+    key, _ = _keygen(tmp_path)
+    capsys.readouterr()
+    base = ["--url", f"ws://127.0.0.1:{_free_port()}", "--tenant", "t", "--agent", "a"]
+    base += ["--key", str(key)]
+    assert main(["listen", *base, "x..y"]) == 1
+    assert capsys.readouterr().err == (
+        "error: empty token at position 1 in pattern 'x..y' (no leading, trailing or doubled '.')\n"
+    )
+    assert main(["publish", *base, "tasks.*", "1"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: wildcard '*' at index 6 is not allowed in a concrete subject")
+    assert err.count("\n") == 1
+    assert main(["publish", *base, "a b", "{not json"]) == 1  # the subject is checked first
+    assert "bad character ' '" in capsys.readouterr().err
+
+
+def test_times_are_utc_with_z(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _iso(0) == "1970-01-01T00:00:00.000Z"
+    assert _iso(0, "seconds") == "1970-01-01T00:00:00Z"
+    assert _iso(None) is None
+    db = tmp_path / "hub.db"
+    key, _ = _keygen(tmp_path)
+    ident = ["--db", str(db), "--tenant", "acme", "--agent", "bot"]
+    assert main(["agents", "add", *ident, "--public-key", f"{key}.pub"]) == 0
+    seen = datetime.datetime(2026, 1, 5, 10, 0, 20, 500000, tzinfo=datetime.UTC).timestamp()
+    with Registry.open(db) as registry:
+        registry.record_last_seen([("acme", "bot", seen, seen + 0.25)])
+    capsys.readouterr()
+
+    assert main(["agents", "list", "--db", str(db)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[-1] == "2026-01-05T10:00:20Z"
+    assert main(["agents", "list", "--db", str(db), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert row["last_seen"] == "2026-01-05T10:00:20.500Z"
+    assert row["last_heartbeat_ack"] == "2026-01-05T10:00:20.750Z"
+    assert row["created_at"].endswith("Z")
+    assert main(["status", "--db", str(db)]) == 3  # no hub: last known presence
+    assert capsys.readouterr().out.splitlines()[1].split()[-2:] == ["2026-01-05T10:00:20Z"] * 2
+    assert main(["status", "--db", str(db), "--json"]) == 3
+    (row,) = json.loads(capsys.readouterr().out)
+    assert (row["last_seen"], row["last_heartbeat_ack"]) == (
+        "2026-01-05T10:00:20.500Z", "2026-01-05T10:00:20.750Z",
+    )  # fmt: skip
+
+
+def test_ctrl_c_exit_codes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl+C ends ``listen`` and ``status --watch`` normally (0); other commands: 130."""
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trio, "run", interrupted)
+    key, _ = _keygen(tmp_path)
+    capsys.readouterr()
+    agent = ["--tenant", "t", "--agent", "a", "--key", str(key)]
+    assert main(["listen", *agent, "tasks.>"]) == 0
+    assert capsys.readouterr().err == ""
+    admin = tmp_path / "hub.db.admin"
+    admin.write_text(json.dumps({"url": "ws://127.0.0.1:1", "token": "t0k3n"}))
+    assert main(["status", "--admin-file", str(admin), "--watch"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["publish", *agent, "tasks.new", "1"]) == EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err == "interrupted\n"
+    assert main(["status", "--admin-file", str(admin)]) == 130
+    assert capsys.readouterr().err == "interrupted\n"
+
+
+async def test_friendly_messages_from_a_live_hub(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong URL path, wss:// to a plain hub, and the hub stopping under ``status --watch``."""
+    key, _ = await trio.to_thread.run_sync(_keygen, tmp_path)
+    db = tmp_path / "hub.db"
+    agent = ["--tenant", "t", "--agent", "a", "--key", str(key)]
+    shown = threading.Event()
+    result: list[int] = []
+
+    def watch() -> None:
+        from artcafe_trio import _cli
+
+        show = _cli._StatusPrinter.show
+
+        def show_and_tell(self: Any, rows: Any) -> None:
+            show(self, rows)
+            shown.set()
+
+        _cli._StatusPrinter.show = show_and_tell  # type: ignore[method-assign]
+        try:
+            result.append(main(["status", "--db", str(db), "--watch"]))
+        finally:
+            _cli._StatusPrinter.show = show  # type: ignore[method-assign]
+
+    async with trio.open_nursery() as nursery:
+        async with open_hub(port=0, db=str(db), admin_file=f"{db}.admin") as hub:
+            capsys.readouterr()
+            wrong = hub.url + "/wrong/path"
+            code = await trio.to_thread.run_sync(
+                main, ["publish", "--url", wrong, *agent, "x", "1"]
+            )
+            assert code == 1
+            assert capsys.readouterr().err == (
+                f"error: the server at {wrong} refused the WebSocket upgrade (HTTP 404):"
+                " is this an artcafe-trio hub URL?\n"
+            )
+            tls = hub.url.replace("ws://", "wss://")
+            code = await trio.to_thread.run_sync(main, ["publish", "--url", tls, *agent, "x", "1"])
+            assert code == 1
+            assert capsys.readouterr().err == (
+                f"error: the server at 127.0.0.1:{hub.port} does not speak TLS:"
+                " use ws:// instead of wss://\n"
+            )
+            nursery.start_soon(trio.to_thread.run_sync, watch)
+            with trio.fail_after(10):
+                while not shown.is_set():
+                    await trio.sleep(0.02)
+        # the hub has stopped: the watch falls back to the database
+    assert result == [3]
+    err = capsys.readouterr().err
+    assert "(hub closed the admin connection (1012 hub shutting down))" in err
+    assert "CloseReason" not in err
 
 
 def test_status_without_hub_or_db(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -630,7 +949,7 @@ def test_publish_listen_and_watch(tmp_path: Path) -> None:
             ("tasks.new", {"n": 1}, "publisher"),
             ("tasks.new", {"n": 2}, "publisher"),
         ]
-        assert all(m["time"].endswith("+00:00") for m in lines)
+        assert all(m["time"].endswith("Z") and len(m["time"]) == 24 for m in lines)
 
         _start_agent(start, tmp_path, url, key, "watched")
         deadline = time.monotonic() + 10
