@@ -45,6 +45,7 @@ class FaultyStream(trio.abc.Stream):
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
+        self.closed = False
         self.drop_outgoing = False
         self.drop_incoming = False
 
@@ -75,6 +76,7 @@ class FaultyStream(trio.abc.Stream):
         await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
+        self.closed = True
         await self.inner.aclose()
 
 
@@ -101,6 +103,7 @@ class TestHub:
             await trio.lowlevel.checkpoint()
             raise OSError("test hub is down")
         stream = FaultyStream(await self.hub.connect_in_memory())
+        self._streams = [s for s in self._streams if not s.closed]
         self._streams.append(stream)
         return await trio_websocket.wrap_client_stream(
             nursery,

@@ -236,6 +236,15 @@ async def test_a_hub_that_cannot_listen_changes_nothing(tmp_path: Any) -> None:
     db = Path(str(tmp_path)) / "hub.db"
     async with open_hub(db=db, port=0) as running:
         async with TestHub(running).open_agent("a1", tenant_id="t"):
+
+            def status() -> str | None:
+                with Registry.open(db) as registry:
+                    [row] = [r for r in registry.list_agents() if r.agent_id == "a1"]
+                    return row.status
+
+            with trio.fail_after(5):  # the running hub writes presence in the background
+                while status() != "online":
+                    await trio.sleep(0.02)
             other_db = Path(str(tmp_path)) / "other.db"
             with pytest.raises(OSError, match="ddress already in use"):
                 async with open_hub(db=db, port=running.port):
@@ -244,6 +253,4 @@ async def test_a_hub_that_cannot_listen_changes_nothing(tmp_path: Any) -> None:
                 async with open_hub(db=other_db, port=running.port):
                     pass
             assert not other_db.exists()
-            with Registry.open(db) as registry:
-                [row] = [r for r in registry.list_agents() if r.agent_id == "a1"]
-                assert row.status == "online"
+            assert status() == "online"
