@@ -27,6 +27,12 @@ def register(db: Path, tenant: str, *agents: str) -> dict[str, Any]:
     return keys
 
 
+def recorded_status(db: Path, agent_id: str) -> str | None:
+    with Registry.open(db) as registry:
+        rows = [r for r in registry.list_agents() if r.agent_id == agent_id]
+    return rows[0].status if rows else None
+
+
 async def test_agent_survives_hub_sigkill_and_restart(tmp_path: Path) -> None:
     db = tmp_path / "hub.db"
     keys = register(db, "acme", "worker", "producer")
@@ -46,9 +52,10 @@ async def test_agent_survives_hub_sigkill_and_restart(tmp_path: Path) -> None:
             await worker.subscribe("jobs.*", lambda s, d: received.append(d))
             await producer.publish("jobs.before", 1, confirm=True)
             # The ACK means the hub accepted and routed it, not that the worker has it:
-            # wait for the delivery before killing the hub.
+            # wait for the delivery before killing the hub. Presence reaches the
+            # registry in the background: wait for it too, so the kill finds it there.
             with trio.fail_after(5):
-                while not received:
+                while not received or recorded_status(db, "worker") != "online":
                     await trio.sleep(0.02)
 
             await hub.kill()
