@@ -30,7 +30,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal, TypeAlias
-from urllib.parse import quote, urlsplit
+from urllib.parse import SplitResult, quote, urlsplit
 
 import attrs
 import trio
@@ -96,6 +96,7 @@ _CONNECTION_ERRORS = (
     OSError,
     trio_websocket.HandshakeError,
     trio.BrokenResourceError,
+    ConnectionClosed,  # a safety net: converted to ConnectionLost where raised
 )
 _AUTH_REFUSALS = {"authentication_failed", "unsupported_protocol"}
 
@@ -644,21 +645,37 @@ class Agent:
     # --- connection supervisor -------------------------------------------------
 
     async def _dial_url(self, nursery: trio.Nursery, resource: str) -> WebSocketConnection:
-        split = urlsplit(self.url)
-        if split.scheme not in ("ws", "wss") or not split.hostname:
-            raise ValueError(f"hub url must be ws://host:port or wss://host:port, got {self.url!r}")
+        split = urlsplit(self.url)  # checked by build_agent
+        assert split.hostname is not None
         secure = split.scheme == "wss"
         port = split.port or (443 if secure else 80)
         stream: trio.abc.Stream = await trio.open_tcp_stream(split.hostname, port)
+        try:
+            return await self._upgrade(nursery, stream, split.hostname, port, split, resource)
+        except BaseException:
+            # Cancelled (connect_timeout) or failed: do not leave the socket to the GC.
+            await trio.aclose_forcefully(stream)
+            raise
+
+    async def _upgrade(
+        self,
+        nursery: trio.Nursery,
+        stream: trio.abc.Stream,
+        hostname: str,
+        port: int,
+        split: SplitResult,
+        resource: str,
+    ) -> WebSocketConnection:
+        """TLS (for wss://) and the WebSocket handshake over a connected TCP stream."""
+        secure = split.scheme == "wss"
         if secure:
             context = self._ssl_context or ssl.create_default_context()
-            tls = trio.SSLStream(stream, context, server_hostname=split.hostname)
+            tls = trio.SSLStream(stream, context, server_hostname=hostname)
             try:
                 # Handshake here, not lazily inside the WebSocket reader, so that a
                 # certificate problem is an immediate, precise error.
                 await tls.do_handshake()
             except trio.BrokenResourceError as exc:
-                await trio.aclose_forcefully(tls)
                 if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
                     reason = exc.__cause__.verify_message
                     raise AuthenticationError(
@@ -667,7 +684,7 @@ class Agent:
                     ) from exc
                 raise
             stream = tls
-        host = split.hostname if split.port is None else f"{split.hostname}:{port}"
+        host = hostname if split.port is None else f"{hostname}:{port}"
         with trio.CancelScope() as handshake:
             watched = _HangUpAlarm(stream, handshake)
             ws = await trio_websocket.wrap_client_stream(
@@ -679,7 +696,6 @@ class Agent:
             )
             watched.disarm()
             return ws
-        await trio.aclose_forcefully(stream)
         raise ConnectionLost("the hub hung up during the WebSocket handshake")
 
     def _resource(self) -> str:
@@ -697,12 +713,7 @@ class Agent:
                 await self._run_connection()
             except AuthenticationError:
                 raise
-            except (
-                ConnectionLost,
-                OSError,
-                trio_websocket.HandshakeError,
-                trio.BrokenResourceError,
-            ) as exc:
+            except _CONNECTION_ERRORS as exc:
                 cause: BaseException = exc
             if self._closed:
                 return
@@ -755,7 +766,12 @@ class Agent:
             async with trio.open_nursery() as nursery:
                 with trio.move_on_after(self._connect_timeout) as connect_scope:
                     ws = await self._dial(nursery, self._resource())
-                    welcome = await self._handshake(ws)
+                    try:
+                        welcome = await self._handshake(ws)
+                    except BaseException:
+                        with trio.CancelScope(shield=True), trio.move_on_after(0):
+                            await ws.aclose()  # closes the socket even when cut short
+                        raise
                 if connect_scope.cancelled_caught:
                     raise ConnectionLost(
                         f"no welcome from the hub within {self._connect_timeout:g} s"
