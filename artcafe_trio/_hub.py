@@ -234,6 +234,8 @@ class _Session:
         self.left = False
         self.timed_out = False
         self.ended = False
+        self.presence: _Presence | None = None  # its presence row, set when attached
+        self.last_frame_wall = 0.0
         self.bucket = _TokenBucket(hub.config.publish_rate, hub.config.publish_burst)
         now = trio.current_time()
         self.deadline = now + heartbeat_timeout if heartbeat_timeout is not None else math.inf
@@ -280,6 +282,11 @@ class _Session:
 
     def may_write(self) -> bool:
         return self.draining or (self.reading and not self.closing)
+
+    def owned_presence(self) -> _Presence | None:
+        """Its presence row, while this session is the one that row belongs to."""
+        entry = self.presence
+        return entry if entry is not None and entry.session is self else None
 
     def touch(self, now: float) -> None:
         if self.heartbeat_timeout is not None:
@@ -632,8 +639,8 @@ class Hub:
             "%r: no heartbeat for %.1f s, marking offline", session, session.heartbeat_timeout
         )
         session.timed_out = True
-        entry = self._presence.get((session.tenant_id, session.agent_id))
-        if entry is not None and entry.session is session:
+        entry = session.owned_presence()
+        if entry is not None:
             self._set_offline(entry, "timeout")
         session.close(CloseCode.HEARTBEAT_TIMEOUT, "heartbeat timeout")
 
@@ -846,6 +853,7 @@ class Hub:
         entry = self._entry(*key)
         was_online = entry.status == "online"
         entry.session = session
+        session.presence = entry
         entry.session_id = session.session_id
         entry.grace_deadline = math.inf
         entry.capabilities = session.capabilities
@@ -873,8 +881,8 @@ class Hub:
         if self._sessions.get(key) is not session:
             return  # replaced: the newer session owns presence
         del self._sessions[key]
-        entry = self._presence.get(key)
-        if entry is None or entry.session is not session:
+        entry = session.owned_presence()
+        if entry is None:
             return
         if session.left:
             self._set_offline(entry, "left")
@@ -946,11 +954,11 @@ class Hub:
                 text = await ws.get_message()
             except ConnectionClosed:
                 return
-            now = trio.current_time()
-            session.touch(now)
-            entry = self._presence.get((session.tenant_id, session.agent_id))
-            if entry is not None and entry.session is session:
-                entry.last_seen = self._wall_clock()
+            session.touch(trio.current_time())
+            session.last_frame_wall = self._wall_clock()
+            entry = session.owned_presence()
+            if entry is not None:
+                entry.last_seen = session.last_frame_wall
             raw_id = None
             try:
                 frame, raw_id = decode_with_id(text, max_bytes=max_bytes)
@@ -975,9 +983,9 @@ class Hub:
             self._handle_publish(session, frame)
         elif isinstance(frame, Heartbeat):
             self.stats.heartbeats += 1
-            entry = self._presence.get((session.tenant_id, session.agent_id))
-            wall = self._wall_clock()
-            if entry is not None and entry.session is session:
+            wall = session.last_frame_wall
+            entry = session.owned_presence()
+            if entry is not None:
                 entry.last_heartbeat = wall
             session.send_frame(HeartbeatAck(seq=frame.seq, hub_time=wall))
         elif isinstance(frame, Subscribe):
