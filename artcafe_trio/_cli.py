@@ -894,27 +894,30 @@ def _cmd_listen(args: argparse.Namespace) -> int:
         from ._agent import open_agent
         from ._frames import Message
 
-        send, receive = trio.open_memory_channel[Message](math.inf)
+        done = trio.Event()
+        seen = 0
 
-        async def handler(subject: str, data: Any, message: Message) -> None:
-            await send.send(message)
+        def handler(subject: str, data: Any, message: Message) -> None:
+            # Handlers of one subscription run in order: the lines come out in order.
+            nonlocal seen
+            if done.is_set():
+                return
+            line = {
+                "subject": message.subject,
+                "data": message.data,
+                "sender": message.sender,
+                "time": _iso(message.time),
+            }
+            print(json.dumps(line), flush=True)
+            seen += 1
+            if args.count is not None and seen >= args.count:
+                done.set()
 
         await _agent_preflight(kwargs)
         async with open_agent(**kwargs) as agent:
             await agent.subscribe(pattern, handler)
             _note(f"listening on {pattern!r} (Ctrl+C to stop)")
-            seen = 0
-            async for message in receive:
-                line = {
-                    "subject": message.subject,
-                    "data": message.data,
-                    "sender": message.sender,
-                    "time": _iso(message.time),
-                }
-                print(json.dumps(line), flush=True)
-                seen += 1
-                if args.count is not None and seen >= args.count:
-                    return
+            await done.wait()
 
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl+C is how listen ends: exit 0
         _run_agent(args, run)
