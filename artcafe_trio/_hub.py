@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
+import contextlib
 import functools
 import hmac
 import itertools
@@ -160,6 +161,8 @@ class HubStats:
     refused_frames: int = 0
     rate_limited: int = 0
     transitions: dict[str, int] = attrs.field(factory=dict)
+    registry_file_lost: int = 0  # 1 while the registry file at its path is not the one opened
+    presence_writes_pending: int = 0
 
 
 class _TokenBucket:
@@ -466,6 +469,8 @@ class Hub:
         )
         self._auth_log = _RateLimitedLog(self.config.refused_log_per_second)
         self._pending_changes: list[PresenceChange] = []
+        self._registry_lost: str | None = None
+        self._registry_lost_logged = -math.inf
         self._changes_waiting = trio.Event()
         self._refused_log = _RateLimitedLog(self.config.refused_log_per_second)
         self._stopping = False
@@ -565,13 +570,47 @@ class Hub:
     async def _watch_registry(self) -> None:
         while True:
             await trio.sleep(self.config.registry_poll_interval)
+            await self._check_registry_file()
             await self._reload_credentials_safely()
+
+    async def _check_registry_file(self) -> None:
+        """Notice a registry file deleted or replaced under the running hub, loudly.
+
+        The hub then keeps serving with the keys it has loaded, but writes no presence
+        (changes wait, one per agent) and sees no registry change, until the file is back
+        or the hub is restarted: see ``docs/security.md``.
+        """
+        try:
+            problem = await self._db(self.registry.file_problem)
+        except RegistryError:  # closed under us: nothing to check
+            return
+        now = trio.current_time()
+        if problem is not None:
+            if self._registry_lost is None or now >= self._registry_lost_logged + 60.0:
+                log.error(
+                    "%s: the running hub keeps the keys it loaded and writes no presence; "
+                    "'agents' commands on that path no longer reach it. Restore the file "
+                    "or restart the hub.",
+                    problem,
+                )
+                self._registry_lost_logged = now
+            self._registry_lost = problem
+            self.stats.registry_file_lost = 1
+        elif self._registry_lost is not None:
+            log.warning("registry file %r is back; presence writes resume", self.registry.path)
+            self._registry_lost = None
+            self.stats.registry_file_lost = 0
+            self._changes_waiting.set()
 
     async def _write_presence(self) -> None:
         next_flush = trio.current_time() + self.config.last_seen_flush_interval
         while True:
             with trio.move_on_at(next_flush):
                 await self._changes_waiting.wait()
+            if self._registry_lost is not None:
+                # Nothing written would reach the file at the registry's path: keep them.
+                await trio.sleep(self.config.registry_poll_interval)
+                continue
             try:
                 if trio.current_time() >= next_flush:
                     next_flush = trio.current_time() + self.config.last_seen_flush_interval
@@ -599,8 +638,13 @@ class Hub:
             try:
                 await self._db(self.registry.record_presence, changes)
             except BaseException:
-                self._pending_changes[:0] = changes  # not written: keep them, in order
+                # Not written: keep them, in order, before the ones queued since.
+                queued, self._pending_changes = self._pending_changes, changes
+                for change in queued:
+                    self._queue_change(change)
                 raise
+            finally:
+                self.stats.presence_writes_pending = len(self._pending_changes)
 
     async def _flush_last_seen(self) -> None:
         rows = [
@@ -658,7 +702,7 @@ class Hub:
                 admin.send(
                     self._message_text(subject, f"{PRESENCE_PREFIX}.>", data_json, HUB_SENDER)
                 )
-        self._pending_changes.append(
+        self._queue_change(
             PresenceChange(
                 entry.tenant_id,
                 entry.agent_id,
@@ -670,6 +714,20 @@ class Hub:
                 last_heartbeat=entry.last_heartbeat,
             )
         )
+
+    def _queue_change(self, change: PresenceChange) -> None:
+        """Queue a presence write. While writes fail, the queue is coalesced to the latest
+        change per agent, so it never holds more than twice the number of agents (the
+        presence log then misses the transitions in between)."""
+        pending = self._pending_changes
+        pending.append(change)
+        if len(pending) > 2 * len(self._presence) + 16:
+            latest: dict[tuple[str, str], PresenceChange] = {}
+            for queued in pending:  # ordered by each agent's latest change
+                latest.pop((queued.tenant_id, queued.agent_id), None)
+                latest[(queued.tenant_id, queued.agent_id)] = queued
+            pending[:] = latest.values()
+        self.stats.presence_writes_pending = len(pending)
         self._changes_waiting.set()
 
     def _set_offline(self, entry: _Presence, reason: str, *, now: float | None = None) -> None:
@@ -1375,12 +1433,33 @@ def _handler(hub: Hub) -> Callable[[WebSocketRequest], Awaitable[None]]:
 
 
 def _write_admin_file(path: str | os.PathLike[str], hub: Hub) -> None:
+    """Write the admin file atomically: a new temporary file of our own (created
+    exclusively, never through a link, mode 0600 whatever the umask), then a rename.
+
+    A file or link planted at any name next to it cannot choose the mode or the target.
+    """
     payload = json.dumps({"url": hub.url, "token": hub.admin_token, "pid": os.getpid()})
-    tmp = f"{os.fspath(path)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(payload)
-    os.replace(tmp, path)
+    target = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(target))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{os.path.basename(target)}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o600)
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 collisions of 64 random bits
+        raise FileExistsError(f"cannot create a temporary file next to {target}")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(payload)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _remove_admin_file(path: str | os.PathLike[str], hub: Hub) -> None:

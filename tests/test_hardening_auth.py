@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,10 +16,11 @@ import trio_websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from artcafe_trio import CloseCode
+from artcafe_trio import CloseCode, open_hub
+from artcafe_trio._cli import main
 from artcafe_trio._keys import PublicKey
 from artcafe_trio._logsafe import printable
-from artcafe_trio._registry import Registry
+from artcafe_trio._registry import Registry, RegistryError
 from artcafe_trio.protocol import (
     Auth,
     Challenge,
@@ -494,3 +496,114 @@ def test_every_log_call_with_peer_text_uses_the_helper() -> None:
     for path in root.glob("*.py"):
         text = path.read_text()
         assert "unicode_escape" not in text or path.name == "_logsafe.py", path.name
+
+
+# --- item 10: the admin token file cannot be planted ------------------------------------
+
+
+@pytest.mark.parametrize("planted", ["file", "symlink"])
+async def test_a_planted_temporary_file_cannot_choose_the_admin_file_mode_or_target(
+    tmp_path: Path, planted: str
+) -> None:
+    admin = tmp_path / "hub.db.admin"
+    tmp = tmp_path / "hub.db.admin.tmp"
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    if planted == "file":
+        tmp.write_text("")
+        tmp.chmod(0o644)
+    else:
+        tmp.symlink_to(victim)
+    async with open_hub(port=None, admin_file=admin) as hub:
+        assert admin.stat().st_mode & 0o777 == 0o600
+        assert not admin.is_symlink()
+        assert json.loads(admin.read_text())["token"] == hub.admin_token
+        assert victim.read_text() == "precious\n"
+        assert [n for n in os.listdir(tmp_path) if n.endswith(".tmp")] == [tmp.name]
+    assert not admin.exists()
+
+
+# --- item 11: a registry file deleted under a running hub -------------------------------
+
+
+def test_registry_notices_its_file_deleted_or_replaced(tmp_path: Path) -> None:
+    db = tmp_path / "reg.db"
+    with Registry.open(db) as registry:
+        assert registry.file_problem() is None
+        db.rename(tmp_path / "moved.db")
+        assert "was deleted" in (registry.file_problem() or "")
+        with Registry.open(db):
+            pass  # another database at the same path
+        assert "was replaced by another file" in (registry.file_problem() or "")
+    with Registry.open(":memory:") as memory:
+        assert memory.file_problem() is None
+
+
+async def test_a_hub_says_loudly_that_its_registry_file_was_deleted_and_keeps_serving(
+    tmp_path: Path, nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "reg.db"
+    with Registry.open(db) as registry:
+        async with open_test_hub(
+            registry=registry, registry_poll_interval=0.02, close_timeout=0.5
+        ) as hub:
+            key = hub.register("t1", "a1")
+            await hub.hub._reload_credentials()
+            with caplog.at_level(logging.ERROR, logger="artcafe_trio.hub"):
+                for name in os.listdir(tmp_path):
+                    os.unlink(tmp_path / name)
+                with trio.fail_after(10):
+                    while not hub.hub.stats.registry_file_lost:
+                        await trio.sleep(0.01)
+                client = await raw_connect(hub, nursery, "a1", "t1", key)
+                assert client.welcome is not None  # still serving with the keys it had
+                await trio.sleep(0.2)  # several polls: one loud line, not one per poll
+            lines = [r.getMessage() for r in caplog.records if "was deleted" in r.message]
+            assert len(lines) == 1
+            assert "writes no presence" in lines[0]
+            assert hub.hub._pending_changes  # the online transition waits, unwritten
+            assert not db.exists()  # nothing recreated it
+
+
+async def test_pending_presence_writes_are_bounded_by_the_number_of_agents(
+    nursery: trio.Nursery, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While writes fail, 200 reconnects of 2 agents queue at most 2 x 2 + 16 changes,
+    the latest of each agent kept (before: 800 changes, growing without bound)."""
+    async with open_test_hub(disconnect_grace=0, close_timeout=0.5) as hub:
+        keys = {a: hub.register("t1", a) for a in ("a1", "a2")}
+
+        def broken(changes: object) -> None:
+            raise RegistryError("disk I/O error")
+
+        monkeypatch.setattr(hub.registry, "record_presence", broken)
+        for _ in range(100):
+            for agent, key in keys.items():
+                client = await raw_connect(hub, nursery, agent, "t1", key)
+                await client.ws.aclose()
+                await trio.sleep(0.01)
+        pending = hub.hub._pending_changes
+        assert len(pending) <= 2 * 2 + 16
+        latest = {(c.tenant_id, c.agent_id): c for c in pending}
+        assert {k: (c.status, c.reason) for k, c in latest.items()} == {
+            ("t1", "a1"): ("offline", "disconnected"),
+            ("t1", "a2"): ("offline", "disconnected"),
+        }
+        assert hub.hub.stats.presence_writes_pending == len(pending)
+
+
+def test_agents_add_refuses_a_missing_database_unless_told_to_create_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = generate_private_key()
+    pub = tmp_path / "k.pub"
+    pub.write_text(key.public_key.to_openssh() + "\n")
+    db = tmp_path / "hub.db"
+    add = ["agents", "add", "--db", str(db), "--tenant", "t", "--agent", "a"]
+    assert main([*add, "--public-key", str(pub)]) == 1
+    err = capsys.readouterr().err
+    assert "no registry database" in err and "--create" in err
+    assert not db.exists()
+    assert main([*add, "--create", "--public-key", str(pub)]) == 0
+    assert db.exists()
+    assert main([*add, "--public-key", str(pub)]) == 0  # an existing one needs no flag
