@@ -607,3 +607,76 @@ def test_agents_add_refuses_a_missing_database_unless_told_to_create_one(
     assert main([*add, "--create", "--public-key", str(pub)]) == 0
     assert db.exists()
     assert main([*add, "--public-key", str(pub)]) == 0  # an existing one needs no flag
+
+
+# --- item 16: what a client in another language cannot guess, as the hub does it --------
+
+
+def nested(levels: int) -> str:
+    """A publish frame nesting ``levels`` arrays/objects deep in all (the frame is 1)."""
+    inner = "[" * (levels - 1) + "]" * (levels - 1)
+    return f'{{"type":"publish","subject":"n.x","id":"n{levels}","data":{inner}}}'
+
+
+@pytest.mark.parametrize(
+    ("text", "code"),
+    [
+        (nested(64), None),  # at the limit: accepted
+        (nested(65), "invalid_json"),  # the hub's own limit, not Python's ~1000
+        (nested(900), "invalid_json"),
+        (nested(5000), "invalid_json"),  # beyond the parser: the same answer
+        ('{"type":"publish","subject":null,"id":"s0"}', "invalid_subject"),
+        ('{"type":"publish","subject":"n.x","data":1e999,"id":"f1"}', "invalid_field"),
+        ('{"type":"publish","subject":"n.x","data":[-1e400],"id":"f2"}', "invalid_field"),
+        ('{"type":"heartbeat","seq":9007199254740992,"id":"i1"}', "invalid_field"),
+        ('{"type":"heartbeat","seq":9007199254740991,"id":"i2"}', None),
+        ('{"type":"heartbeat","seq":1e999,"id":"i3"}', "invalid_field"),
+    ],
+)
+async def test_the_hub_answers_the_documented_edge_cases(
+    test_hub: TestHub, nursery: trio.Nursery, text: str, code: str | None
+) -> None:
+    key = test_hub.register("t1", "a1")
+    client = await raw_connect(test_hub, nursery, "a1", "t1", key)
+    await client.send(text)
+    answer = await client.recv()
+    if code is None:
+        assert answer.type in ("published", "heartbeat_ack"), answer
+    else:
+        assert isinstance(answer, Error), answer
+        assert answer.code == code
+        assert not answer.fatal  # the connection survives
+        if code != "invalid_json":  # a frame too deep to read has no id to echo
+            assert answer.id == json.loads(text)["id"]
+    await client.send('{"type":"heartbeat","seq":7}')
+    assert (await client.recv()).type == "heartbeat_ack"
+
+
+async def test_reply_to_the_own_session_without_a_token_is_forbidden(
+    test_hub: TestHub, nursery: trio.Nursery
+) -> None:
+    key = test_hub.register("t1", "a1")
+    client = await raw_connect(test_hub, nursery, "a1", "t1", key)
+    assert client.welcome is not None
+    own = f"$reply.{client.welcome.session_id}"
+    await client.send(
+        json.dumps({"type": "publish", "subject": "n.x", "reply_to": own, "id": "r1"})
+    )
+    answer = await client.recv()
+    assert isinstance(answer, Error)
+    assert (answer.code, answer.id) == ("forbidden_subject", "r1")
+    await client.send(
+        json.dumps({"type": "publish", "subject": "n.x", "reply_to": own + ".tok", "id": "r2"})
+    )
+    assert (await client.recv()).type == "published"
+
+
+def test_keygen_writes_pkcs8_pem_and_an_openssh_public_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for kind, head in (("ed25519", "ssh-ed25519 "), ("rsa", "ssh-rsa ")):
+        out = tmp_path / kind
+        assert main(["keygen", "--type", kind, "--out", str(out)]) == 0
+        assert out.read_text().startswith("-----BEGIN PRIVATE KEY-----\n")
+        assert (tmp_path / f"{kind}.pub").read_text().startswith(head)
+        assert out.stat().st_mode & 0o777 == 0o600
