@@ -569,7 +569,7 @@ async def test_pending_presence_writes_are_bounded_by_the_number_of_agents(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While writes fail, 200 reconnects of 2 agents queue at most 2 x 2 + 16 changes,
-    the latest of each agent kept (before: 800 changes, growing without bound)."""
+    the latest of each agent kept (before: 400 changes, growing without bound)."""
     async with open_test_hub(disconnect_grace=0, close_timeout=0.5) as hub:
         keys = {a: hub.register("t1", a) for a in ("a1", "a2")}
 
