@@ -214,6 +214,7 @@ class _Refusal:
     close: int
     who: str
     cause: str
+    reason: str | None = None  # the close reason, if not ``message`` (never client text)
 
 
 @functools.cache
@@ -843,7 +844,7 @@ class Hub:
         )  # fmt: skip
         error = Error(code=refusal.code, message=refusal.message, id=refusal.frame_id, fatal=True)
         await ws.send_message(encode(error))
-        raise _Refused(refusal.close, refusal.message)
+        raise _Refused(refusal.close, refusal.reason or refusal.message)
 
     async def _check_auth(
         self,
@@ -862,7 +863,7 @@ class Hub:
                 attempt.failed()
                 return _Refusal(
                     exc.code, exc.message, exc.frame_id, CloseCode.PROTOCOL_VIOLATION,
-                    who="?", cause="invalid first frame",
+                    who="?", cause="invalid first frame", reason="expected auth",
                 )  # fmt: skip
             if agent_id is None:  # admin path
                 if isinstance(frame, AdminAuth) and hmac.compare_digest(
@@ -884,6 +885,7 @@ class Hub:
                 return _Refusal(
                     "not_authenticated", f"expected an auth frame, got {frame.type!r}", raw_id,
                     CloseCode.PROTOCOL_VIOLATION, who="?", cause=f"a {frame.type} frame",
+                    reason="expected auth",
                 )  # fmt: skip
             identity = f"{frame.tenant_id}/{frame.agent_id}"
             who = _claimed(frame, tenant_id, agent_id)

@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 import trio_websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from artcafe_trio import CloseCode, open_hub
+from artcafe_trio import CloseCode, open_agent, open_hub
 from artcafe_trio._cli import main
 from artcafe_trio._keys import PublicKey
 from artcafe_trio._logsafe import printable
@@ -325,7 +326,7 @@ async def test_any_first_frame_gets_a_documented_refusal_never_a_traceback(
                     try:
                         await ws.get_message()
                     except trio_websocket.ConnectionClosed as exc:
-                        code = exc.reason.code
+                        code, reason = exc.reason.code, exc.reason.reason
                     nursery.cancel_scope.cancel()
             assert isinstance(answer, Error), answer
             assert answer.fatal
@@ -336,6 +337,8 @@ async def test_any_first_frame_gets_a_documented_refusal_never_a_traceback(
                 else CloseCode.PROTOCOL_VIOLATION
             )
             assert code == expected_close
+            if answer.code not in ("authentication_failed", "unsupported_protocol"):
+                assert reason == "expected auth"  # never the client's text (docs §13)
             assert hub.hub.stats.auth_failures == 1
             del key
     finally:
@@ -680,3 +683,55 @@ def test_keygen_writes_pkcs8_pem_and_an_openssh_public_line(
         assert out.read_text().startswith("-----BEGIN PRIVATE KEY-----\n")
         assert (tmp_path / f"{kind}.pub").read_text().startswith(head)
         assert out.stat().st_mode & 0o777 == 0o600
+
+
+async def test_a_hub_error_frame_cannot_forge_an_agent_log_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The agent side of item 9: a (hostile or broken) hub's unsolicited ``error`` is
+    logged through the same helper."""
+    forged = "x\n2026-01-01 ERROR artcafe_trio.agent: forged\x1b[2K\r\x00\ud800"
+
+    async with trio.open_nursery() as nursery:
+
+        async def fake_hub(stream: trio.abc.Stream, done: trio.Event) -> None:
+            request = await trio_websocket.wrap_server_stream(nursery, stream)
+            ws = await request.accept()
+            await ws.send_message(encode(Challenge(nonce="n", expires_in=30.0, hub_id="h")))
+            auth = decode(await ws.get_message())
+            assert isinstance(auth, Auth)
+            await ws.send_message(
+                encode(
+                    Welcome(
+                        session_id="s-1", agent_id=auth.agent_id, tenant_id=auth.tenant_id,
+                        hub_id="h", hub_time=0.0,
+                    )
+                )
+            )  # fmt: skip
+            await ws.send_message(encode(Error(code=forged, message=forged)))
+            await done.wait()
+
+        done = trio.Event()
+
+        async def dial(
+            agent_nursery: trio.Nursery, resource: str
+        ) -> trio_websocket.WebSocketConnection:
+            client, server = trio.testing.memory_stream_pair()
+            nursery.start_soon(fake_hub, server, done)
+            return await trio_websocket.wrap_client_stream(
+                agent_nursery, client, "memory", resource
+            )
+
+        with caplog.at_level(logging.WARNING, logger="artcafe_trio.agent"):
+            async with open_agent(
+                agent_id="a1", tenant_id="t1", private_key=generate_private_key(),
+                dial=dial, heartbeat_interval=None,
+            ):  # fmt: skip
+                with trio.fail_after(5):
+                    while not any("hub error" in r.message for r in caplog.records):
+                        await trio.sleep(0.01)
+        done.set()
+    lines = [r.getMessage() for r in caplog.records if "hub error" in r.message]
+    assert len(lines) == 1
+    assert not any(c in lines[0] for c in "\n\r\x1b\x00\ud800")
+    assert "\\n2026-01-01 ERROR" in lines[0]
