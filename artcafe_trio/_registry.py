@@ -194,8 +194,12 @@ class Registry:
         self._file_id: tuple[int, int] | None = None
         self._abspath = path if path == _MEMORY else os.path.abspath(path)
         if path != _MEMORY:
-            st = os.stat(self._abspath)
-            self._file_id = (st.st_dev, st.st_ino)
+            try:
+                st = os.stat(self._abspath)
+            except OSError:  # not a plain path (e.g. a URI): nothing to watch
+                pass
+            else:
+                self._file_id = (st.st_dev, st.st_ino)
 
     # ------------------------------------------------------------------ lifecycle
 
