@@ -21,6 +21,7 @@ from artcafe_trio import CloseCode, open_agent, open_hub
 from artcafe_trio._cli import main
 from artcafe_trio._keys import PublicKey
 from artcafe_trio._logsafe import printable
+from artcafe_trio._metrics import collector
 from artcafe_trio._registry import Registry, RegistryError
 from artcafe_trio.protocol import (
     Auth,
@@ -566,6 +567,13 @@ async def test_a_hub_says_loudly_that_its_registry_file_was_deleted_and_keeps_se
             assert "writes no presence" in lines[0]
             assert hub.hub._pending_changes  # the online transition waits, unwritten
             assert not db.exists()  # nothing recreated it
+            gauges = {
+                sample.name: sample.value
+                for family in collector(hub.hub).collect()
+                for sample in family.samples
+            }
+            assert gauges["artcafe_registry_file_lost"] == 1
+            assert gauges["artcafe_presence_writes_pending"] == len(hub.hub._pending_changes)
 
 
 async def test_pending_presence_writes_are_bounded_by_the_number_of_agents(
