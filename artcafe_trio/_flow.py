@@ -31,13 +31,13 @@ log = logging.getLogger("artcafe_trio.hub")
 
 
 class Delivery:
-    """One encoded ``message`` frame, shared by every queue that holds it."""
+    """One ``message`` frame, encoded and framed once, shared by every queue holding it."""
 
-    __slots__ = ("refs", "size", "text")
+    __slots__ = ("frame", "refs", "size")
 
-    def __init__(self, text: str) -> None:
-        self.text = text
-        self.size = sys.getsizeof(text)  # what holding it costs, in bytes
+    def __init__(self, frame: bytes) -> None:
+        self.frame = frame  # the WebSocket frame's bytes (the same for every receiver)
+        self.size = sys.getsizeof(frame)  # what holding it costs, in bytes
         self.refs = 0  # how many outboxes hold it
 
 
@@ -137,28 +137,41 @@ class Outbox:
         self.discard()
         self._on_overflow(reason)
 
-    async def next(self) -> str | Delivery | None:
-        """The next frame to write (an answer's text, or a delivery); call :meth:`sent`
-        once it is written (or not). ``None`` once the outbox is closed and empty."""
-        while not self._queue:
+    async def take(self, max_bytes: int) -> list[str | Delivery]:
+        """The next frames to write, in order: answers' texts and deliveries, about
+        ``max_bytes`` at most (at least one). Call :meth:`sent` once they are written
+        (or not). Empty once the outbox is closed and empty."""
+        queue = self._queue
+        while not queue:
             if self._closed or self._discarded:
-                return None
+                return []
             self._ready = trio.Event()
             await self._ready.wait()
-        entry = self._queue.popleft()
-        if isinstance(entry, Delivery):  # in flight: no longer queued, still held
-            self.queued_frames -= 1
-            self.queued_bytes -= entry.size
-            if not self.queued_bytes:
-                self._budget._consumers.discard(self)
-        return entry
+        batch: list[str | Delivery] = []
+        size = 0
+        while queue and size < max_bytes:
+            entry = queue.popleft()
+            batch.append(entry)
+            if isinstance(entry, Delivery):  # in flight: no longer queued, still held
+                size += entry.size
+                self.queued_frames -= 1
+                self.queued_bytes -= entry.size
+            else:
+                size += len(entry)
+        if not self.queued_bytes:
+            self._budget._consumers.discard(self)
+        return batch
 
-    def sent(self, entry: str | Delivery) -> None:
-        """Account for a frame taken by :meth:`next`, written or not."""
-        if isinstance(entry, Delivery):
-            self._budget.release(entry)
-        elif not self._discarded:
-            self.replies -= 1
+    def sent(self, batch: list[str | Delivery]) -> None:
+        """Account for frames taken by :meth:`take`, written or not."""
+        replies = 0
+        for entry in batch:
+            if isinstance(entry, Delivery):
+                self._budget.release(entry)
+            else:
+                replies += 1
+        if replies and not self._discarded:
+            self.replies -= replies
             if self.replies <= self._reply_window // 2:
                 self._replies_drained.set()
 

@@ -34,8 +34,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import attrs
 import trio
 import trio.testing
-import trio_websocket
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from trio_websocket import ConnectionClosed
 
 from ._errors import ProtocolError
 from ._flow import Delivery, Outbox, OutputBudget, PreAuthLimiter, PreAuthTicket, TokenBucket
@@ -73,6 +72,7 @@ from ._subjects import SubjectIndex, is_reserved
 from ._throttle import AuthThrottle
 from ._timers import DeadlineQueue
 from ._util import collapse_exception_groups
+from ._wsserver import ServerWebSocket, UpgradeRequest, frame_text, read_upgrade_request
 
 __all__ = ["CloseCode", "Hub", "HubConfig", "HubStats", "open_hub", "serve_hub"]
 
@@ -85,6 +85,7 @@ REPLY_PREFIX = "$reply"
 ADMIN_AGENT_ID = "$admin"
 HUB_SENDER = "$hub"
 FANOUT_BATCH = 256  # deliveries between two checkpoints of one publish's fan-out
+WRITE_BATCH_BYTES = 256 * 1024  # about the most one write of a connection's writer sends
 # Verified when the claimed agent has no key of the frame's algorithm, so that every
 # refusal costs one signature check (no timing oracle). Nobody holds their private keys.
 _DUMMY_KEYS = {
@@ -230,7 +231,7 @@ class _Session:
     def __init__(
         self,
         hub: Hub,
-        ws: WebSocketConnection,
+        ws: ServerWebSocket,
         *,
         tenant_id: str,
         agent_id: str,
@@ -769,7 +770,7 @@ class Hub:
     # --- connections ----------------------------------------------------------
 
     async def handle_request(
-        self, request: WebSocketRequest, remote: str = "?", ticket: PreAuthTicket | None = None
+        self, request: UpgradeRequest, remote: str = "?", ticket: PreAuthTicket | None = None
     ) -> None:
         """Serve one WebSocket handshake request to its end (the server handler).
 
@@ -784,7 +785,7 @@ class Hub:
             log.exception("unexpected error on a connection from %s; connection dropped", remote)
 
     async def _handle_request(
-        self, request: WebSocketRequest, remote: str, ticket: PreAuthTicket | None
+        self, request: UpgradeRequest, remote: str, ticket: PreAuthTicket | None
     ) -> None:
         if self._stopping:
             await request.reject(503, body=b"hub shutting down")
@@ -806,7 +807,7 @@ class Hub:
 
     async def _serve(
         self,
-        ws: WebSocketConnection,
+        ws: ServerWebSocket,
         agent_id: str | None,
         tenant_id: str | None,
         remote: str,
@@ -840,7 +841,7 @@ class Hub:
                     self._connections_gone.set()
 
     async def _authenticate(
-        self, ws: WebSocketConnection, agent_id: str | None, tenant_id: str | None, remote: str
+        self, ws: ServerWebSocket, agent_id: str | None, tenant_id: str | None, remote: str
     ) -> _Session:
         """Challenge, then check the answer; raise ``_Refused`` (after the error frame).
 
@@ -869,9 +870,7 @@ class Hub:
             await self._refuse_auth(ws, remote, outcome)
         return outcome
 
-    async def _refuse_auth(
-        self, ws: WebSocketConnection, remote: str, refusal: _Refusal
-    ) -> NoReturn:
+    async def _refuse_auth(self, ws: ServerWebSocket, remote: str, refusal: _Refusal) -> NoReturn:
         """Count and log a refused handshake, send its error frame, raise ``_Refused``."""
         self.stats.auth_failures += 1
         self._auth_log.warning(
@@ -884,7 +883,7 @@ class Hub:
 
     async def _check_auth(
         self,
-        ws: WebSocketConnection,
+        ws: ServerWebSocket,
         text: str | bytes,
         nonce: str,
         agent_id: str | None,
@@ -1116,15 +1115,19 @@ class Hub:
         outbox = session.outbox
         try:
             while session.may_write():
-                entry = await outbox.next()
-                if entry is None or not session.may_write():
+                batch = await outbox.take(WRITE_BATCH_BYTES)
+                if not batch or not session.may_write():
                     break
+                # One write for the whole batch; a delivery is framed once for all receivers.
+                data = b"".join(
+                    frame_text(entry) if isinstance(entry, str) else entry.frame for entry in batch
+                )
                 session.writing = True
                 try:
-                    await session.ws.send_message(entry if isinstance(entry, str) else entry.text)
+                    await session.ws.send_frames(data)
                 finally:
                     session.writing = False
-                    outbox.sent(entry)
+                    outbox.sent(batch)
         except ConnectionClosed:
             pass
         finally:
@@ -1319,18 +1322,17 @@ class Hub:
         message_id: str | None = None,
         reply_to: str | None = None,
     ) -> Delivery:
-        """One ``message`` frame, encoded once for every receiver."""
-        return Delivery(
-            encode_message(
-                subject=subject,
-                subscription=None,
-                data_json=data_json,
-                sender=sender,
-                message_id=message_id or f"{self.config.hub_id}-{next(self._message_ids)}",
-                time=self._wall_clock(),
-                reply_to=reply_to,
-            )
+        """One ``message`` frame, encoded and framed once for every receiver."""
+        text = encode_message(
+            subject=subject,
+            subscription=None,
+            data_json=data_json,
+            sender=sender,
+            message_id=message_id or f"{self.config.hub_id}-{next(self._message_ids)}",
+            time=self._wall_clock(),
+            reply_to=reply_to,
         )
+        return Delivery(frame_text(text))
 
     def _targets(self, tenant_id: str, subject: str) -> list[_Session]:
         """The tenant's connections with a pattern matching ``subject``, each once."""
@@ -1382,18 +1384,15 @@ class Hub:
         ticket = self.unauthenticated.admit(remote)
         try:
             with ticket.scope:
-                async with trio.open_nursery() as nursery:
-                    request = None
-                    with trio.move_on_after(self.config.handshake_timeout):
-                        request = await trio_websocket.wrap_server_stream(
-                            nursery, stream, max_message_size=self._hard_frame_limit
-                        )
-                    if request is None:
-                        if not ticket.scope.cancel_called:
-                            self.stats.handshake_timeouts += 1
-                    else:
-                        await self.handle_request(request, remote=remote, ticket=ticket)
-                    nursery.cancel_scope.cancel()
+                request = None
+                with trio.move_on_after(self.config.handshake_timeout) as upgrade:
+                    request = await read_upgrade_request(
+                        stream, max_message_size=self._hard_frame_limit
+                    )
+                if upgrade.cancelled_caught:
+                    self.stats.handshake_timeouts += 1
+                elif request is not None:
+                    await self.handle_request(request, remote=remote, ticket=ticket)
         except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away during the upgrade
         finally:

@@ -35,11 +35,11 @@ nursery it runs in; the example then raises ``HubCrashed`` (a ``BaseException``,
 which hypothesis does not catch or shrink) and the hub's own exception surfaces
 from that nursery.
 
-Invalid UTF-8 in a text frame: wsproto refuses it and trio-websocket (0.12.2)
-answers every client WebSocket protocol error by closing the stream without
-sending a close frame, so the client observes 1006 (abnormal closure), not 1007
-(nor 1002 for the other framing errors of ``test_fuzz_raw_websocket_frames``).
-The tests accept 1006 and 1007 (see ``INVALID_UTF8_CLOSE``).
+Invalid UTF-8 in a text frame: the hub (wsproto driven directly) closes with 1007
+and other framing errors with 1002, sending the close frame without waiting for
+an answer; a client that reads the close frame only after the socket is gone sees
+1006. The tests accept 1006 and 1007 (see ``INVALID_UTF8_CLOSE``);
+``tests/test_wsserver.py`` checks the exact codes byte by byte.
 
 The total number of inputs tried is printed at the end (run with ``-s``).
 

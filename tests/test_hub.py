@@ -630,6 +630,10 @@ async def test_a_consumer_that_never_reads_is_cut_off_alone() -> None:
             async with trio.open_nursery() as inner:
                 inner.start_soon(read_all)
                 for i in range(count):
+                    # Paced by the healthy reader (at most 4 ahead): a publisher faster
+                    # than a reader makes that reader a slow consumer too, rightly.
+                    while i - received > 4:
+                        await trio.sleep(0.001)
                     await pub.send(Publish(subject="firehose", data=blob, id=f"m{i}"))
         assert received == count
         assert hub.stats.slow_consumers == 1

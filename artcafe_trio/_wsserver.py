@@ -1,0 +1,206 @@
+"""The hub's side of a WebSocket, driven directly by wsproto over any trio byte stream.
+
+No task of its own: the connection's tasks drive it. Reading (:meth:`ServerWebSocket.
+get_message`) feeds received bytes to wsproto inline and returns one message at a time;
+control frames that must be answered (a pong, the echo of a close) are kept and sent
+with the next write. Writes are never concurrent: during the handshake the serving task
+writes, during a session only its writer task does, which sends a whole batch of frames
+with one ``send_all``.
+
+The hub negotiates no extension (no compression), so a text frame's bytes do not depend
+on the connection: :func:`frame_text` frames a message once for every receiver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import deque
+
+import trio
+from trio_websocket import CloseReason, ConnectionClosed
+from wsproto import ConnectionType, WSConnection
+from wsproto.connection import ConnectionState
+from wsproto.events import (
+    AcceptConnection,
+    BytesMessage,
+    CloseConnection,
+    Ping,
+    RejectConnection,
+    RejectData,
+    Request,
+    TextMessage,
+)
+from wsproto.frame_protocol import FrameProtocol
+from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+__all__ = ["ServerWebSocket", "UpgradeRequest", "frame_text", "read_upgrade_request"]
+
+RECEIVE_BYTES = 65536
+_STREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
+_FRAMER = FrameProtocol(client=False, extensions=[])
+
+
+def frame_text(text: str) -> bytes:
+    """The bytes of one unmasked, unfragmented text frame carrying ``text``."""
+    return bytes(_FRAMER.send_data(text, fin=True))
+
+
+def _closed(code: int, reason: str = "") -> ConnectionClosed:
+    return ConnectionClosed(CloseReason(code, reason))
+
+
+class UpgradeRequest:
+    """A client's HTTP upgrade request, to be accepted or rejected."""
+
+    def __init__(
+        self, stream: trio.abc.Stream, ws: WSConnection, request: Request, max_message_size: int
+    ) -> None:
+        self._stream = stream
+        self._ws = ws
+        self._max_message_size = max_message_size
+        self.path = request.target
+
+    async def accept(self) -> ServerWebSocket:
+        """Answer 101 Switching Protocols; the WebSocket is open."""
+        await self._stream.send_all(self._ws.send(AcceptConnection()))
+        return ServerWebSocket(self._stream, self._ws, self._max_message_size)
+
+    async def reject(self, status: int, *, body: bytes = b"") -> None:
+        """Answer with an HTTP error status and a plain-text body."""
+        headers = [(b"content-type", b"text/plain; charset=utf-8")]
+        data = self._ws.send(RejectConnection(status_code=status, headers=headers, has_body=True))
+        data += self._ws.send(RejectData(data=body, body_finished=True))
+        await self._stream.send_all(data)
+
+
+async def read_upgrade_request(
+    stream: trio.abc.Stream, *, max_message_size: int
+) -> UpgradeRequest | None:
+    """Read the HTTP upgrade request; ``None`` if the peer closed or sent no valid one
+    (a malformed request is answered with HTTP 400 first)."""
+    ws = WSConnection(ConnectionType.SERVER)
+    while True:
+        data = await stream.receive_some(RECEIVE_BYTES)
+        if not data:
+            return None
+        try:
+            ws.receive_data(bytes(data))
+            for event in ws.events():
+                if isinstance(event, Request):
+                    return UpgradeRequest(stream, ws, event, max_message_size)
+        except RemoteProtocolError as exc:
+            hint = exc.event_hint
+            if isinstance(hint, RejectConnection):
+                with contextlib.suppress(LocalProtocolError):
+                    await stream.send_all(ws.send(hint))
+            return None
+
+
+class ServerWebSocket:
+    """An open WebSocket, server side. Messages are ``str`` (text) or ``bytes``."""
+
+    def __init__(self, stream: trio.abc.Stream, ws: WSConnection, max_message_size: int) -> None:
+        self._stream = stream
+        self._ws = ws
+        self._max_message_size = max_message_size
+        self._messages: deque[str | bytes] = deque()
+        self._text: list[str] = []  # fragments of the message being received
+        self._binary: list[bytes] = []
+        self._parts_size = 0
+        self._control = bytearray()  # frames to send with the next write
+        self.closed: CloseReason | None = None  # why the connection ended, once it has
+        self._failed = False  # the peer broke the protocol: close without waiting for it
+
+    @property
+    def is_open(self) -> bool:
+        return self.closed is None and self._ws.state is ConnectionState.OPEN
+
+    async def get_message(self) -> str | bytes:
+        """The next message; raises ``ConnectionClosed`` once the connection has ended."""
+        while not self._messages:
+            if self.closed is not None:
+                raise ConnectionClosed(self.closed)
+            try:
+                data = await self._stream.receive_some(RECEIVE_BYTES)
+            except _STREAM_ERRORS:
+                data = b""
+            self._receive(bytes(data) if data else None)
+        return self._messages.popleft()
+
+    def _receive(self, data: bytes | None) -> None:
+        ws = self._ws
+        ws.receive_data(data)  # None: end of stream (wsproto reports 1006)
+        for event in ws.events():
+            if isinstance(event, TextMessage | BytesMessage):
+                self._parts_size += len(event.data)
+                if self._parts_size > self._max_message_size:
+                    self._fail(1009, f"message larger than {self._max_message_size} bytes")
+                    return
+                if isinstance(event, TextMessage):
+                    self._text.append(event.data)
+                else:
+                    self._binary.append(bytes(event.data))
+                if event.message_finished:
+                    self._parts_size = 0
+                    if self._text:
+                        text, self._text = self._text, []
+                        self._messages.append(text[0] if len(text) == 1 else "".join(text))
+                    else:
+                        binary, self._binary = self._binary, []
+                        self._messages.append(b"".join(binary))
+            elif isinstance(event, Ping):
+                self._control += ws.send(event.response())
+            elif isinstance(event, CloseConnection):
+                if ws.state is ConnectionState.REMOTE_CLOSING:
+                    self._control += ws.send(event.response())  # echo the peer's close
+                elif ws.state is ConnectionState.OPEN:  # a protocol error wsproto found
+                    self._control += ws.send(CloseConnection(code=event.code))
+                    self._failed = True
+                self.closed = CloseReason(event.code, event.reason)
+                return
+
+    def _fail(self, code: int, reason: str) -> None:
+        if self._ws.state is ConnectionState.OPEN:
+            self._control += self._ws.send(CloseConnection(code=code, reason=reason))
+        self.closed = CloseReason(code, reason)
+        self._failed = True
+
+    async def send_message(self, message: str) -> None:
+        """Send one text message (and any control frame waiting)."""
+        await self.send_frames(frame_text(message))
+
+    async def send_frames(self, data: bytes | bytearray) -> None:
+        """Send already framed messages (see :func:`frame_text`) in one write."""
+        if not self.is_open:
+            raise ConnectionClosed(self.closed or CloseReason(1006, "connection closed"))
+        if self._control:
+            data = bytes(self._control) + data
+            self._control.clear()
+        try:
+            await self._stream.send_all(data)
+        except _STREAM_ERRORS:
+            self.closed = CloseReason(1006, "connection lost")
+            raise ConnectionClosed(self.closed) from None
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        """Close: send the close frame (or the echo of the peer's), wait for the peer's
+        answer (bounded by the caller's cancel scope; not after a protocol violation,
+        RFC 6455 §7.1.7), then close the stream."""
+        ws = self._ws
+        try:
+            if ws.state is ConnectionState.OPEN:
+                self._control += ws.send(CloseConnection(code=code, reason=reason))
+                if self.closed is None:
+                    self.closed = CloseReason(code, reason)
+            if self._control:
+                data, self._control = bytes(self._control), bytearray()
+                await self._stream.send_all(data)
+            while ws.state is ConnectionState.LOCAL_CLOSING and not self._failed:
+                received = await self._stream.receive_some(RECEIVE_BYTES)
+                ws.receive_data(bytes(received) if received else None)
+                for _event in ws.events():
+                    pass  # only the state matters now
+        except (*_STREAM_ERRORS, LocalProtocolError, RemoteProtocolError):
+            pass
+        finally:
+            await self._stream.aclose()

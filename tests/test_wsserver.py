@@ -1,0 +1,134 @@
+"""The hub's wsproto-driven WebSocket (``artcafe_trio._wsserver``), byte by byte.
+
+A wsproto client speaks to ``read_upgrade_request`` / ``ServerWebSocket`` over a memory
+stream pair, so the close codes, control frames and limits are checked exactly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+from trio_websocket import ConnectionClosed
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Ping,
+    Pong,
+    RejectConnection,
+    Request,
+    TextMessage,
+)
+from wsproto.frame_protocol import FrameProtocol
+
+from artcafe_trio._wsserver import ServerWebSocket, frame_text, read_upgrade_request
+
+pytestmark = pytest.mark.timeout(10)
+
+
+class Client:
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.ws = WSConnection(ConnectionType.CLIENT)
+
+    async def events(self) -> list[object]:
+        """Events from whatever the server sends next (or its end of stream)."""
+        data = await self.stream.receive_some(65536)
+        self.ws.receive_data(bytes(data) if data else None)
+        return list(self.ws.events())
+
+
+async def opened(max_message_size: int = 1000) -> tuple[Client, ServerWebSocket]:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    client = Client(client_stream)
+    await client_stream.send_all(client.ws.send(Request(host="h", target="/x?y=1")))
+    request = await read_upgrade_request(server_stream, max_message_size=max_message_size)
+    assert request is not None
+    assert request.path == "/x?y=1"
+    server = await request.accept()
+    assert any(isinstance(e, AcceptConnection) for e in await client.events())
+    return client, server
+
+
+async def close_code(server: ServerWebSocket) -> int:
+    with pytest.raises(ConnectionClosed) as closed:
+        await server.get_message()
+    return int(closed.value.reason.code)
+
+
+def test_frame_text_is_what_wsproto_sends() -> None:
+    for text in ["", "héllo", "x" * 70_000]:
+        assert frame_text(text) == bytes(FrameProtocol(False, []).send_data(text, True))
+
+
+async def test_messages_fragments_and_ping() -> None:
+    client, server = await opened()
+    await client.stream.send_all(
+        client.ws.send(TextMessage(data="ab", message_finished=False))
+        + client.ws.send(Ping(payload=b"p"))
+        + client.ws.send(TextMessage(data="cd", message_finished=True))
+        + client.ws.send(TextMessage(data="ef"))
+    )
+    assert await server.get_message() == "abcd"
+    assert await server.get_message() == "ef"
+    await server.send_message("answer")  # the pong goes out with the next write
+    events = await client.events()
+    assert isinstance(events[0], Pong) and events[0].payload == b"p"
+    assert isinstance(events[1], TextMessage) and events[1].data == "answer"
+
+
+async def test_invalid_utf8_closes_1007() -> None:
+    client, server = await opened()
+    await client.stream.send_all(bytes([0x81, 0x82, 0, 0, 0, 0, 0xC3, 0x28]))  # masked, bad
+    assert await close_code(server) == 1007
+    await server.aclose()  # after a violation: the close frame, and no wait for an answer
+    [close] = await client.events()
+    assert isinstance(close, CloseConnection) and close.code == 1007
+
+
+async def test_unmasked_client_frame_closes_1002() -> None:
+    client, server = await opened()
+    await client.stream.send_all(bytes([0x81, 0x02]) + b"hi")
+    assert await close_code(server) == 1002
+
+
+async def test_message_over_the_limit_closes_1009_before_it_is_all_read() -> None:
+    client, server = await opened(max_message_size=1000)
+    await client.stream.send_all(client.ws.send(TextMessage(data="x" * 5000)))
+    assert await close_code(server) == 1009
+
+
+async def test_peer_close_is_echoed_and_reported() -> None:
+    client, server = await opened()
+    await client.stream.send_all(client.ws.send(CloseConnection(code=4321, reason="bye")))
+    assert await close_code(server) == 4321
+    await server.aclose()
+    events = await client.events()
+    assert isinstance(events[0], CloseConnection) and events[0].code == 4321
+
+
+async def test_end_of_stream_is_1006() -> None:
+    client, server = await opened()
+    await client.stream.aclose()
+    assert await close_code(server) == 1006
+    with pytest.raises(ConnectionClosed):
+        await server.send_message("late")
+
+
+async def test_a_request_that_is_no_upgrade_gets_http_400() -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    await client_stream.send_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert await read_upgrade_request(server_stream, max_message_size=10) is None
+    assert (await client_stream.receive_some(65536)).startswith(b"HTTP/1.1 400 ")
+
+
+async def test_reject_sends_the_status_and_body() -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    client = Client(client_stream)
+    await client_stream.send_all(client.ws.send(Request(host="h", target="/nope")))
+    request = await read_upgrade_request(server_stream, max_message_size=10)
+    assert request is not None
+    await request.reject(404, body=b"unknown path")
+    events = await client.events()
+    assert isinstance(events[0], RejectConnection) and events[0].status_code == 404
