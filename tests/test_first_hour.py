@@ -271,6 +271,29 @@ async def test_real_sockets_tls_to_plain_404_refused_and_timeout(
         nursery.cancel_scope.cancel()
 
 
+async def test_retry_first_connect_false_fails_fast_then_reconnects(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    """What ``listen`` uses: the first connection fails at once; an established one
+    reconnects."""
+    test_hub.go_down()
+    start = trio.current_time()
+    with pytest.raises(ConnectFailed) as info:
+        async with test_hub.open_agent("a1", retry_first_connect=False):
+            pytest.fail("must not connect")
+    assert str(info.value) == "cannot connect to ws://127.0.0.1:8765: test hub is down"
+    assert not info.value.permanent  # retryable, but this caller asked not to wait
+    assert trio.current_time() == start
+    test_hub.come_back()
+    async with test_hub.open_agent("a1", retry_first_connect=False) as agent:
+        first = agent.session_id
+        test_hub.hub.close_all(1012, "restart")
+        with trio.fail_after(10):
+            await trio.sleep(0.01)
+            await agent.wait_connected()
+        assert agent.session_id != first
+
+
 # --------------------------------------------------------------------------- items 5, 10
 
 
