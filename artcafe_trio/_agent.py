@@ -25,7 +25,9 @@ import logging
 import os
 import random
 import secrets
+import signal
 import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -38,10 +40,12 @@ import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from ._backoff import Backoff
+from ._connfail import connect_failed
 from ._errors import (
     AgentClosed,
     ArtcafeError,
     AuthenticationError,
+    ConnectFailed,
     ConnectionLost,
     HubError,
     ProtocolError,
@@ -278,6 +282,7 @@ class Agent:
         heartbeat_interval: float | None = 30.0,
         heartbeat_timeout_multiplier: float = 3.0,
         auto_reconnect: bool = True,
+        retry_first_connect: bool = True,
         backoff: Backoff | None = None,
         ssl_context: ssl.SSLContext | None = None,
         capabilities: Sequence[str] = (),
@@ -304,6 +309,7 @@ class Agent:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout_multiplier = heartbeat_timeout_multiplier
         self.auto_reconnect = auto_reconnect
+        self.retry_first_connect = retry_first_connect
         self.backoff = backoff or Backoff()
         self.capabilities = tuple(capabilities)
         self.metadata = dict(metadata or {})
@@ -503,10 +509,22 @@ class Agent:
         await self._wait_connection()
 
     def health(self) -> AgentHealth:
-        """A frozen snapshot of the connection's health."""
-        now = trio.current_time()
+        """A frozen snapshot of the connection's health.
+
+        Callable from anywhere: before the agent runs, after it stopped, or from
+        another thread (ages are then measured on the wall clock).
+        """
+        try:
+            now: float | None = trio.current_time()
+        except RuntimeError:  # not inside this agent's trio run
+            now = None
         conn = self._conn
-        since = None if self._last_ack is None else max(0.0, now - self._last_ack)
+        if now is not None:
+            last_ack = self._last_ack
+            moment = now
+        else:
+            last_ack, moment = self._last_ack_wall, self._wall_clock()
+        since = None if last_ack is None else max(0.0, moment - last_ack)
         timeout = conn.welcome.heartbeat_timeout if conn else None
         healthy = conn is not None and (timeout is None or (since is not None and since < timeout))
         return AgentHealth(
@@ -522,7 +540,7 @@ class Agent:
             reconnect_attempts=self._failures,
             total_reconnects=self._total_reconnects,
             next_retry_in=None
-            if self._next_retry_at is None
+            if self._next_retry_at is None or now is None
             else max(0.0, self._next_retry_at - now),
             waiting_publishes=len(self._pending),
             messages_in=self._messages_in,
@@ -732,6 +750,9 @@ class Agent:
                     self.agent_id,
                 )
                 raise cause
+            if isinstance(cause, ConnectFailed) and cause.permanent:
+                self._state = "closed"
+                raise cause  # it would fail the same way again: never retried
             was_healthy = self._conn_proved_healthy
             self._conn_proved_healthy = False
             if was_healthy:
@@ -741,7 +762,10 @@ class Agent:
             if loss_started is None:
                 loss_started = trio.current_time()
             last_cause = cause
-            if not self.auto_reconnect:
+            if not self.auto_reconnect or (
+                not self.retry_first_connect and not self._ever_connected.is_set()
+            ):
+                self._state = "closed"
                 if isinstance(cause, ConnectionLost):
                     raise cause
                 raise ConnectionLost(f"connection failed: {cause!r}") from cause
@@ -752,11 +776,14 @@ class Agent:
                     self._failures, trio.current_time() - loss_started, last_cause
                 ) from last_cause
             self._failures += 1
+            # A failed attempt was never connected: nothing was lost, it says what failed.
+            what = str(cause) if isinstance(cause, ConnectFailed) else f"connection lost ({cause})"
             log.warning(
-                "%s/%s: connection lost (%s); reconnect attempt %d%s in %.2f s",
+                "%s/%s: %s; %s %d%s in %.2f s",
                 self.tenant_id,
                 self.agent_id,
-                printable(cause),
+                printable(what, 500),
+                "reconnect attempt" if self._ever_connected.is_set() else "retry",
                 self._failures,
                 f"/{self.backoff.max_attempts}" if self.backoff.max_attempts else "",
                 delay,
@@ -767,7 +794,22 @@ class Agent:
 
     async def _run_connection(self) -> None:
         """One connection from dial to loss. Always raises what ended it."""
-        conn: _Connection | None = None
+        conn_box: list[_Connection] = []
+        try:
+            await self._connection_nursery(conn_box)
+        except _CONNECTION_ERRORS as exc:
+            if not conn_box:  # no welcome: this attempt failed, nothing was lost
+                raise connect_failed(exc, self.url) from exc
+            raise
+        conn = conn_box[0]
+        # The nursery ended without an error: its cancel scope was cancelled.
+        if self._watchdog_fired(conn):
+            timeout = conn.welcome.heartbeat_timeout
+            raise ConnectionLost(f"no heartbeat ACK for {timeout:g} s")
+        raise ConnectionLost("connection closed")
+
+    async def _connection_nursery(self, conn_box: list[_Connection]) -> None:
+        """Dial, handshake and serve one connection; ``conn_box`` gets it once welcomed."""
         with collapse_exception_groups():
             async with trio.open_nursery() as nursery:
                 with trio.move_on_after(self._connect_timeout) as connect_scope:
@@ -779,10 +821,14 @@ class Agent:
                             await ws.aclose()  # closes the socket even when cut short
                         raise
                 if connect_scope.cancelled_caught:
-                    raise ConnectionLost(
-                        f"no welcome from the hub within {self._connect_timeout:g} s"
+                    raise ConnectFailed(
+                        f"cannot connect to {self.url}: no welcome from the hub within "
+                        f"{self._connect_timeout:g} s",
+                        url=self.url,
+                        permanent=False,
                     )
                 conn = _Connection(ws, welcome, nursery.cancel_scope)
+                conn_box.append(conn)
                 try:
                     await self._serve_connection(nursery, conn)
                 finally:
@@ -802,11 +848,6 @@ class Agent:
                     patience = 0 if self._watchdog_fired(conn) else 1
                     with trio.CancelScope(shield=True), trio.move_on_after(patience):
                         await ws.aclose(1000 if self._closed else 1001, "agent reconnecting")
-        # The nursery ended without an error: its cancel scope was cancelled.
-        if conn is not None and self._watchdog_fired(conn):
-            timeout = conn.welcome.heartbeat_timeout
-            raise ConnectionLost(f"no heartbeat ACK from the hub within {timeout:g} s")
-        raise ConnectionLost("connection closed")
 
     @staticmethod
     def _watchdog_fired(conn: _Connection) -> bool:
@@ -871,6 +912,7 @@ class Agent:
     async def _serve_connection(self, nursery: trio.Nursery, conn: _Connection) -> None:
         welcome = conn.welcome
         now = trio.current_time()
+        attempts = self._failures
         if welcome.heartbeat_timeout is not None:
             conn.scope.deadline = now + welcome.heartbeat_timeout
         else:
@@ -892,7 +934,18 @@ class Agent:
         self._ever_connected.set()
         if reconnected:
             self._total_reconnects += 1
-        log.info("%s/%s connected (session %s)", self.tenant_id, self.agent_id, conn.session_id)
+        if attempts:  # the failures were warnings: so is the recovery
+            log.warning(
+                "%s/%s %s after %d attempt%s (session %s)",
+                self.tenant_id,
+                self.agent_id,
+                "reconnected" if reconnected else "connected",
+                attempts,
+                "" if attempts == 1 else "s",
+                conn.session_id,
+            )
+        else:
+            log.info("%s/%s connected (session %s)", self.tenant_id, self.agent_id, conn.session_id)
         if reconnected:
             for callback in list(self._on_reconnect):
                 await self._call_user(callback, (), f"on_reconnect callback {callback!r}")
@@ -1351,7 +1404,7 @@ def build_agent(
 
 
 @asynccontextmanager
-async def open_agent(**kwargs: Any) -> AsyncIterator[Agent]:
+async def open_agent(*, stop_on_signals: bool = False, **kwargs: Any) -> AsyncIterator[Agent]:
     """Connect an agent to a hub for the duration of the block.
 
     Keyword arguments (all keyword-only):
@@ -1368,15 +1421,64 @@ async def open_agent(**kwargs: Any) -> AsyncIterator[Agent]:
     - ``connect_timeout`` (10 s), ``stop_timeout`` (10 s), ``max_concurrent_handlers``
       (1: ordered per subscription), ``max_pending_messages``, ``max_pending_publishes``,
       ``raise_handler_errors`` (False).
+    - ``retry_first_connect`` (True): with False, a failed first connection raises at once
+      (:class:`ConnectFailed`) instead of backing off; later losses still reconnect.
+    - ``stop_on_signals`` (False): with True, SIGTERM and SIGINT (Ctrl+C) stop the agent
+      as :meth:`Agent.stop` does, so it leaves gracefully (presence ``left``, not
+      ``disconnected``): the block is cancelled and ends; after SIGINT, leaving it raises
+      ``KeyboardInterrupt``. Needs trio to run in the main thread.
 
     Entering returns once the first connection is authenticated. If the hub is
     unreachable, entering retries with backoff like any reconnect and raises
     :class:`ReconnectFailed` when the attempts run out (or
     :class:`ConnectionLost` at once with ``auto_reconnect=False``). A refused
-    key raises :class:`AuthenticationError` at once and is never retried.
+    key raises :class:`AuthenticationError`, and a ``permanent`` :class:`ConnectFailed`
+    (a TLS handshake with a plain hub, an HTTP 404...) raises, at once: never retried.
     Leaving the block stops gracefully: handlers finish, publishes flush, the
     agent sends ``leave``.
     """
+    if stop_on_signals and threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("stop_on_signals=True needs trio running in the main thread")
     agent = build_agent(**kwargs)
-    async with agent._running():
-        yield agent
+    if not stop_on_signals:
+        async with _short_traceback(), agent._running():
+            yield agent
+        return
+    interrupted = False
+
+    async def stop_on(signals: AsyncIterator[int]) -> None:
+        nonlocal interrupted
+        async for signum in signals:
+            interrupted = interrupted or signum == signal.SIGINT
+            agent.stop()
+
+    with (
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        collapse_exception_groups(),
+    ):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_on, signals)
+            async with _short_traceback(), agent._running():
+                yield agent
+            nursery.cancel_scope.cancel()
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+@asynccontextmanager
+async def _short_traceback() -> AsyncIterator[None]:
+    """Errors caused by the user's input (a refused key, a wrong URL) leave ``open_agent``
+    without the agent's internal frames: the message says what to fix."""
+    try:
+        yield
+    except (AuthenticationError, ConnectFailed) as exc:
+        if isinstance(exc, ConnectFailed) and not exc.permanent:
+            raise
+        cause = exc.__cause__
+        while cause is not None:  # kept for programs, printed as one line each
+            cause.__traceback__ = None
+            cause = cause.__cause__
+        # A fresh copy: contextlib would give the same object its old traceback back.
+        short = type(exc).__new__(type(exc), *exc.args)
+        short.__dict__.update(exc.__dict__)
+        raise short from exc.__cause__

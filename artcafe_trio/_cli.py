@@ -2,7 +2,8 @@
 
 Sub-commands::
 
-    keygen                     generate an agent key pair (private PEM 0600 + OpenSSH .pub)
+    keygen                     generate an agent key pair (private PEM 0600 + OpenSSH .pub),
+                               or print a key file's fingerprint (--fingerprint)
     agents add|list|remove|disable|enable
                                manage the registry database (works while a hub runs)
     hub                        run a hub until SIGINT/SIGTERM (graceful: agents get 1012)
@@ -11,7 +12,8 @@ Sub-commands::
     publish / listen           poke at a running hub as an agent
     demo                       a self-contained demonstration (artcafe_trio._demo)
 
-Exit codes: 0 success, 1 error (one ``error: ...`` line on stderr, no traceback),
+Exit codes: 0 success, 1 error (one ``error: ...`` line on stderr, sometimes followed by
+a ``hint: ...`` line; no traceback),
 2 usage error (or ``demo`` not available), 3 hub not running (``status``),
 130 interrupted by Ctrl+C. Ctrl+C is the normal way to end ``listen`` and
 ``status --watch``, so those exit 0; ``hub`` stops gracefully on SIGINT/SIGTERM
@@ -39,7 +41,7 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Any, NoReturn
 from urllib.parse import urlsplit
 
@@ -47,6 +49,7 @@ from . import __version__
 from ._errors import (
     ArtcafeError,
     AuthenticationError,
+    ConnectFailed,
     ConnectionLost,
     HubError,
     KeyLoadError,
@@ -54,7 +57,7 @@ from ._errors import (
     ReconnectFailed,
 )
 from ._frames import PresenceRecord
-from ._keys import generate_private_key, load_public_key
+from ._keys import PrivateKey, generate_private_key, load_private_key, load_public_key
 from ._registry import AgentRecord, Registry, RegistryError
 from .protocol import validate_pattern, validate_subject
 
@@ -83,6 +86,7 @@ DEFAULT_URL = f"ws://{DEFAULT_HOST}:{DEFAULT_PORT}"  # the agent's default too
 ADMIN_SUFFIX = ".admin"
 ADMIN_PATH = "/api/v1/ws/admin"
 STATUS_TIMEOUT = 10.0
+WATCH_TICK = 1.0  # status --watch redraws at least this often, seconds
 PRESENCE_SUBJECT = "$presence.>"
 METRICS_HINT = "metrics need: pip install 'artcafe-trio[metrics]'"
 
@@ -198,36 +202,6 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def _os_error_text(exc: BaseException) -> str:
-    """The short cause of a failed connection: ``Connection refused``, not a repr.
-
-    trio's ``open_tcp_stream`` raises ``OSError('all attempts to connect to ...
-    failed')`` caused by a group of one error per address tried: show those.
-    """
-    errors: list[BaseException] = [exc]
-    if isinstance(exc.__cause__, BaseExceptionGroup):
-        errors = list(_leaves(exc.__cause__)) or errors
-    texts: list[str] = []
-    for error in errors:
-        if isinstance(error, OSError) and isinstance(error.errno, int) and error.errno > 0:
-            text = os.strerror(error.errno)
-        elif isinstance(error, OSError) and error.strerror:
-            text = error.strerror  # e.g. socket.gaierror: 'Name or service not known'
-        else:
-            text = str(error) or type(error).__name__
-        if text not in texts:
-            texts.append(text)
-    return "; ".join(texts)
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
-    for exc in group.exceptions:
-        if isinstance(exc, BaseExceptionGroup):
-            yield from _leaves(exc)
-        else:
-            yield exc
-
-
 def _not_tls(exc: BaseException | None) -> bool:
     """Whether a TLS handshake failed because the server answered in plain text."""
     while exc is not None:
@@ -249,40 +223,23 @@ def _close_text(reason: Any) -> str:
 
 
 def _connection_problem(exc: BaseException, url: str, *, hint: bool = True) -> str:
-    """One friendly line for a failed connection to the hub at ``url``.
+    """One line for a failed connection to the hub at ``url``: the library's words.
 
-    ``exc`` is what the agent raised (``ConnectionLost`` ``from`` its cause, or
-    ``ReconnectFailed`` with ``last_cause``) or the cause itself. ``hint=False``
-    leaves out "(is it running?)" where the caller says so already (``status``).
+    ``exc`` is what the agent raised (:class:`ConnectFailed`, ``ReconnectFailed`` with
+    ``last_cause``, or ``ConnectionLost`` for an established connection) or a raw cause
+    (``status``). ``hint=False`` leaves out "(is the hub running?)" where the caller says
+    so already.
     """
-    import trio_websocket
+    from ._connfail import describe_failure
 
-    cause: BaseException = exc
-    suffix = ""
     if isinstance(exc, ReconnectFailed):
         if exc.last_cause is None:
             return str(exc)
-        cause = exc.last_cause
-        suffix = f" (gave up after {exc.attempts} attempts over {exc.elapsed:.0f} s)"
-    if isinstance(cause, ConnectionLost) and cause.__cause__ is not None:
-        cause = cause.__cause__
-    if isinstance(cause, trio_websocket.ConnectionRejected):
-        text = f"the server at {url} refused the WebSocket upgrade (HTTP {cause.status_code})"
-        body = (cause.body or b"").decode("utf-8", "replace").strip()
-        if cause.status_code == 404:
-            text += ": is this an artcafe-trio hub URL?"
-        elif body and len(body) <= 200 and body.isprintable():
-            text += f": {body}"
-    elif _not_tls(cause):
-        text = f"the server at {url} does not speak TLS: use ws:// instead of wss://"
-    elif isinstance(cause, OSError):
-        running = " (is it running?)" if hint else ""
-        text = f"cannot connect to the hub at {url}{running}: {_os_error_text(cause)}"
-    elif isinstance(cause, trio_websocket.HandshakeError):
-        text = f"the WebSocket handshake with {url} failed ({type(cause).__name__})"
-    else:
-        text = str(cause) or type(cause).__name__
-    return text + suffix
+        text = _connection_problem(exc.last_cause, url, hint=hint)
+        return f"{text} (gave up after {exc.attempts} attempts over {exc.elapsed:.0f} s)"
+    if isinstance(exc, ConnectionLost) and not isinstance(exc, ConnectFailed):
+        return str(exc)
+    return describe_failure(exc, url, hint=hint)[0]
 
 
 def _open_existing_registry(path: str) -> Registry:
@@ -299,7 +256,11 @@ def _open_existing_registry(path: str) -> Registry:
 
 
 def _cmd_keygen(args: argparse.Namespace) -> int:
-    out: str = args.out
+    if args.fingerprint is not None:
+        return _print_fingerprint(args.fingerprint, args.password_env)
+    if args.out is None:
+        raise CliError("keygen needs --out PATH (or --fingerprint PATH)", EXIT_USAGE)
+    out: str = os.path.abspath(args.out)
     pub = out + ".pub"
     password = _password_from_env(args.password_env)
     if not args.force:
@@ -319,6 +280,65 @@ def _cmd_keygen(args: argparse.Namespace) -> int:
     kind = "encrypted " if password else ""
     _note(f"wrote {kind}{args.type} private key {out} (mode 0600) and public key {pub}")
     return EXIT_OK
+
+
+def _print_fingerprint(path: str, password_env: str | None) -> int:
+    """``keygen --fingerprint PATH``: the fingerprint of a private or public key file,
+    as ``agents list`` shows it."""
+    absolute = os.path.abspath(os.path.expanduser(path))
+    if not os.path.exists(absolute):
+        raise CliError(f"key file not found: {absolute}")
+    if not _looks_private(absolute):
+        print(load_public_key(absolute).fingerprint)
+        return EXIT_OK
+    pub = absolute + ".pub"
+    quiet = password_env is None and os.path.exists(pub)
+    key = _load_key_for_cli(absolute, password_env, quiet_if_encrypted=quiet)
+    if key is None:  # encrypted, no password: its .pub file tells the same
+        print(load_public_key(pub).fingerprint)
+        _note(f"read from {pub} (the private key is encrypted)")
+        return EXIT_OK
+    print(key.public_key.fingerprint)
+    return EXIT_OK
+
+
+def _load_key_for_cli(
+    path: str, password_env: str | None, *, quiet_if_encrypted: bool = False
+) -> PrivateKey | None:
+    """Load a private key, telling problems with the command line's own words.
+
+    An encrypted key without ``--password-env`` names the flag; a password given for
+    a key that is not encrypted is a warning (``None``: encrypted and ``quiet_if_encrypted``).
+    """
+    password = _password_from_env(password_env)
+    absolute = os.path.abspath(os.path.expanduser(path))
+    try:
+        key = load_private_key(absolute)
+    except KeyLoadError as exc:
+        if exc.reason != "password_required":
+            raise
+        if quiet_if_encrypted and password is None:
+            return None
+        if password is None:
+            raise CliError(
+                f"private key {absolute} is encrypted: give its password with"
+                " --password-env VAR (VAR: an environment variable that holds it)"
+            ) from None
+        try:
+            return load_private_key(absolute, password)
+        except KeyLoadError as wrong:
+            if wrong.reason != "wrong_password":
+                raise
+            raise CliError(
+                f"cannot decrypt private key {absolute}: wrong password in"
+                f" --password-env {password_env}"
+            ) from None
+    if password is not None:
+        _note(
+            f"warning: private key {absolute} is not encrypted;"
+            f" --password-env {password_env} is ignored"
+        )
+    return key
 
 
 def _write_private(path: str, data: bytes, *, force: bool) -> None:
@@ -627,11 +647,27 @@ def _registry_presence_json(record: AgentRecord) -> dict[str, Any]:
     }
 
 
-def _presence_table(rows: Sequence[dict[str, Any]]) -> str:
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 7200:
+        return f"{seconds // 60} min ago"
+    return f"{seconds // 3600} h ago"
+
+
+def _presence_table(rows: Sequence[dict[str, Any]], now: float | None = None) -> str:
+    """The presence table; with ``now`` (``--watch``), times also show their age."""
     headers = ("TENANT", "AGENT", "STATUS", "REASON", "LAST SEEN", "LAST HEARTBEAT ACK")
 
     def short(value: str | None) -> str:
-        return value[:19] + "Z" if value else "-"
+        if not value:
+            return "-"
+        text = value[:19] + "Z"
+        if now is not None:
+            moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            text += f" ({_age(now - moment)})"
+        return text
 
     return _table(
         headers,
@@ -661,9 +697,11 @@ class _StatusPrinter:
             # One line per table in watch mode (JSON Lines), pretty otherwise.
             text = json.dumps(list(rows), indent=None if self.watch else 2)
         else:
-            text = _presence_table(rows) if rows else "no agents known to the hub"
+            now = time.time()
+            table = _presence_table(rows, now if self.watch else None)
+            text = table if rows else "no agents known to the hub"
             if self.watch:
-                stamp = _iso(time.time(), "seconds")
+                stamp = _iso(now, "seconds")
                 text = f"presence at {stamp} (Ctrl+C to stop)\n{text}"
                 if self.tty:
                     text = "\x1b[H\x1b[2J" + text
@@ -714,6 +752,14 @@ async def _admin_session(
         encode,
     )
 
+    async def send(ws: trio_websocket.WebSocketConnection, frame: Frame) -> None:
+        try:
+            await ws.send_message(encode(frame))
+        except trio_websocket.ConnectionClosed as exc:
+            raise HubUnreachable(
+                f"hub closed the admin connection ({_close_text(exc.reason)})"
+            ) from None
+
     async def receive(ws: trio_websocket.WebSocketConnection) -> Frame:
         try:
             return decode(await ws.get_message(), max_bytes=64 * 1024 * 1024)
@@ -734,7 +780,7 @@ async def _admin_session(
                 challenge = await receive(ws)
                 if not isinstance(challenge, Challenge):
                     raise CliError(f"unexpected first frame from the hub: {challenge.type!r}")
-                await ws.send_message(encode(AdminAuth(token=token)))
+                await send(ws, AdminAuth(token=token))
                 answer = await receive(ws)
                 if isinstance(answer, Error):
                     raise AuthenticationError(
@@ -743,11 +789,20 @@ async def _admin_session(
                 if not isinstance(answer, Welcome):
                     raise CliError(f"unexpected answer from the hub: {answer.type!r}")
                 if printer.watch:
-                    await ws.send_message(encode(Subscribe(id="watch", subject=PRESENCE_SUBJECT)))
+                    await send(ws, Subscribe(id="watch", subject=PRESENCE_SUBJECT))
                 query = 0
-                await ws.send_message(encode(PresenceQuery(id=f"q{query}")))
+                await send(ws, PresenceQuery(id=f"q{query}"))
+                next_tick = trio.current_time() + WATCH_TICK
                 while True:
-                    frame = await receive(ws)
+                    # --watch redraws at every presence change and every WATCH_TICK s, so
+                    # that LAST SEEN, LAST HEARTBEAT ACK and their ages stay current.
+                    with trio.move_on_at(next_tick if printer.watch else math.inf) as tick:
+                        frame = await receive(ws)
+                    if tick.cancelled_caught:
+                        next_tick = trio.current_time() + WATCH_TICK
+                        query += 1
+                        await send(ws, PresenceQuery(id=f"q{query}"))
+                        continue
                     if isinstance(frame, PresenceState):  # answers come in order: show each
                         printer.show([_presence_json(r, "hub") for r in frame.agents])
                         if not printer.watch:
@@ -755,7 +810,7 @@ async def _admin_session(
                         handshake_scope.deadline = math.inf  # watching: wait forever
                     elif isinstance(frame, Message) and frame.subject.startswith("$presence."):
                         query += 1
-                        await ws.send_message(encode(PresenceQuery(id=f"q{query}")))
+                        await send(ws, PresenceQuery(id=f"q{query}"))
                     elif isinstance(frame, Error):
                         raise HubError(frame.code, frame.message)
     except trio.TooSlowError:
@@ -781,9 +836,7 @@ async def _tls_preflight(url: str, ssl_context: ssl.SSLContext) -> None:
     except trio.BrokenResourceError as exc:
         cause = exc.__cause__ or exc
         if _not_tls(cause):
-            raise CliError(
-                f"the server at {host}:{port} does not speak TLS: use ws:// instead of wss://"
-            ) from None
+            raise CliError(_connection_problem(exc, url)) from None
         hint = " (pass --cafile to trust its CA)"
         if not isinstance(cause, ssl.SSLCertVerificationError):
             hint = ""
@@ -850,34 +903,38 @@ def _valid(check: Callable[[str], str], value: str) -> str:
 
 
 def _run_agent(args: argparse.Namespace, run: Callable[[], Any]) -> Any:
-    """``trio.run(run)``, with a failed connection told in words, not reprs."""
+    """``trio.run(run)``, with a failed connection told in words, not reprs, and a refused
+    key followed by what to check."""
     import trio
 
     try:
         return trio.run(run)
     except ConnectionLost as exc:
         raise CliError(_connection_problem(exc, _agent_url(args))) from None
+    except AuthenticationError as exc:
+        if exc.code == "hub_certificate_invalid":
+            raise CliError(f"{exc} (pass --cafile to trust its CA)") from None
+        key = os.path.abspath(os.path.expanduser(args.key))
+        raise CliError(
+            f"{exc}\nhint: check 'artcafe-trio agents list --tenant {args.tenant}' on the hub"
+            f" and the key's fingerprint ('artcafe-trio keygen --fingerprint {key}')"
+        ) from None
 
 
 def _agent_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    key = _load_key_for_cli(args.key, args.password_env)
+    assert key is not None
     kwargs: dict[str, Any] = {
         "url": _agent_url(args),
         "tenant_id": args.tenant,
         "agent_id": args.agent,
-        "private_key_path": args.key,
-        "private_key_password": _password_from_env(args.password_env),
+        "private_key": key,
         "heartbeat_interval": 30,
     }
     context = _ssl_context(_agent_url(args), args.cafile)
     if context is not None:
         kwargs["ssl_context"] = context
     return kwargs
-
-
-async def _agent_preflight(kwargs: dict[str, Any]) -> None:
-    context = kwargs.get("ssl_context")
-    if context is not None:
-        await _tls_preflight(kwargs["url"], context)
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
@@ -893,7 +950,6 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     async def run() -> str | None:
         from ._agent import open_agent
 
-        await _agent_preflight(kwargs)
         # One shot: fail at once if the hub is unreachable instead of backing off.
         async with open_agent(auto_reconnect=False, **kwargs) as agent:
             # Always wait for the hub's answer, so a refusal is an exit code, not a log line.
@@ -934,8 +990,9 @@ def _cmd_listen(args: argparse.Namespace) -> int:
             if args.count is not None and seen >= args.count:
                 done.set()
 
-        await _agent_preflight(kwargs)
-        async with open_agent(**kwargs) as agent:
+        # The first connection fails fast (nothing to resume yet); once listening, a lost
+        # connection is retried with backoff like any agent's.
+        async with open_agent(retry_first_connect=False, **kwargs) as agent:
             await agent.subscribe(pattern, handler)
             _note(f"listening on {pattern!r} (Ctrl+C to stop)")
             await done.wait()
@@ -1068,11 +1125,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="key type: ed25519 (small, fast) or rsa (compatibility)",
     )
     keygen.add_argument("--bits", type=int, default=3072, help="RSA key size, at least 2048")
-    keygen.add_argument(
-        "--out", required=True, metavar="PATH", help="private key file (public key: PATH.pub)"
+    keygen_what = keygen.add_mutually_exclusive_group(required=True)
+    keygen_what.add_argument(
+        "--out", metavar="PATH", help="private key file to write (public key: PATH.pub)"
+    )
+    keygen_what.add_argument(
+        "--fingerprint",
+        metavar="PATH",
+        help="print the fingerprint of this private or public key file, as 'agents list'"
+        " shows it, and write nothing",
     )
     keygen.add_argument(
-        "--password-env", metavar="VAR", help="encrypt with the password in this env variable"
+        "--password-env",
+        metavar="VAR",
+        help="encrypt with (--fingerprint: decrypt with) the password in this env variable",
     )
     keygen.add_argument("--force", action="store_true", help="overwrite existing files")
     keygen.set_defaults(handler=_cmd_keygen)
@@ -1247,7 +1313,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.add_argument(
-        "--watch", action="store_true", help="follow presence changes until Ctrl+C (exit 0)"
+        "--watch",
+        action="store_true",
+        help="redraw at every presence change and every second until Ctrl+C (exit 0)",
     )
     status.add_argument(
         "--cafile", metavar="PEM", help="CA bundle to verify a wss:// hub (default: system CAs)"
@@ -1337,8 +1405,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
-    if isinstance(exc, AuthenticationError | HubError) and type(exc).__name__ not in text:
-        return f"{type(exc).__name__}: {text}"
+    if isinstance(exc, HubError):
+        return f"the hub refused the request: {text}"
     return text
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from ._agent import Agent, AgentHealth, Handler, build_agent
+from ._agent import Agent, AgentHealth, Handler, _short_traceback, build_agent
 from ._util import collapse_exception_groups
 
 __all__ = ["HeartbeatAgent", "SimpleAgent"]
@@ -104,7 +104,7 @@ class HeartbeatAgent:
             async with trio.open_nursery() as nursery:
                 if threading.current_thread() is threading.main_thread():
                     nursery.start_soon(stop_on_signals)
-                async with self._agent._running():
+                async with _short_traceback(), self._agent._running():
                     await trio.sleep_forever()
                 nursery.cancel_scope.cancel()
         if interrupted:
@@ -123,7 +123,9 @@ class HeartbeatAgent:
 
     def get_connection_health(self) -> dict[str, Any]:
         """``healthy``, ``connected``, ``last_heartbeat_ack`` (ISO-8601 or None),
-        ``seconds_since_ack`` and ``reconnect_attempts``, as in the original SDK."""
+        ``seconds_since_ack`` and ``reconnect_attempts``, as in the original SDK.
+
+        Callable from anywhere, also before ``run()`` (a not-connected snapshot)."""
         return self._agent.get_connection_health()
 
 

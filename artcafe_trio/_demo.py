@@ -772,7 +772,7 @@ class Demo:
             if last_frame is not None:
                 measured = event.time - last_frame
             note = (
-                f"silenced {event.time - silenced:.2f} s before; "
+                f"offline {event.time - silenced:.2f} s after the hang began; "
                 f"the monitor's ALERT came {self.alert_delay(event)} later"
             )
             if event.reason != "timeout":
@@ -1148,6 +1148,8 @@ class Demo:
             f"{plan.backoff.cap:g} s",
             f"  timeline   about {plan.duration:.0f} s: online, hang, blip, outage, leave; "
             "then a summary",
+            "  table      STATUS, REASON: the hub's presence table; ACK AGE to STATE: the",
+            f"             agent's health(); TASKS: {TASK_SUBJECT} messages it has handled",
         ]
         if plan.stretched and plan.requested is not None:
             lines.append(

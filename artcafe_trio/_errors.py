@@ -5,6 +5,8 @@
     ├── KeyLoadError             a key file could not be loaded, parsed or used
     ├── AuthenticationError      the hub refused our key, or a signature did not verify
     ├── ConnectionLost           the connection to the hub ended (has .code and .reason)
+    │   ├── ConnectFailed        an attempt to connect failed before the hub's welcome
+    │   │                        (has .url and .permanent: never retried when True)
     │   └── ReconnectFailed      gave up after max_reconnect_attempts (has .attempts,
     │                            .elapsed, .last_cause)
     ├── HubError                 the hub answered a request with an ``error`` frame
@@ -19,6 +21,7 @@ __all__ = [
     "AgentClosed",
     "ArtcafeError",
     "AuthenticationError",
+    "ConnectFailed",
     "ConnectionLost",
     "HubError",
     "KeyLoadError",
@@ -80,13 +83,39 @@ class ConnectionLost(ArtcafeError):
         self.reason = reason
 
 
+class ConnectFailed(ConnectionLost):
+    """An attempt to connect to the hub at ``url`` failed before the hub's welcome.
+
+    The message says what happened in words (``cannot connect to ws://...: connection
+    refused (is the hub running?)``). ``permanent`` failures (a TLS handshake with a
+    plain hub, an HTTP 4xx answer, a host name that does not resolve) would fail the
+    same way again: they are raised at once and never retried. The others (refused,
+    reset, timed out, the hub closing during the handshake...) are retried with backoff.
+    ``docs/troubleshooting.md`` lists them.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        permanent: bool,
+        code: int | None = None,
+        reason: str = "",
+    ) -> None:
+        super().__init__(message, code=code, reason=reason)
+        self.url = url
+        self.permanent = permanent
+
+
 class ReconnectFailed(ConnectionLost):
     """The agent gave up after ``attempts`` consecutive failed connection attempts."""
 
     def __init__(self, attempts: int, elapsed: float, last_cause: BaseException | None) -> None:
+        cause = str(last_cause) if isinstance(last_cause, ArtcafeError) else repr(last_cause)
         super().__init__(
             f"gave up after {attempts} consecutive failed connection attempts "
-            f"over {elapsed:.1f} s; last cause: {last_cause!r}"
+            f"over {elapsed:.1f} s; last cause: {cause}"
         )
         self.attempts = attempts
         self.elapsed = elapsed

@@ -1037,6 +1037,7 @@ class Hub:
         entry.metadata = session.metadata
         entry.heartbeat_timeout = session.heartbeat_timeout
         entry.last_seen = now
+        entry.last_heartbeat = None  # per session: an older session's ACK says nothing now
         if not was_online:
             self._transition(entry, "online", "connected", now)
         if session.heartbeat_timeout is not None:
@@ -1077,7 +1078,9 @@ class Hub:
             self._timers.add(entry.grace_deadline, _GraceTimer(self, entry))
 
     async def _run_session(self, session: _Session) -> None:
-        log.info("%r connected", session)
+        # Admin sessions (``status``: one query, then close) are routine: DEBUG.
+        level = logging.DEBUG if session.is_admin else logging.INFO
+        log.log(level, "%r connected", session)
         welcome = Welcome(
             session_id=session.session_id,
             agent_id=session.agent_id,
@@ -1107,9 +1110,11 @@ class Hub:
         finally:
             self._detach(session)
             if session.closing:
-                log.info("%r closed: %d %s", session, session.close_code, session.close_reason)
+                log.log(
+                    level, "%r closed: %d %s", session, session.close_code, session.close_reason
+                )
             else:
-                log.info("%r connection lost", session)
+                log.log(level, "%r connection lost", session)
 
     async def _writer(self, session: _Session) -> None:
         outbox = session.outbox

@@ -29,8 +29,9 @@ Every failure raises :class:`KeyLoadError` whose ``reason`` is one of:
     encrypted OpenSSH private keys need ``bcrypt``, which is not installed
 
 A password may be ``str`` (encoded as UTF-8) or ``bytes``; an empty password
-means no password. A password given for a key that is not encrypted is ignored.
-Messages never contain key material or passwords.
+means no password. A password given for a key that is not encrypted is ignored,
+with a warning on the ``artcafe_trio.keys`` logger. File paths in messages are
+absolute. Messages never contain key material or passwords.
 
 The module imports neither trio nor any socket library.
 """
@@ -41,6 +42,7 @@ import base64
 import binascii
 import hashlib
 import importlib.util
+import logging
 import os
 from collections.abc import Callable
 from typing import TypeAlias
@@ -71,6 +73,8 @@ ALGORITHM_ED25519 = "ed25519"
 ALGORITHM_RSA = "rsa-pkcs1-sha256"
 AUTH_LABEL = "artcafe-trio/v1 auth"
 MIN_RSA_BITS = 2048
+
+log = logging.getLogger("artcafe_trio.keys")
 
 _SSH_KEY_TYPES = {"ssh-ed25519": ALGORITHM_ED25519, "ssh-rsa": ALGORITHM_RSA}
 _ALGORITHM_ALIASES = {
@@ -325,14 +329,16 @@ def _decode(loader: _Loader, data: bytes, password: bytes | None, what: str) -> 
     openssh = loader is _load_openssh
     try:
         return loader(data, password)
-    except TypeError as exc:
+    except TypeError:
         # cryptography raises TypeError both for "encrypted but no password" and
         # "password given but not encrypted"; tell them apart by what we passed.
         if password is None:
             raise KeyLoadError(
                 "password_required", f"{what} is encrypted: pass private_key_password"
-            ) from exc
-        return _decode(loader, data, None, what)
+            ) from None  # the message says it all: no chained traceback
+        key = _decode(loader, data, None, what)
+        log.warning("%s is not encrypted: the password given is ignored", what)
+        return key
     except UnsupportedAlgorithm as exc:
         if openssh and password is not None and not _have_bcrypt():
             raise KeyLoadError("missing_dependency", f"cannot load {what}: {_BCRYPT_HINT}") from exc
@@ -344,7 +350,7 @@ def _decode(loader: _Loader, data: bytes, password: bytes | None, what: str) -> 
         if password is not None and _is_encrypted(loader, data):
             raise KeyLoadError(
                 "wrong_password", f"cannot decrypt {what}: wrong private_key_password"
-            ) from exc
+            ) from None
         raise KeyLoadError(
             "unreadable_format", f"{what} is corrupted or not a valid private key"
         ) from exc
@@ -378,16 +384,16 @@ def load_private_key_bytes(data: bytes, password: str | bytes | None = None) -> 
 
 
 def _read_file(path: str | os.PathLike[str], what: str) -> tuple[str, bytes]:
-    name = os.path.expanduser(os.fspath(path))
+    name = os.path.abspath(os.path.expanduser(os.fspath(path)))  # absolute in messages
     try:
         with open(name, "rb") as f:
             return name, f.read()
-    except FileNotFoundError as exc:
-        raise KeyLoadError("missing_file", f"{what} file not found: {name}") from exc
+    except FileNotFoundError:
+        raise KeyLoadError("missing_file", f"{what} file not found: {name}") from None
     except OSError as exc:
         raise KeyLoadError(
             "unreadable_file", f"cannot read {what} file {name}: {exc.strerror or exc}"
-        ) from exc
+        ) from None
 
 
 def load_private_key(

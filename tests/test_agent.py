@@ -14,6 +14,7 @@ from artcafe_trio import (
     AgentClosed,
     AuthenticationError,
     Backoff,
+    ConnectFailed,
     ConnectionLost,
     HeartbeatAgent,
     HubError,
@@ -93,7 +94,14 @@ async def test_backoff_delays_follow_the_policy_and_give_up_after_ten(
         ):
             pytest.fail("must not connect")
     assert info.value.attempts == 10
-    assert isinstance(info.value.last_cause, OSError)
+    cause = info.value.last_cause
+    assert isinstance(cause, ConnectFailed) and not cause.permanent
+    assert isinstance(cause.__cause__, OSError)
+    assert str(cause) == "cannot connect to ws://127.0.0.1:8765: connection refused"
+    assert str(info.value) == (
+        "gave up after 10 consecutive failed connection attempts over "
+        f"{sum(expected):.1f} s; last cause: {cause}"
+    )
     gaps = [b - a for a, b in itertools.pairwise(attempts)]
     assert gaps == pytest.approx(expected, abs=1e-9)
     assert len(attempts) == 11  # the first try, then ten reconnection attempts

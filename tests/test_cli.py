@@ -51,6 +51,7 @@ from artcafe_trio._cli import (
     build_parser,
     main,
 )
+from artcafe_trio._connfail import connect_failed
 
 CLI = [sys.executable, "-c", "from artcafe_trio._cli import main; raise SystemExit(main())"]
 
@@ -475,9 +476,7 @@ def test_publish_errors_without_a_hub(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "not valid JSON" in capsys.readouterr().err
     assert main([*base, "--key", str(key), "x.y", '{"n": 1}']) == 1  # nobody listening
     err = capsys.readouterr().err
-    assert (
-        err == f"error: cannot connect to the hub at {url} (is it running?): Connection refused\n"
-    )
+    assert err == f"error: cannot connect to {url}: connection refused (is the hub running?)\n"
 
 
 def test_connection_problem_texts() -> None:
@@ -486,22 +485,21 @@ def test_connection_problem_texts() -> None:
     refused = ConnectionRefusedError(errno.ECONNREFUSED, "Error connecting to ('::1', 9): ...")
     group = OSError("all attempts to connect to 127.0.0.1:9 failed")
     group.__cause__ = ExceptionGroup("all attempts", [refused, refused])
-    lost = ConnectionLost(f"connection failed: {group!r}")
-    lost.__cause__ = group
-    assert _connection_problem(lost, url) == (
-        f"cannot connect to the hub at {url} (is it running?): Connection refused"
+    failed = connect_failed(group, url)
+    assert _connection_problem(failed, url) == (
+        f"cannot connect to {url}: connection refused (is the hub running?)"
     )
-    assert _connection_problem(lost, url, hint=False) == (
-        f"cannot connect to the hub at {url}: Connection refused"
+    assert _connection_problem(group, url, hint=False) == (
+        f"cannot connect to {url}: connection refused"
     )
-    gave_up = ReconnectFailed(10, 151.2, group)
+    gave_up = ReconnectFailed(10, 151.2, failed)
     assert _connection_problem(gave_up, url) == (
-        f"cannot connect to the hub at {url} (is it running?): Connection refused"
+        f"cannot connect to {url}: connection refused (is the hub running?)"
         " (gave up after 10 attempts over 151 s)"
     )
     rejected = trio_websocket.ConnectionRejected(503, (), b"hub shutting down")
     assert _connection_problem(rejected, url) == (
-        f"the server at {url} refused the WebSocket upgrade (HTTP 503): hub shutting down"
+        f"cannot connect to {url}: the hub answered HTTP 503: hub shutting down"
     )
     closed = ConnectionLost("the hub closed the connection (1012 hub shutting down)", code=1012)
     assert _connection_problem(closed, url) == str(closed)
@@ -621,15 +619,16 @@ async def test_friendly_messages_from_a_live_hub(
             )
             assert code == 1
             assert capsys.readouterr().err == (
-                f"error: the server at {wrong} refused the WebSocket upgrade (HTTP 404):"
-                " is this an artcafe-trio hub URL?\n"
+                f"error: cannot connect to {wrong}: the hub answered HTTP 404: unknown path;"
+                " agents use /api/v1/ws/agent/{id} (check the URL: it is the hub's base URL,"
+                " without a path)\n"
             )
             tls = hub.url.replace("ws://", "wss://")
             code = await trio.to_thread.run_sync(main, ["publish", "--url", tls, *agent, "x", "1"])
             assert code == 1
             assert capsys.readouterr().err == (
-                f"error: the server at 127.0.0.1:{hub.port} does not speak TLS:"
-                " use ws:// instead of wss://\n"
+                f"error: cannot connect to {tls}: TLS handshake failed: the hub speaks plain"
+                " ws://? (use ws:// instead of wss://)\n"
             )
             nursery.start_soon(trio.to_thread.run_sync, watch)
             with trio.fail_after(10):

@@ -72,6 +72,10 @@ def test_demo_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
     assert len(rows) == 8
     assert "All 8 expectations met" in out
     assert "FAILED" not in out
+    # The table's columns are explained; the hang's note reads as a time after the hang.
+    assert "TASKS: tasks.new messages it has handled" in out
+    assert re.search(r"offline \d+\.\d\d s after the hang began; the monitor's ALERT", out)
+    assert "silenced" not in out
 
 
 # --------------------------------------------------------------------------- the judgement

@@ -5,7 +5,7 @@ import random
 import pytest
 import trio
 
-from artcafe_trio import ReconnectFailed
+from artcafe_trio import ConnectFailed, ReconnectFailed
 from artcafe_trio.testing import open_test_hub
 
 # --- the code under test: your agent's behaviour ---------------------------------------
@@ -107,4 +107,7 @@ async def test_agent_gives_up_when_the_hub_stays_down(autojump_clock):
             async with hub.open_agent("worker-1", tenant_id="acme", max_reconnect_attempts=3):
                 pass  # never reached: entering waits for the first connection
         assert failure.value.attempts == 3
-        assert isinstance(failure.value.last_cause, OSError)
+        cause = failure.value.last_cause  # the last attempt, told in words
+        assert isinstance(cause, ConnectFailed) and not cause.permanent
+        assert str(cause).startswith("cannot connect to ")
+        assert isinstance(cause.__cause__, OSError)  # what failed underneath

@@ -13,6 +13,7 @@ from wsproto.events import AcceptConnection, Request, TextMessage
 
 from artcafe_trio import (
     AgentClosed,
+    ConnectFailed,
     ConnectionLost,
     ReconnectFailed,
     open_hub,
@@ -210,7 +211,9 @@ async def test_errors_leaving_the_api_keep_their_cause(autojump_clock: trio.abc.
         with pytest.raises(ReconnectFailed) as info:
             async with hub.open_agent("a1", max_reconnect_attempts=2):
                 pass
-        assert isinstance(info.value.__cause__, OSError)
+        cause = info.value.__cause__
+        assert isinstance(cause, ConnectFailed)  # the attempt, told in words
+        assert isinstance(cause.__cause__, OSError)  # and what failed underneath
 
 
 async def test_adding_a_handler_while_stopping_raises_agent_closed(
