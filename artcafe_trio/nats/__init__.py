@@ -40,6 +40,7 @@ from ._errors import (
     OutboundBufferFull,
     WrongLastRevisionError,
 )
+from ._kv import KeyValue, KvEntry, KvOp, KvWatcher, key_value
 from ._protocol import Headers, Msg
 
 __all__ = [
@@ -51,6 +52,10 @@ __all__ = [
     "Headers",
     "JetStreamError",
     "KeyExistsError",
+    "KeyValue",
+    "KvEntry",
+    "KvOp",
+    "KvWatcher",
     "LameDuckMode",
     "MaxPayloadExceeded",
     "Msg",
@@ -72,6 +77,7 @@ __all__ = [
     "SlowConsumer",
     "Subscription",
     "WrongLastRevisionError",
+    "key_value",
     "new_inbox",
     "open_nats",
 ]

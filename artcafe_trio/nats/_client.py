@@ -22,7 +22,7 @@ import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import attrs
@@ -61,6 +61,9 @@ from ._protocol import (
     encode_sub,
     encode_unsub,
 )
+
+if TYPE_CHECKING:
+    from ._kv import KeyValue
 
 __all__ = [
     "AsyncServerError",
@@ -525,6 +528,12 @@ class NatsClient:
         waiter = _Waiter()
         self._queue_ping(waiter)
         await waiter.wait()
+
+    async def key_value(self, bucket: str, **options: Any) -> KeyValue:
+        """Bind (or create) a JetStream key-value bucket; see :func:`key_value` for options."""
+        from ._kv import key_value
+
+        return await key_value(self, bucket, **options)
 
     async def close(self) -> None:
         """Flush what is buffered (for up to ``connect_timeout``) and close.
