@@ -456,7 +456,7 @@ class NatsClient:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self._closed:
             raise NatsClosed("the client is closed")
-        block = encode_headers(headers) if headers else None
+        block = encode_headers(headers) if headers is not None else None
         size = len(payload) + (len(block) if block else 0)
         if size > self._max_payload:
             raise MaxPayloadExceeded(f"{size} bytes > max_payload {self._max_payload}")
@@ -617,6 +617,7 @@ class NatsClient:
         for server in list(self._pool):
             try:
                 conn = await self._connect(server)
+                self._rotate(server)
                 break
             except NatsAuthError:
                 raise
@@ -631,6 +632,7 @@ class NatsClient:
         try:
             while True:
                 await self._serve(conn)
+                self._rotate(conn.server)  # try the others first
                 conn = await self._reconnect()
                 self.reconnects += 1
                 self._emit(Reconnected(str(conn.server)))
@@ -789,8 +791,10 @@ class NatsClient:
         if conn.cause is None:
             limit = self._ping_interval * self._max_pings
             cause = f"stale connection: no PONG within {limit:g} s"
+        elif isinstance(conn.cause, _Lost):
+            cause = str(conn.cause)
         else:
-            cause = repr(conn.cause)
+            cause = f"{type(conn.cause).__name__}: {conn.cause}"
         log.info("disconnected from %s: %s", conn.server, cause)
         self._emit(Disconnected(str(conn.server), cause))
 

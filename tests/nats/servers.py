@@ -94,24 +94,35 @@ class NatsNode:
         self.proc.send_signal(signal.SIGCONT)
 
 
-def _node(name: str, store: Path, *, jetstream: bool, routes: list[int] | None, ports: list[int]) -> NatsNode:
+def _node(
+    name: str, store: Path, *, jetstream: bool, routes: list[int] | None, ports: list[int]
+) -> NatsNode:
     port, http_port, cluster_port = ports
     args = [
         nats_server_binary(),
-        "-a", "127.0.0.1",
-        "-p", str(port),
-        "-m", str(http_port),
-        "-n", name,
+        "-a",
+        "127.0.0.1",
+        "-p",
+        str(port),
+        "-m",
+        str(http_port),
+        "-n",
+        name,
     ]
     if jetstream:
         args += ["-js", "-sd", str(store)]
     if routes is not None:
         args += [
-            "--cluster_name", "trio",
-            "--cluster", f"nats://127.0.0.1:{cluster_port}",
-            "--routes", ",".join(f"nats://127.0.0.1:{p}" for p in routes),
+            "--cluster_name",
+            "trio",
+            "--cluster",
+            f"nats://127.0.0.1:{cluster_port}",
+            "--routes",
+            ",".join(f"nats://127.0.0.1:{p}" for p in routes),
         ]
-    return NatsNode(name, port, http_port, cluster_port if routes is not None else None, store, args)
+    return NatsNode(
+        name, port, http_port, cluster_port if routes is not None else None, store, args
+    )
 
 
 @contextmanager
