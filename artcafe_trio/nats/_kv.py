@@ -52,7 +52,8 @@ _KEY = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
 _NS = 1_000_000_000
 _ERR_STREAM_NOT_FOUND = 10059
 _ERR_NO_MESSAGE = 10037
-_ERR_WRONG_LAST_SEQUENCE = 10071
+# "wrong last sequence: N" from the stream, and the same check failed in clustered mode.
+_ERR_WRONG_LAST_SEQUENCE = (10071, 10164)
 
 
 class KvOp(enum.Enum):
@@ -143,14 +144,24 @@ class KeyValue:
 
     async def _publish(self, key: str, value: bytes, headers: Mapping[str, str]) -> int:
         subject = self._subject(key)
-        with trio.move_on_after(self._timeout) as scope:
-            msg = await self._nc.request(subject, value, headers=headers or None)
-        if scope.cancelled_caught:
+        msg = None
+        with trio.move_on_after(self._timeout):
+            delay = 0.01
+            while True:
+                try:
+                    msg = await self._nc.request(subject, value, headers=headers or None)
+                    break
+                except NoRespondersError:
+                    # Nobody stored it (503): the stream's interest has not reached this
+                    # server yet, or its leader is being elected. Safe to send again.
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 0.25)
+        if msg is None:
             raise NatsTimeoutError(f"no ack for {subject} within {self._timeout:g} s")
         try:
             ack = _decode_answer(msg)
         except JetStreamError as exc:
-            if exc.err_code == _ERR_WRONG_LAST_SEQUENCE:
+            if exc.err_code in _ERR_WRONG_LAST_SEQUENCE:
                 raise WrongLastRevisionError(
                     exc.code, exc.err_code, exc.description, key=key
                 ) from None
@@ -283,9 +294,17 @@ class KvWatcher:
 
     async def _start(self) -> None:
         self._nc._reconnect_hooks.append(self._on_reconnect)
-        await self._create()
+        # Short attempts within api_timeout: just after a failover the API may not answer.
+        with trio.move_on_after(self._kv._timeout):
+            while True:
+                try:
+                    await self._create(min(self._kv._timeout, 1.0))
+                    return
+                except (NatsTimeoutError, NoRespondersError):
+                    await trio.sleep(0.05)
+        raise NatsTimeoutError(f"could not create a watch consumer within {self._kv._timeout:g} s")
 
-    async def _create(self) -> None:
+    async def _create(self, limit: float | None = None) -> None:
         inbox = new_inbox()
         sub = await self._nc.subscribe(inbox)
         config: dict[str, Any] = {
@@ -310,7 +329,7 @@ class KvWatcher:
                 self._nc,
                 f"$JS.API.CONSUMER.CREATE.{self._kv.stream}",
                 {"stream_name": self._kv.stream, "config": config},
-                self._kv._timeout,
+                limit or self._kv._timeout,
             )
         except BaseException:
             await sub.unsubscribe()
@@ -339,7 +358,8 @@ class KvWatcher:
         while True:
             old = self._consumer
             try:
-                await self._create()
+                # A short bound per attempt: right after a failover the API may not answer.
+                await self._create(min(self._kv._timeout, 1.0))
             except (NatsError, OSError) as exc:
                 failures += 1
                 log.debug("watch reset failed (%d): %r", failures, exc)

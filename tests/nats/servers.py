@@ -13,8 +13,10 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import attrs
+import trio
 
 
 def nats_server_binary() -> str:
@@ -145,16 +147,37 @@ def run_single(tmp: Path, *, jetstream: bool = True) -> Iterator[NatsNode]:
 
 
 def _cluster_ready(nodes: list[NatsNode]) -> bool:
+    """Routes all up, and the meta leader sees every other peer as current."""
     try:
         for node in nodes:
-            routez = node.varz("routez")
-            if int(routez.get("num_routes", 0)) < len(nodes) - 1:  # type: ignore[call-overload]
+            if int(node.varz("routez").get("num_routes", 0)) < len(nodes) - 1:  # type: ignore[call-overload]
                 return False
-        jsz = nodes[0].varz("jsz?leader-only=false")
-        meta = jsz.get("meta_cluster") or {}
-        return bool(meta.get("leader"))  # type: ignore[union-attr]
+        meta: dict[str, Any] = nodes[0].varz("jsz").get("meta_cluster") or {}  # type: ignore[assignment]
+        leader = next((n for n in nodes if n.name == meta.get("leader")), None)
+        if leader is None:
+            return False
+        meta = leader.varz("jsz").get("meta_cluster") or {}  # type: ignore[assignment]
+        replicas = meta.get("replicas") or []
+        if not (len(replicas) == len(nodes) - 1 and all(r.get("current") for r in replicas)):
+            return False
     except OSError:
         return False
+    return trio.run(_r3_placement_works, nodes[0].url)
+
+
+async def _r3_placement_works(url: str) -> bool:
+    """Whether an R3 stream can be placed now (every peer is known to be online)."""
+    from artcafe_trio.nats import JetStreamError, NatsError, open_nats
+    from artcafe_trio.nats._kv import _api
+
+    config = {"name": "PROBE", "subjects": ["probe.r3"], "num_replicas": 3, "storage": "memory"}
+    try:
+        async with open_nats(url) as nc:
+            await _api(nc, "$JS.API.STREAM.CREATE.PROBE", config, 2.0)
+            await _api(nc, "$JS.API.STREAM.DELETE.PROBE", None, 2.0)
+    except (JetStreamError, NatsError, OSError):
+        return False
+    return True
 
 
 @contextmanager
