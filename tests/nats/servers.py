@@ -128,9 +128,12 @@ def _node(
 
 
 @contextmanager
-def run_single(tmp: Path, *, jetstream: bool = True) -> Iterator[NatsNode]:
+def run_single(
+    tmp: Path, *, jetstream: bool = True, extra: list[str] | None = None
+) -> Iterator[NatsNode]:
     for attempt in range(5):
         node = _node("n1", tmp / "n1", jetstream=jetstream, routes=None, ports=free_ports(3))
+        node.args += extra or []
         node.start()
         try:
             node.wait_ready(time.monotonic() + 10)

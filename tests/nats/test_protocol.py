@@ -250,3 +250,20 @@ def test_the_subpackage_does_not_import_the_hub_or_the_agent() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+def test_public_names_are_sorted_resolve_lazily_and_share_one_root() -> None:
+    import artcafe_trio
+    import artcafe_trio.nats as pkg
+    from artcafe_trio.nats import _client, _errors, _kv, _protocol
+
+    names = list(pkg.__all__)
+    order = sorted(names, key=lambda n: (0 if n.isupper() else 1 if n[0].isupper() else 2, n))
+    assert names == order
+    for name in names:
+        obj = getattr(pkg, name)
+        assert any(getattr(m, name, None) is obj for m in (_client, _errors, _kv, _protocol)), name
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, artcafe_trio.ArtcafeError), name
+    with pytest.raises(AttributeError, match="no_such_name"):
+        pkg.no_such_name  # noqa: B018
