@@ -14,8 +14,10 @@ from artcafe_trio import Backoff
 from artcafe_trio._util import collapse_exception_groups
 from artcafe_trio.nats import (
     AsyncServerError,
+    BadSubjectError,
     Disconnected,
     LameDuckMode,
+    MaxPayloadExceeded,
     NatsClient,
     NatsClosed,
     NatsConnectError,
@@ -235,3 +237,60 @@ async def test_publish_in_a_burst_becomes_few_writes(autojump: Any) -> None:
             assert sum(writes) == 1000 * len(b"PUB burst 4\r\n0000\r\n") + len(b"PING\r\n")
             assert len(writes) <= 1000 * 19 // 1024 + 2
         nursery.cancel_scope.cancel()
+
+
+async def test_a_flush_while_disconnected_completes_after_the_reconnect(autojump: Any) -> None:
+    async with fake_client(backoff=Backoff(base=1, cap=1, max_attempts=None)) as (nc, fake):
+        events = nc.events()
+        fake.refuse = True
+        await fake.current.close()
+        assert isinstance(await events.receive(), Disconnected)
+        await nc.publish("later", b"x")
+        done = trio.Event()
+
+        async def flush() -> None:
+            await nc.flush()
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flush)
+            await trio.sleep(10)
+            assert not done.is_set()
+            fake.refuse = False
+            with trio.fail_after(5):
+                await done.wait()
+        assert fake.current.pubs() == [b"x"]
+        assert fake.current.commands[-1] == ("PING",)
+
+
+async def test_a_cancelled_request_leaves_nothing_behind(autojump: Any) -> None:
+    async with fake_client() as (nc, fake):
+        with trio.move_on_after(1) as scope:
+            await nc.request("slow", b"?")
+        assert scope.cancelled_caught
+        assert nc._mux is not None
+        assert nc._mux.waiters == {}
+        # The reply subscription was made once, before the request.
+        subs = [c for c in fake.current.commands if c[0] == "SUB"]
+        assert len(subs) == 1
+        assert subs[0][1].startswith("_INBOX.")
+        assert subs[0][1].endswith(".*")
+
+
+async def test_bad_publishes_are_refused_before_anything_is_sent(autojump: Any) -> None:
+    async with fake_client(info={"max_payload": 100}) as (nc, fake):
+        with pytest.raises(MaxPayloadExceeded):
+            await nc.publish("big", b"x" * 101)
+        with pytest.raises(BadSubjectError):
+            await nc.publish("two words", b"")
+        with pytest.raises(BadSubjectError):
+            await nc.publish("ok", b"", headers={"Bad:Key": "v"})
+        await nc.publish("fits", b"x" * 100)
+        await nc.flush()
+        assert fake.current.pubs() == [b"x" * 100]
+
+
+async def test_event_channels_end_when_the_client_closes(autojump: Any) -> None:
+    async with fake_client() as (nc, _):
+        events = nc.events()
+    assert [e async for e in events] == []
