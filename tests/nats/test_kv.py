@@ -158,7 +158,7 @@ async def test_watch_resumes_after_a_node_dies_without_loss_or_duplicates(
             with trio.fail_after(10):
                 while len(seen) < 30:
                     seen.append(await anext(watcher))
-            n1.kill()
+            await trio.to_thread.run_sync(n1.kill)  # kill and reap off the event loop
             last = 0
             for i in range(30, 60):
                 with trio.fail_after(10):

@@ -206,7 +206,7 @@ async def test_killing_the_node_moves_the_client_and_loses_nothing_flushed(
                 data = (await received.next_msg()).data
                 if data != b"probe":
                     got.append(int(data))
-        n1.kill()
+        await trio.to_thread.run_sync(n1.kill)  # kill and reap off the event loop
         for i in range(500, 600):  # in flight or buffered across the reconnect: not promised
             await moving.publish("kill.data", b"%d" % i)
         with trio.fail_after(10):
