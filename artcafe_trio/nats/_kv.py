@@ -93,8 +93,10 @@ def _op_of(headers: Mapping[str, str] | None) -> KvOp:
     if not headers:
         return KvOp.PUT
     reason = headers.get("Nats-Marker-Reason")
-    if reason is not None:
-        return KvOp.DELETE if reason == "Remove" else KvOp.EXPIRED
+    if reason is not None:  # a server-written limit marker (ADR-48)
+        if reason == "Remove":
+            return KvOp.DELETE
+        return KvOp.PURGE if reason == "Purge" else KvOp.EXPIRED
     op = headers.get("KV-Operation")
     if op == "DEL":
         return KvOp.DELETE
