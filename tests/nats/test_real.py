@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from artcafe_trio import Backoff
 from artcafe_trio.nats import (
     Disconnected,
     Headers,
+    LameDuckMode,
     NatsClient,
     NoRespondersError,
     Reconnected,
@@ -242,3 +244,16 @@ async def wait_for_interest(publisher: NatsClient, subject: str, sub: object) ->
                 break
     while sub.pending:  # type: ignore[attr-defined]
         assert (await sub.next_msg()).data == b"probe"  # type: ignore[attr-defined]
+
+
+async def test_lame_duck_mode_is_reported(own_nats_node: NatsNode) -> None:
+    async with open_nats(
+        own_nats_node.url, backoff=Backoff(base=0.05, cap=0.2, max_attempts=None)
+    ) as nc:
+        events = nc.events()
+        await nc.flush()
+        assert own_nats_node.proc is not None
+        own_nats_node.proc.send_signal(signal.SIGUSR2)  # nats-server: enter lame duck mode
+        with trio.fail_after(5):
+            event = await events.receive()
+        assert event == LameDuckMode(f"127.0.0.1:{own_nats_node.port}")
