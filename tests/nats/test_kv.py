@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -10,6 +12,7 @@ import trio
 from artcafe_trio import Backoff
 from artcafe_trio.nats import (
     BucketNotFoundError,
+    JetStreamError,
     KeyExistsError,
     KvEntry,
     KvOp,
@@ -18,7 +21,7 @@ from artcafe_trio.nats import (
     open_nats,
 )
 
-from .servers import NatsNode
+from .servers import NatsNode, run_single
 
 _names = itertools.count()
 
@@ -181,3 +184,16 @@ async def test_watch_resumes_after_a_node_dies_without_loss_or_duplicates(
         assert revisions == sorted(set(revisions))  # in order, no duplicates
         assert [e.revision for e in expected] == revisions  # nothing lost
         assert {int(e.value) for e in seen} == set(range(60))
+
+
+@pytest.fixture
+def plain_node(tmp_path: Path) -> Iterator[NatsNode]:
+    with run_single(tmp_path, jetstream=False) as node:
+        yield node
+
+
+async def test_a_server_without_jetstream_gives_a_clear_error(plain_node: NatsNode) -> None:
+    async with open_nats(plain_node.url) as nc:
+        with pytest.raises(JetStreamError, match="JetStream is not enabled") as caught:
+            await nc.key_value("nope")
+        assert caught.value.code == 503
