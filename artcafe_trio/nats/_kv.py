@@ -1,0 +1,511 @@
+"""A JetStream key-value subset over the JetStream API subjects.
+
+A bucket ``B`` is the stream ``KV_B`` on subjects ``$KV.B.>``; a key's value
+is the last message on ``$KV.B.<key>`` and its revision that message's stream
+sequence. Writes are publishes that wait for the stream's ack; compare-and-set
+uses ``Nats-Expected-Last-Subject-Sequence``; deletes and purges are markers
+(``KV-Operation: DEL`` / ``PURGE`` + ``Nats-Rollup: sub``). Reads use the
+stream leader's ``STREAM.MSG.GET`` (read-your-writes). Per-key TTL is the
+``Nats-TTL`` header (stream ``allow_msg_ttl``); with ``limit_marker_ttl`` the
+server writes a marker (``Nats-Marker-Reason``) when a key expires, which
+watchers report as :attr:`KvOp.EXPIRED`.
+
+Watching uses an ordered push consumer: ack-less, flow-controlled, with idle
+heartbeats. A gap in consumer sequences, a missed heartbeat or a reconnect
+recreates the consumer from the next stream sequence, so a watcher sees every
+revision once, in order.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import json
+import logging
+import math
+import re
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import trio
+
+from ._client import NatsClient, Subscription, new_inbox
+from ._errors import (
+    BucketNotFoundError,
+    JetStreamError,
+    KeyExistsError,
+    NatsError,
+    NatsTimeoutError,
+    NoRespondersError,
+    WrongLastRevisionError,
+)
+from ._protocol import Headers, Msg, decode_headers, encode_pub
+
+__all__ = ["KeyValue", "KvEntry", "KvOp", "KvWatcher", "key_value"]
+
+log = logging.getLogger("artcafe_trio.nats")
+
+_BUCKET = re.compile(r"^[a-zA-Z0-9_-]+$")
+_KEY = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
+_NS = 1_000_000_000
+_ERR_STREAM_NOT_FOUND = 10059
+_ERR_NO_MESSAGE = 10037
+# "wrong last sequence: N" from the stream, and the same check failed in clustered mode.
+_ERR_WRONG_LAST_SEQUENCE = (10071, 10164)
+
+
+class KvOp(enum.Enum):
+    """What a revision did to its key."""
+
+    PUT = "PUT"
+    DELETE = "DEL"
+    PURGE = "PURGE"
+    #: The key's TTL (or the bucket's max age) removed it; a server-written marker.
+    EXPIRED = "EXPIRED"
+
+
+@attrs.frozen
+class KvEntry:
+    """One revision of a key. ``value`` is empty for deletes, purges and expiries."""
+
+    bucket: str
+    key: str
+    value: bytes
+    revision: int
+    op: KvOp
+
+
+def _check_key(key: str, *, pattern: bool = False) -> None:
+    ok = _KEY.match(key.replace("*", "a").replace(">", "a") if pattern else key)
+    if not ok or key.startswith(".") or key.endswith(".") or ".." in key:
+        raise ValueError(f"invalid key{' pattern' if pattern else ''}: {key!r}")
+
+
+def _ttl_header(ttl: float) -> str:
+    if not ttl >= 1 or not math.isfinite(ttl):
+        raise ValueError(f"ttl must be a finite number of seconds >= 1, got {ttl!r}")
+    return f"{math.ceil(ttl)}s"
+
+
+def _op_of(headers: Mapping[str, str] | None) -> KvOp:
+    if not headers:
+        return KvOp.PUT
+    reason = headers.get("Nats-Marker-Reason")
+    if reason is not None:  # a server-written limit marker (ADR-48)
+        if reason == "Remove":
+            return KvOp.DELETE
+        return KvOp.PURGE if reason == "Purge" else KvOp.EXPIRED
+    op = headers.get("KV-Operation")
+    if op == "DEL":
+        return KvOp.DELETE
+    if op == "PURGE":
+        return KvOp.PURGE
+    return KvOp.PUT
+
+
+async def _api(nc: NatsClient, subject: str, body: Mapping[str, Any] | None, limit: float) -> Any:
+    """One JetStream API call: JSON in, JSON out, errors as :class:`JetStreamError`."""
+    payload = json.dumps(body).encode() if body is not None else b""
+    with trio.move_on_after(limit) as scope:
+        msg = await nc.request(subject, payload)
+    if scope.cancelled_caught:
+        raise NatsTimeoutError(f"no answer on {subject} within {limit:g} s")
+    return _decode_answer(msg)
+
+
+def _decode_answer(msg: Msg) -> Any:
+    try:
+        answer = json.loads(msg.data)
+    except ValueError:
+        raise JetStreamError(0, 0, f"answer is not JSON: {msg.data[:80]!r}") from None
+    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
+        err = answer["error"]
+        raise JetStreamError(
+            int(err.get("code", 0)), int(err.get("err_code", 0)), str(err.get("description"))
+        )
+    return answer
+
+
+class KeyValue:
+    """A bound key-value bucket. Obtain one with :func:`key_value`."""
+
+    def __init__(self, nc: NatsClient, bucket: str, config: Mapping[str, Any], timeout: float):
+        self._nc = nc
+        self.bucket = bucket
+        self.stream = f"KV_{bucket}"
+        self._prefix = f"$KV.{bucket}."
+        self._timeout = timeout
+        #: The stream configuration as the server reported it when binding.
+        self.config = dict(config)
+
+    def _subject(self, key: str) -> str:
+        _check_key(key)
+        return self._prefix + key
+
+    async def _publish(self, key: str, value: bytes, headers: Mapping[str, str]) -> int:
+        subject = self._subject(key)
+        msg = None
+        with trio.move_on_after(self._timeout):
+            delay = 0.01
+            while True:
+                try:
+                    msg = await self._nc.request(subject, value, headers=headers or None)
+                    break
+                except NoRespondersError:
+                    # Nobody stored it (503): the stream's interest has not reached this
+                    # server yet, or its leader is being elected. Safe to send again.
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 0.25)
+        if msg is None:
+            raise NatsTimeoutError(f"no ack for {subject} within {self._timeout:g} s")
+        try:
+            ack = _decode_answer(msg)
+        except JetStreamError as exc:
+            if exc.err_code in _ERR_WRONG_LAST_SEQUENCE:
+                raise WrongLastRevisionError(
+                    exc.code, exc.err_code, exc.description, key=key
+                ) from None
+            raise
+        return int(ack["seq"])
+
+    async def put(self, key: str, value: bytes) -> int:
+        """Set ``key`` to ``value``; returns the new revision."""
+        return await self._publish(key, value, {})
+
+    async def create(self, key: str, value: bytes, *, ttl: float | None = None) -> int:
+        """Set ``key`` only if it has no live value; raises :class:`KeyExistsError`.
+
+        A key whose last revision is a delete, purge or expiry counts as absent.
+        ``ttl`` (seconds, >= 1) needs a bucket made with ``allow_msg_ttl``.
+        """
+        headers = {"Nats-Expected-Last-Subject-Sequence": "0"}
+        if ttl is not None:
+            headers["Nats-TTL"] = _ttl_header(ttl)
+        try:
+            return await self._publish(key, value, headers)
+        except WrongLastRevisionError as exc:
+            last = await self._last(key)
+            if last is None or last.op is KvOp.PUT:
+                raise KeyExistsError(exc.code, exc.err_code, exc.description, key=key) from None
+            try:
+                return await self.update(key, value, last=last.revision, ttl=ttl)
+            except WrongLastRevisionError as again:
+                raise KeyExistsError(
+                    again.code, again.err_code, again.description, key=key
+                ) from None
+
+    async def update(self, key: str, value: bytes, *, last: int, ttl: float | None = None) -> int:
+        """Set ``key`` only if its last revision is ``last`` (compare-and-set).
+
+        Raises :class:`WrongLastRevisionError` otherwise. Of two clients updating
+        from the same revision, exactly one wins.
+        """
+        headers = {"Nats-Expected-Last-Subject-Sequence": str(last)}
+        if ttl is not None:
+            headers["Nats-TTL"] = _ttl_header(ttl)
+        return await self._publish(key, value, headers)
+
+    async def delete(self, key: str, *, last: int | None = None) -> int:
+        """Mark ``key`` deleted (history is kept); optionally only if ``last`` is its revision."""
+        headers = {"KV-Operation": "DEL"}
+        if last is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(last)
+        return await self._publish(key, b"", headers)
+
+    async def purge(self, key: str) -> int:
+        """Delete ``key`` and all its history, leaving one purge marker."""
+        return await self._publish(key, b"", {"KV-Operation": "PURGE", "Nats-Rollup": "sub"})
+
+    async def _last(self, key: str, revision: int | None = None) -> KvEntry | None:
+        subject = self._subject(key)
+        request: dict[str, Any] = (
+            {"last_by_subj": subject} if revision is None else {"seq": revision}
+        )
+        try:
+            answer = await _api(
+                self._nc, f"$JS.API.STREAM.MSG.GET.{self.stream}", request, self._timeout
+            )
+        except JetStreamError as exc:
+            if exc.err_code == _ERR_NO_MESSAGE:
+                return None
+            raise
+        message = answer["message"]
+        if message.get("subject") != subject:
+            return None
+        headers = None
+        if message.get("hdrs"):
+            headers = decode_headers(base64.b64decode(message["hdrs"]))
+        data = base64.b64decode(message.get("data") or "")
+        return KvEntry(self.bucket, key, data, int(message["seq"]), _op_of(headers))
+
+    async def get(self, key: str, *, revision: int | None = None) -> KvEntry | None:
+        """The live value of ``key`` (or its ``revision``); ``None`` if absent or deleted."""
+        entry = await self._last(key, revision)
+        if entry is None or entry.op is not KvOp.PUT:
+            return None
+        return entry
+
+    @asynccontextmanager
+    async def watch(
+        self,
+        pattern: str = ">",
+        *,
+        include_history: bool = False,
+        idle_heartbeat: float = 1.0,
+    ) -> AsyncIterator[KvWatcher]:
+        """Watch keys matching ``pattern`` (``*``/``>`` wildcards).
+
+        Yields a :class:`KvWatcher`; iterate it for the current value of each key
+        (every revision with ``include_history``), then every change in order.
+        """
+        _check_key(pattern, pattern=True)
+        watcher = KvWatcher(self, pattern, include_history, idle_heartbeat)
+        try:
+            await watcher._start()
+            yield watcher
+        finally:
+            with trio.CancelScope(shield=True):
+                await watcher._stop()
+
+
+class KvWatcher:
+    """The revisions of a watched pattern, in stream order; ``async for entry in watcher``."""
+
+    def __init__(self, kv: KeyValue, pattern: str, history: bool, heartbeat: float) -> None:
+        self._kv = kv
+        self._nc = kv._nc
+        self._filter = kv._prefix + pattern
+        self._history = history
+        self._heartbeat = heartbeat
+        self._sub: Subscription | None = None
+        self._consumer: str | None = None
+        self._last_stream_seq = 0
+        self._consumer_seq = 0
+        self._reset_needed = False
+        #: Times the consumer was recreated (gap, missed heartbeat or reconnect).
+        self.resets = 0
+        #: ``True`` once the initial values have all been delivered.
+        self.caught_up = False
+
+    def _on_reconnect(self) -> None:
+        self._reset_needed = True
+        if self._sub is not None:
+            self._sub._poke()
+
+    async def _start(self) -> None:
+        self._nc._reconnect_hooks.append(self._on_reconnect)
+        # Short attempts within api_timeout: just after a failover the API may not answer.
+        with trio.move_on_after(self._kv._timeout):
+            while True:
+                try:
+                    await self._create(min(self._kv._timeout, 1.0))
+                    return
+                except (NatsTimeoutError, NoRespondersError):
+                    await trio.sleep(0.05)
+        raise NatsTimeoutError(f"could not create a watch consumer within {self._kv._timeout:g} s")
+
+    async def _create(self, limit: float | None = None) -> None:
+        inbox = new_inbox()
+        sub = await self._nc.subscribe(inbox)
+        config: dict[str, Any] = {
+            "deliver_subject": inbox,
+            "filter_subject": self._filter,
+            "ack_policy": "none",
+            "max_deliver": 1,
+            "replay_policy": "instant",
+            "flow_control": True,
+            "idle_heartbeat": int(self._heartbeat * _NS),
+            "mem_storage": True,
+            "num_replicas": 1,
+            "inactive_threshold": int(max(30.0, self._heartbeat * 10) * _NS),
+        }
+        if self._last_stream_seq:
+            config["deliver_policy"] = "by_start_sequence"
+            config["opt_start_seq"] = self._last_stream_seq + 1
+        else:
+            config["deliver_policy"] = "all" if self._history else "last_per_subject"
+        try:
+            answer = await _api(
+                self._nc,
+                f"$JS.API.CONSUMER.CREATE.{self._kv.stream}",
+                {"stream_name": self._kv.stream, "config": config},
+                limit or self._kv._timeout,
+            )
+        except BaseException:
+            await sub.unsubscribe()
+            raise
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+        self._sub = sub
+        self._consumer = str(answer.get("name"))
+        self._consumer_seq = 0
+        self._reset_needed = False
+        pending = answer.get("num_pending", 0)
+        if not pending and not self._last_stream_seq:
+            self.caught_up = True
+
+    async def _delete_consumer(self) -> None:
+        if self._consumer is None:
+            return
+        name, self._consumer = self._consumer, None
+        with trio.move_on_after(self._kv._timeout), _suppress_nats():
+            await self._nc.request(f"$JS.API.CONSUMER.DELETE.{self._kv.stream}.{name}")
+
+    async def _reset(self) -> None:
+        """Recreate the consumer after the last stream sequence seen; retry until it works."""
+        self.resets += 1
+        failures = 0
+        while True:
+            old = self._consumer
+            try:
+                # A short bound per attempt: right after a failover the API may not answer.
+                await self._create(min(self._kv._timeout, 1.0))
+            except (NatsError, OSError) as exc:
+                failures += 1
+                log.debug("watch reset failed (%d): %r", failures, exc)
+                await trio.sleep(min(1.0, 0.05 * 2**failures))
+                continue
+            if old is not None:
+                with trio.move_on_after(self._kv._timeout), _suppress_nats():
+                    await self._nc.request(f"$JS.API.CONSUMER.DELETE.{self._kv.stream}.{old}")
+            return
+
+    async def _stop(self) -> None:
+        if self._on_reconnect in self._nc._reconnect_hooks:
+            self._nc._reconnect_hooks.remove(self._on_reconnect)
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+        if self._nc.is_connected:
+            await self._delete_consumer()
+
+    def __aiter__(self) -> KvWatcher:
+        return self
+
+    async def __anext__(self) -> KvEntry:
+        while True:
+            if self._reset_needed:
+                await self._reset()
+            sub = self._sub
+            assert sub is not None
+            with trio.move_on_after(self._heartbeat * 3) as scope:
+                msg = await sub._get(pokeable=True)
+            if scope.cancelled_caught:
+                log.debug("watch: no heartbeat within %g s; resetting", self._heartbeat * 3)
+                self._reset_needed = True
+                continue
+            if msg is None:
+                if sub._closed and not self._reset_needed:
+                    raise StopAsyncIteration
+                continue
+            entry = self._process(msg)
+            if entry is not None:
+                return entry
+
+    def _process(self, msg: Msg) -> KvEntry | None:
+        headers: Headers | None = msg.headers
+        if headers is not None and headers.status == 100:
+            # Flow control (or a heartbeat reporting a stall): answer so delivery goes on.
+            target = msg.reply or headers.get("Nats-Consumer-Stalled")
+            if target:
+                self._nc._write(encode_pub(target, b""))
+            last = headers.get("Nats-Last-Consumer")
+            if last is not None and int(last) != self._consumer_seq:
+                self._reset_needed = True
+            return None
+        tokens = (msg.reply or "").split(".")
+        if len(tokens) == 9:
+            base = 2
+        elif len(tokens) >= 11:
+            base = 4
+        else:
+            return None  # not a JetStream delivery
+        stream_seq = int(tokens[base + 3])
+        consumer_seq = int(tokens[base + 4])
+        pending = int(tokens[base + 6])
+        if consumer_seq != self._consumer_seq + 1:
+            self._reset_needed = True
+            return None
+        self._consumer_seq = consumer_seq
+        if stream_seq <= self._last_stream_seq:
+            return None  # already delivered before a reset
+        self._last_stream_seq = stream_seq
+        if pending == 0:
+            self.caught_up = True
+        key = msg.subject[len(self._kv._prefix) :]
+        op = _op_of(headers)
+        return KvEntry(self._kv.bucket, key, msg.data if op is KvOp.PUT else b"", stream_seq, op)
+
+
+class _suppress_nats:
+    """Ignore NATS errors from a best-effort cleanup call."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> bool:
+        return kind is not None and issubclass(kind, NatsError)
+
+
+async def key_value(
+    nc: NatsClient,
+    bucket: str,
+    *,
+    create: bool = True,
+    history: int = 1,
+    replicas: int = 1,
+    max_age: float | None = None,
+    allow_msg_ttl: bool = False,
+    limit_marker_ttl: float | None = None,
+    storage: str = "file",
+    api_timeout: float = 5.0,
+) -> KeyValue:
+    """Bind bucket ``bucket``, creating it (with this configuration) if it does not exist.
+
+    An existing bucket is bound as it is (its configuration is not changed).
+    ``limit_marker_ttl`` (seconds, >= 1) makes the server leave a marker when a
+    key expires, so watchers see the expiry; it implies ``allow_msg_ttl``.
+    Raises :class:`BucketNotFoundError` when it does not exist and ``create`` is false.
+    Every later call on the bucket raises :class:`NatsTimeoutError` after ``api_timeout``.
+    """
+    if not _BUCKET.match(bucket):
+        raise ValueError(f"invalid bucket name: {bucket!r}")
+    if not 1 <= history <= 64:
+        raise ValueError("history must be between 1 and 64")
+    stream = f"KV_{bucket}"
+    try:
+        info = await _api(nc, f"$JS.API.STREAM.INFO.{stream}", None, api_timeout)
+        return KeyValue(nc, bucket, info["config"], api_timeout)
+    except JetStreamError as exc:
+        if exc.err_code != _ERR_STREAM_NOT_FOUND:
+            raise
+        if not create:
+            raise BucketNotFoundError(exc.code, exc.err_code, exc.description) from None
+    except NoRespondersError:
+        raise JetStreamError(503, 0, "JetStream is not enabled on this server") from None
+    config: dict[str, Any] = {
+        "name": stream,
+        "subjects": [f"$KV.{bucket}.>"],
+        "retention": "limits",
+        "max_msgs_per_subject": history,
+        "max_bytes": -1,
+        "max_msgs": -1,
+        "max_age": int((max_age or 0) * _NS),
+        "storage": storage,
+        "num_replicas": replicas,
+        "discard": "new",
+        "allow_rollup_hdrs": True,
+        "deny_delete": True,
+        "deny_purge": False,
+        "allow_direct": True,
+        "duplicate_window": int(min(max_age or 120.0, 120.0) * _NS),
+    }
+    if allow_msg_ttl or limit_marker_ttl is not None:
+        config["allow_msg_ttl"] = True
+    if limit_marker_ttl is not None:
+        if not limit_marker_ttl >= 1:
+            raise ValueError("limit_marker_ttl must be >= 1 second")
+        config["subject_delete_marker_ttl"] = int(limit_marker_ttl * _NS)
+    info = await _api(nc, f"$JS.API.STREAM.CREATE.{stream}", config, api_timeout)
+    return KeyValue(nc, bucket, info["config"], api_timeout)

@@ -1,0 +1,199 @@
+"""JetStream key-value against a real 3-node cluster (R3 buckets)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from artcafe_trio import Backoff
+from artcafe_trio.nats import (
+    BucketNotFoundError,
+    JetStreamError,
+    KeyExistsError,
+    KvEntry,
+    KvOp,
+    NatsError,
+    WrongLastRevisionError,
+    open_nats,
+)
+
+from .servers import NatsNode, run_single
+
+_names = itertools.count()
+
+
+def bucket_name() -> str:
+    return f"b{next(_names)}"
+
+
+async def test_bucket_operations_on_an_r3_bucket(nats_cluster: list[NatsNode]) -> None:
+    async with open_nats([n.url for n in nats_cluster]) as nc:
+        with pytest.raises(BucketNotFoundError):
+            await nc.key_value("missing", create=False)
+        kv = await nc.key_value(bucket_name(), history=5, replicas=3)
+        assert kv.config["num_replicas"] == 3
+        assert await kv.get("k") is None
+        r1 = await kv.create("k", b"one")
+        with pytest.raises(KeyExistsError):
+            await kv.create("k", b"again")
+        r2 = await kv.update("k", b"two", last=r1)
+        with pytest.raises(WrongLastRevisionError) as caught:
+            await kv.update("k", b"stale", last=r1)
+        assert caught.value.key == "k"
+        assert caught.value.err_code == 10071
+        assert await kv.get("k") == KvEntry(kv.bucket, "k", b"two", r2, KvOp.PUT)
+        assert await kv.get("k", revision=r1) == KvEntry(kv.bucket, "k", b"one", r1, KvOp.PUT)
+        r3 = await kv.put("k", b"three")
+        assert r1 < r2 < r3
+        await kv.delete("k")
+        assert await kv.get("k") is None
+        r5 = await kv.create("k", b"reborn")  # a deleted key counts as absent
+        assert (await kv.get("k")) == KvEntry(kv.bucket, "k", b"reborn", r5, KvOp.PUT)
+        await kv.purge("k")
+        assert await kv.get("k") is None
+        assert await kv.get("k", revision=r1) is None  # the purge removed the history
+        # Binding again gives the same bucket, whatever options are passed.
+        again = await nc.key_value(kv.bucket, history=1)
+        assert again.config["max_msgs_per_subject"] == 5
+        with pytest.raises(ValueError, match="invalid key"):
+            await kv.put("a b", b"")
+
+
+async def test_an_update_race_between_two_clients_has_exactly_one_winner(
+    nats_cluster: list[NatsNode],
+) -> None:
+    n1, n2, _ = nats_cluster
+    async with open_nats(n1.url) as a, open_nats(n2.url) as b:
+        name = bucket_name()
+        kv_a = await a.key_value(name, replicas=3)
+        kv_b = await b.key_value(name)
+        revision = await kv_a.put("race", b"start")
+        for round_ in range(10):
+            outcomes: dict[str, object] = {}
+
+            async def attempt(who: str, kv: object, last: int, outcomes: dict[str, object]) -> None:
+                try:
+                    outcomes[who] = await kv.update("race", who.encode(), last=last)  # type: ignore[attr-defined]
+                except WrongLastRevisionError as exc:
+                    outcomes[who] = exc
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(attempt, "a", kv_a, revision, outcomes)
+                nursery.start_soon(attempt, "b", kv_b, revision, outcomes)
+            winners = [who for who, out in outcomes.items() if isinstance(out, int)]
+            assert len(winners) == 1, (round_, outcomes)
+            entry = await kv_a.get("race")
+            assert entry is not None
+            assert entry.value == winners[0].encode()
+            assert entry.revision == outcomes[winners[0]]
+            revision = entry.revision
+
+
+async def test_a_watched_keys_ttl_expiry_is_seen_within_a_second(
+    nats_cluster: list[NatsNode],
+) -> None:
+    async with open_nats([n.url for n in nats_cluster]) as nc:
+        kv = await nc.key_value(bucket_name(), replicas=3, limit_marker_ttl=1)
+        await kv.put("stays", b"1")
+        async with kv.watch("*") as watcher:
+            first = await anext(watcher)
+            assert (first.key, first.op) == ("stays", KvOp.PUT)
+            assert watcher.caught_up
+            ttl = 1.0
+            revision = await kv.create("short", b"lived", ttl=ttl)
+            created = trio.current_time()
+            with trio.fail_after(5):
+                put = await anext(watcher)
+                expired = await anext(watcher)
+            seen = trio.current_time() - created
+            assert put == KvEntry(kv.bucket, "short", b"lived", revision, KvOp.PUT)
+            assert (expired.key, expired.op, expired.value) == ("short", KvOp.EXPIRED, b"")
+            assert expired.revision > revision
+            assert ttl - 0.05 <= seen <= ttl + 1.0
+        assert await kv.get("short") is None
+        with pytest.raises(ValueError, match="ttl"):
+            await kv.create("x", b"", ttl=0.5)
+
+
+async def test_watch_reports_puts_deletes_and_purges_in_order(nats_cluster: list[NatsNode]) -> None:
+    async with open_nats(nats_cluster[0].url) as nc:
+        kv = await nc.key_value(bucket_name(), history=10, replicas=3)
+        await kv.put("a.1", b"x")
+        await kv.put("a.1", b"y")
+        await kv.put("b.1", b"z")
+        async with kv.watch("a.*", include_history=True) as watcher:
+            await kv.delete("a.1")
+            await kv.put("a.2", b"w")
+            with trio.fail_after(5):
+                got = [await anext(watcher) for _ in range(4)]
+            await kv.purge("a.2")  # (before "w" was delivered it would have removed it)
+            with trio.fail_after(5):
+                got.append(await anext(watcher))
+        assert [(e.key, e.op, e.value) for e in got] == [
+            ("a.1", KvOp.PUT, b"x"),
+            ("a.1", KvOp.PUT, b"y"),
+            ("a.1", KvOp.DELETE, b""),
+            ("a.2", KvOp.PUT, b"w"),
+            ("a.2", KvOp.PURGE, b""),
+        ]
+        assert [e.revision for e in got] == sorted(e.revision for e in got)
+
+
+async def test_watch_resumes_after_a_node_dies_without_loss_or_duplicates(
+    own_nats_cluster: list[NatsNode],
+) -> None:
+    n1, n2, _ = own_nats_cluster
+    backoff = Backoff(base=0.05, cap=0.5, max_attempts=None)
+    async with (
+        open_nats(n1.url, backoff=backoff) as watching,
+        open_nats(n2.url, backoff=backoff) as writing,
+    ):
+        kv = await writing.key_value(bucket_name(), replicas=3, history=64, api_timeout=1.0)
+        watched = await watching.key_value(kv.bucket)
+        seen: list[KvEntry] = []
+        async with watched.watch(">", idle_heartbeat=0.5) as watcher:
+            for i in range(30):
+                await kv.put(f"k{i}", b"%d" % i)
+            with trio.fail_after(10):
+                while len(seen) < 30:
+                    seen.append(await anext(watcher))
+            await trio.to_thread.run_sync(n1.kill)  # kill and reap off the event loop
+            last = 0
+            for i in range(30, 60):
+                with trio.fail_after(10):
+                    while True:  # the stream may be electing a new leader
+                        try:
+                            last = await kv.put(f"k{i}", b"%d" % i)
+                            break
+                        except NatsError:
+                            await trio.sleep(0.1)
+            with trio.fail_after(15):
+                while seen[-1].revision < last:
+                    seen.append(await anext(watcher))
+            assert watcher.resets >= 1
+        # The truth: every message the stream holds (history=64 keeps every revision).
+        async with kv.watch(">", include_history=True) as truth:
+            expected = [await anext(truth)]
+            while expected[-1].revision < last:
+                expected.append(await anext(truth))
+        revisions = [e.revision for e in seen]
+        assert revisions == sorted(set(revisions))  # in order, no duplicates
+        assert [e.revision for e in expected] == revisions  # nothing lost
+        assert {int(e.value) for e in seen} == set(range(60))
+
+
+@pytest.fixture
+def plain_node(tmp_path: Path) -> Iterator[NatsNode]:
+    with run_single(tmp_path, jetstream=False) as node:
+        yield node
+
+
+async def test_a_server_without_jetstream_gives_a_clear_error(plain_node: NatsNode) -> None:
+    async with open_nats(plain_node.url) as nc:
+        with pytest.raises(JetStreamError, match="JetStream is not enabled") as caught:
+            await nc.key_value("nope")
+        assert caught.value.code == 503
