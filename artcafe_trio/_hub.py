@@ -62,6 +62,7 @@ from ._frames import (
     encode,
     encode_message,
 )
+from ._hubevents import HubEvents
 from ._keys import PublicKey
 from ._registry import PresenceChange, Registry, RegistryError
 from ._subjects import SubjectIndex, is_reserved
@@ -251,6 +252,7 @@ class _Session:
             self.outbox_send.send_nowait(text)
         except trio.WouldBlock:
             self.hub.stats.slow_consumers += 1
+            self.hub._slow_consumer_event(self)
             log.warning("%r: send queue full, cutting off slow consumer", self)
             self.close(
                 CloseCode.SLOW_CONSUMER,
@@ -434,6 +436,14 @@ class Hub:
         self._stopping = False
         self._open_connections = 0
         self._connections_gone = trio.Event()
+        self.events = HubEvents()
+        """The observation seam: event feed and per-agent measurements (``_hubevents``)."""
+
+    def _slow_consumer_event(self, session: _Session) -> None:
+        size, now = self.config.send_queue_size, self._wall_clock()
+        self.events.slow_consumer(
+            session.tenant_id, session.agent_id, session.session_id, size, now
+        )
 
     # --- lifecycle -------------------------------------------------------
 
@@ -605,6 +615,7 @@ class Hub:
             metadata=entry.metadata,
         )
         log.info("presence %s/%s %s (%s)", entry.tenant_id, entry.agent_id, status, reason)
+        self.events.presence(entry.tenant_id, entry.agent_id, status, reason, entry.session_id, now)
         subject = f"{PRESENCE_PREFIX}.{entry.agent_id}"
         data_json = json.dumps(event.to_data())
         self._route(entry.tenant_id, subject, data_json, sender=HUB_SENDER, reply_to=None)
@@ -726,6 +737,7 @@ class Hub:
         if extra > 0:
             await trio.sleep(min(self.config.auth_failure_delay_cap, 0.25 * 2 ** (extra - 1)))
         log.warning("authentication refused for %s from %s: %s", who, remote, code)
+        self.events.auth_failure(remote, code, failures, self._wall_clock())
         await ws.send_message(encode(Error(code=code, message=message, fatal=True)))
         raise _Refused(close, message)
 
@@ -850,6 +862,9 @@ class Hub:
             log.info("%r replaced by %s", older, session.session_id)
             older.close(CloseCode.REPLACED, f"replaced by a newer session {session.session_id}")
         now = self._wall_clock()
+        replaced = older.session_id if older is not None else None
+        interval = session.heartbeat_interval
+        self.events.attached(*key, session.session_id, replaced, interval, now)
         entry = self._entry(*key)
         was_online = entry.status == "online"
         entry.session = session
@@ -983,6 +998,7 @@ class Hub:
             self._handle_publish(session, frame)
         elif isinstance(frame, Heartbeat):
             self.stats.heartbeats += 1
+            self.events.heartbeat(session.presence, session.session_id, frame.rtt)
             wall = session.last_frame_wall
             entry = session.owned_presence()
             if entry is not None:
