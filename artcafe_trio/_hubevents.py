@@ -138,15 +138,17 @@ class EventSubscription:
         if self.tenant_id is not None and event.tenant_id != self.tenant_id:
             return
         if self._send.statistics().current_buffer_used >= self.max_queued:
-            dropped = 0
+            lost = 1  # this event
             while True:
                 try:
-                    self._receive.receive_nowait()
-                    dropped += 1
+                    dropped = self._receive.receive_nowait()
                 except trio.WouldBlock:
                     break
-            self.lost += dropped + 1
-            self._send.send_nowait(Resync(lost=dropped + 1))
+                lost += dropped.lost if isinstance(dropped, Resync) else 1
+                if not isinstance(dropped, Resync):
+                    self.lost += 1
+            self.lost += 1
+            self._send.send_nowait(Resync(lost=lost))
             return
         self._send.send_nowait(event)
 

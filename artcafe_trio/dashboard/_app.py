@@ -125,6 +125,8 @@ class Dashboard:
         if request.method not in ("GET", "HEAD"):
             return _error(405, "method_not_allowed", "only GET is served")
         path = request.path
+        if path == "/favicon.ico":
+            return Response(204)
         if path.startswith("/static/"):
             return self._static(path.removeprefix("/static/"))
         if path in ("/", "/index.html"):

@@ -130,6 +130,9 @@ class _Conn:
             return None
         if not isinstance(event, h11.Request):
             raise h11.RemoteProtocolError("expected a request", 400)
+        size = len(event.target) + sum(len(k) + len(v) + 4 for k, v in event.headers)
+        if size > self.limits.max_header_bytes:  # h11 bounds only what is still incomplete
+            raise h11.RemoteProtocolError("request header too large", 431)
         length = next((v for k, v in event.headers if k == b"content-length"), b"0")
         if int(length) > self.limits.max_body_bytes:
             raise _TooLarge
@@ -226,9 +229,8 @@ class _Server:
                 except _Closed:
                     return
             if scope.cancelled_caught:
-                if conn.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE) and (
-                    conn.h11.their_state is not h11.IDLE
-                ):
+                started = conn.h11.their_state is not h11.IDLE or conn.h11.trailing_data[0]
+                if started and conn.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     await _quietly(conn.respond(_text(408, "request timeout"), close=True))
                 return
             if got is None:

@@ -16,7 +16,7 @@
   const headers = { Authorization: "Bearer " + token };
 
   const agents = new Map();        // "tenant/agent" -> agent JSON (+ local fields)
-  const history = new Map();       // "tenant/agent" -> {segments, uptime, fetched}
+  const histories = new Map();     // "tenant/agent" -> {segments, uptime, fetched}
   const events = [];               // newest last, at most MAX_EVENTS
   const MAX_EVENTS = 300;
   let counters = {};
@@ -75,7 +75,7 @@
     return td;
   }
   function bar(key) {
-    const h = history.get(key);
+    const h = histories.get(key);
     const wrap = el("div", { class: "bar", role: "img" });
     if (!h || !h.segments) { wrap.setAttribute("aria-label", "no history yet"); return wrap; }
     const span = (h.until - h.since) || 1;
@@ -116,10 +116,10 @@
       const meta = [(a.capabilities || []).join(", "), Object.keys(a.metadata || {}).length ? JSON.stringify(a.metadata) : ""]
         .filter(Boolean).join(" · ");
       cell(tr, "capabilities", meta || "–", "meta");
-      cell(tr, "hub", a.hub_id || "–", "meta");
+      cell(tr, "hub", a.hub_id || "–", "meta hub");
       const h = cell(tr, "last 24 h", "");
       h.appendChild(bar(key));
-      const hist = history.get(key);
+      const hist = histories.get(key);
       if (hist && hist.uptime !== null && hist.uptime !== undefined) {
         h.appendChild(el("span", { class: "uptime" }, " " + (100 * hist.uptime).toFixed(1) + " %"));
       }
@@ -212,7 +212,7 @@
       for (const a of agents.values()) if (a.status !== "online") off[a.reason || "unknown"] = (off[a.reason || "unknown"] || 0) + 1;
       counters.offline = off;
       renderTenants(); renderCounters(); render();
-      history.delete(keyOf(e.agent));
+      histories.delete(keyOf(e.agent));
       loadHistories();
     }
     renderEvents();
@@ -223,15 +223,15 @@
     const now = Date.now();
     for (const a of agents.values()) {
       if (historyBusy >= 4) return;
-      const key = keyOf(a), h = history.get(key);
+      const key = keyOf(a), h = histories.get(key);
       if (h && (h.loading || now - h.fetched < 60000)) continue;
       historyBusy++;
-      history.set(key, Object.assign(h || {}, { loading: true, fetched: now }));
+      histories.set(key, Object.assign(h || {}, { loading: true, fetched: now }));
       const url = "/api/history?agent=" + encodeURIComponent(a.agent_id) + "&tenant=" + encodeURIComponent(a.tenant_id);
       fetch(url, { headers }).then((r) => r.ok ? r.json() : null).then((doc) => {
-        if (doc) history.set(key, Object.assign(doc, { fetched: Date.now(), loading: false }));
-        else history.set(key, { fetched: Date.now(), loading: false });
-      }).catch(() => history.set(key, { fetched: Date.now(), loading: false }))
+        if (doc) histories.set(key, Object.assign(doc, { fetched: Date.now(), loading: false }));
+        else histories.set(key, { fetched: Date.now(), loading: false });
+      }).catch(() => histories.set(key, { fetched: Date.now(), loading: false }))
         .finally(() => { historyBusy--; render(); loadHistories(); });
     }
   }
