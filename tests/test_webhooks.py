@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import itertools
 import json
 import random
 from collections.abc import AsyncIterator
@@ -87,7 +88,7 @@ class Receiver:
 async def receiver(nursery: trio.Nursery) -> AsyncIterator[Receiver]:
     receiver = Receiver()
     await nursery.start(receiver.serve)
-    yield receiver
+    return receiver
 
 
 async def start_webhook(hub: TestHub, nursery: trio.Nursery, url: str, **fields: Any) -> Webhook:
@@ -293,7 +294,7 @@ async def test_retries_wait_full_jitter_backoff_exactly(
             await trio.sleep(60)
     times = [t for t, d in fake.calls if d["status"] == "online"]
     expected = list(backoff.delays(random.Random(3)))[:3]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert gaps == pytest.approx(expected, abs=1e-6)
     assert len(times) == 4  # three failures, then accepted
 
