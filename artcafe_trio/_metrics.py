@@ -15,6 +15,9 @@ Prometheus scrapes, so the hub's hot path pays nothing for metrics. Exported:
 ``artcafe_rate_limited_total``              counter  publishes refused by the rate limit
 ``artcafe_connections_total``               counter  WebSocket connections accepted
 ==========================================  =======  ======================================
+
+and the gauge ``artcafe_heartbeat_ack_rtt_seconds{tenant}``: the largest heartbeat-ACK
+round trip an online agent of the tenant reports (the optional ``rtt`` of its heartbeats).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ class _Snapshot:
     counters: dict[str, int]
     transitions: dict[str, int]
     online: dict[str, int]
+    rtt: dict[str, float]
 
 
 class HubCollector(Collector):
@@ -74,6 +78,14 @@ class HubCollector(Collector):
         for tenant, count in sorted(snapshot.online.items()):
             online.add_metric([tenant], count)
         yield online
+        rtt = GaugeMetricFamily(
+            "artcafe_heartbeat_ack_rtt_seconds",
+            "Largest heartbeat-ACK round trip reported by an online agent, per tenant.",
+            labels=["tenant"],
+        )
+        for tenant, seconds in sorted(snapshot.rtt.items()):
+            rtt.add_metric([tenant], seconds)
+        yield rtt
         for name, key, documentation in _COUNTERS:
             yield CounterMetricFamily(
                 f"artcafe_{name}", documentation, value=snapshot.counters[key]
@@ -101,11 +113,15 @@ class HubCollector(Collector):
         transitions = dict.fromkeys(PRESENCE_REASONS, 0)
         transitions.update(stats.transitions)
         online: dict[str, int] = {}
+        rtt: dict[str, float] = {}
         for record in self.hub.presence_table():
             count = online.setdefault(record.tenant_id, 0)
             if record.status == "online":
                 online[record.tenant_id] = count + 1
-        return _Snapshot(counters=counters, transitions=transitions, online=online)
+                reported = self.hub.events.measures(record.tenant_id, record.agent_id).rtt
+                if reported is not None:
+                    rtt[record.tenant_id] = max(rtt.get(record.tenant_id, 0.0), reported)
+        return _Snapshot(counters=counters, transitions=transitions, online=online, rtt=rtt)
 
 
 def _in_trio_thread() -> bool:

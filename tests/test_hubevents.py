@@ -188,3 +188,25 @@ def test_subscribers_are_bounded() -> None:
             assert events.subscribers == 1
 
     trio.run(main)
+
+
+async def test_metrics_export_the_largest_reported_ack_rtt_per_tenant(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery
+) -> None:
+    pytest.importorskip("prometheus_client")
+    from artcafe_trio._metrics import collector
+
+    async with open_test_hub() as hub:
+        clients = {}
+        for agent, tenant in (("a", "t1"), ("b", "t1"), ("c", "t2")):
+            clients[agent] = await connect(hub, nursery, agent, tenant=tenant)
+        for agent, rtt in (("a", 0.25), ("b", 0.5), ("c", 0.125)):
+            await clients[agent].send(Heartbeat(seq=1, rtt=rtt))
+            await clients[agent].recv_type(HeartbeatAck)
+        samples = {
+            sample.labels["tenant"]: sample.value
+            for family in collector(hub.hub).collect()
+            if family.name == "artcafe_heartbeat_ack_rtt_seconds"
+            for sample in family.samples
+        }
+        assert samples == {"t1": 0.5, "t2": 0.125}
