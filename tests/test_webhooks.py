@@ -309,3 +309,23 @@ async def test_a_4xx_answer_is_not_retried(
             await trio.sleep(5)
         assert len([1 for _t, d in fake.calls if d["status"] == "online"]) == 1
         assert webhook.stats.failed == 1 and webhook.stats.retries == 0
+
+
+def test_the_signature_check_in_the_docs_accepts_ours_and_refuses_a_forgery(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "alerts.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", text, re.S)
+    assert snippet is not None
+    monkeypatch.setenv("ALERT_SECRET", "s3cret")
+    namespace: dict[str, Any] = {}
+    exec(snippet.group(1), namespace)
+    body = b'{"status":"offline"}'
+    assert namespace["verify"](body, sign(b"s3cret", body)) == {"status": "offline"}
+    with pytest.raises(ValueError, match="bad signature"):
+        namespace["verify"](body, sign(b"guess", body))
+    with pytest.raises(ValueError, match="bad signature"):
+        namespace["verify"](body + b" ", sign(b"s3cret", body))
