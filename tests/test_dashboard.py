@@ -189,6 +189,23 @@ async def test_limits_header_size_body_method_connections_and_request_time(site:
         assert (await get(site.port, "/api/presence", site.admin)).status == 200
 
 
+async def test_head_answers_headers_only_and_the_server_keeps_serving(site: Site) -> None:
+    with trio.fail_after(10):
+        stream = await trio.open_tcp_stream("127.0.0.1", site.port)
+        async with stream:
+            await stream.send_all(b"HEAD /static/app.css HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive_some(4096)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            assert length == len(static_files()["app.css"])
+            assert head.endswith(b"\r\n\r\n")  # no body after the headers
+    assert (await get(site.port, "/static/app.css")).status == 200  # still serving
+    many = "&".join(f"k{i}=v" for i in range(50))
+    assert (await get(site.port, f"/api/presence?{many}", site.admin)).status == 400
+
+
 async def test_unknown_paths_and_static_files(site: Site) -> None:
     assert (await get(site.port, "/nope")).status == 404
     assert (await get(site.port, "/api/nope", site.admin)).status == 404

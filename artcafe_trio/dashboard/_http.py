@@ -148,7 +148,7 @@ class _Conn:
             else:
                 raise h11.RemoteProtocolError("incomplete request", 400)
 
-    async def respond(self, response: Response, *, close: bool = False) -> None:
+    async def respond(self, response: Response, *, close: bool = False, head: bool = False) -> None:
         headers = [
             ("Content-Type", response.content_type),
             ("Content-Length", str(len(response.body))),
@@ -159,7 +159,8 @@ class _Conn:
         if close:
             headers.append(("Connection", "close"))
         await self.send(h11.Response(status_code=response.status, headers=headers))
-        await self.send(h11.Data(data=response.body))
+        if not head:  # a HEAD answer has the headers of the GET, and no body
+            await self.send(h11.Data(data=response.body))
         await self.send(h11.EndOfMessage())
 
 
@@ -207,6 +208,10 @@ class _Server:
             self.open += 1
             try:
                 await self._requests(conn, remote)
+            except (_Closed, h11.ProtocolError):
+                pass  # the peer went away, or broke the protocol after we answered
+            except Exception:  # a barrier: one connection never takes the server down
+                log.exception("dashboard: unexpected error on a connection from %s", remote)
             finally:
                 self.open -= 1
         finally:
@@ -236,7 +241,11 @@ class _Server:
             if got is None:
                 return
             event, _body = got
-            request = _decode_request(event, remote)
+            try:
+                request = _decode_request(event, remote)
+            except ValueError:  # e.g. more query fields than parse_qs allows
+                await _quietly(conn.respond(_text(400, "bad request"), close=True))
+                return
             try:
                 response = await self.handler(request)
             except Exception:
@@ -246,7 +255,7 @@ class _Server:
                 if isinstance(response, StreamResponse):
                     await self._stream(conn, response)
                     return
-                await conn.respond(response)
+                await conn.respond(response, head=request.method == "HEAD")
             except _Closed:
                 return
             if conn.h11.our_state is h11.MUST_CLOSE or conn.h11.their_state is h11.MUST_CLOSE:
