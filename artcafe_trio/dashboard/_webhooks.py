@@ -64,6 +64,8 @@ class AlertFilter:
 
 @attrs.frozen
 class WebhookConfig:
+    """One webhook: where to POST, how to sign, what to send, and its bounds."""
+
     url: str
     secret: bytes | None = None
     filter: AlertFilter = AlertFilter()
@@ -77,6 +79,8 @@ class WebhookConfig:
 
 @attrs.define
 class WebhookStats:
+    """Counters of one webhook (``Webhook.stats``)."""
+
     queued: int = 0
     sent: int = 0
     failed: int = 0
