@@ -3,6 +3,7 @@ where the socket is not the point, exact timing under autojump_clock."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -50,7 +51,11 @@ class Receiver:
         self.port = listeners[0].socket.getsockname()[1]
         await trio.serve_listeners(self._handle, listeners, task_status=task_status)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, stream: trio.abc.Stream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):  # e.g. a TLS client refusing us
+            await self._exchange(stream)
+
+    async def _exchange(self, stream: trio.abc.Stream) -> None:
         async with stream:
             conn = h11.Connection(h11.SERVER)
             headers: dict[str, str] = {}
@@ -329,3 +334,26 @@ def test_the_signature_check_in_the_docs_accepts_ours_and_refuses_a_forgery(
         namespace["verify"](body, sign(b"guess", body))
     with pytest.raises(ValueError, match="bad signature"):
         namespace["verify"](body + b" ", sign(b"s3cret", body))
+
+
+async def test_https_receivers_are_verified(nursery: trio.Nursery) -> None:
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    receiver = Receiver()
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    tls = [trio.SSLListener(listener, server_context) for listener in listeners]
+    nursery.start_soon(trio.serve_listeners, receiver._handle, tls)
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    url = f"https://127.0.0.1:{port}/hook"
+    assert await post(url, b"{}", [], time_limit=5, ssl_context=trusting) == 200
+    assert receiver.received[0][1] == b"{}"
+    with pytest.raises(HttpError, match="failed"):  # the system CAs do not know this one
+        await post(url, b"{}", [], time_limit=5)
+    assert len(receiver.received) == 1
