@@ -182,6 +182,10 @@ def test_the_page_lists_connected_agents_and_hides_the_token(page: object, world
     assert page.inner_text("#c-online") == "4"  # type: ignore[attr-defined]
     meta = page.inner_text('tr[data-key="t1/alpha"] td.meta')  # type: ignore[attr-defined]
     assert "resize" in meta and "zone" in meta
+    # A reload finds the token in sessionStorage (the address no longer has it).
+    page.reload()  # type: ignore[attr-defined]
+    page.wait_for_selector('#feed-state[data-state="live"]')  # type: ignore[attr-defined]
+    assert "token" not in page.url and len(rows(page)) == 4  # type: ignore[attr-defined]
 
 
 def test_the_heartbeat_age_ticks(page: object, world: World) -> None:
