@@ -71,7 +71,7 @@ from ._frames import (
     encode,
 )
 from ._keys import PrivateKey, load_private_key
-from ._subjects import validate_pattern, validate_subject
+from ._subjects import SubjectIndex, validate_pattern, validate_subject
 from ._util import collapse_exception_groups
 
 __all__ = ["Agent", "AgentHealth", "Dialer", "Handler", "open_agent"]
@@ -337,6 +337,7 @@ class Agent:
         self._conn_proved_healthy = False
 
         self._subscriptions: dict[str, _Subscription] = {}
+        self._patterns: SubjectIndex[str] = SubjectIndex()  # the keys of _subscriptions
         self._subscriptions_changed = trio.Event()
         self._subscriptions_dirty = False
         self._pending: dict[str, _Pending] = {}
@@ -408,6 +409,7 @@ class Agent:
         if sub.handlers:
             return
         del self._subscriptions[pattern]
+        self._patterns.remove(pattern, pattern)
         sub.send_channel.close()
         conn = self._conn
         if conn is not None:  # also when the subscribe is still in flight: order holds
@@ -565,6 +567,7 @@ class Agent:
         sub = self._subscriptions.get(pattern)
         if sub is None:
             sub = self._subscriptions[pattern] = _Subscription(pattern, self._max_pending_messages)
+            self._patterns.add(pattern, pattern)
             self._start_dispatcher(sub)
             self._subscriptions_dirty = True
             self._subscriptions_changed.set()
@@ -989,6 +992,7 @@ class Agent:
         if isinstance(answer, Error):
             if self._subscriptions.get(sub.pattern) is sub:
                 del self._subscriptions[sub.pattern]
+                self._patterns.remove(sub.pattern, sub.pattern)
                 sub.send_channel.close()
             raise HubError(answer.code, answer.message)
         sub.confirmed_on = conn
@@ -1080,21 +1084,24 @@ class Agent:
                 reply.message = message
                 reply.event.set()
             return
-        sub = self._subscriptions.get(message.subscription or "")
-        if sub is None or self._stopping:
-            return  # unsubscribed meanwhile, or stopping: not taken
-        try:
-            sub.send_channel.send_nowait(message)
-        except trio.WouldBlock:
-            self._messages_dropped += 1
-            log.error(
-                "handlers for %r are %d messages behind: dropping a message on %r",
-                sub.pattern,
-                self._max_pending_messages,
-                subject,
-            )
-        except trio.ClosedResourceError:
-            pass
+        if self._stopping:
+            return  # not taken
+        # The hub delivers a message once per connection: every local subscription whose
+        # pattern matches gets it (each subscription's handlers run once).
+        for pattern, _ in self._patterns.match(subject):
+            sub = self._subscriptions[pattern]
+            try:
+                sub.send_channel.send_nowait(message)
+            except trio.WouldBlock:
+                self._messages_dropped += 1
+                log.error(
+                    "handlers for %r are %d messages behind: dropping a message on %r",
+                    sub.pattern,
+                    self._max_pending_messages,
+                    subject,
+                )
+            except trio.ClosedResourceError:
+                pass
 
     # --- dispatch --------------------------------------------------------------------
 

@@ -466,6 +466,11 @@ _HUB_FLAGS = {
     "max_frame_bytes": "max_frame_bytes",
     "max_subscriptions": "max_subscriptions",
     "send_queue": "send_queue_size",
+    "send_queue_bytes": "send_queue_bytes",
+    "output_budget": "output_budget_bytes",
+    "max_unauthenticated": "max_unauthenticated",
+    "max_unauthenticated_per_address": "max_unauthenticated_per_address",
+    "handshake_timeout": "handshake_timeout",
     "publish_rate": "publish_rate",
     "publish_burst": "publish_burst",
 }
@@ -1226,7 +1231,34 @@ def build_parser() -> argparse.ArgumentParser:
         "--send-queue",
         _positive_int,
         "N",
-        "frames queued per connection before it is closed as a slow consumer (4004)",
+        "deliveries queued per connection before it is closed as a slow consumer (4004)",
+    )
+    _add_hub_flag(
+        hub,
+        "--send-queue-bytes",
+        _positive_int,
+        "N",
+        "bytes of deliveries queued per connection before it is closed as a slow consumer",
+    )
+    _add_hub_flag(
+        hub,
+        "--output-budget",
+        _positive_int,
+        "N",
+        "bytes of deliveries queued hub-wide; over it the largest backlog is cut off first",
+    )
+    _add_hub_flag(
+        hub, "--max-unauthenticated", _positive_int, "N", "unauthenticated connections in total"
+    )
+    _add_hub_flag(
+        hub,
+        "--max-unauthenticated-per-address",
+        _positive_int,
+        "N",
+        "unauthenticated connections per client address (the oldest is closed for a new one)",
+    )
+    _add_hub_flag(
+        hub, "--handshake-timeout", _positive_float, "S", "seconds to finish the HTTP upgrade"
     )
     _add_hub_flag(
         hub, "--publish-rate", _positive_float, "R", "sustained publishes per second per agent"

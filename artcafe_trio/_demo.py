@@ -754,6 +754,10 @@ class Demo:
             f"{HUNG} hangs: nothing it sends arrives, nothing reaches it, "
             "but its TCP socket stays open",
         )
+        # Hang just after a heartbeat was answered: the hub's last frame and the agent's
+        # last ACK are then the same heartbeat, so neither deadline races one in flight.
+        acked = agent.health().last_ack
+        await self.wait_until(lambda: agent.health().last_ack != acked, bound=plan.interval + 1)
         member.lost_at = None
         silenced = time.time()
         member.link.hang()

@@ -23,7 +23,7 @@ import os
 import secrets
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, NoReturn, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -35,6 +35,7 @@ import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
 from ._errors import ProtocolError
+from ._flow import Delivery, Outbox, OutputBudget, PreAuthLimiter, PreAuthTicket, TokenBucket
 from ._frames import (
     CLIENT_FRAME_TYPES,
     DEFAULT_MAX_FRAME_BYTES,
@@ -80,6 +81,7 @@ REPLY_PREFIX = "$reply"
 ADMIN_AGENT_ID = "$admin"
 HUB_SENDER = "$hub"
 AUTH_FAILURE_MEMORY = 300.0  # seconds after which an address's failures are forgiven
+FANOUT_BATCH = 256  # deliveries between two checkpoints of one publish's fan-out
 
 T = TypeVar("T")
 
@@ -118,6 +120,13 @@ class HubConfig:
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
     max_subscriptions: int = 1000
     send_queue_size: int = 1024
+    send_queue_bytes: int = 16 * 1024 * 1024
+    output_budget_bytes: int = 256 * 1024 * 1024
+    reply_window: int = 256
+    max_open_requests: int = 1024
+    max_unauthenticated_per_address: int = 64
+    max_unauthenticated: int = 1024
+    handshake_timeout: float = 10.0
     publish_rate: float = 1000.0
     publish_burst: int = 2000
     dedupe_window: float = 600.0
@@ -142,24 +151,8 @@ class HubStats:
     slow_consumers: int = 0
     refused_frames: int = 0
     rate_limited: int = 0
+    handshake_timeouts: int = 0
     transitions: dict[str, int] = attrs.field(factory=dict)
-
-
-class _TokenBucket:
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = rate
-        self.burst = float(burst)
-        self.tokens = float(burst)
-        self.stamp = trio.current_time()
-
-    def take(self) -> bool:
-        now = trio.current_time()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
 
 
 class _Dedupe:
@@ -221,9 +214,14 @@ class _Session:
         self.heartbeat_timeout = heartbeat_timeout
         self.is_admin = auth is None
         self.subscriptions: set[str] = set()
-        self.outbox_send, self.outbox_receive = trio.open_memory_channel[str](
-            hub.config.send_queue_size
+        self.outbox = Outbox(
+            hub.output_budget,
+            max_frames=hub.config.send_queue_size,
+            max_bytes=hub.config.send_queue_bytes,
+            reply_window=hub.config.reply_window,
+            on_overflow=self._cut_off,
         )
+        self.open_requests: dict[str, None] = {}  # its $reply subjects awaiting an answer
         self.scope = trio.CancelScope()
         self.reader_scope = trio.CancelScope()
         self.reading = True
@@ -237,30 +235,28 @@ class _Session:
         self.ended = False
         self.presence: _Presence | None = None  # its presence row, set when attached
         self.last_frame_wall = 0.0
-        self.bucket = _TokenBucket(hub.config.publish_rate, hub.config.publish_burst)
+        self.bucket = hub._publish_bucket(tenant_id, agent_id)
         now = trio.current_time()
         self.deadline = now + heartbeat_timeout if heartbeat_timeout is not None else math.inf
 
     def __repr__(self) -> str:
         return f"<session {self.session_id} {self.tenant_id}/{self.agent_id} from {self.remote}>"
 
-    def send(self, text: str) -> None:
-        """Queue a frame; a full outbox cuts this consumer off (it never blocks the caller)."""
-        if self.closing:
-            return
-        try:
-            self.outbox_send.send_nowait(text)
-        except trio.WouldBlock:
-            self.hub.stats.slow_consumers += 1
-            self.hub._slow_consumer_event(self)
-            log.warning("%r: send queue full, cutting off slow consumer", self)
-            self.close(
-                CloseCode.SLOW_CONSUMER,
-                f"slow consumer: {self.hub.config.send_queue_size} frames waiting",
-            )
-
     def send_frame(self, frame: Frame) -> None:
-        self.send(encode(frame))
+        """Queue an answer to this connection's own frame (bounded by back-pressure)."""
+        if not self.closing:
+            self.outbox.reply(encode(frame))
+
+    def deliver(self, item: Delivery) -> None:
+        """Queue a delivery; a consumer over its limits is cut off (never blocks the caller)."""
+        if not self.closing:
+            self.outbox.deliver(item)
+
+    def _cut_off(self, reason: str) -> None:
+        self.hub.stats.slow_consumers += 1
+        self.hub._slow_consumer_event(self, reason)
+        log.warning("%r: cutting off slow consumer: %s", self, reason)
+        self.close(CloseCode.SLOW_CONSUMER, reason)
 
     def close(self, code: int, reason: str, *, drain: bool = False) -> None:
         """End the session with ``code``. A frame being written is finished first (within
@@ -274,7 +270,9 @@ class _Session:
             self.close_reason = reason
             if drain:
                 self.draining = True
-                self.outbox_send.close()  # the writer ends once the queue is empty
+                self.outbox.close()  # the writer ends once the queue is empty
+            else:
+                self.outbox.discard()  # never to be written: free it now
         self.reader_scope.cancel()
         if self.writing or self.draining:
             deadline = trio.current_time() + self.hub.config.close_timeout
@@ -427,6 +425,13 @@ class Hub:
         self._indexes: dict[str, SubjectIndex[_Session]] = {}
         self._presence: dict[tuple[str, str], _Presence] = {}
         self._dedupe: dict[tuple[str, str], _Dedupe] = {}
+        self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        # $reply subject -> agents (of the requester's tenant) delivered that request
+        self._reply_grants: dict[str, set[str]] = {}
+        self.output_budget = OutputBudget(self.config.output_budget_bytes)
+        self.unauthenticated = PreAuthLimiter(
+            self.config.max_unauthenticated_per_address, self.config.max_unauthenticated
+        )
         self._timers = DeadlineQueue()
         self._message_ids = itertools.count(1)
         self._auth_failures: dict[str, tuple[int, float]] = {}
@@ -439,10 +444,9 @@ class Hub:
         self.events = HubEvents()
         """The observation seam: event feed and per-agent measurements (``_hubevents``)."""
 
-    def _slow_consumer_event(self, session: _Session) -> None:
-        size, now = self.config.send_queue_size, self._wall_clock()
+    def _slow_consumer_event(self, session: _Session, reason: str) -> None:
         self.events.slow_consumer(
-            session.tenant_id, session.agent_id, session.session_id, size, now
+            session.tenant_id, session.agent_id, session.session_id, reason, self._wall_clock()
         )
 
     # --- lifecycle -------------------------------------------------------
@@ -549,7 +553,11 @@ class Hub:
                 await trio.sleep(1.0)
 
     def _prune_dedupe(self, now: float) -> None:
-        """Forget the publish-id caches of agents that published nothing within the window."""
+        """Forget the publish-id caches of agents that published nothing within the window,
+        and the rate buckets that have refilled (a new bucket would be the same)."""
+        self._buckets = {
+            key: bucket for key, bucket in self._buckets.items() if not bucket.is_full(now)
+        }
         window = self.config.dedupe_window
         self._dedupe = {
             key: cache
@@ -592,6 +600,16 @@ class Hub:
             if tenant_id is None or key[0] == tenant_id
         ]
 
+    def _publish_bucket(self, tenant_id: str, agent_id: str) -> TokenBucket:
+        """The agent's publish rate bucket: one per agent, kept across its sessions."""
+        key = (tenant_id, agent_id)
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = TokenBucket(
+                self.config.publish_rate, self.config.publish_burst
+            )
+        return bucket
+
     def _entry(self, tenant_id: str, agent_id: str) -> _Presence:
         key = (tenant_id, agent_id)
         entry = self._presence.get(key)
@@ -617,13 +635,12 @@ class Hub:
         log.info("presence %s/%s %s (%s)", entry.tenant_id, entry.agent_id, status, reason)
         self.events.presence(entry.tenant_id, entry.agent_id, status, reason, entry.session_id, now)
         subject = f"{PRESENCE_PREFIX}.{entry.agent_id}"
-        data_json = json.dumps(event.to_data())
-        self._route(entry.tenant_id, subject, data_json, sender=HUB_SENDER, reply_to=None)
-        for admin in self._admins:
-            if f"{PRESENCE_PREFIX}.>" in admin.subscriptions:
-                admin.send(
-                    self._message_text(subject, f"{PRESENCE_PREFIX}.>", data_json, HUB_SENDER)
-                )
+        item = self._delivery(subject, json.dumps(event.to_data()), HUB_SENDER)
+        targets = self._targets(entry.tenant_id, subject)
+        targets += [a for a in self._admins if f"{PRESENCE_PREFIX}.>" in a.subscriptions]
+        self.stats.deliveries += len(targets)
+        for target in targets:  # bounded by the tenant's connections plus the admins
+            target.deliver(item)
         self._pending_changes.append(
             PresenceChange(
                 entry.tenant_id,
@@ -657,54 +674,72 @@ class Hub:
 
     # --- connections ----------------------------------------------------------
 
-    async def handle_request(self, request: WebSocketRequest, remote: str = "?") -> None:
+    async def handle_request(
+        self, request: WebSocketRequest, remote: str = "?", ticket: PreAuthTicket | None = None
+    ) -> None:
         """Serve one WebSocket handshake request to its end (the server handler).
 
         A barrier: nothing that happens on one connection escapes to the hub.
+        ``ticket`` is the connection's unauthenticated slot, given up once it authenticates.
         """
         try:
-            await self._handle_request(request, remote)
+            await self._handle_request(request, remote, ticket)
         except (ConnectionClosed, OSError, trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the peer went away
         except Exception:
             log.exception("unexpected error on a connection from %s; connection dropped", remote)
 
-    async def _handle_request(self, request: WebSocketRequest, remote: str) -> None:
+    async def _handle_request(
+        self, request: WebSocketRequest, remote: str, ticket: PreAuthTicket | None
+    ) -> None:
         if self._stopping:
             await request.reject(503, body=b"hub shutting down")
             return
         split = urlsplit(request.path)
         path = split.path
         self.stats.connections += 1
+        agent_part = path[len(AGENT_PATH_PREFIX) :]
         if path == ADMIN_PATH:
             ws = await request.accept()
-            await self._serve(ws, None, None, remote)
-        elif path.startswith(AGENT_PATH_PREFIX):
-            agent_id = unquote(path[len(AGENT_PATH_PREFIX) :])
+            await self._serve(ws, None, None, remote, ticket)
+        elif path.startswith(AGENT_PATH_PREFIX) and agent_part and "/" not in agent_part:
+            agent_id = unquote(agent_part)
             tenant_ids = parse_qs(split.query).get("tenant_id", [])
             ws = await request.accept()
-            await self._serve(ws, agent_id, tenant_ids[0] if tenant_ids else "", remote)
+            await self._serve(ws, agent_id, tenant_ids[0] if tenant_ids else "", remote, ticket)
         else:
             await request.reject(404, body=b"unknown path; agents use /api/v1/ws/agent/{id}")
 
     async def _serve(
-        self, ws: WebSocketConnection, agent_id: str | None, tenant_id: str | None, remote: str
+        self,
+        ws: WebSocketConnection,
+        agent_id: str | None,
+        tenant_id: str | None,
+        remote: str,
+        ticket: PreAuthTicket | None,
     ) -> None:
         session: _Session | None = None
         code, reason = CloseCode.NORMAL, ""
         self._open_connections += 1
         try:
             session = await self._authenticate(ws, agent_id, tenant_id, remote)
+            if ticket is not None:
+                self.unauthenticated.release(ticket)
             await self._run_session(session)
             code, reason = session.close_code, session.close_reason
         except _Refused as refusal:
             code, reason = refusal.code, refusal.reason
         finally:
             # The only close of a connection, always bounded: a peer that never answers
-            # the close handshake cannot hold a hub task.
+            # the close handshake cannot hold a hub task. One closed to make room for
+            # newer unauthenticated connections is dropped at once (its socket closes).
             try:
-                with trio.CancelScope(shield=True), trio.move_on_after(self.config.close_timeout):
-                    await ws.aclose(code, reason)
+                if ticket is None or not ticket.scope.cancel_called:
+                    with (
+                        trio.CancelScope(shield=True),
+                        trio.move_on_after(self.config.close_timeout),
+                    ):
+                        await ws.aclose(code, reason)
             finally:
                 self._open_connections -= 1
                 if not self._open_connections:
@@ -883,7 +918,11 @@ class Hub:
     def _detach(self, session: _Session) -> None:
         """Forget a finished session; start the disconnect grace unless it left or was replaced."""
         session.ended = True
+        session.outbox.discard()
         self._sessions_by_id.pop(session.session_id, None)
+        for reply_subject in session.open_requests:
+            self._reply_grants.pop(reply_subject, None)
+        session.open_requests.clear()
         if session.is_admin:
             self._admins.discard(session)
             return
@@ -946,15 +985,18 @@ class Hub:
                 log.info("%r connection lost", session)
 
     async def _writer(self, session: _Session) -> None:
+        outbox = session.outbox
         try:
-            async for text in session.outbox_receive:
-                if not session.may_write():
+            while session.may_write():
+                entry = await outbox.next()
+                if entry is None or not session.may_write():
                     break
                 session.writing = True
-                await session.ws.send_message(text)
-                session.writing = False
-                if not session.may_write():
-                    break
+                try:
+                    await session.ws.send_message(entry if isinstance(entry, str) else entry.text)
+                finally:
+                    session.writing = False
+                    outbox.sent(entry)
         except ConnectionClosed:
             pass
         finally:
@@ -965,6 +1007,9 @@ class Hub:
         ws = session.ws
         max_bytes = self.config.max_frame_bytes
         while True:
+            # Back-pressure: answers to this connection's own frames that it has not read
+            # yet pause reading it; they never count against it as a slow consumer.
+            await session.outbox.wait_for_reply_window()
             try:
                 text = await ws.get_message()
             except ConnectionClosed:
@@ -983,7 +1028,10 @@ class Hub:
                         f"a hub does not accept {frame.type!r} frames",
                         frame_id=raw_id,
                     )
-                self._handle_frame(session, frame)
+                if isinstance(frame, Publish):
+                    await self._handle_publish(session, frame)
+                else:
+                    self._handle_frame(session, frame)
             except ProtocolError as exc:
                 if exc.frame_id is None:
                     exc.frame_id = raw_id
@@ -994,9 +1042,7 @@ class Hub:
                 session.close(CloseCode.NORMAL, "left")
 
     def _handle_frame(self, session: _Session, frame: Frame) -> None:
-        if isinstance(frame, Publish):
-            self._handle_publish(session, frame)
-        elif isinstance(frame, Heartbeat):
+        if isinstance(frame, Heartbeat):
             self.stats.heartbeats += 1
             self.events.heartbeat(session.presence, session.session_id, frame.rtt)
             wall = session.last_frame_wall
@@ -1021,7 +1067,12 @@ class Hub:
         elif isinstance(frame, Leave):
             session.left = True
         elif isinstance(frame, Error):
-            log.info("%r reported error %s: %s", session, frame.code, frame.message)
+            log.info(
+                "%r reported error %s: %s",
+                session,
+                _printable(frame.code),
+                _printable(frame.message),
+            )
         else:  # auth, admin_auth
             raise ProtocolError("already_authenticated", "this connection is already authenticated")
 
@@ -1056,13 +1107,14 @@ class Hub:
                 index.add(pattern, session)
         session.send_frame(Subscribed(id=frame.id, subject=pattern))
 
-    def _handle_publish(self, session: _Session, frame: Publish) -> None:
+    async def _handle_publish(self, session: _Session, frame: Publish) -> None:
         if session.is_admin:
             raise ProtocolError(
                 "forbidden_subject", "the admin channel cannot publish", frame_id=frame.id
             )
         subject = frame.subject
-        if is_reserved(subject) and not subject.startswith(f"{REPLY_PREFIX}."):
+        is_reply = subject.startswith(f"{REPLY_PREFIX}.")
+        if is_reserved(subject) and not is_reply:
             raise ProtocolError(
                 "forbidden_subject",
                 f"{subject!r} is reserved for the hub; agents may not publish to it",
@@ -1090,6 +1142,15 @@ class Hub:
             if seen is not None:
                 session.send_frame(Published(id=frame.id, message_id=seen, duplicate=True))
                 return
+        if is_reply:
+            responders = self._reply_grants.get(subject)
+            if responders is None or session.agent_id not in responders:
+                raise ProtocolError(
+                    "reply_not_expected",
+                    "no request waiting for an answer on this subject was delivered to you"
+                    " (or it was answered already)",
+                    frame_id=frame.id,
+                )
         if not session.bucket.take():
             self.stats.rate_limited += 1
             raise ProtocolError(
@@ -1097,7 +1158,6 @@ class Hub:
                 f"publish rate above {self.config.publish_rate:g}/s; slow down and retry",
                 frame_id=frame.id,
             )
-        message_id = f"{self.config.hub_id}-{next(self._message_ids)}"
         try:
             data_json = json.dumps(frame.data, separators=(",", ":"), allow_nan=False)
         except (ValueError, RecursionError):  # e.g. 1e999, parsed as infinity
@@ -1106,89 +1166,124 @@ class Hub:
                 "data holds a number out of range or is nested too deeply",
                 frame_id=frame.id,
             ) from None
+        message_id = f"{self.config.hub_id}-{next(self._message_ids)}"
         if dedupe is not None and frame.id is not None:
             dedupe.remember(frame.id, message_id, now)
             session.send_frame(Published(id=frame.id, message_id=message_id))
         self.stats.messages_routed += 1
-        self._route(
-            session.tenant_id, subject, data_json, sender=session.agent_id,
-            reply_to=reply_to, message_id=message_id,
-        )  # fmt: skip
+        item = self._delivery(subject, data_json, session.agent_id, message_id, reply_to)
+        if is_reply:
+            self._answer(subject, session.tenant_id, item)
+            return
+        targets = self._targets(session.tenant_id, subject)
+        if reply_to is not None and reply_to.startswith(f"{REPLY_PREFIX}."):
+            self._expect_replies(session, reply_to, targets)
+        stats = self.stats
+        for count, target in enumerate(targets, 1):
+            stats.deliveries += 1
+            target.deliver(item)
+            if count % FANOUT_BATCH == 0:
+                # A long fan-out lets other connections run; once begun it always completes.
+                await trio.lowlevel.cancel_shielded_checkpoint()
 
-    def _message_text(
+    def _delivery(
         self,
         subject: str,
-        subscription: str | None,
         data_json: str,
         sender: str,
         message_id: str | None = None,
         reply_to: str | None = None,
-    ) -> str:
-        return encode_message(
-            subject=subject,
-            subscription=subscription,
-            data_json=data_json,
-            sender=sender,
-            message_id=message_id or f"{self.config.hub_id}-{next(self._message_ids)}",
-            time=self._wall_clock(),
-            reply_to=reply_to,
+    ) -> Delivery:
+        """One ``message`` frame, encoded once for every receiver."""
+        return Delivery(
+            encode_message(
+                subject=subject,
+                subscription=None,
+                data_json=data_json,
+                sender=sender,
+                message_id=message_id or f"{self.config.hub_id}-{next(self._message_ids)}",
+                time=self._wall_clock(),
+                reply_to=reply_to,
+            )
         )
 
-    def _route(
-        self,
-        tenant_id: str,
-        subject: str,
-        data_json: str,
-        *,
-        sender: str,
-        reply_to: str | None,
-        message_id: str | None = None,
-    ) -> None:
-        """Deliver to every matching subscriber in the tenant; encode once per pattern."""
-        message_id = message_id or f"{self.config.hub_id}-{next(self._message_ids)}"
-        if subject.startswith(f"{REPLY_PREFIX}."):
-            target = self._sessions_by_id.get(subject.split(".", 2)[1])
-            if target is not None and target.tenant_id == tenant_id:
-                self.stats.deliveries += 1
-                target.send(
-                    self._message_text(subject, None, data_json, sender, message_id, reply_to)
-                )
-            return
+    def _targets(self, tenant_id: str, subject: str) -> list[_Session]:
+        """The tenant's connections with a pattern matching ``subject``, each once."""
         index = self._indexes.get(tenant_id)
         if index is None:
-            return
-        texts: dict[str, str] = {}
-        for pattern, session in index.match(subject):
-            text = texts.get(pattern)
-            if text is None:
-                text = texts[pattern] = self._message_text(
-                    subject, pattern, data_json, sender, message_id, reply_to
-                )
+            return []
+        return list({session: None for _pattern, session in index.match(subject)})
+
+    def _expect_replies(self, requester: _Session, reply_to: str, targets: list[_Session]) -> None:
+        """Allow one answer on ``reply_to``, from an agent the request is delivered to."""
+        open_requests = requester.open_requests
+        if reply_to in open_requests:
+            del open_requests[reply_to]  # re-used: it becomes the newest
+        elif len(open_requests) >= self.config.max_open_requests:
+            oldest = next(iter(open_requests))
+            del open_requests[oldest]
+            self._reply_grants.pop(oldest, None)
+        open_requests[reply_to] = None
+        self._reply_grants[reply_to] = {target.agent_id for target in targets}
+
+    def _answer(self, reply_subject: str, tenant_id: str, item: Delivery) -> None:
+        """Deliver the one accepted answer to its requester and close the request."""
+        del self._reply_grants[reply_subject]
+        target = self._sessions_by_id.get(reply_subject.split(".", 2)[1])
+        if target is not None and target.tenant_id == tenant_id:
+            target.open_requests.pop(reply_subject, None)
             self.stats.deliveries += 1
-            session.send(text)
+            target.deliver(item)
 
     # --- in-memory transport ---------------------------------------------------
 
-    async def connect_in_memory(self) -> trio.abc.Stream:
-        """A client byte stream connected to this hub (the hub serves the other end)."""
+    async def connect_in_memory(self, remote: str = "memory") -> trio.abc.Stream:
+        """A client byte stream connected to this hub (the hub serves the other end).
+
+        ``remote`` is the address the hub sees (its limits and logs are per address).
+        """
         if self._nursery is None:
             raise RuntimeError("the hub is not running")
         client, server = trio.testing.memory_stream_pair()
-        self._nursery.start_soon(self._serve_stream, server)
+        self._nursery.start_soon(self._serve_stream, server, remote)
         return client
 
-    async def _serve_stream(self, stream: trio.abc.Stream) -> None:
-        async with trio.open_nursery() as nursery:
-            request = await trio_websocket.wrap_server_stream(
-                nursery, stream, max_message_size=self._hard_frame_limit
-            )
-            try:
-                await self.handle_request(request, remote="memory")
-            finally:
-                with trio.move_on_after(self.config.close_timeout) as scope:
-                    scope.shield = True
-                    await stream.aclose()
-                nursery.cancel_scope.cancel()
+    async def _serve_stream(self, stream: trio.abc.Stream, remote: str) -> None:
+        """Serve one byte stream (TCP, TLS or in-memory): HTTP upgrade, then the session.
+
+        Until it authenticates, the connection holds one of the limited unauthenticated
+        slots; the upgrade must finish within ``handshake_timeout``.
+        """
+        ticket = self.unauthenticated.admit(remote)
+        try:
+            with ticket.scope:
+                async with trio.open_nursery() as nursery:
+                    request = None
+                    with trio.move_on_after(self.config.handshake_timeout):
+                        request = await trio_websocket.wrap_server_stream(
+                            nursery, stream, max_message_size=self._hard_frame_limit
+                        )
+                    if request is None:
+                        if not ticket.scope.cancel_called:
+                            self.stats.handshake_timeouts += 1
+                    else:
+                        await self.handle_request(request, remote=remote, ticket=ticket)
+                    nursery.cancel_scope.cancel()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the peer went away during the upgrade
+        finally:
+            self.unauthenticated.release(ticket)
+            with trio.CancelScope(shield=True), trio.move_on_after(self.config.close_timeout):
+                await stream.aclose()
+
+    async def _serve_accepted(self, stream: trio.SocketStream | trio.SSLStream[Any]) -> None:
+        """Serve a TCP (or TLS over TCP) connection from the listeners."""
+        transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        try:
+            address = str(transport.socket.getpeername()[0])
+        except OSError:  # reset before we asked who it was
+            address = "?"
+        await self._serve_stream(stream, address)
 
     @property
     def _hard_frame_limit(self) -> int:
@@ -1251,16 +1346,15 @@ async def serve_hub(
             async with trio.open_nursery() as connections:
                 hub._nursery = connections
                 if listeners:
-                    server = trio_websocket.WebSocketServer(
-                        _handler(hub),
-                        listeners,
-                        handler_nursery=connections,
-                        max_message_size=hub._hard_frame_limit,
-                        connect_timeout=10,
-                        disconnect_timeout=hub.config.close_timeout,
+                    await connections.start(
+                        functools.partial(
+                            trio.serve_listeners,
+                            hub._serve_accepted,
+                            listeners,
+                            handler_nursery=connections,
+                        )
                     )
-                    await connections.start(server.run)
-                    hub.port = server.port
+                    hub.port = _listening_port(listeners[0])
                     scheme = "wss" if context is not None else "ws"
                     shown = host if host not in (None, "", "0.0.0.0") else "127.0.0.1"
                     hub.url = f"{scheme}://{shown}:{hub.port}"
@@ -1293,16 +1387,12 @@ async def serve_hub(
             registry.close()
 
 
-def _handler(hub: Hub) -> Callable[[WebSocketRequest], Awaitable[None]]:
-    async def handle(request: WebSocketRequest) -> None:
-        try:
-            remote = request.remote
-            address = str(getattr(remote, "address", None) or remote)
-        except OSError:  # reset before we asked who it was
-            address = "?"
-        await hub.handle_request(request, remote=address)
-
-    return handle
+def _listening_port(listener: trio.SocketListener | trio.SSLListener[trio.SocketStream]) -> int:
+    if isinstance(listener, trio.SSLListener):
+        listener = listener.transport_listener  # type: ignore[assignment]
+    assert isinstance(listener, trio.SocketListener)
+    port: int = listener.socket.getsockname()[1]
+    return port
 
 
 def _write_admin_file(path: str | os.PathLike[str], hub: Hub) -> None:

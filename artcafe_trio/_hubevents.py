@@ -84,7 +84,8 @@ class SlowConsumerCut(HubEvent):
     kind: ClassVar[str] = "slow_consumer"
     agent_id: str
     session_id: str
-    queued: int
+    reason: str
+    """Which limit it went over (the close reason of the 4004)."""
 
 
 @attrs.frozen(kw_only=True)
@@ -315,7 +316,7 @@ class HubEvents:
             measure.rtt = rtt
 
     def slow_consumer(
-        self, tenant_id: str, agent_id: str, session_id: str, queued: int, time: float
+        self, tenant_id: str, agent_id: str, session_id: str, reason: str, time: float
     ) -> None:
         tenant = None if tenant_id == "*" else tenant_id  # "*": the admin channel
         self.emit(
@@ -324,7 +325,7 @@ class HubEvents:
                 tenant_id=tenant,
                 agent_id=agent_id,
                 session_id=session_id,
-                queued=queued,
+                reason=reason,
             )
         )
 

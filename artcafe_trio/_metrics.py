@@ -46,7 +46,24 @@ _COUNTERS = (
     ("refused_frames", "refused_frames", "Frames refused with an error frame."),
     ("rate_limited", "rate_limited", "Publishes refused by the per-agent rate limit."),
     ("connections", "connections", "WebSocket connections accepted (before authentication)."),
+    (
+        "handshake_timeouts",
+        "handshake_timeouts",
+        "Connections closed for not finishing the HTTP upgrade within handshake_timeout.",
+    ),
 )
+
+# gauge/counter name -> (kind, documentation); values read from the hub's flow control
+_FLOW = {
+    "unauthenticated_connections": (
+        "gauge", "Connections that have not authenticated yet."),
+    "unauthenticated_evicted": (
+        "counter", "Unauthenticated connections closed to stay within the limits."),
+    "output_queued_bytes": (
+        "gauge", "Bytes of deliveries queued hub-wide (a message queued for many counts once)."),
+    "output_budget_cut_offs": (
+        "counter", "Consumers cut off because the hub-wide output budget was exceeded."),
+}  # fmt: skip
 
 
 @attrs.frozen
@@ -54,6 +71,7 @@ class _Snapshot:
     counters: dict[str, int]
     transitions: dict[str, int]
     online: dict[str, int]
+    flow: dict[str, int]
     rtt: dict[str, float]
 
 
@@ -98,6 +116,9 @@ class HubCollector(Collector):
         for reason, count in sorted(snapshot.transitions.items()):
             transitions.add_metric([reason], count)
         yield transitions
+        for name, (kind, documentation) in _FLOW.items():
+            family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+            yield family(f"artcafe_{name}", documentation, value=snapshot.flow[name])
 
     def _snapshot(self) -> _Snapshot:
         if self.trio_token is not None and not _in_trio_thread():
@@ -121,7 +142,16 @@ class HubCollector(Collector):
                 reported = self.hub.events.measures(record.tenant_id, record.agent_id).rtt
                 if reported is not None:
                     rtt[record.tenant_id] = max(rtt.get(record.tenant_id, 0.0), reported)
-        return _Snapshot(counters=counters, transitions=transitions, online=online, rtt=rtt)
+        hub = self.hub
+        flow = {
+            "unauthenticated_connections": len(hub.unauthenticated),
+            "unauthenticated_evicted": hub.unauthenticated.evicted,
+            "output_queued_bytes": hub.output_budget.used,
+            "output_budget_cut_offs": hub.output_budget.cut_offs,
+        }
+        return _Snapshot(
+            counters=counters, transitions=transitions, online=online, flow=flow, rtt=rtt
+        )
 
 
 def _in_trio_thread() -> bool:

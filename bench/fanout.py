@@ -6,8 +6,8 @@ the absolute rates are printed too but only as context.
 
 1. Routing, in process (no sockets): M publishes from one agent to K
    subscribers, through the hub's own publish handler (validation, rate limit,
-   re-encoding the data, subscription matching, encoding each delivery, queueing
-   it on each subscriber's bounded send queue) -- against two baselines that do
+   re-encoding the data, subscription matching, encoding the delivery once,
+   queueing it on each subscriber's bounded send queue) -- against two baselines that do
    only the unavoidable work:
 
    - ``naive``: per receiver, ``json.dumps`` of the whole message + a
@@ -15,10 +15,10 @@ the absolute rates are printed too but only as context.
    - ``floor``: per publish one ``json.dumps`` of the message, then a
      ``send_nowait`` per receiver (the least any hub can do).
 
-2. Encode-once: the same K receivers all on one pattern (the message is encoded
-   once per publish and shared) against each on its own, distinct pattern that
-   matches the subject (encoded once per receiver): cost per delivery, and the
-   share of it that is subscription matching.
+2. Patterns: the same K receivers all on one pattern against each on its own,
+   distinct pattern that matches the subject. A delivery is encoded once per
+   publish either way (one frame for every receiver), so the difference is the
+   cost of subscription matching.
 
 3. End to end over in-memory WebSockets (``open_test_hub``): M publishes from a
    raw client to K raw subscriber clients through the real hub, against a
@@ -104,7 +104,7 @@ class Routing:
         self.registry = Registry.open(":memory:")
         config = HubConfig(
             send_queue_size=publishes + 16, publish_rate=1e12, publish_burst=10**12,
-            dedupe_max_ids=10,
+            dedupe_max_ids=10, send_queue_bytes=2**40, output_budget_bytes=2**40,
         )  # fmt: skip
         self.hub = Hub(self.registry, config)
         self.index: SubjectIndex[_Session] = SubjectIndex()
@@ -126,12 +126,12 @@ class Routing:
             auth=auth, key=None, heartbeat_interval=None, heartbeat_timeout=None,
         )  # fmt: skip
 
-    def run(self) -> float:
+    async def run(self) -> float:
         handle = self.hub._handle_publish
         publisher = self.publisher
         start = time.perf_counter()
         for frame in self.frames:
-            handle(publisher, frame)
+            await handle(publisher, frame)
         elapsed = time.perf_counter() - start
         self.drain(len(self.frames))
         return elapsed
@@ -145,13 +145,8 @@ class Routing:
 
     def drain(self, expected: int) -> None:
         for session in self.sessions:
-            got = 0
-            while True:
-                try:
-                    session.outbox_receive.receive_nowait()
-                except trio.WouldBlock:
-                    break
-                got += 1
+            got = session.outbox.queued_frames
+            session.outbox.discard()
             if got != expected:
                 raise RuntimeError(f"{session!r} got {got} messages, not {expected}")
 
@@ -211,7 +206,7 @@ async def bench_routing(args: argparse.Namespace) -> list[dict[str, Any]]:
                 if variant == "distinct" and k > MAX_DISTINCT:
                     continue
                 routing = Routing(k, m, distinct=variant == "distinct")
-                sink.append(routing.run())
+                sink.append(await routing.run())
                 (match_same if variant == "same" else match_distinct).append(routing.match_only())
                 routing.close()
             naive.append(Baseline(k, m, once=False).run())

@@ -200,6 +200,11 @@ def test_help_shows_defaults(
         "--send-queue": "send_queue_size",
         "--publish-rate": "publish_rate",
         "--publish-burst": "publish_burst",
+        "--send-queue-bytes": "send_queue_bytes",
+        "--output-budget": "output_budget_bytes",
+        "--max-unauthenticated": "max_unauthenticated",
+        "--max-unauthenticated-per-address": "max_unauthenticated_per_address",
+        "--handshake-timeout": "handshake_timeout",
     }
     for flag, field in flags.items():
         default = fields[field].default

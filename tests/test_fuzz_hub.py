@@ -720,6 +720,7 @@ class FuzzClient:
         self.session_id = ""
         self.subs: set[str] = set()
         self.published: set[str] = set()  # the hub de-duplicates per agent, across sessions
+        self.granted: set[str] = set()  # reply subjects this agent may answer once
         self.counter = itertools.count(1)
         self.outcomes: Counter[str] = Counter()
 
@@ -782,12 +783,21 @@ class FuzzClient:
             return Expect(error="forbidden_subject", error_id=fid)
         if frame.id is not None and frame.id in self.published:
             return Expect(answer="published")
-        patterns: list[str | None] = [p for p in self.subs if subject_matches(p, subject)]
-        if subject.startswith("$reply."):  # a reply inbox: only its session, no subscription
-            patterns = [None] if subject.split(".", 2)[1] == self.session_id else []
+        # One delivery per connection, however many of its patterns match; it names none.
+        matched = any(subject_matches(p, subject) for p in self.subs)
+        if subject.startswith("$reply."):
+            # A reply is accepted once, and only from an agent the request reached.
+            if subject not in self.granted:
+                return Expect(error="reply_not_expected", error_id=fid)
+            self.granted.discard(subject)  # answered (a refused answer would keep it)
+            matched = subject.split(".", 2)[1] == self.session_id
+        elif reply_to is not None and reply_to.startswith(own_inbox):
+            self.granted.discard(reply_to)
+            if matched:  # the request reaches this agent itself: it may answer
+                self.granted.add(reply_to)
         delivered = Expect(
             answer="published" if frame.id is not None else None,
-            deliveries=len(patterns), patterns=tuple(sorted(patterns, key=str)),
+            deliveries=int(matched), patterns=(None,) if matched else (),
             data=obj.get("data"), may_rate_limit=True,
         )  # fmt: skip
         try:

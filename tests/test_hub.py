@@ -198,7 +198,7 @@ async def test_path_and_auth_must_agree(test_hub: TestHub, nursery: trio.Nursery
 # --- routing ---------------------------------------------------------------------
 
 
-async def test_delivery_carries_concrete_subject_and_subscription(
+async def test_delivery_carries_concrete_subject_and_no_subscription(
     test_hub: TestHub, nursery: trio.Nursery
 ) -> None:
     sub = await connect(test_hub, nursery, "sub")
@@ -209,7 +209,7 @@ async def test_delivery_carries_concrete_subject_and_subscription(
     [message] = await sub.messages(1)
     assert (message.subject, message.subscription, message.data) == (
         "tasks.new",
-        "tasks.*",
+        None,
         {"n": 1},
     )
     assert message.sender == "pub"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import trio
 
+from artcafe_trio._flow import Delivery
 from artcafe_trio._hubevents import (
     AuthFailure,
     HubEvents,
@@ -53,13 +54,11 @@ async def test_transitions_reach_a_subscriber_in_order_with_reasons(
             hub.hub.events.subscribe(tenant_id="t2") as only_t2,
         ):
             a = await connect(hub, nursery, "a")
-            await connect(hub, nursery, "b", tenant="t2")
+            b = await connect(hub, nursery, "b", tenant="t2")
             await a.send(Leave())
             await trio.sleep(0.1)
             started = trio.current_time()
-            await hub.hub.connect_in_memory()  # nothing: an unauthenticated stream
-            b_session = hub.hub._sessions[("t2", "b")]
-            await b_session.ws.aclose()  # the connection drops: offline after the grace
+            await b.ws.aclose()  # closed without a leave: offline after the grace
             await trio.sleep(2.5)
             assert trio.current_time() - started >= 2.0
             seen = [
@@ -145,15 +144,15 @@ async def test_auth_failures_and_slow_consumers_are_events(
             await connect(hub, nursery, "b")
             session = hub.hub._sessions[("t1", "b")]
             for _ in range(10):  # no checkpoint: the writer cannot drain in between
-                session.send('{"type":"heartbeat_ack","seq":1,"hub_time":0}')
+                session.deliver(Delivery('{"type":"heartbeat_ack","seq":1,"hub_time":0}'))
             items = drain(sub)
             failures = [e for e in items if isinstance(e, AuthFailure)]
             assert [(f.address, f.code, f.failures, f.tenant_id) for f in failures] == [
                 ("memory", "authentication_failed", 1, None)
             ]
             cuts = [e for e in items if isinstance(e, SlowConsumerCut)]
-            assert [(c.tenant_id, c.agent_id, c.session_id, c.queued) for c in cuts] == [
-                ("t1", "b", session.session_id, 4)
+            assert [(c.tenant_id, c.agent_id, c.session_id, c.reason) for c in cuts] == [
+                ("t1", "b", session.session_id, "slow consumer: 4 deliveries waiting")
             ]
 
 

@@ -112,3 +112,23 @@ async def test_http_server_serves_metrics() -> None:
         # Its own registry: none of prometheus_client's default process/platform metrics.
         assert "process_cpu_seconds_total" not in text
         assert "python_info" not in text
+
+
+async def test_flow_control_is_exported(autojump_clock: Any) -> None:
+    async with open_test_hub(
+        max_unauthenticated_per_address=2, handshake_timeout=1.0, close_timeout=0.5
+    ) as test_hub:
+        hub = test_hub.hub
+        idle = [await hub.connect_in_memory(remote="10.1.1.1") for _ in range(3)]
+        await trio.sleep(0.1)
+        samples = _samples(hub)
+        assert samples[("artcafe_unauthenticated_connections", ())] == 2
+        assert samples[("artcafe_unauthenticated_evicted_total", ())] == 1
+        assert samples[("artcafe_output_queued_bytes", ())] == 0
+        assert samples[("artcafe_output_budget_cut_offs_total", ())] == 0
+        await trio.sleep(2)  # the two left never finish their upgrade
+        samples = _samples(hub)
+        assert samples[("artcafe_handshake_timeouts_total", ())] == 2
+        assert samples[("artcafe_unauthenticated_connections", ())] == 0
+        for stream in idle:
+            await stream.aclose()

@@ -161,7 +161,7 @@
     switch (e.kind) {
       case "presence": return e.tenant_id + "/" + e.agent_id + " " + e.status + " (" + e.reason + ")";
       case "takeover": return e.tenant_id + "/" + e.agent_id + " taken over by session " + e.new_session_id;
-      case "slow_consumer": return (e.tenant_id || "admin") + "/" + e.agent_id + " cut off as slow consumer (" + e.queued + " frames queued)";
+      case "slow_consumer": return (e.tenant_id || "admin") + "/" + e.agent_id + " cut off: " + e.reason;
       case "auth_failure": return "authentication refused from " + e.address + " (" + e.code + ", " + e.failures + " recent)";
       default: return e.kind;
     }

@@ -1,0 +1,287 @@
+"""Flow control for the hub: outboxes, the output budget, rate buckets, pre-auth slots.
+
+Each piece is small and owns one rule:
+
+- :class:`Delivery` is one encoded message, shared by every receiver's queue.
+- :class:`OutputBudget` bounds the memory of everything queued for delivery, hub-wide;
+  a message queued for many receivers is counted once. Over the budget, the consumer
+  with the largest backlog is cut off first.
+- :class:`Outbox` is one connection's queue. Deliveries (messages from others) are
+  bounded in frames and bytes: a consumer that does not read them is cut off.
+  Answers to the connection's own frames are never counted against it; instead the
+  hub stops reading the connection while ``reply_window`` answers are unsent
+  (back-pressure).
+- :class:`TokenBucket` is a publish rate limit, kept per agent across reconnects.
+- :class:`PreAuthLimiter` bounds connections that have not authenticated yet, per
+  address and in total; the oldest is closed to make room for a new one.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import sys
+from collections.abc import Callable
+
+import trio
+
+__all__ = ["Delivery", "Outbox", "OutputBudget", "PreAuthLimiter", "PreAuthTicket", "TokenBucket"]
+
+log = logging.getLogger("artcafe_trio.hub")
+
+
+class Delivery:
+    """One encoded ``message`` frame, shared by every queue that holds it."""
+
+    __slots__ = ("refs", "size", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.size = sys.getsizeof(text)  # what holding it costs, in bytes
+        self.refs = 0  # how many outboxes hold it
+
+
+class OutputBudget:
+    """The hub-wide bound on memory held by queued deliveries."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self.cut_offs = 0
+        self._consumers: set[Outbox] = set()  # outboxes with deliveries queued
+
+    def hold(self, item: Delivery) -> None:
+        """Count ``item`` as queued once more; make room first if it is new to the queues."""
+        if item.refs == 0:
+            while self.used + item.size > self.limit and self._consumers:
+                victim = max(self._consumers, key=lambda outbox: outbox.queued_bytes)
+                self.cut_offs += 1
+                victim.overflow(
+                    f"slow consumer: hub output budget of {self.limit} bytes exceeded and "
+                    f"this connection had the largest backlog ({victim.queued_bytes} bytes)"
+                )
+            self.used += item.size
+            self.peak = max(self.peak, self.used)
+        item.refs += 1
+
+    def release(self, item: Delivery) -> None:
+        item.refs -= 1
+        if item.refs == 0:
+            self.used -= item.size
+
+
+class Outbox:
+    """One connection's frames waiting to be written, in order."""
+
+    def __init__(
+        self,
+        budget: OutputBudget,
+        *,
+        max_frames: int,
+        max_bytes: int,
+        reply_window: int,
+        on_overflow: Callable[[str], None],
+    ) -> None:
+        self._budget = budget
+        self._max_frames = max_frames
+        self._max_bytes = max_bytes
+        self._reply_window = reply_window
+        self._on_overflow = on_overflow
+        self._queue: collections.deque[str | Delivery] = collections.deque()  # str: an answer
+        self._ready = trio.Event()
+        self._replies_drained = trio.Event()
+        self._closed = False
+        self._discarded = False
+        self.queued_frames = 0  # deliveries only
+        self.queued_bytes = 0  # deliveries only
+        self.replies = 0  # answers to the connection's own frames, not yet written
+
+    def reply(self, text: str) -> None:
+        """Queue an answer to one of the connection's own frames."""
+        if self._discarded:
+            return
+        self._queue.append(text)
+        self.replies += 1
+        self._ready.set()
+
+    def deliver(self, item: Delivery) -> bool:
+        """Queue a delivery; a consumer over its limits is cut off (returns ``False``)."""
+        if self._discarded:
+            return False
+        queued_bytes = self.queued_bytes
+        if self.queued_frames >= self._max_frames:
+            self.overflow(f"slow consumer: {self.queued_frames} deliveries waiting")
+            return False
+        if queued_bytes + item.size > self._max_bytes:
+            self.overflow(f"slow consumer: {queued_bytes} bytes of deliveries waiting")
+            return False
+        if item.refs:  # already queued elsewhere: counted in the budget once
+            item.refs += 1
+        else:
+            self._budget.hold(item)  # may cut off the largest consumer, even this one
+            if self._discarded:
+                self._budget.release(item)
+                return False
+            queued_bytes = self.queued_bytes
+        if not queued_bytes:
+            self._budget._consumers.add(self)
+        self._queue.append(item)
+        self.queued_frames += 1
+        self.queued_bytes = queued_bytes + item.size
+        self._ready.set()
+        return True
+
+    def overflow(self, reason: str) -> None:
+        """Cut this consumer off: drop what it has queued and tell its owner."""
+        self.discard()
+        self._on_overflow(reason)
+
+    async def next(self) -> str | Delivery | None:
+        """The next frame to write (an answer's text, or a delivery); call :meth:`sent`
+        once it is written (or not). ``None`` once the outbox is closed and empty."""
+        while not self._queue:
+            if self._closed or self._discarded:
+                return None
+            self._ready = trio.Event()
+            await self._ready.wait()
+        entry = self._queue.popleft()
+        if isinstance(entry, Delivery):  # in flight: no longer queued, still held
+            self.queued_frames -= 1
+            self.queued_bytes -= entry.size
+            if not self.queued_bytes:
+                self._budget._consumers.discard(self)
+        return entry
+
+    def sent(self, entry: str | Delivery) -> None:
+        """Account for a frame taken by :meth:`next`, written or not."""
+        if isinstance(entry, Delivery):
+            self._budget.release(entry)
+        elif not self._discarded:
+            self.replies -= 1
+            if self.replies <= self._reply_window // 2:
+                self._replies_drained.set()
+
+    async def wait_for_reply_window(self) -> None:
+        """Back-pressure: return once fewer than ``reply_window`` answers are unsent."""
+        while self.replies >= self._reply_window and not self._discarded:
+            self._replies_drained = trio.Event()
+            await self._replies_drained.wait()
+
+    def close(self) -> None:
+        """No more frames: :meth:`next` returns ``None`` once the queue is empty."""
+        self._closed = True
+        self._ready.set()
+
+    def discard(self) -> None:
+        """Drop every queued frame (the connection is going away) and release its budget."""
+        if self._discarded:
+            return
+        self._discarded = True
+        for entry in self._queue:
+            if isinstance(entry, Delivery):
+                self._budget.release(entry)
+        self._queue.clear()
+        self.queued_frames = self.queued_bytes = self.replies = 0
+        self._budget._consumers.discard(self)
+        self._ready.set()
+        self._replies_drained.set()
+
+
+class TokenBucket:
+    """``rate`` tokens per second, at most ``burst`` saved; times from ``trio.current_time``."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = trio.current_time()
+
+    def take(self) -> bool:
+        now = trio.current_time()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+    def is_full(self, now: float) -> bool:
+        """Whether it has refilled completely (forgetting it changes nothing)."""
+        return self.tokens + (now - self.stamp) * self.rate >= self.burst
+
+
+class PreAuthTicket:
+    """One connection that has not authenticated yet; ``scope`` ends it if evicted."""
+
+    __slots__ = ("address", "scope")
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.scope = trio.CancelScope()
+
+
+class PreAuthLimiter:
+    """Bounds unauthenticated connections per address and in total.
+
+    A new connection over a bound closes the oldest unauthenticated one (of the same
+    address, or of all): an attacker's idle sockets are always the oldest, while an
+    agent authenticates within milliseconds, so it gets through even while the bound
+    is reached, and the sockets held never exceed the bounds.
+    """
+
+    def __init__(self, per_address: int, total: int, *, log_per_second: float = 1.0) -> None:
+        self.per_address = per_address
+        self.total = total
+        self.evicted = 0
+        self._all: dict[PreAuthTicket, None] = {}  # insertion order = age
+        self._by_address: dict[str, dict[PreAuthTicket, None]] = {}
+        self._log_per_second = log_per_second
+        self._last_log = -float("inf")
+        self._unlogged = 0
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    def count(self, address: str) -> int:
+        return len(self._by_address.get(address, ()))
+
+    def admit(self, address: str) -> PreAuthTicket:
+        ticket = PreAuthTicket(address)
+        same = self._by_address.setdefault(address, {})
+        if len(same) >= self.per_address:
+            self._evict(next(iter(same)), "per address")
+        if len(self._all) >= self.total:
+            self._evict(next(iter(self._all)), "in total")
+        self._by_address.setdefault(address, same)[ticket] = None
+        self._all[ticket] = None
+        return ticket
+
+    def release(self, ticket: PreAuthTicket) -> None:
+        """The connection authenticated or ended: it no longer holds a slot."""
+        if self._all.pop(ticket, 0) is None:
+            same = self._by_address[ticket.address]
+            del same[ticket]
+            if not same:
+                del self._by_address[ticket.address]
+
+    def _evict(self, ticket: PreAuthTicket, bound: str) -> None:
+        self.release(ticket)
+        ticket.scope.cancel()
+        self.evicted += 1
+        now = trio.current_time()
+        if now - self._last_log >= 1.0 / self._log_per_second:
+            limit = self.per_address if bound == "per address" else self.total
+            log.warning(
+                "unauthenticated connections at the limit (%d %s): closed the oldest, from %s"
+                " (%d more since the last such line)",
+                limit,
+                bound,
+                ticket.address,
+                self._unlogged,
+            )
+            self._last_log, self._unlogged = now, 0
+        else:
+            self._unlogged += 1
