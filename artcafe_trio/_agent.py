@@ -71,6 +71,7 @@ from ._frames import (
     encode,
 )
 from ._keys import PrivateKey, load_private_key
+from ._logsafe import printable
 from ._subjects import SubjectIndex, validate_pattern, validate_subject
 from ._util import collapse_exception_groups
 
@@ -642,7 +643,9 @@ class Agent:
         if not self._pending:
             self._flushed.set()
         if isinstance(error, HubError):
-            log.error("publish to %r refused by the hub: %s", pending.subject, error)
+            log.error(
+                "publish to %s refused by the hub: %s", printable(pending.subject), printable(error)
+            )
         return True
 
     # --- connection supervisor -------------------------------------------------
@@ -753,7 +756,7 @@ class Agent:
                 "%s/%s: connection lost (%s); reconnect attempt %d%s in %.2f s",
                 self.tenant_id,
                 self.agent_id,
-                cause,
+                printable(cause),
                 self._failures,
                 f"/{self.backoff.max_attempts}" if self.backoff.max_attempts else "",
                 delay,
@@ -862,7 +865,7 @@ class Agent:
         try:
             return decode(text, max_bytes=MAX_RECEIVE_BYTES)
         except ProtocolError as exc:
-            log.warning("ignoring an invalid frame from the hub: %s", exc)
+            log.warning("ignoring an invalid frame from the hub: %s", printable(exc))
             return None
 
     async def _serve_connection(self, nursery: trio.Nursery, conn: _Connection) -> None:
@@ -964,7 +967,11 @@ class Agent:
             try:
                 await self._confirm_subscription(conn, sub)
             except HubError as exc:
-                log.error("subscription to %r refused by the hub: %s", sub.pattern, exc)
+                log.error(
+                    "subscription to %s refused by the hub: %s",
+                    printable(sub.pattern),
+                    printable(exc),
+                )
 
         async with trio.open_nursery() as nursery:
             for sub in list(self._subscriptions.values()):
@@ -1038,7 +1045,7 @@ class Agent:
             elif isinstance(frame, Error):
                 self._on_error(frame)
             else:
-                log.warning("ignoring unexpected %r frame from the hub", frame.type)
+                log.warning("ignoring unexpected %s frame from the hub", printable(frame.type))
 
     def _on_ack(self, conn: _Connection, frame: HeartbeatAck) -> None:
         now = trio.current_time()
@@ -1073,7 +1080,7 @@ class Agent:
                 return
             if self._acknowledge(frame.id, None, HubError(frame.code, frame.message)):
                 return
-        log.warning("hub error %s: %s", frame.code, frame.message)
+        log.warning("hub error %s: %s", printable(frame.code), printable(frame.message))
 
     def _on_message(self, message: Message) -> None:
         subject = message.subject
@@ -1098,7 +1105,7 @@ class Agent:
                     "handlers for %r are %d messages behind: dropping a message on %r",
                     sub.pattern,
                     self._max_pending_messages,
-                    subject,
+                    printable(subject),
                 )
             except trio.ClosedResourceError:
                 pass

@@ -153,6 +153,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, not {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -280,7 +290,10 @@ def _connection_problem(exc: BaseException, url: str, *, hint: bool = True) -> s
 def _open_existing_registry(path: str) -> Registry:
     """Open a registry that must already exist (list/remove/... never create one)."""
     if path != ":memory:" and not os.path.exists(path):
-        raise CliError(f"no registry database at {path!r} (create one with 'agents add')")
+        raise CliError(
+            f"no registry database at {path!r}: create one with 'agents add --create' "
+            "(if a running hub uses this path, its file was deleted: restart that hub)"
+        )
     return Registry.open(path)
 
 
@@ -366,7 +379,7 @@ def _cmd_agents_add(args: argparse.Namespace) -> int:
         pub = path + ".pub"
         which = f"the .pub file ({pub})" if os.path.exists(pub) else "its public key (.pub) file"
         raise CliError(f"{path}: this looks like a private key; pass {which}") from None
-    with Registry.open(args.db) as registry:
+    with (Registry.open if args.create else _open_existing_registry)(args.db) as registry:
         try:
             fingerprint = registry.add_key(args.tenant, args.agent, public_key)
         except ValueError as exc:
@@ -473,6 +486,9 @@ _HUB_FLAGS = {
     "handshake_timeout": "handshake_timeout",
     "publish_rate": "publish_rate",
     "publish_burst": "publish_burst",
+    "auth_failures_free": "auth_failures_free",
+    "auth_failure_delay_cap": "auth_failure_delay_cap",
+    "auth_failure_memory": "auth_failure_memory",
 }
 
 
@@ -641,7 +657,7 @@ async def _run_hub(
 def _cmd_dashboard_token(args: argparse.Namespace) -> int:
     from .dashboard._tokens import create_token
 
-    with Registry.open(args.db) as registry:
+    with _open_existing_registry(args.db) as registry:
         if args.revoke:
             removed = registry.remove_dashboard_tokens(args.tenant)
             _note(f"revoked {removed} dashboard token(s) of tenant {args.tenant}")
@@ -1157,9 +1173,15 @@ def build_parser() -> argparse.ArgumentParser:
     agents.set_defaults(handler=lambda _args: _usage_help(agents))
 
     add = _command(agent_commands, "add", "register a public key for an agent")
-    _add_identity(add, "registry database (SQLite; created if missing)")
+    _add_identity(add, "registry database (SQLite; must exist unless --create)")
     add.add_argument(
         "--public-key", required=True, metavar="PATH", help="OpenSSH public key file (.pub)"
+    )
+    add.add_argument(
+        "--create",
+        action="store_true",
+        help="create the registry database if it is missing (default: refuse, since a "
+        "running hub would never see a new file)",
     )
     add.set_defaults(handler=_cmd_agents_add)
 
@@ -1264,6 +1286,27 @@ def build_parser() -> argparse.ArgumentParser:
         hub, "--publish-rate", _positive_float, "R", "sustained publishes per second per agent"
     )
     _add_hub_flag(hub, "--publish-burst", _positive_int, "N", "publishes allowed in a burst")
+    _add_hub_flag(
+        hub,
+        "--auth-failures-free",
+        _non_negative_int,
+        "N",
+        "refused handshakes per address before its checks are slowed down",
+    )
+    _add_hub_flag(
+        hub,
+        "--auth-failure-delay-cap",
+        _non_negative_float,
+        "S",
+        "longest wait between two checks of a slowed-down address, s (0: no slow-down)",
+    )
+    _add_hub_flag(
+        hub,
+        "--auth-failure-memory",
+        _positive_float,
+        "S",
+        "seconds after its last refusal an address is forgiven",
+    )
     hub.add_argument(
         "--metrics-port",
         type=_port,
@@ -1319,7 +1362,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # dashboard-token
     token = _command(commands, "dashboard-token", "make a read-only dashboard token for one tenant")
-    _add_db(token, "registry database (SQLite; created if missing)")
+    _add_db(token, "registry database (SQLite; must exist)")
     token.add_argument("--tenant", required=True, help="the tenant the token may see")
     token.add_argument(
         "--revoke", action="store_true", help="revoke every dashboard token of the tenant instead"

@@ -51,6 +51,11 @@ __all__ = [
 PROTOCOL_VERSION = 1
 DEFAULT_MAX_FRAME_BYTES = 1024 * 1024
 MAX_ID_LENGTH = 128
+MAX_NESTING = 64
+"""Deepest nesting of arrays/objects in a frame (the frame object itself is level 1)."""
+MAX_SAFE_INTEGER = 2**53 - 1
+"""Largest value of an integer field the hub reads (``seq``, ``protocol``): every client
+(JavaScript's numbers included) can represent every such value exactly."""
 
 JSON: TypeAlias = Any
 """Any value that ``json`` can encode: dict, list, str, int, float, bool, None."""
@@ -90,6 +95,12 @@ def _k_id(name: str, value: object, frame_id: str | None) -> str:
 def _k_int(name: str, value: object, frame_id: str | None) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise _bad(name, "a non-negative integer", value, frame_id)
+    if value > MAX_SAFE_INTEGER:
+        raise ProtocolError(
+            "invalid_field",
+            f"field {name!r} must be at most 2^53 - 1 ({MAX_SAFE_INTEGER})",
+            frame_id=frame_id,
+        )
     return value
 
 
@@ -575,9 +586,11 @@ def decode_with_id(
     try:
         obj = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
-        raise ProtocolError("invalid_json", "JSON is nested too deeply") from None
+        raise _too_deep() from None
     except ValueError as exc:
         raise ProtocolError("invalid_json", f"not valid JSON: {exc}") from None
+    if text.count("[") + text.count("{") > MAX_NESTING and _deeper_than(obj, MAX_NESTING):
+        raise _too_deep()
     if not isinstance(obj, dict):
         raise ProtocolError("not_an_object", f"a frame must be a JSON object, not {_kind(obj)}")
     raw_id = obj.get("id")
@@ -594,6 +607,24 @@ def decode_with_id(
         )
     frame: Frame = _from_object(cls, obj, frame_id, frame_type)
     return frame, frame_id
+
+
+def _too_deep() -> ProtocolError:
+    return ProtocolError("invalid_json", f"JSON is nested deeper than {MAX_NESTING} levels")
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """Whether arrays/objects nest deeper than ``limit`` (iterative: no recursion limit)."""
+    stack: list[tuple[dict[str, Any] | list[Any], int]] = []
+    if isinstance(value, dict | list):
+        stack.append((value, 1))
+    while stack:
+        item, level = stack.pop()
+        if level > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        stack.extend((c, level + 1) for c in children if isinstance(c, dict | list))
+    return False
 
 
 def _kind(obj: object) -> str:

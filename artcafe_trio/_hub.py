@@ -12,7 +12,10 @@ one :class:`DeadlineQueue`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import collections
+import contextlib
 import functools
 import hmac
 import itertools
@@ -64,9 +67,11 @@ from ._frames import (
     encode_message,
 )
 from ._hubevents import HubEvents
-from ._keys import PublicKey
+from ._keys import ALGORITHM_RSA, PublicKey, auth_payload, parse_public_key
+from ._logsafe import printable as _printable
 from ._registry import PresenceChange, Registry, RegistryError
 from ._subjects import SubjectIndex, is_reserved
+from ._throttle import AuthThrottle
 from ._timers import DeadlineQueue
 from ._util import collapse_exception_groups
 
@@ -80,8 +85,21 @@ PRESENCE_PREFIX = "$presence"
 REPLY_PREFIX = "$reply"
 ADMIN_AGENT_ID = "$admin"
 HUB_SENDER = "$hub"
-AUTH_FAILURE_MEMORY = 300.0  # seconds after which an address's failures are forgiven
 FANOUT_BATCH = 256  # deliveries between two checkpoints of one publish's fan-out
+# Verified when the claimed agent has no key of the frame's algorithm, so that every
+# refusal costs one signature check (no timing oracle). Nobody holds their private keys.
+_DUMMY_KEYS = {
+    "ed25519": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOtU1KzEIa3Rr2td7xzxFO7//64auh4UeW89+O3cySng",
+    ALGORITHM_RSA: (
+        "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABgQDH5LBd0YUvjyxuF3mn6vyMn3cB5e/DNJs0HtPJbWHP6xMvcEuC"
+        "sRv3HCoEBzBFb7mFKRkq+PT+SIO0ckUYbxJmwnvF7Zn4xfuyFe/VpHPppcUjE2EAcjn4cL4QRWeuqK2EpIlq0msA"
+        "zrFMcRysPp9vFDHeN7RhtuSfPI/6SbE6p7QnXQHgj00pFzk9HLFq3ZH4WnMinRh1V1SR2syLCnYUYAZHNu24VtbL"
+        "Mkndy8NcVSGMAUQEN0waC27e1/nE/+FMS5pc2F1CDw2PL3fLeC2vW0/jYZwLpJ3N3RKu3hJtbVd4gHvB+PWINQKo"
+        "D7Zj7d8WQr6pNQgAc1v2ykAif8htWaMB3AfCC+CLrWoh2rlOzzklO2+We8FP6IhFiS8pml8GxIXjKWZAdSM5hqmn"
+        "vOLXBlFhG8wnM26vMY8YO7rdh2GCh8o2rtucUl9UExw4HD0id/nwIDDueZc4/TBTViTgUeC5B/2JP1jlmhblE0wy"
+        "j4emsphWtq5x4/L6+rbngu0="
+    ),
+}
 
 T = TypeVar("T")
 
@@ -124,7 +142,7 @@ class HubConfig:
     output_budget_bytes: int = 256 * 1024 * 1024
     reply_window: int = 256
     max_open_requests: int = 1024
-    max_unauthenticated_per_address: int = 64
+    max_unauthenticated_per_address: int = 256
     max_unauthenticated: int = 1024
     handshake_timeout: float = 10.0
     publish_rate: float = 1000.0
@@ -133,6 +151,7 @@ class HubConfig:
     dedupe_max_ids: int = 10_000
     auth_failures_free: int = 3
     auth_failure_delay_cap: float = 10.0
+    auth_failure_memory: float = 300.0
     registry_poll_interval: float = 0.5
     last_seen_flush_interval: float = 10.0
     close_timeout: float = 2.0
@@ -153,6 +172,8 @@ class HubStats:
     rate_limited: int = 0
     handshake_timeouts: int = 0
     transitions: dict[str, int] = attrs.field(factory=dict)
+    registry_file_lost: int = 0  # 1 while the registry file at its path is not the one opened
+    presence_writes_pending: int = 0
 
 
 class _Dedupe:
@@ -174,6 +195,25 @@ class _Dedupe:
 
     def remember(self, frame_id: str, message_id: str, now: float) -> None:
         self.seen[frame_id] = (now, message_id)
+
+
+@attrs.frozen
+class _Refusal:
+    """A handshake answer that refuses: the error frame's fields, the close code, and
+    the operator-side ``cause`` (logged, never sent)."""
+
+    code: str
+    message: str
+    frame_id: str | None
+    close: int
+    who: str
+    cause: str
+    reason: str | None = None  # the close reason, if not ``message`` (never client text)
+
+
+@functools.cache
+def _dummy_key(algorithm: str) -> PublicKey:
+    return parse_public_key(_DUMMY_KEYS.get(algorithm, _DUMMY_KEYS["ed25519"]))
 
 
 class _Refused(Exception):
@@ -383,13 +423,6 @@ def _claimed(frame: Auth, tenant_id: str | None, agent_id: str | None) -> str:
     return who
 
 
-def _printable(text: str | None) -> str:
-    """An untrusted string made safe for one log line (no control characters)."""
-    if text is None:
-        return "-"
-    return text[:128].encode("unicode_escape").decode("ascii")
-
-
 def _clamp(value: float, low: float, high: float) -> float:
     return max(low, min(high, value))
 
@@ -418,7 +451,10 @@ class Hub:
         self._wall_clock = wall_clock
         self._nursery: trio.Nursery | None = None
         self._credentials: dict[tuple[str, str], tuple[PublicKey, ...]] = {}
+        self._tenants: frozenset[str] = frozenset()
+        self._credentials_generation = 0  # bumped each time keys are loaded
         self._revision = -1
+        self._reload_lock = trio.Lock()
         self._sessions: dict[tuple[str, str], _Session] = {}
         self._sessions_by_id: dict[str, _Session] = {}
         self._admins: set[_Session] = set()
@@ -434,8 +470,15 @@ class Hub:
         )
         self._timers = DeadlineQueue()
         self._message_ids = itertools.count(1)
-        self._auth_failures: dict[str, tuple[int, float]] = {}
+        self._auth_throttle = AuthThrottle(
+            free=self.config.auth_failures_free,
+            cap=self.config.auth_failure_delay_cap,
+            memory=self.config.auth_failure_memory,
+        )
+        self._auth_log = _RateLimitedLog(self.config.refused_log_per_second)
         self._pending_changes: list[PresenceChange] = []
+        self._registry_lost: str | None = None
+        self._registry_lost_logged = -math.inf
         self._changes_waiting = trio.Event()
         self._refused_log = _RateLimitedLog(self.config.refused_log_per_second)
         self._stopping = False
@@ -511,12 +554,20 @@ class Hub:
                 log.error("presence not saved at shutdown: %s", exc)
 
     async def _reload_credentials(self) -> bool:
-        """Reload keys if the registry changed; close sessions whose key went away."""
-        revision = await self._db(self.registry.revision)
-        if revision == self._revision:
-            return False
-        self._revision = revision
-        self._credentials = await self._db(self.registry.all_credentials)
+        """Reload keys if the registry changed; close sessions whose key went away.
+
+        One reload at a time; the revision is recorded only once its keys are loaded,
+        so a check that sees "no change" already has them.
+        """
+        async with self._reload_lock:
+            revision = await self._db(self.registry.revision)
+            if revision == self._revision:
+                return False
+            credentials = await self._db(self.registry.all_credentials)
+            self._credentials = credentials
+            self._tenants = frozenset(tenant for tenant, _ in credentials)
+            self._revision = revision
+            self._credentials_generation += 1
         for (tenant_id, agent_id), session in list(self._sessions.items()):
             keys = self._credentials.get((tenant_id, agent_id), ())
             if session.key is not None and session.key not in keys:
@@ -534,13 +585,47 @@ class Hub:
     async def _watch_registry(self) -> None:
         while True:
             await trio.sleep(self.config.registry_poll_interval)
+            await self._check_registry_file()
             await self._reload_credentials_safely()
+
+    async def _check_registry_file(self) -> None:
+        """Notice a registry file deleted or replaced under the running hub, loudly.
+
+        The hub then keeps serving with the keys it has loaded, but writes no presence
+        (changes wait, one per agent) and sees no registry change, until the file is back
+        or the hub is restarted: see ``docs/security.md``.
+        """
+        try:
+            problem = await self._db(self.registry.file_problem)
+        except RegistryError:  # closed under us: nothing to check
+            return
+        now = trio.current_time()
+        if problem is not None:
+            if self._registry_lost is None or now >= self._registry_lost_logged + 60.0:
+                log.error(
+                    "%s: the running hub keeps the keys it loaded and writes no presence; "
+                    "'agents' commands on that path no longer reach it. Restore the file "
+                    "or restart the hub.",
+                    problem,
+                )
+                self._registry_lost_logged = now
+            self._registry_lost = problem
+            self.stats.registry_file_lost = 1
+        elif self._registry_lost is not None:
+            log.warning("registry file %r is back; presence writes resume", self.registry.path)
+            self._registry_lost = None
+            self.stats.registry_file_lost = 0
+            self._changes_waiting.set()
 
     async def _write_presence(self) -> None:
         next_flush = trio.current_time() + self.config.last_seen_flush_interval
         while True:
             with trio.move_on_at(next_flush):
                 await self._changes_waiting.wait()
+            if self._registry_lost is not None:
+                # Nothing written would reach the file at the registry's path: keep them.
+                await trio.sleep(self.config.registry_poll_interval)
+                continue
             try:
                 if trio.current_time() >= next_flush:
                     next_flush = trio.current_time() + self.config.last_seen_flush_interval
@@ -572,8 +657,13 @@ class Hub:
             try:
                 await self._db(self.registry.record_presence, changes)
             except BaseException:
-                self._pending_changes[:0] = changes  # not written: keep them, in order
+                # Not written: keep them, in order, before the ones queued since.
+                queued, self._pending_changes = self._pending_changes, changes
+                for change in queued:
+                    self._queue_change(change)
                 raise
+            finally:
+                self.stats.presence_writes_pending = len(self._pending_changes)
 
     async def _flush_last_seen(self) -> None:
         rows = [
@@ -641,7 +731,7 @@ class Hub:
         self.stats.deliveries += len(targets)
         for target in targets:  # bounded by the tenant's connections plus the admins
             target.deliver(item)
-        self._pending_changes.append(
+        self._queue_change(
             PresenceChange(
                 entry.tenant_id,
                 entry.agent_id,
@@ -653,6 +743,20 @@ class Hub:
                 last_heartbeat=entry.last_heartbeat,
             )
         )
+
+    def _queue_change(self, change: PresenceChange) -> None:
+        """Queue a presence write. While writes fail, the queue is coalesced to the latest
+        change per agent, so it never holds more than twice the number of agents (the
+        presence log then misses the transitions in between)."""
+        pending = self._pending_changes
+        pending.append(change)
+        if len(pending) > 2 * len(self._presence) + 16:
+            latest: dict[tuple[str, str], PresenceChange] = {}
+            for queued in pending:  # ordered by each agent's latest change
+                latest.pop((queued.tenant_id, queued.agent_id), None)
+                latest[(queued.tenant_id, queued.agent_id)] = queued
+            pending[:] = latest.values()
+        self.stats.presence_writes_pending = len(pending)
         self._changes_waiting.set()
 
     def _set_offline(self, entry: _Presence, reason: str, *, now: float | None = None) -> None:
@@ -745,120 +849,113 @@ class Hub:
                 if not self._open_connections:
                     self._connections_gone.set()
 
-    async def _refuse_auth(
-        self,
-        ws: WebSocketConnection,
-        remote: str,
-        code: str,
-        message: str,
-        close: int,
-        who: str = "admin",
-    ) -> NoReturn:
-        """Answer a failed authentication, slowed down for repeat offenders; raise ``_Refused``."""
-        self.stats.auth_failures += 1
-        now = trio.current_time()
-        failures, last = self._auth_failures.get(remote, (0, now))
-        if now - last > AUTH_FAILURE_MEMORY:
-            failures = 0  # forgiven
-        failures += 1
-        self._auth_failures[remote] = (failures, now)
-        if len(self._auth_failures) > 10_000:
-            self._auth_failures = {
-                addr: v
-                for addr, v in self._auth_failures.items()
-                if now - v[1] < AUTH_FAILURE_MEMORY
-            }
-        extra = min(failures - self.config.auth_failures_free, 32)
-        if extra > 0:
-            await trio.sleep(min(self.config.auth_failure_delay_cap, 0.25 * 2 ** (extra - 1)))
-        log.warning("authentication refused for %s from %s: %s", who, remote, code)
-        self.events.auth_failure(remote, code, failures, self._wall_clock())
-        await ws.send_message(encode(Error(code=code, message=message, fatal=True)))
-        raise _Refused(close, message)
-
     async def _authenticate(
         self, ws: WebSocketConnection, agent_id: str | None, tenant_id: str | None, remote: str
     ) -> _Session:
-        """Challenge, then verify the answer; raise ``_Refused`` (after the error frame)."""
+        """Challenge, then check the answer; raise ``_Refused`` (after the error frame).
+
+        The whole check (waiting for the frame, the slow-down, the registry) is bounded
+        by the challenge's expiry: past it, the answer is ``challenge_expired``/4002.
+        """
         nonce = secrets.token_urlsafe(32)
         timeout = self.config.challenge_timeout
+        deadline = trio.current_time() + timeout
         await ws.send_message(
             encode(Challenge(nonce=nonce, expires_in=timeout, hub_id=self.config.hub_id))
         )
-        text: str | bytes | None = None
-        with trio.move_on_after(timeout):
+        outcome: _Session | _Refusal | None = None
+        with trio.move_on_at(deadline):
             text = await ws.get_message()
-        if text is None:
+            outcome = await self._check_auth(ws, text, nonce, agent_id, tenant_id, remote)
+        if outcome is None:
             expired = Error(
                 code="challenge_expired",
-                message="no auth frame before the challenge expired",
+                message="no auth frame checked before the challenge expired",
                 fatal=True,
             )
             await ws.send_message(encode(expired))
             raise _Refused(CloseCode.CHALLENGE_EXPIRED, "challenge expired")
-        try:
-            frame, raw_id = decode_with_id(text, max_bytes=self.config.max_frame_bytes)
-        except ProtocolError as exc:
-            await ws.send_message(
-                encode(Error(code=exc.code, message=exc.message, id=exc.frame_id, fatal=True))
-            )
-            raise _Refused(CloseCode.PROTOCOL_VIOLATION, "expected auth") from None
-        return await self._check_auth(ws, frame, raw_id, nonce, agent_id, tenant_id, remote)
+        if isinstance(outcome, _Refusal):
+            await self._refuse_auth(ws, remote, outcome)
+        return outcome
+
+    async def _refuse_auth(
+        self, ws: WebSocketConnection, remote: str, refusal: _Refusal
+    ) -> NoReturn:
+        """Count and log a refused handshake, send its error frame, raise ``_Refused``."""
+        self.stats.auth_failures += 1
+        self._auth_log.warning(
+            "authentication refused for %s from %s: %s (%s)",
+            refusal.who, _printable(remote), refusal.code, refusal.cause,
+        )  # fmt: skip
+        failures = self._auth_throttle.failures(remote)
+        self.events.auth_failure(remote, refusal.code, failures, self._wall_clock())
+        error = Error(code=refusal.code, message=refusal.message, id=refusal.frame_id, fatal=True)
+        await ws.send_message(encode(error))
+        raise _Refused(refusal.close, refusal.reason or refusal.message)
 
     async def _check_auth(
         self,
         ws: WebSocketConnection,
-        frame: Frame,
-        raw_id: str | None,
+        text: str | bytes,
         nonce: str,
         agent_id: str | None,
         tenant_id: str | None,
         remote: str,
-    ) -> _Session:
-        config = self.config
-        if agent_id is None:  # admin path
-            if isinstance(frame, AdminAuth) and hmac.compare_digest(
-                frame.token.encode(), self.admin_token.encode()
-            ):
-                return _Session(
-                    self, ws, tenant_id="*", agent_id=ADMIN_AGENT_ID, remote=remote,
-                    auth=None, key=None, heartbeat_interval=None, heartbeat_timeout=None,
+    ) -> _Session | _Refusal:
+        """Decode and check the first frame, in the address's turn (``AuthThrottle``)."""
+        async with self._auth_throttle.attempt(remote) as attempt:
+            try:
+                frame, raw_id = decode_with_id(text, max_bytes=self.config.max_frame_bytes)
+            except ProtocolError as exc:
+                attempt.failed()
+                return _Refusal(
+                    exc.code, exc.message, exc.frame_id, CloseCode.PROTOCOL_VIOLATION,
+                    who="?", cause="invalid first frame", reason="expected auth",
                 )  # fmt: skip
-            await self._refuse_auth(
-                ws, remote, "authentication_failed", "bad admin token",
-                CloseCode.AUTHENTICATION_FAILED,
-            )  # fmt: skip
-        if not isinstance(frame, Auth):
-            await ws.send_message(
-                encode(
-                    Error(
-                        code="not_authenticated",
-                        message=f"expected an auth frame, got {frame.type!r}",
-                        id=raw_id,
-                        fatal=True,
-                    )
-                )
-            )
-            raise _Refused(CloseCode.PROTOCOL_VIOLATION, "expected auth")
-        if frame.protocol != PROTOCOL_VERSION:
-            await self._refuse_auth(
-                ws, remote, "unsupported_protocol",
-                f"this hub speaks protocol {PROTOCOL_VERSION}", CloseCode.PROTOCOL_VIOLATION,
-                who=_claimed(frame, frame.tenant_id, frame.agent_id),
-            )  # fmt: skip
-        # Unknown agent, wrong tenant, mismatched ids and bad signatures all answer alike.
-        key = None
-        if frame.agent_id == agent_id and frame.tenant_id == tenant_id:
-            key = self._verify(frame, nonce)
-            if key is None and await self._reload_credentials_safely():
-                key = self._verify(frame, nonce)  # a key registered since the last poll
-        if key is None:
-            await self._refuse_auth(
-                ws, remote, "authentication_failed",
-                "unknown agent or signature does not verify", CloseCode.AUTHENTICATION_FAILED,
-                who=_claimed(frame, tenant_id, agent_id),
-            )  # fmt: skip
-        self._auth_failures.pop(remote, None)
+            if agent_id is None:  # admin path
+                if isinstance(frame, AdminAuth) and hmac.compare_digest(
+                    frame.token.encode("utf-8", "surrogatepass"), self.admin_token.encode()
+                ):
+                    attempt.succeeded(ADMIN_AGENT_ID)
+                    return _Session(
+                        self, ws, tenant_id="*", agent_id=ADMIN_AGENT_ID, remote=remote,
+                        auth=None, key=None, heartbeat_interval=None, heartbeat_timeout=None,
+                    )  # fmt: skip
+                attempt.failed(ADMIN_AGENT_ID)
+                cause = "wrong token" if isinstance(frame, AdminAuth) else f"a {frame.type} frame"
+                return _Refusal(
+                    "authentication_failed", "bad admin token", raw_id,
+                    CloseCode.AUTHENTICATION_FAILED, who="admin", cause=cause,
+                )  # fmt: skip
+            if not isinstance(frame, Auth):
+                attempt.failed()
+                return _Refusal(
+                    "not_authenticated", f"expected an auth frame, got {frame.type!r}", raw_id,
+                    CloseCode.PROTOCOL_VIOLATION, who="?", cause=f"a {frame.type} frame",
+                    reason="expected auth",
+                )  # fmt: skip
+            identity = f"{frame.tenant_id}/{frame.agent_id}"
+            who = _claimed(frame, tenant_id, agent_id)
+            if frame.protocol != PROTOCOL_VERSION:
+                attempt.failed(identity)
+                return _Refusal(
+                    "unsupported_protocol", f"this hub speaks protocol {PROTOCOL_VERSION}",
+                    raw_id, CloseCode.PROTOCOL_VIOLATION, who=who,
+                    cause=f"protocol {frame.protocol}",
+                )  # fmt: skip
+            key = await self._verify_claim(frame, nonce, agent_id, tenant_id)
+            if key is None:
+                attempt.failed(identity)
+                # Unknown agent, wrong tenant, mismatched ids and bad signatures all answer
+                # alike, after the same work; only the hub's own log tells them apart.
+                return _Refusal(
+                    "authentication_failed", "unknown agent or signature does not verify",
+                    raw_id, CloseCode.AUTHENTICATION_FAILED, who=who,
+                    cause=self._refusal_cause(frame, agent_id, tenant_id),
+                )  # fmt: skip
+            attempt.succeeded(identity)
+        config = self.config
         interval: float | None = None
         timeout: float | None = None
         if frame.heartbeat_interval is not None:
@@ -876,13 +973,59 @@ class Hub:
             auth=frame, key=key, heartbeat_interval=interval, heartbeat_timeout=timeout,
         )  # fmt: skip
 
-    def _verify(self, frame: Auth, nonce: str) -> PublicKey | None:
-        for candidate in self._credentials.get((frame.tenant_id, frame.agent_id), ()):
-            if candidate.algorithm == frame.algorithm and candidate.verify_auth(
-                frame.signature, tenant_id=frame.tenant_id, agent_id=frame.agent_id, nonce=nonce
-            ):
-                return candidate
-        return None
+    async def _verify_claim(
+        self, frame: Auth, nonce: str, agent_id: str | None, tenant_id: str | None
+    ) -> PublicKey | None:
+        """The key that verifies ``frame``, reloading the registry once if none does."""
+        generation = self._credentials_generation
+        key = self._verify(frame, nonce, agent_id, tenant_id)
+        if key is None:
+            await self._reload_credentials_safely()
+            if self._credentials_generation != generation:  # keys loaded since: try them
+                key = self._verify(frame, nonce, agent_id, tenant_id)
+        return key
+
+    def _verify(
+        self, frame: Auth, nonce: str, agent_id: str | None, tenant_id: str | None
+    ) -> PublicKey | None:
+        """Check the signature against each of the claimed agent's keys of its algorithm.
+
+        When there is none (unknown agent or tenant, ids that differ from the URL, no key
+        of that algorithm, an unknown algorithm), a dummy key of the same type is checked
+        instead: every refusal costs at least one signature check.
+        """
+        keys: tuple[PublicKey, ...] = ()
+        if (frame.agent_id, frame.tenant_id) == (agent_id, tenant_id):
+            keys = self._credentials.get((frame.tenant_id, frame.agent_id), ())
+        candidates = [k for k in keys if k.algorithm == frame.algorithm]
+        dummy = _dummy_key(frame.algorithm)
+        try:
+            signature = base64.b64decode(frame.signature, validate=True)
+        except (binascii.Error, ValueError):
+            signature = b""
+        try:
+            payload = auth_payload(frame.tenant_id, frame.agent_id, nonce)
+        except UnicodeEncodeError:  # a lone surrogate: no registered id has one
+            payload, candidates = b"", []
+        found = None
+        for candidate in candidates or [dummy]:
+            if candidate.verify(signature, payload) and candidate is not dummy:
+                found = candidate
+        return found
+
+    def _refusal_cause(self, frame: Auth, agent_id: str | None, tenant_id: str | None) -> str:
+        """Why an ``auth`` was refused, for the operator's log only (never sent)."""
+        if (frame.agent_id, frame.tenant_id) != (agent_id, tenant_id):
+            return "the ids in the URL differ from the auth frame"
+        keys = self._credentials.get((frame.tenant_id, frame.agent_id))
+        if keys is None:
+            if frame.tenant_id not in self._tenants:
+                return "unknown tenant"
+            return "unknown agent, disabled, or no keys"
+        same = [k for k in keys if k.algorithm == frame.algorithm]
+        if not same:
+            return f"no {_printable(frame.algorithm, 40)} key registered for it"
+        return f"signature does not verify with its {len(same)} {frame.algorithm} key(s)"
 
     def _attach(self, session: _Session) -> None:
         """Make ``session`` the agent's live session: take-over and presence."""
@@ -1036,7 +1179,7 @@ class Hub:
                 if exc.frame_id is None:
                     exc.frame_id = raw_id
                 self.stats.refused_frames += 1
-                self._refused_log.warning("%r: refused frame: %s", session, exc)
+                self._refused_log.warning("%r: refused frame: %s", session, _printable(exc))
                 session.send_frame(Error(code=exc.code, message=exc.message, id=exc.frame_id))
             if session.left:
                 session.close(CloseCode.NORMAL, "left")
@@ -1068,11 +1211,9 @@ class Hub:
             session.left = True
         elif isinstance(frame, Error):
             log.info(
-                "%r reported error %s: %s",
-                session,
-                _printable(frame.code),
+                "%r reported error %s: %s", session, _printable(frame.code),
                 _printable(frame.message),
-            )
+            )  # fmt: skip
         else:  # auth, admin_auth
             raise ProtocolError("already_authenticated", "this connection is already authenticated")
 
@@ -1396,12 +1537,33 @@ def _listening_port(listener: trio.SocketListener | trio.SSLListener[trio.Socket
 
 
 def _write_admin_file(path: str | os.PathLike[str], hub: Hub) -> None:
+    """Write the admin file atomically: a new temporary file of our own (created
+    exclusively, never through a link, mode 0600 whatever the umask), then a rename.
+
+    A file or link planted at any name next to it cannot choose the mode or the target.
+    """
     payload = json.dumps({"url": hub.url, "token": hub.admin_token, "pid": os.getpid()})
-    tmp = f"{os.fspath(path)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(payload)
-    os.replace(tmp, path)
+    target = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(target))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{os.path.basename(target)}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o600)
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 collisions of 64 random bits
+        raise FileExistsError(f"cannot create a temporary file next to {target}")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(payload)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def _remove_admin_file(path: str | os.PathLike[str], hub: Hub) -> None:

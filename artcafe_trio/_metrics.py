@@ -14,6 +14,8 @@ Prometheus scrapes, so the hub's hot path pays nothing for metrics. Exported:
 ``artcafe_refused_frames_total``            counter  frames answered with an ``error``
 ``artcafe_rate_limited_total``              counter  publishes refused by the rate limit
 ``artcafe_connections_total``               counter  WebSocket connections accepted
+``artcafe_registry_file_lost``              gauge    1 while the registry file was deleted/replaced
+``artcafe_presence_writes_pending``         gauge    presence changes waiting to be written
 ==========================================  =======  ======================================
 
 and the gauge ``artcafe_heartbeat_ack_rtt_seconds{tenant}``: the largest heartbeat-ACK
@@ -64,6 +66,18 @@ _FLOW = {
     "output_budget_cut_offs": (
         "counter", "Consumers cut off because the hub-wide output budget was exceeded."),
 }  # fmt: skip
+_GAUGES = (
+    (
+        "registry_file_lost",
+        "registry_file_lost",
+        "1 while the registry file at the hub's path is not the one it opened (deleted).",
+    ),
+    (
+        "presence_writes_pending",
+        "presence_writes_pending",
+        "Presence changes waiting to be written to the registry (bounded per agent).",
+    ),
+)
 
 
 @attrs.frozen
@@ -119,6 +133,8 @@ class HubCollector(Collector):
         for name, (kind, documentation) in _FLOW.items():
             family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
             yield family(f"artcafe_{name}", documentation, value=snapshot.flow[name])
+        for name, key, documentation in _GAUGES:
+            yield GaugeMetricFamily(f"artcafe_{name}", documentation, value=snapshot.counters[key])
 
     def _snapshot(self) -> _Snapshot:
         if self.trio_token is not None and not _in_trio_thread():
@@ -130,7 +146,7 @@ class HubCollector(Collector):
 
     def _read(self) -> _Snapshot:
         stats = self.hub.stats
-        counters = {key: int(getattr(stats, key)) for _name, key, _doc in _COUNTERS}
+        counters = {key: int(getattr(stats, key)) for _name, key, _doc in _COUNTERS + _GAUGES}
         transitions = dict.fromkeys(PRESENCE_REASONS, 0)
         transitions.update(stats.transitions)
         online: dict[str, int] = {}

@@ -198,6 +198,15 @@ class Registry:
         self._lock = threading.Lock()
         self._revision = 0
         self._data_version = _pragma_int(connection, "data_version")
+        self._file_id: tuple[int, int] | None = None
+        self._abspath = path if path == _MEMORY else os.path.abspath(path)
+        if path != _MEMORY:
+            try:
+                st = os.stat(self._abspath)
+            except OSError:  # not a plain path (e.g. a URI): nothing to watch
+                pass
+            else:
+                self._file_id = (st.st_dev, st.st_ino)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -266,6 +275,25 @@ class Registry:
     def inline(self) -> bool:
         """True for an in-memory registry: call it directly instead of in a worker thread."""
         return self._path == _MEMORY
+
+    def file_problem(self) -> str | None:
+        """Why the file at :attr:`path` is no longer the database this handle opened
+        (deleted, or replaced by another file), or ``None`` if it still is.
+
+        A handle keeps using the file it opened: one deleted or replaced underneath it
+        is invisible to every other process (the CLI) from then on.
+        """
+        if self._file_id is None:
+            return None
+        try:
+            st = os.stat(self._abspath)
+        except FileNotFoundError:
+            return f"registry file {self._abspath!r} was deleted"
+        except OSError as exc:
+            return f"registry file {self._abspath!r} cannot be checked: {exc}"
+        if (st.st_dev, st.st_ino) != self._file_id:
+            return f"registry file {self._abspath!r} was replaced by another file"
+        return None
 
     @property
     def closed(self) -> bool:

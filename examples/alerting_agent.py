@@ -12,7 +12,7 @@ Run it like ``heartbeat_example.py`` (same AGENT_ID, ORGANIZATION_ID,
 PRIVATE_KEY_PATH, ARTCAFE_URL, HEARTBEAT_INTERVAL variables)::
 
     artcafe-trio keygen --out alerter.pem
-    artcafe-trio agents add --tenant acme --agent alerter --public-key alerter.pem.pub
+    artcafe-trio agents add --create --tenant acme --agent alerter --public-key alerter.pem.pub
     AGENT_ID=alerter ORGANIZATION_ID=acme PRIVATE_KEY_PATH=alerter.pem \\
         ALERT_COMMAND='notify-send "agent down"' python examples/alerting_agent.py
 

@@ -5,7 +5,7 @@ its connection health to ``health.response``. Configure it like
 ``heartbeat_example.py`` and run it::
 
     artcafe-trio keygen --out monitor-2.pem
-    artcafe-trio agents add --tenant acme --agent monitor-2 --public-key monitor-2.pem.pub
+    artcafe-trio agents add --create --tenant acme --agent monitor-2 --public-key monitor-2.pem.pub
     artcafe-trio hub &
     AGENT_ID=monitor-2 ORGANIZATION_ID=acme PRIVATE_KEY_PATH=monitor-2.pem \\
         ARTCAFE_URL=ws://127.0.0.1:8765 python examples/custom_agent.py

@@ -12,7 +12,7 @@ offline after HEARTBEAT_INTERVAL x 3), it reconnects by itself, and it:
 Run it against a hub::
 
     artcafe-trio keygen --out monitor-1.pem
-    artcafe-trio agents add --tenant acme --agent monitor-1 --public-key monitor-1.pem.pub
+    artcafe-trio agents add --create --tenant acme --agent monitor-1 --public-key monitor-1.pem.pub
     artcafe-trio hub &
     AGENT_ID=monitor-1 ORGANIZATION_ID=acme PRIVATE_KEY_PATH=monitor-1.pem \\
         ARTCAFE_URL=ws://127.0.0.1:8765 python examples/heartbeat_example.py

@@ -343,7 +343,7 @@ def test_agents_add_list_remove(tmp_path: Path, capsys: pytest.CaptureFixture[st
     key1, fp1 = _keygen(tmp_path, "k1")
     key2, fp2 = _keygen(tmp_path, "k2")
     capsys.readouterr()
-    base = ["agents", "add", "--db", db, "--tenant", "acme"]
+    base = ["agents", "add", "--create", "--db", db, "--tenant", "acme"]
     assert main([*base, "--agent", "bot", "--public-key", f"{key1}.pub"]) == 0
     assert capsys.readouterr().out.strip() == fp1
     assert main([*base, "--agent", "bot", "--public-key", f"{key2}.pub"]) == 0
@@ -395,7 +395,7 @@ def test_agents_disable_enable(tmp_path: Path, capsys: pytest.CaptureFixture[str
     db = str(tmp_path / "hub.db")
     key, fp = _keygen(tmp_path)
     ident = ["--db", db, "--tenant", "acme", "--agent", "bot"]
-    assert main(["agents", "add", *ident, "--public-key", f"{key}.pub"]) == 0
+    assert main(["agents", "add", "--create", *ident, "--public-key", f"{key}.pub"]) == 0
     assert main(["agents", "disable", *ident]) == 0
     with Registry.open(db) as registry:
         assert registry.keys_for("acme", "bot") == ()
@@ -414,7 +414,7 @@ def test_agents_disable_enable(tmp_path: Path, capsys: pytest.CaptureFixture[str
 def test_agents_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = str(tmp_path / "hub.db")
     missing = tmp_path / "missing.pub"
-    add = ["agents", "add", "--db", db, "--tenant", "acme", "--agent", "bot"]
+    add = ["agents", "add", "--create", "--db", db, "--tenant", "acme", "--agent", "bot"]
     assert main([*add, "--public-key", str(missing)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ")
@@ -440,7 +440,7 @@ def test_agents_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert err.startswith("error: ")
     assert "private key" not in err  # only said of a private key
     assert not os.path.exists(db)
-    bad_id = ["agents", "add", "--db", db, "--tenant", "a b", "--agent", "bot"]
+    bad_id = ["agents", "add", "--create", "--db", db, "--tenant", "a b", "--agent", "bot"]
     assert main([*bad_id, "--public-key", f"{key}.pub"]) == 1
     assert "invalid tenant id" in capsys.readouterr().err
 
@@ -454,7 +454,7 @@ def test_agents_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     err = capsys.readouterr().err
     assert err.startswith("error: ")
     assert "Traceback" not in err
-    assert main(["agents", "add", "--db", str(tmp_path / "no" / "dir.db"), "--tenant", "t",
+    assert main(["agents", "add", "--create", "--db", str(tmp_path / "no" / "dir.db"), "--tenant", "t",
                  "--agent", "a", "--public-key", f"{key}.pub"]) == 1  # fmt: skip
     assert "does not exist" in capsys.readouterr().err
 
@@ -541,7 +541,7 @@ def test_times_are_utc_with_z(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     db = tmp_path / "hub.db"
     key, _ = _keygen(tmp_path)
     ident = ["--db", str(db), "--tenant", "acme", "--agent", "bot"]
-    assert main(["agents", "add", *ident, "--public-key", f"{key}.pub"]) == 0
+    assert main(["agents", "add", "--create", *ident, "--public-key", f"{key}.pub"]) == 0
     seen = datetime.datetime(2026, 1, 5, 10, 0, 20, 500000, tzinfo=datetime.UTC).timestamp()
     with Registry.open(db) as registry:
         registry.record_last_seen([("acme", "bot", seen, seen + 0.25)])
@@ -658,7 +658,7 @@ def test_status_falls_back_to_registry(tmp_path: Path, capsys: pytest.CaptureFix
     db = tmp_path / "hub.db"
     key, _ = _keygen(tmp_path)
     ident = ["--db", str(db), "--tenant", "acme", "--agent", "bot"]
-    assert main(["agents", "add", *ident, "--public-key", f"{key}.pub"]) == 0
+    assert main(["agents", "add", "--create", *ident, "--public-key", f"{key}.pub"]) == 0
     # A stale admin file (the hub was killed): nothing listens on its port.
     Path(f"{db}.admin").write_text(
         json.dumps({"url": f"ws://127.0.0.1:{_free_port()}", "token": "secret-token", "pid": 1})
@@ -844,7 +844,7 @@ def _register(tmp_path: Path, db: Path, *agents: str) -> Path:
     result = _cli("keygen", "--out", str(key))
     assert result.returncode == 0, result.stderr
     for agent in agents:
-        result = _cli("agents", "add", "--db", str(db), "--tenant", "acme", "--agent", agent,
+        result = _cli("agents", "add", "--create", "--db", str(db), "--tenant", "acme", "--agent", agent,
                       "--public-key", f"{key}.pub")  # fmt: skip
         assert result.returncode == 0, result.stderr
     return key

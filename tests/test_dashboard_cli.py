@@ -36,6 +36,9 @@ def test_dashboard_token_prints_a_token_and_stores_only_its_hash(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     db = tmp_path / "hub.db"
+    assert main(["dashboard-token", "--db", str(db), "--tenant", "acme"]) == 1
+    assert "no registry database" in capsys.readouterr().err  # never a new, unused file
+    Registry.open(db).close()
     assert main(["dashboard-token", "--db", str(db), "--tenant", "acme"]) == 0
     token = capsys.readouterr().out.strip()
     assert token.startswith("actd_") and len(token) > 40
@@ -53,6 +56,7 @@ def test_dashboard_token_prints_a_token_and_stores_only_its_hash(
 def test_dashboard_token_refuses_a_bad_tenant_id(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    Registry.open(tmp_path / "d.db").close()
     assert main(["dashboard-token", "--db", str(tmp_path / "d.db"), "--tenant", "no spaces"]) == 1
     assert "invalid tenant id" in capsys.readouterr().err
 
@@ -138,8 +142,8 @@ def test_a_hub_process_serves_the_dashboard_and_posts_signed_alerts(
     receiver_port, posts = recorder
     db, key = tmp_path / "hub.db", tmp_path / "w1"
     assert run("keygen", "--out", str(key)).returncode == 0
-    added = run("agents", "add", "--db", str(db), "--tenant", "acme", "--agent", "w1",
-                "--public-key", f"{key}.pub")  # fmt: skip
+    added = run("agents", "add", "--create", "--db", str(db), "--tenant", "acme",
+                "--agent", "w1", "--public-key", f"{key}.pub")  # fmt: skip
     assert added.returncode == 0, added.stderr
     port, dashboard = free_port(), free_port()
     env = {**os.environ, "ALERT_SECRET": "s3cret"}

@@ -74,7 +74,7 @@ patterns = st.builds(
 ids = st.text(min_size=1, max_size=MAX_ID_LENGTH)
 texts = st.text(max_size=40)
 numbers = st.floats(min_value=0, allow_nan=False, allow_infinity=False)
-counts = st.integers(min_value=0)
+counts = st.integers(min_value=0, max_value=2**53 - 1)  # MAX_SAFE_INTEGER
 string_tuples = st.lists(texts, max_size=4).map(tuple)
 json_leaves = (
     st.none()
@@ -638,9 +638,16 @@ def test_huge_integer_in_a_number_field_is_invalid_field(text: str) -> None:
     assert code_of(text) == "invalid_field"
 
 
-def test_huge_integers_in_integer_fields_and_data_are_exact() -> None:
+def test_integer_fields_stop_at_2_53_and_data_integers_are_exact() -> None:
+    """Issue 9 item 16: a field the hub reads holds what every client can represent;
+    ``data`` is the publisher's and is relayed exactly (docs/protocol.md §2)."""
+    top = 2**53 - 1
+    assert decode(dumps({"type": "heartbeat", "seq": top})) == Heartbeat(seq=top)
+    for too_big in (top + 1, 10**1000):
+        with pytest.raises(ProtocolError) as refused:
+            decode(dumps({"type": "heartbeat", "seq": too_big}))
+        assert refused.value.code == "invalid_field"
     big = 10**1000
-    assert decode(dumps({"type": "heartbeat", "seq": big})) == Heartbeat(seq=big)
     frame = decode(dumps({"type": "publish", "subject": "a", "data": [big, -big]}))
     assert isinstance(frame, Publish)
     assert frame.data == [big, -big]

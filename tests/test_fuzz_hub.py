@@ -67,6 +67,7 @@ from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from artcafe_trio import Agent, Hub, HubConfig, ProtocolError, open_agent, serve_hub
+from artcafe_trio._frames import MAX_NESTING, _deeper_than
 from artcafe_trio.protocol import (
     CLIENT_FRAME_TYPES,
     AdminAuth,
@@ -161,9 +162,12 @@ def strict_loads(text: str) -> Any:
         raise ValueError(name)
 
     try:
-        return json.loads(text, parse_constant=refuse)
+        value = json.loads(text, parse_constant=refuse)
     except RecursionError:
         raise ValueError("too deep") from None
+    if _deeper_than(value, MAX_NESTING):  # the hub's own limit (docs/protocol.md §11)
+        raise ValueError("too deep")
+    return value
 
 
 def usable_id(text: str) -> str | None:

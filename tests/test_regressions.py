@@ -53,7 +53,9 @@ async def test_a_thousand_failed_logins_from_one_address_do_not_overflow(
         wrong = hub.register("t", "someone-else")
         hub.register("t", "a")
         # A thousand earlier failures from this address, then one more real one.
-        hub.hub._auth_failures["memory"] = (1100, trio.current_time())
+        state = hub.hub._auth_throttle._address("memory")
+        state.failures, state.last_failure = 1100, trio.current_time()
+        state.last_check = trio.current_time()
         from artcafe_trio import AuthenticationError
 
         start = trio.current_time()
