@@ -959,7 +959,7 @@ class Agent:
             self._heartbeat_sent[seq] = trio.current_time()
             if len(self._heartbeat_sent) > 16:
                 del self._heartbeat_sent[min(self._heartbeat_sent)]
-            await self._send(conn, encode(Heartbeat(seq=seq)))
+            await self._send(conn, encode(Heartbeat(seq=seq, rtt=self._rtt_smoothed)))
             await trio.sleep(interval)
 
     async def _send(self, conn: _Connection, text: str, *, park_when_closing: bool = True) -> None:

@@ -6,7 +6,9 @@ Sub-commands::
                                or print a key file's fingerprint (--fingerprint)
     agents add|list|remove|disable|enable
                                manage the registry database (works while a hub runs)
-    hub                        run a hub until SIGINT/SIGTERM (graceful: agents get 1012)
+    hub                        run a hub until SIGINT/SIGTERM (graceful: agents get 1012);
+                               --dashboard serves the live dashboard, --alert-webhook alerts
+    dashboard-token            a read-only dashboard token for one tenant
     status                     the live presence table from a running hub (admin channel),
                                or the last known presence from the database (exit code 3)
     publish / listen           poke at a running hub as an agent
@@ -534,9 +536,57 @@ def _load_metrics() -> Callable[..., Any] | None:
     return start
 
 
+def _dashboard_address(text: str) -> tuple[str, int]:
+    """``--dashboard`` value: ``HOST:PORT``, ``:PORT`` or ``PORT`` (host 127.0.0.1)."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    host = host.strip("[]") or DEFAULT_HOST
+    try:
+        return host, _port(port)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"--dashboard wants HOST:PORT ({exc})") from None
+
+
+def _webhook_configs(args: argparse.Namespace) -> list[Any]:
+    """The ``--alert-*`` options as ``WebhookConfig`` values (checked before the hub starts)."""
+    if not args.alert_webhook:
+        for option in ("alert_reason", "alert_tenant", "alert_secret_env"):
+            if getattr(args, option):
+                flag = "--" + option.replace("_", "-")
+                raise CliError(f"{flag} needs --alert-webhook")
+        if args.alert_min_offline is not None:
+            raise CliError("--alert-min-offline needs --alert-webhook")
+        return []
+    from .dashboard._webhooks import AlertFilter, WebhookConfig
+
+    secret = None
+    if args.alert_secret_env is not None:
+        value = os.environ.get(args.alert_secret_env)
+        if not value:
+            raise CliError(
+                f"--alert-secret-env {args.alert_secret_env}: the environment variable is not set"
+                " or empty"
+            )
+        secret = value.encode()
+    rules = AlertFilter(
+        reasons=frozenset(args.alert_reason or ()),
+        tenants=frozenset(args.alert_tenant or ()),
+        min_offline=args.alert_min_offline or 0.0,
+    )
+    configs = []
+    for url in args.alert_webhook:
+        split = urlsplit(url)
+        if split.scheme not in ("http", "https") or not split.hostname:
+            raise CliError(f"--alert-webhook {url!r}: not an http:// or https:// URL")
+        configs.append(WebhookConfig(url=url, secret=secret, filter=rules))
+    return configs
+
+
 def _cmd_hub(args: argparse.Namespace) -> int:
     if args.tls_key is not None and args.tls_cert is None:
         raise CliError("--tls-key needs --tls-cert")
+    args.webhooks = _webhook_configs(args)
     config_kwargs = _hub_config_kwargs(args)
     start_metrics = None
     if args.metrics_port is not None:
@@ -593,6 +643,21 @@ async def _run_hub(
                     admin_file=db + ADMIN_SUFFIX,
                 )
             )
+            if args.dashboard is not None:
+                from .dashboard import serve_dashboard
+
+                host, port = args.dashboard
+                try:
+                    dashboard_url = await nursery.start(serve_dashboard, hub, host, port)
+                except OSError as exc:
+                    raise CliError(f"cannot serve the dashboard on {host}:{port}: {exc}") from None
+                print(f"dashboard at {dashboard_url} (open with ?token=<token>)", flush=True)
+            if args.webhooks:
+                from .dashboard._webhooks import Webhook
+
+                for webhook_config in args.webhooks:
+                    await nursery.start(Webhook(hub, webhook_config).run)
+                    log.info("alert webhook %s", webhook_config.url)
             if start_metrics is not None:
                 started = start_metrics(hub, args.metrics_port)
                 if inspect.isawaitable(started):
@@ -604,6 +669,29 @@ async def _run_hub(
                 break
             nursery.cancel_scope.cancel()
     log.info("hub stopped")
+
+
+# --------------------------------------------------------------------------- dashboard-token
+
+
+def _cmd_dashboard_token(args: argparse.Namespace) -> int:
+    from .dashboard._tokens import create_token
+
+    with _open_existing_registry(args.db) as registry:
+        if args.revoke:
+            removed = registry.remove_dashboard_tokens(args.tenant)
+            _note(f"revoked {removed} dashboard token(s) of tenant {args.tenant}")
+            return EXIT_OK
+        try:
+            token = create_token(registry, args.tenant)
+        except ValueError as exc:
+            raise CliError(str(exc)) from None
+    print(token)
+    _note(
+        f"read-only dashboard token for tenant {args.tenant} (only its hash is stored in"
+        f" {args.db}); open the dashboard with ?token=<it>"
+    )
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------- status
@@ -1292,6 +1380,44 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus metrics on this port (default: off; needs the [metrics] extra)",
     )
     hub.add_argument(
+        "--dashboard",
+        nargs="?",
+        const=f"{DEFAULT_HOST}:8766",
+        type=_dashboard_address,
+        metavar="HOST:PORT",
+        help="serve the live dashboard over HTTP (default: off; without a value:"
+        f" {DEFAULT_HOST}:8766)",
+    )
+    hub.add_argument(
+        "--alert-webhook",
+        action="append",
+        metavar="URL",
+        help="POST presence transitions as JSON to this URL (repeatable; default: none)",
+    )
+    hub.add_argument(
+        "--alert-reason",
+        action="append",
+        metavar="REASON",
+        help="alert only offline transitions with this reason (repeatable; default: any)",
+    )
+    hub.add_argument(
+        "--alert-tenant",
+        action="append",
+        metavar="T",
+        help="alert only for this tenant (repeatable; default: every tenant)",
+    )
+    hub.add_argument(
+        "--alert-min-offline",
+        type=_non_negative_float,
+        metavar="S",
+        help="alert an offline only once it lasted S seconds (default: at once)",
+    )
+    hub.add_argument(
+        "--alert-secret-env",
+        metavar="VAR",
+        help="sign webhook bodies (HMAC-SHA256, X-Artcafe-Signature) with the secret in VAR",
+    )
+    hub.add_argument(
         "--log-level",
         default="INFO",
         type=str.upper,
@@ -1299,6 +1425,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="log level of the hub's log on stderr",
     )
     hub.set_defaults(handler=_cmd_hub)
+
+    # dashboard-token
+    token = _command(commands, "dashboard-token", "make a read-only dashboard token for one tenant")
+    _add_db(token, "registry database (SQLite; must exist)")
+    token.add_argument("--tenant", required=True, help="the tenant the token may see")
+    token.add_argument(
+        "--revoke", action="store_true", help="revoke every dashboard token of the tenant instead"
+    )
+    token.set_defaults(handler=_cmd_dashboard_token)
 
     # status
     status = _command(commands, "status", "presence table of a running hub (or last known, exit 3)")

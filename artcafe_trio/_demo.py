@@ -506,6 +506,7 @@ class Demo:
         self.tmp = tmp
         self.paint = output.paint
         self.hub: Hub | None = None
+        self.dashboard_url: str | None = None
         self.members: dict[str, Member] = {}
         self.presence: list[_Seen] = []
         self._presence_changed = trio.Event()
@@ -986,9 +987,11 @@ class Demo:
             f"disconnect grace {plan.grace:g} s · "
             f"backoff {plan.backoff.base:g}..{plan.backoff.cap:g} s, full jitter"
         )
+        dashboard = [f"dashboard {self.dashboard_url}"] if self.dashboard_url else []
         return [
             self.paint.bold(_fit(title, width)) + _fit(" " * gap + clock, width - len(title)),
             *(self.paint.dim(line) for line in textwrap.wrap(settings, width)),
+            *(_fit(line, width) for line in dashboard),
         ]
 
     def table(self, width: int, *, max_workers: int | None = None) -> list[str]:
@@ -1111,6 +1114,7 @@ class Demo:
                     self.out.event("hub", f"listening on {hub.url}")
                     async with trio.open_nursery() as nursery:
                         self._nursery = nursery
+                        await self.open_dashboard(nursery, hub, host)
                         nursery.start_soon(self.sample)
                         if self.out.live:
                             nursery.start_soon(self.redraw)
@@ -1126,6 +1130,16 @@ class Demo:
             self.finished = True
             self.out.leave_screen()
         return self.report(failure)
+
+    async def open_dashboard(self, nursery: trio.Nursery, hub: Hub, host: str) -> None:
+        """Serve the live dashboard on a free port; print its URL with a read-only
+        token for the demo's tenant (made for this run's throw-away registry)."""
+        from .dashboard import create_token, serve_dashboard
+
+        token = await trio.to_thread.run_sync(create_token, hub.registry, TENANT)
+        url = await nursery.start(serve_dashboard, hub, host, 0)
+        self.dashboard_url = f"{url}?token={token}"
+        self.out.event("web", f"dashboard at {self.dashboard_url} (open it in a browser)")
 
     def intro(self) -> list[str]:
         """What is about to happen, for readers of the plain output and the transcript."""

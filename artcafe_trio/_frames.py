@@ -358,6 +358,8 @@ class Heartbeat(Frame):
 
     type: ClassVar[str] = "heartbeat"
     seq: int = _field(_k_int)
+    rtt: float | None = _field(_k_number, optional=True)
+    """The agent's last measured (smoothed) ACK round trip, seconds; optional."""
 
 
 @attrs.frozen(kw_only=True)

@@ -65,6 +65,7 @@ from ._frames import (
     encode,
     encode_message,
 )
+from ._hubevents import HubEvents
 from ._keys import ALGORITHM_RSA, PublicKey, auth_payload, parse_public_key
 from ._logsafe import printable as _printable
 from ._registry import PresenceChange, Registry, RegistryError
@@ -294,6 +295,7 @@ class _Session:
 
     def _cut_off(self, reason: str) -> None:
         self.hub.stats.slow_consumers += 1
+        self.hub._slow_consumer_event(self, reason)
         log.warning("%r: cutting off slow consumer: %s", self, reason)
         self.close(CloseCode.SLOW_CONSUMER, reason)
 
@@ -483,6 +485,13 @@ class Hub:
         self._stopping = False
         self._open_connections = 0
         self._connections_gone = trio.Event()
+        self.events = HubEvents()
+        """The observation seam: event feed and per-agent measurements (``_hubevents``)."""
+
+    def _slow_consumer_event(self, session: _Session, reason: str) -> None:
+        self.events.slow_consumer(
+            session.tenant_id, session.agent_id, session.session_id, reason, self._wall_clock()
+        )
 
     # --- lifecycle -------------------------------------------------------
 
@@ -715,6 +724,7 @@ class Hub:
             metadata=entry.metadata,
         )
         log.info("presence %s/%s %s (%s)", entry.tenant_id, entry.agent_id, status, reason)
+        self.events.presence(entry.tenant_id, entry.agent_id, status, reason, entry.session_id, now)
         subject = f"{PRESENCE_PREFIX}.{entry.agent_id}"
         item = self._delivery(subject, json.dumps(event.to_data()), HUB_SENDER)
         targets = self._targets(entry.tenant_id, subject)
@@ -877,6 +887,8 @@ class Hub:
             "authentication refused for %s from %s: %s (%s)",
             refusal.who, _printable(remote), refusal.code, refusal.cause,
         )  # fmt: skip
+        failures = self._auth_throttle.failures(remote)
+        self.events.auth_failure(remote, refusal.code, failures, self._wall_clock())
         error = Error(code=refusal.code, message=refusal.message, id=refusal.frame_id, fatal=True)
         await ws.send_message(encode(error))
         raise _Refused(refusal.close, refusal.reason or refusal.message)
@@ -1027,6 +1039,9 @@ class Hub:
             log.info("%r replaced by %s", older, session.session_id)
             older.close(CloseCode.REPLACED, f"replaced by a newer session {session.session_id}")
         now = self._wall_clock()
+        replaced = older.session_id if older is not None else None
+        interval = session.heartbeat_interval
+        self.events.attached(*key, session.session_id, replaced, interval, now)
         entry = self._entry(*key)
         was_online = entry.status == "online"
         entry.session = session
@@ -1180,6 +1195,7 @@ class Hub:
     def _handle_frame(self, session: _Session, frame: Frame) -> None:
         if isinstance(frame, Heartbeat):
             self.stats.heartbeats += 1
+            self.events.heartbeat(session.presence, session.session_id, frame.rtt)
             wall = session.last_frame_wall
             entry = session.owned_presence()
             if entry is not None:

@@ -17,6 +17,9 @@ Prometheus scrapes, so the hub's hot path pays nothing for metrics. Exported:
 ``artcafe_registry_file_lost``              gauge    1 while the registry file was deleted/replaced
 ``artcafe_presence_writes_pending``         gauge    presence changes waiting to be written
 ==========================================  =======  ======================================
+
+and the gauge ``artcafe_heartbeat_ack_rtt_seconds{tenant}``: the largest heartbeat-ACK
+round trip an online agent of the tenant reports (the optional ``rtt`` of its heartbeats).
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ class _Snapshot:
     transitions: dict[str, int]
     online: dict[str, int]
     flow: dict[str, int]
+    rtt: dict[str, float]
 
 
 class HubCollector(Collector):
@@ -106,6 +110,14 @@ class HubCollector(Collector):
         for tenant, count in sorted(snapshot.online.items()):
             online.add_metric([tenant], count)
         yield online
+        rtt = GaugeMetricFamily(
+            "artcafe_heartbeat_ack_rtt_seconds",
+            "Largest heartbeat-ACK round trip reported by an online agent, per tenant.",
+            labels=["tenant"],
+        )
+        for tenant, seconds in sorted(snapshot.rtt.items()):
+            rtt.add_metric([tenant], seconds)
+        yield rtt
         for name, key, documentation in _COUNTERS:
             yield CounterMetricFamily(
                 f"artcafe_{name}", documentation, value=snapshot.counters[key]
@@ -138,10 +150,14 @@ class HubCollector(Collector):
         transitions = dict.fromkeys(PRESENCE_REASONS, 0)
         transitions.update(stats.transitions)
         online: dict[str, int] = {}
+        rtt: dict[str, float] = {}
         for record in self.hub.presence_table():
             count = online.setdefault(record.tenant_id, 0)
             if record.status == "online":
                 online[record.tenant_id] = count + 1
+                reported = self.hub.events.measures(record.tenant_id, record.agent_id).rtt
+                if reported is not None:
+                    rtt[record.tenant_id] = max(rtt.get(record.tenant_id, 0.0), reported)
         hub = self.hub
         flow = {
             "unauthenticated_connections": len(hub.unauthenticated),
@@ -149,7 +165,9 @@ class HubCollector(Collector):
             "output_queued_bytes": hub.output_budget.used,
             "output_budget_cut_offs": hub.output_budget.cut_offs,
         }
-        return _Snapshot(counters=counters, transitions=transitions, online=online, flow=flow)
+        return _Snapshot(
+            counters=counters, transitions=transitions, online=online, flow=flow, rtt=rtt
+        )
 
 
 def _in_trio_thread() -> bool:

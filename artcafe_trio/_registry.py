@@ -106,6 +106,13 @@ _SCHEMA = (
     CREATE INDEX IF NOT EXISTS presence_log_agent
         ON presence_log (tenant_id, agent_id, id)
     """,
+    """
+    CREATE TABLE IF NOT EXISTS dashboard_tokens (
+        token_hash TEXT NOT NULL PRIMARY KEY,
+        tenant_id  TEXT NOT NULL,
+        created_at REAL NOT NULL
+    )
+    """,
 )
 
 
@@ -553,6 +560,54 @@ class Registry:
                 (tenant_id, agent_id, limit),
             ).fetchall()
         return [PresenceChange(*row) for row in rows]
+
+    def presence_history_since(
+        self, tenant_id: str, agent_id: str, since: float, limit: int = 10_000
+    ) -> list[PresenceChange]:
+        """The agent's transitions from ``since`` on, oldest first (at most ``limit``),
+        preceded by the last one before ``since`` if any (the state the window starts in)."""
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, not {limit}")
+        columns = "tenant_id, agent_id, status, reason, session_id, time"
+        with self._transaction() as conn:
+            before = conn.execute(
+                f"SELECT {columns} FROM presence_log WHERE tenant_id = ? AND agent_id = ?"
+                " AND time < ? ORDER BY id DESC LIMIT 1",
+                (tenant_id, agent_id, since),
+            ).fetchall()
+            rows = conn.execute(
+                f"SELECT {columns} FROM presence_log WHERE tenant_id = ? AND agent_id = ?"
+                " AND time >= ? ORDER BY id DESC LIMIT ?",
+                (tenant_id, agent_id, since, limit),
+            ).fetchall()
+        return [PresenceChange(*row) for row in before + rows[::-1]]
+
+    def add_dashboard_token(
+        self, tenant_id: str, token_hash: str, *, now: float | None = None
+    ) -> None:
+        """Store the hash of a read-only dashboard token for ``tenant_id``."""
+        validate_id(tenant_id, "tenant id")
+        stamp = time.time() if now is None else float(now)
+        with self._transaction(write=True) as conn:
+            conn.execute(
+                "INSERT INTO dashboard_tokens (token_hash, tenant_id, created_at) VALUES (?, ?, ?)",
+                (token_hash, tenant_id, stamp),
+            )
+
+    def dashboard_token_tenant(self, token_hash: str) -> str | None:
+        """The tenant whose dashboard token hashes to ``token_hash``, or ``None``."""
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT tenant_id FROM dashboard_tokens WHERE token_hash = ?", (token_hash,)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def remove_dashboard_tokens(self, tenant_id: str) -> int:
+        """Revoke every dashboard token of ``tenant_id``; returns how many there were."""
+        with self._transaction(write=True) as conn:
+            return conn.execute(
+                "DELETE FROM dashboard_tokens WHERE tenant_id = ?", (tenant_id,)
+            ).rowcount
 
     def prune_presence_log(self, *, before: float) -> int:
         """Delete presence log entries older than ``before``; returns how many were deleted."""

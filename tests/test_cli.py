@@ -158,7 +158,7 @@ def test_every_command_and_option_has_help(
     top = _subparsers(build_parser())
     commands = [((name,), sub) for name, sub in top.items()]
     commands += [(("agents", name), sub) for name, sub in _subparsers(top["agents"]).items()]
-    assert len(commands) == 12
+    assert len(commands) == 13  # with dashboard-token
     for command, parser in commands:
         # the one-line description of COMMAND --help is the help of the command list
         assert parser.description, command

@@ -34,6 +34,8 @@ def test_demo_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 0, out + captured.err
     assert "\x1b" not in out  # not a terminal: plain lines only, no ANSI
     assert "Traceback" not in out + captured.err
+    # The live dashboard's URL (with a read-only token for the demo's tenant) is printed.
+    assert re.search(r"web\s+dashboard at http://127\.0\.0\.1:\d+/\?token=actd_\S+ ", out)
 
     # The monitor alerted on each offline event, with the agent and the reason.
     alerts = re.findall(r"ALERT\s+(\S+) is offline: (\w+)", out)
