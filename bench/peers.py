@@ -41,6 +41,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -478,7 +479,10 @@ class Child:
 
         with self.log.open("ab") as log:
             self.proc = await trio.lowlevel.open_process(
-                self.args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log
+                self.args,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
             )
         _LIVE.add(self.proc)
 
@@ -775,6 +779,38 @@ async def _sleep(seconds: float) -> None:
 
 
 async def orchestrate(conf: dict[str, Any], keep: bool) -> dict[str, Any]:
+    """The whole run; SIGTERM or SIGHUP cancels it (every child is stopped on the way out)."""
+    import trio
+
+    result: dict[str, Any] = {}
+    signalled: list[int] = []
+    failures: list[Exception] = []
+
+    async def watch(scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
+            async for signum in signals:
+                signalled.append(signum)
+                scope.cancel()
+                return
+
+    async def body(scope: trio.CancelScope) -> None:
+        try:
+            result.update(await measure(conf, keep))
+        except Exception as exc:  # re-raised below, outside the nursery (no group)
+            failures.append(exc)
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch, nursery.cancel_scope)
+        nursery.start_soon(body, nursery.cancel_scope)
+    if failures:
+        raise failures[0]
+    if signalled:
+        raise SystemExit(128 + signalled[0])
+    return result
+
+
+async def measure(conf: dict[str, Any], keep: bool) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="artcafe-peers-"))
     bench = Bench(conf, workdir)
     started = time.monotonic()
@@ -787,9 +823,12 @@ async def orchestrate(conf: dict[str, Any], keep: bool) -> dict[str, Any]:
         heartbeat = None
         if not conf["skip_heartbeats"] and ARTCAFE in conf["peers"]:
             heartbeat = await bench.heartbeats()
+    except BaseException:
+        keep = True  # the logs of the failed run (servers' and clients' stderr)
+        raise
     finally:
         if keep:
-            progress(f"kept {workdir}")
+            progress(f"kept {workdir} (logs in {bench.logs})")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     summary = summary_tables(per_round)
