@@ -10,8 +10,10 @@ and round, so drift on a shared machine hits every server alike. Cases:
    process); echo servers: one `websockets` client sends, the server echoes back;
    NATS: a nats-py publisher -> nats-server -> a nats-py subscriber. Messages per
    second from the first send to the last receipt.
-2. Server CPU per routed message over case 1: utime + stime of the server process
-   (``/proc/<pid>/stat``, all threads) from the start to the end of the run, / M.
+2. Server CPU per routed message over case 1: the server process's time on CPU from
+   the start to the end of the run, / M. Read from ``/proc/<pid>/task/*/schedstat``
+   (ns); utime + stime from ``/proc/<pid>/stat`` (10 ms ticks, too coarse for
+   nats-server) are recorded alongside.
 3. Confirmed publish round trip, p50 / p99, sequential: ``publish(..., confirm=True)``;
    nats publish + flush; echo: send one, receive it.
 4. Fan-out 1 -> 100 (artcafe-trio and NATS): server CPU per delivery.
@@ -23,9 +25,10 @@ and round, so drift on a shared machine hits every server alike. Cases:
    heartbeat.
 
 Cases 5 and 6 run once per run (after the rounds). ``--quick`` takes under 3 minutes
-on a 2-core machine; the full run about 10. Prints markdown tables (medians, min-max,
-ratios per round, targets of issue 11), and writes ``--write PATH`` (JSON) and
-``--chart PATH`` (PNG, matplotlib). Needs the ``bench`` extra::
+on a 2-core machine (about 1 m 45 s); the full run about 6 minutes. SIGTERM or
+SIGHUP stops every child; a failed run keeps its temporary directory with the logs.
+Prints markdown tables (medians, min-max, ratios per round, targets of issue 11), and
+writes ``--write PATH`` (JSON) and ``--chart PATH`` (PNG, matplotlib). Needs the ``bench`` extra::
 
     pip install -e ".[bench]"
     python bench/peers.py --quick --write peers.json --chart docs/img/peers.png
