@@ -479,6 +479,7 @@ class Hub:
         self._auth_log = _RateLimitedLog(self.config.refused_log_per_second)
         self._pending_changes: list[PresenceChange] = []
         self._registry_lost: str | None = None
+        self._presence_flush_lock = trio.Lock()
         self._registry_lost_logged = -math.inf
         self._changes_waiting = trio.Event()
         self._refused_log = _RateLimitedLog(self.config.refused_log_per_second)
@@ -652,19 +653,22 @@ class Hub:
         }
 
     async def _flush_presence(self) -> None:
-        self._changes_waiting = trio.Event()
-        changes, self._pending_changes = self._pending_changes, []
-        if changes:
-            try:
-                await self._db(self.registry.record_presence, changes)
-            except BaseException:
-                # Not written: keep them, in order, before the ones queued since.
-                queued, self._pending_changes = self._pending_changes, changes
-                for change in queued:
-                    self._queue_change(change)
-                raise
-            finally:
-                self.stats.presence_writes_pending = len(self._pending_changes)
+        # One flush at a time: the shutdown's final flush must not overtake a write still
+        # in its worker thread, or an older change would land last (e.g. online after left).
+        async with self._presence_flush_lock:
+            self._changes_waiting = trio.Event()
+            changes, self._pending_changes = self._pending_changes, []
+            if changes:
+                try:
+                    await self._db(self.registry.record_presence, changes)
+                except BaseException:
+                    # Not written: keep them, in order, before the ones queued since.
+                    queued, self._pending_changes = self._pending_changes, changes
+                    for change in queued:
+                        self._queue_change(change)
+                    raise
+                finally:
+                    self.stats.presence_writes_pending = len(self._pending_changes)
 
     async def _flush_last_seen(self) -> None:
         rows = [

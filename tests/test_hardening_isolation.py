@@ -25,6 +25,7 @@ from artcafe_trio.protocol import (
     Error,
     Heartbeat,
     HeartbeatAck,
+    Leave,
     Message,
     PresenceQuery,
     PresenceState,
@@ -500,3 +501,42 @@ async def test_agent_runs_every_matching_handler_once_per_message(autojump_clock
                 await done.wait()
             await trio.sleep(1)
             assert sorted(calls) == [("tasks.*", 7), ("tasks.>", 7)]
+
+
+# --- presence writes keep their order -------------------------------------------------
+
+
+async def test_the_final_presence_flush_never_overtakes_a_write_in_flight(
+    tmp_path: Any, nursery: trio.Nursery
+) -> None:
+    """A slow registry write of `online` still in its worker thread when the agent leaves
+    and the hub stops: the shutdown's flush of `left` waits for it, so `left` lands last."""
+    import time
+
+    from artcafe_trio import Registry
+
+    registry = Registry.open(tmp_path / "hub.db")
+    original = registry.record_presence
+    written: list[list[str]] = []
+    calls = itertools.count()
+
+    def slow_first_write(changes: Any) -> None:
+        if next(calls) == 0:
+            time.sleep(1.0)  # the first write (online) is slow: still in flight below
+        original(changes)
+        written.append([change.reason for change in changes])
+
+    registry.record_presence = slow_first_write  # type: ignore[method-assign]
+    try:
+        async with open_hub(registry=registry, port=None) as hub:
+            test_hub = TestHub(hub)
+            client = await connect(test_hub, nursery, "a1")
+            await trio.sleep(0.1)  # the writer has taken `online` into its thread
+            assert written == []
+            await client.send(Leave())
+            await client.close_code()
+        assert written == [["connected"], ["left"]]
+        [row] = registry.presence_rows()
+        assert (row.status, row.reason) == ("offline", "left")
+    finally:
+        registry.close()
