@@ -61,6 +61,7 @@ from ._errors import (
 from ._frames import PresenceRecord
 from ._keys import PrivateKey, generate_private_key, load_private_key, load_public_key
 from ._registry import AgentRecord, Registry, RegistryError
+from ._util import write_private_file
 from .protocol import validate_pattern, validate_subject
 
 __all__ = [
@@ -345,21 +346,12 @@ def _load_key_for_cli(
 
 def _write_private(path: str, data: bytes, *, force: bool) -> None:
     """Write ``data`` to a new file created with mode 0600 (atomically replaced with force)."""
-    if not force:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+    if force:
+        write_private_file(path, data)
         return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    with os.fdopen(os.open(path, flags, 0o600), "wb") as f:
+        f.write(data)
 
 
 # --------------------------------------------------------------------------- agents

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import collections
-import contextlib
 import functools
 import hmac
 import itertools
@@ -72,7 +71,7 @@ from ._registry import PresenceChange, Registry, RegistryError
 from ._subjects import SubjectIndex, is_reserved
 from ._throttle import AuthThrottle
 from ._timers import DeadlineQueue
-from ._util import collapse_exception_groups
+from ._util import collapse_exception_groups, write_private_file
 from ._wsserver import ServerWebSocket, UpgradeRequest, frame_text, read_upgrade_request
 
 __all__ = ["CloseCode", "Hub", "HubConfig", "HubStats", "open_hub", "serve_hub"]
@@ -1545,33 +1544,9 @@ def _listening_port(listener: trio.SocketListener | trio.SSLListener[trio.Socket
 
 
 def _write_admin_file(path: str | os.PathLike[str], hub: Hub) -> None:
-    """Write the admin file atomically: a new temporary file of our own (created
-    exclusively, never through a link, mode 0600 whatever the umask), then a rename.
-
-    A file or link planted at any name next to it cannot choose the mode or the target.
-    """
+    """Write the admin file (the admin token) atomically, readable by the hub's user only."""
     payload = json.dumps({"url": hub.url, "token": hub.admin_token, "pid": os.getpid()})
-    target = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(target))
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    for _ in range(100):
-        tmp = os.path.join(directory, f".{os.path.basename(target)}.{secrets.token_hex(8)}.tmp")
-        try:
-            fd = os.open(tmp, flags, 0o600)
-            break
-        except FileExistsError:
-            continue
-    else:  # pragma: no cover - 100 collisions of 64 random bits
-        raise FileExistsError(f"cannot create a temporary file next to {target}")
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(payload)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+    write_private_file(path, payload.encode())
 
 
 def _remove_admin_file(path: str | os.PathLike[str], hub: Hub) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import trio
 
-__all__ = ["collapse_exception_groups", "flatten_exceptions"]
+__all__ = ["collapse_exception_groups", "flatten_exceptions", "write_private_file"]
 
 log = logging.getLogger("artcafe_trio")
 
@@ -39,3 +42,33 @@ def collapse_exception_groups() -> Iterator[None]:
             if other is not chosen:
                 log.error("further error while stopping", exc_info=other)
         raise chosen from chosen.__cause__  # keep its own cause; drop the group
+
+
+def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:
+    """Replace ``path`` atomically with ``data``, readable by this user only.
+
+    The data goes to a new temporary file of our own next to it (random name, created
+    exclusively, never through a link, mode 0600 whatever the umask), then a rename: a
+    file or link planted at any name next to it cannot choose the mode or the target.
+    """
+    target = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(target))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    for _ in range(100):
+        tmp = os.path.join(directory, f".{os.path.basename(target)}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(tmp, flags, 0o600)
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 collisions of 64 random bits
+        raise FileExistsError(f"cannot create a temporary file next to {target}")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
