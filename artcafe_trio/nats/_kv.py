@@ -51,6 +51,7 @@ _BUCKET = re.compile(r"^[a-zA-Z0-9_-]+$")
 _KEY = re.compile(r"^[-/_=.a-zA-Z0-9]+$")
 _NS = 1_000_000_000
 _ERR_STREAM_NOT_FOUND = 10059
+_ERR_NO_PEERS = 10005  # "no suitable peers for placement": a cluster still forming or failing over
 _ERR_NO_MESSAGE = 10037
 # "wrong last sequence: N" from the stream, and the same check failed in clustered mode.
 _ERR_WRONG_LAST_SEQUENCE = (10071, 10164)
@@ -507,5 +508,23 @@ async def key_value(
         if not limit_marker_ttl >= 1:
             raise ValueError("limit_marker_ttl must be >= 1 second")
         config["subject_delete_marker_ttl"] = int(limit_marker_ttl * _NS)
-    info = await _api(nc, f"$JS.API.STREAM.CREATE.{stream}", config, api_timeout)
+    info = await _create_stream(nc, stream, config, api_timeout)
     return KeyValue(nc, bucket, info["config"], api_timeout)
+
+
+async def _create_stream(
+    nc: NatsClient, stream: str, config: Mapping[str, Any], api_timeout: float
+) -> Any:
+    """Create the bucket's stream. "No suitable peers" (a cluster that is forming, or
+    whose peers are not current yet after a failover) is retried until ``api_timeout``."""
+    deadline = trio.current_time() + api_timeout
+    delay = 0.05
+    while True:
+        remaining = deadline - trio.current_time()
+        try:
+            return await _api(nc, f"$JS.API.STREAM.CREATE.{stream}", config, max(remaining, 0.001))
+        except JetStreamError as exc:
+            if exc.err_code != _ERR_NO_PEERS or trio.current_time() + delay >= deadline:
+                raise
+        await trio.sleep(delay)
+        delay = min(delay * 2, 1.0)

@@ -294,3 +294,49 @@ async def test_event_channels_end_when_the_client_closes(autojump: Any) -> None:
     async with fake_client() as (nc, _):
         events = nc.events()
     assert [e async for e in events] == []
+
+
+async def test_bucket_creation_retries_while_the_cluster_has_no_placement(
+    autojump_clock: object,
+) -> None:
+    """A cluster still forming answers "no suitable peers" (10005): creation retries it
+    within ``api_timeout``, and gives up with that error once the time is spent."""
+    import json
+
+    from artcafe_trio.nats import JetStreamError, key_value
+    from artcafe_trio.nats._protocol import Msg
+
+    def answer(body: object) -> Msg:
+        return Msg(subject="_INBOX.x", sid=1, reply=None, data=json.dumps(body).encode())
+
+    not_found = {"error": {"code": 404, "err_code": 10059, "description": "stream not found"}}
+    no_peers = {"error": {"code": 500, "err_code": 10005, "description": "no suitable peers"}}
+    created = {"config": {"name": "KV_b", "max_msgs_per_subject": 1}}
+
+    class FakeClient:
+        def __init__(self, creates_refused: int) -> None:
+            self.creates_refused = creates_refused
+            self.calls: list[tuple[str, float]] = []
+
+        async def request(self, subject: str, payload: bytes) -> Msg:
+            self.calls.append((subject, trio.current_time()))
+            await trio.lowlevel.checkpoint()
+            if ".INFO." in subject:
+                return answer(not_found)
+            if self.creates_refused:
+                self.creates_refused -= 1
+                return answer(no_peers)
+            return answer(created)
+
+    fake = FakeClient(creates_refused=3)
+    kv = await key_value(fake, "b", api_timeout=5.0)  # type: ignore[arg-type]
+    assert kv.bucket == "b"
+    creates = [t for subject, t in fake.calls if ".CREATE." in subject]
+    assert [round(b - a, 3) for a, b in zip(creates, creates[1:], strict=False)] == [0.05, 0.1, 0.2]
+
+    never = FakeClient(creates_refused=10**6)
+    start = trio.current_time()
+    with pytest.raises(JetStreamError) as refused:
+        await key_value(never, "b", api_timeout=2.0)  # type: ignore[arg-type]
+    assert refused.value.err_code == 10005
+    assert trio.current_time() - start <= 2.0
