@@ -315,7 +315,7 @@ class Agent:
         self.metadata = dict(metadata or {})
         self._private_key = private_key
         self._ssl_context = ssl_context
-        self._dial = dial or self._dial_url
+        self._dial = self._dial_url if dial is None else _without_ki_protection(dial)
         self._connect_timeout = connect_timeout
         self._stop_timeout = stop_timeout
         self._max_concurrent = max_concurrent_handlers
@@ -693,7 +693,9 @@ class Agent:
         """TLS (for wss://) and the WebSocket handshake over a connected TCP stream."""
         secure = split.scheme == "wss"
         if secure:
-            context = self._ssl_context or ssl.create_default_context()
+            context = self._ssl_context
+            if context is None:  # it reads the system's CA certificates: off the loop
+                context = await trio.to_thread.run_sync(_default_client_context)
             tls = trio.SSLStream(stream, context, server_hostname=hostname)
             try:
                 # Handshake here, not lazily inside the WebSocket reader, so that a
@@ -1406,6 +1408,21 @@ def build_agent(
         backoff=_backoff_policy(backoff, max_reconnect_attempts),
         **options,
     )
+
+
+def _default_client_context() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
+def _without_ki_protection(dial: Dialer) -> Dialer:
+    """A user's ``dial`` (user code, like handlers) run without the supervisor's KI
+    protection."""
+
+    @trio.lowlevel.disable_ki_protection
+    async def unprotected_dial(nursery: trio.Nursery, resource: str) -> WebSocketConnection:
+        return await dial(nursery, resource)
+
+    return unprotected_dial
 
 
 async def _load_key_in_thread(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -16,7 +16,15 @@ from typing import Any
 import pytest
 import trio
 
-from artcafe_trio import AuthenticationError, Registry, generate_private_key, open_agent, serve_hub
+from artcafe_trio import (
+    AuthenticationError,
+    ConnectFailed,
+    Registry,
+    generate_private_key,
+    open_agent,
+    open_hub,
+    serve_hub,
+)
 from artcafe_trio import _agent as agent_module
 from artcafe_trio import _hub as hub_module
 from artcafe_trio._util import collapse_exception_groups, flatten_exceptions
@@ -75,6 +83,23 @@ async def test_on_reconnect_callbacks_run_without_ki_protection(
         # The agent's own machinery is still protected around the user's code.
         assert agent.health().connected
     assert seen == {"sync": False, "async": False}
+
+
+async def test_a_custom_dial_runs_without_ki_protection(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    seen: list[bool] = []
+
+    async def dial(nursery: trio.Nursery, resource: str) -> Any:
+        seen.append(trio.lowlevel.currently_ki_protected())
+        return await test_hub.dial(nursery, resource)
+
+    async with test_hub.open_agent("a1", dial=dial) as agent:
+        test_hub.hub.close_all(1012, "restart")  # the reconnect dials again
+        with trio.fail_after(120):
+            while len(seen) < 2 or not agent.health().connected:
+                await trio.sleep(0.1)
+    assert seen == [False, False]
 
 
 CTRL_C_IN_HANDLER = textwrap.dedent(
@@ -169,6 +194,29 @@ async def test_open_agent_checks_its_arguments_before_loading_the_key(
         async with open_agent(agent_id="", tenant_id="t", private_key_path="k"):
             pass
     assert calls == []
+
+
+async def test_a_wss_agent_builds_its_default_tls_context_in_a_worker_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(
+        agent_module,
+        "_default_client_context",
+        _recording(calls, "create_default_context", agent_module._default_client_context),
+    )
+    async with open_hub() as hub:
+        assert hub.url is not None
+        with pytest.raises(ConnectFailed, match="TLS handshake failed"):
+            async with open_agent(
+                agent_id="a1",
+                tenant_id="t",
+                private_key=generate_private_key(),
+                url=hub.url.replace("ws://", "wss://"),
+                retry_first_connect=False,
+            ):
+                pytest.fail("must not connect")
+    assert calls == ["create_default_context in a worker"]
 
 
 async def test_serve_hub_opens_closes_and_writes_files_in_worker_threads(
