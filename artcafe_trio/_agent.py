@@ -315,7 +315,7 @@ class Agent:
         self.metadata = dict(metadata or {})
         self._private_key = private_key
         self._ssl_context = ssl_context
-        self._dial = dial or self._dial_url
+        self._dial = self._dial_url if dial is None else _without_ki_protection(dial)
         self._connect_timeout = connect_timeout
         self._stop_timeout = stop_timeout
         self._max_concurrent = max_concurrent_handlers
@@ -693,7 +693,9 @@ class Agent:
         """TLS (for wss://) and the WebSocket handshake over a connected TCP stream."""
         secure = split.scheme == "wss"
         if secure:
-            context = self._ssl_context or ssl.create_default_context()
+            context = self._ssl_context
+            if context is None:  # it reads the system's CA certificates: off the loop
+                context = await trio.to_thread.run_sync(_default_client_context)
             tls = trio.SSLStream(stream, context, server_hostname=hostname)
             try:
                 # Handshake here, not lazily inside the WebSocket reader, so that a
@@ -1197,11 +1199,16 @@ class Agent:
             what = f"handler {handler!r} for {sub.pattern!r} on {message.subject!r}"
             await self._call_user(handler, args, what)
 
+    @trio.lowlevel.disable_ki_protection
     async def _call_user(
         self, function: Callable[..., Any], args: tuple[Any, ...], what: str
     ) -> None:
         """Call a user's sync or async function; its exception is logged with its traceback
-        and counted, and re-raised only with ``raise_handler_errors``."""
+        and counted, and re-raised only with ``raise_handler_errors``.
+
+        The agent's own tasks are KI-protected; user code is not: Ctrl+C interrupts a
+        handler or callback where it runs (the ``KeyboardInterrupt`` then stops the agent).
+        """
         try:
             result = function(*args)
             if inspect.isawaitable(result):
@@ -1403,6 +1410,36 @@ def build_agent(
     )
 
 
+def _default_client_context() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
+def _without_ki_protection(dial: Dialer) -> Dialer:
+    """A user's ``dial`` (user code, like handlers) run without the supervisor's KI
+    protection."""
+
+    @trio.lowlevel.disable_ki_protection
+    async def unprotected_dial(nursery: trio.Nursery, resource: str) -> WebSocketConnection:
+        return await dial(nursery, resource)
+
+    return unprotected_dial
+
+
+async def _load_key_in_thread(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``private_key_path`` loaded (the KDF of an encrypted key takes
+    a while) in a worker thread, off the event loop. Arguments ``build_agent`` refuses
+    before loading are left for it to refuse."""
+    if not kwargs.get("agent_id") or kwargs.get("private_key") is not None:
+        return kwargs
+    options = dict(kwargs)
+    path = options.pop("private_key_path", None)
+    if path is None:
+        return kwargs
+    password = options.pop("private_key_password", None)
+    options["private_key"] = await trio.to_thread.run_sync(load_private_key, path, password)
+    return options
+
+
 @asynccontextmanager
 async def open_agent(*, stop_on_signals: bool = False, **kwargs: Any) -> AsyncIterator[Agent]:
     """Connect an agent to a hub for the duration of the block.
@@ -1439,7 +1476,7 @@ async def open_agent(*, stop_on_signals: bool = False, **kwargs: Any) -> AsyncIt
     """
     if stop_on_signals and threading.current_thread() is not threading.main_thread():
         raise RuntimeError("stop_on_signals=True needs trio running in the main thread")
-    agent = build_agent(**kwargs)
+    agent = build_agent(**await _load_key_in_thread(kwargs))
     if not stop_on_signals:
         async with _short_traceback(), agent._running():
             yield agent

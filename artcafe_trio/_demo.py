@@ -46,12 +46,12 @@ from trio_websocket import WebSocketConnection
 from ._agent import MAX_RECEIVE_BYTES, Agent, AgentHealth, open_agent
 from ._backoff import Backoff
 from ._errors import ArtcafeError, ProtocolError
+from ._faulty import FaultyStream
 from ._frames import PresenceEvent
 from ._hub import Hub, HubConfig, open_hub
 from ._keys import generate_private_key
 from ._registry import Registry
 from ._util import collapse_exception_groups, flatten_exceptions
-from .testing import FaultyStream
 
 __all__ = ["Check", "Plan", "judge", "main", "make_plan"]
 

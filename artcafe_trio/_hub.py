@@ -1,8 +1,8 @@
 """The reference hub: authentication, tenant-scoped routing, presence.
 
 ``serve_hub`` (for ``nursery.start``) and ``open_hub`` (an async context
-manager) run a :class:`Hub` over TCP (ws:// or wss://); ``Hub.connect_in_memory``
-serves a connection over in-memory streams for the test kit.
+manager) run a :class:`Hub` over TCP (ws:// or wss://); ``Hub.serve_stream``
+serves one more connection over any byte stream (the test kit's in-memory pairs).
 
 Per connection: challenge → auth → welcome, then one reader loop and one
 writer task. Everything a connection sends goes through its bounded outbox;
@@ -32,7 +32,6 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 import trio
-import trio.testing
 from trio_websocket import ConnectionClosed
 
 from ._errors import ProtocolError
@@ -1388,16 +1387,16 @@ class Hub:
 
     # --- in-memory transport ---------------------------------------------------
 
-    async def connect_in_memory(self, remote: str = "memory") -> trio.abc.Stream:
-        """A client byte stream connected to this hub (the hub serves the other end).
+    def serve_stream(self, stream: trio.abc.Stream, remote: str = "memory") -> None:
+        """Serve one more connection over ``stream``, a byte stream to an agent (e.g. the
+        server end of an in-memory pair: see ``TestHub.connect_in_memory``), as the
+        listeners serve TCP: HTTP upgrade, then the session, in the hub's own tasks.
 
         ``remote`` is the address the hub sees (its limits and logs are per address).
         """
         if self._nursery is None:
             raise RuntimeError("the hub is not running")
-        client, server = trio.testing.memory_stream_pair()
-        self._nursery.start_soon(self._serve_stream, server, remote)
-        return client
+        self._nursery.start_soon(self._serve_stream, stream, remote)
 
     async def _serve_stream(self, stream: trio.abc.Stream, remote: str) -> None:
         """Serve one byte stream (TCP, TLS or in-memory): HTTP upgrade, then the session.
@@ -1439,11 +1438,8 @@ class Hub:
         return self.config.max_frame_bytes * 4 + 65536
 
 
-def _load_ssl_context(
-    ssl_context: ssl.SSLContext | None, tls_cert: str | None, tls_key: str | None
-) -> ssl.SSLContext | None:
-    if ssl_context is not None or tls_cert is None:
-        return ssl_context
+def _load_ssl_context(tls_cert: str, tls_key: str | None) -> ssl.SSLContext:
+    """A server TLS context from certificate and key files (blocking: run in a worker)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(tls_cert, tls_key)
     return context
@@ -1469,7 +1465,10 @@ async def serve_hub(
     task shuts down gracefully: every agent is closed with 1012 (service
     restart) and presence is flushed to the registry, within a bounded time.
     """
-    context = _load_ssl_context(ssl_context, tls_cert, tls_key)
+    # Reading files blocks (TLS key and certificate, registry, admin file): worker threads.
+    context = ssl_context
+    if context is None and tls_cert is not None:
+        context = await trio.to_thread.run_sync(_load_ssl_context, tls_cert, tls_key)
     # Listen first: if the port is taken, fail before touching the registry.
     listeners: list[Any] = []
     if port is not None:
@@ -1479,7 +1478,7 @@ async def serve_hub(
     own_registry = registry is None
     try:
         if registry is None:
-            registry = Registry.open(db if db is not None else ":memory:")
+            registry = await _open_registry(db)
     except BaseException:
         for listener in listeners:
             await trio.aclose_forcefully(listener)
@@ -1518,7 +1517,7 @@ async def serve_hub(
                 nursery.start_soon(hub._write_presence)
                 try:
                     if admin_file is not None:
-                        _write_admin_file(admin_file, hub)
+                        await trio.to_thread.run_sync(_write_admin_file, admin_file, hub)
                     log.info("hub %s serving at %s", hub.config.hub_id, hub.url or "memory")
                     task_status.started(hub)
                     await trio.sleep_forever()
@@ -1529,10 +1528,27 @@ async def serve_hub(
                     finally:
                         connections_scope.cancel()
                         if admin_file is not None:
-                            _remove_admin_file(admin_file, hub)
+                            with trio.CancelScope(shield=True):
+                                await trio.to_thread.run_sync(_remove_admin_file, admin_file, hub)
     finally:
         if own_registry:
-            registry.close()
+            with trio.CancelScope(shield=True):
+                await _close_registry(registry)
+
+
+async def _open_registry(db: str | os.PathLike[str] | None) -> Registry:
+    """Open the registry: an in-memory one inline (no I/O), a file in a worker thread."""
+    if db is None or os.fspath(db) == ":memory:":
+        return Registry.open(":memory:")
+    return await trio.to_thread.run_sync(Registry.open, db)
+
+
+async def _close_registry(registry: Registry) -> None:
+    """Close the registry, in a worker thread unless it is in memory (as ``Hub._db``)."""
+    if registry.inline:
+        registry.close()
+    else:
+        await trio.to_thread.run_sync(registry.close)
 
 
 def _listening_port(listener: trio.SocketListener | trio.SSLListener[trio.SocketStream]) -> int:

@@ -41,7 +41,16 @@ def collapse_exception_groups() -> Iterator[None]:
         for other in errors:
             if other is not chosen:
                 log.error("further error while stopping", exc_info=other)
-        raise chosen from chosen.__cause__  # keep its own cause; drop the group
+        # Raising sets ``__context__`` to the group being handled (which contains
+        # ``chosen``: a cycle); even outside this block the caller's ``with`` still
+        # handles the group. So the member keeps its own context, restored as it
+        # propagates; its ``__cause__`` and ``__suppress_context__`` are untouched.
+        context = chosen.__context__
+        try:
+            raise chosen
+        finally:
+            chosen.__context__ = context
+            del chosen, context, group, leaves, interrupts, errors  # no frame cycles
 
 
 def write_private_file(path: str | os.PathLike[str], data: bytes) -> None:

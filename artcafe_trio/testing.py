@@ -26,58 +26,18 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
+import trio.testing
 import trio_websocket
 from trio_websocket import WebSocketConnection
 
 from ._agent import Agent, open_agent
+from ._faulty import FaultyStream
 from ._hub import CloseCode, Hub, HubConfig, serve_hub
 from ._keys import PrivateKey, generate_private_key
 from ._registry import Registry
 from ._util import collapse_exception_groups
 
 __all__ = ["FaultyStream", "TestHub", "open_test_hub"]
-
-
-class FaultyStream(trio.abc.Stream):
-    """An agent's byte stream that can be blackholed: bytes are silently dropped
-    but the stream stays open (a half-open connection). ``drop_outgoing`` loses
-    what the agent sends, ``drop_incoming`` what the hub sends."""
-
-    def __init__(self, inner: trio.abc.Stream) -> None:
-        self.inner = inner
-        self.closed = False
-        self.drop_outgoing = False
-        self.drop_incoming = False
-
-    @property
-    def blackholed(self) -> bool:
-        return self.drop_outgoing and self.drop_incoming
-
-    @blackholed.setter
-    def blackholed(self, on: bool) -> None:
-        self.drop_outgoing = self.drop_incoming = on
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self.drop_outgoing:
-            await trio.lowlevel.checkpoint()
-            return
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        while True:
-            data = await self.inner.receive_some(max_bytes)
-            if not data or not self.drop_incoming:
-                return data
-
-    async def send_eof(self) -> None:
-        await trio.lowlevel.checkpoint()
-
-    async def aclose(self) -> None:
-        self.closed = True
-        await self.inner.aclose()
 
 
 class TestHub:
@@ -97,12 +57,21 @@ class TestHub:
         self.registry.add_key(tenant_id, agent_id, key.public_key)
         return key
 
+    async def connect_in_memory(self, remote: str = "memory") -> trio.abc.Stream:
+        """A client byte stream connected to this hub (the hub serves the other end).
+
+        ``remote`` is the address the hub sees (its limits and logs are per address).
+        """
+        client, server = trio.testing.memory_stream_pair()
+        self.hub.serve_stream(server, remote)
+        return client
+
     async def dial(self, nursery: trio.Nursery, resource: str) -> WebSocketConnection:
         """The :data:`Dialer` agents use to reach this hub."""
         if self.down:
             await trio.lowlevel.checkpoint()
             raise OSError("test hub is down")
-        stream = FaultyStream(await self.hub.connect_in_memory())
+        stream = FaultyStream(await self.connect_in_memory())
         self._streams = [s for s in self._streams if not s.closed]
         self._streams.append(stream)
         return await trio_websocket.wrap_client_stream(

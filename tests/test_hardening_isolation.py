@@ -52,8 +52,7 @@ class _LockstepDialer:
         self, nursery: trio.Nursery, resource: str
     ) -> trio_websocket.WebSocketConnection:
         client, server = trio.testing.lockstep_stream_pair()
-        assert self.hub._nursery is not None
-        self.hub._nursery.start_soon(self.hub._serve_stream, server, "memory")
+        self.hub.serve_stream(server, "memory")
         return await trio_websocket.wrap_client_stream(
             nursery, client, "127.0.0.1", resource, max_message_size=4 * BIG
         )
@@ -338,7 +337,7 @@ async def test_unauthenticated_connections_are_limited_per_address(
         max_unauthenticated_per_address=4, max_unauthenticated=100, close_timeout=0.5
     ) as hub:
         limiter = hub.hub.unauthenticated
-        idle = [await hub.hub.connect_in_memory(remote="10.0.0.9") for _ in range(10)]
+        idle = [await hub.connect_in_memory(remote="10.0.0.9") for _ in range(10)]
         await trio.sleep(0.1)
         assert limiter.count("10.0.0.9") == 4
         assert limiter.evicted == 6
@@ -364,7 +363,7 @@ async def test_unauthenticated_connections_are_limited_in_total(autojump_clock: 
         limiter = hub.hub.unauthenticated
         idle = []
         for address in ("10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"):
-            idle += [await hub.hub.connect_in_memory(remote=address) for _ in range(3)]
+            idle += [await hub.connect_in_memory(remote=address) for _ in range(3)]
         await trio.sleep(0.1)
         assert len(limiter) == 6
         async with hub.open_agent("legit", tenant_id="t1") as agent:
@@ -376,9 +375,9 @@ async def test_unauthenticated_connections_are_limited_in_total(autojump_clock: 
 
 async def test_http_upgrade_has_a_deadline(autojump_clock: Any) -> None:
     async with open_test_hub(handshake_timeout=3.0, close_timeout=0.5) as hub:
-        slowloris = await hub.hub.connect_in_memory()
+        slowloris = await hub.connect_in_memory()
         await slowloris.send_all(b"GET /api/v1/ws/agent/x?tenant_id=t HTTP/1.1\r\nHost: h\r\n")
-        silent = await hub.hub.connect_in_memory()
+        silent = await hub.connect_in_memory()
         start = trio.current_time()
         with trio.fail_after(10):
             assert await slowloris.receive_some() == b""

@@ -119,7 +119,7 @@ async def test_flow_control_is_exported(autojump_clock: Any) -> None:
         max_unauthenticated_per_address=2, handshake_timeout=1.0, close_timeout=0.5
     ) as test_hub:
         hub = test_hub.hub
-        idle = [await hub.connect_in_memory(remote="10.1.1.1") for _ in range(3)]
+        idle = [await test_hub.connect_in_memory(remote="10.1.1.1") for _ in range(3)]
         await trio.sleep(0.1)
         samples = _samples(hub)
         assert samples[("artcafe_unauthenticated_connections", ())] == 2

@@ -72,7 +72,7 @@ async def test_a_thousand_failed_logins_from_one_address_do_not_overflow(
 
 async def raw_peer(hub: TestHub, payload: str | None) -> trio.abc.Stream:
     """A peer that upgrades, optionally sends one text frame, and never reads again."""
-    stream = await hub.hub.connect_in_memory()
+    stream = await hub.connect_in_memory()
     ws = wsproto.WSConnection(wsproto.ConnectionType.CLIENT)
     await stream.send_all(ws.send(Request(host="memory", target="/api/v1/ws/agent/a?tenant_id=t")))
     accepted = False
