@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -332,7 +333,7 @@ async def test_bucket_creation_retries_while_the_cluster_has_no_placement(
     kv = await key_value(fake, "b", api_timeout=5.0)  # type: ignore[arg-type]
     assert kv.bucket == "b"
     creates = [t for subject, t in fake.calls if ".CREATE." in subject]
-    assert [round(b - a, 3) for a, b in zip(creates, creates[1:], strict=False)] == [0.05, 0.1, 0.2]
+    assert [round(b - a, 3) for a, b in itertools.pairwise(creates)] == [0.05, 0.1, 0.2]
 
     never = FakeClient(creates_refused=10**6)
     start = trio.current_time()
