@@ -591,6 +591,7 @@ async def test_custom_monitoring_agent_from_the_original_guide(
         private_key=key,
         organization_id="org-1",
         heartbeat_interval=15,
+        heartbeat_jitter=0,  # the exact schedule: heartbeats at t=0, 15, 30...
         dial=test_hub.dial,
     )
     async with (
