@@ -74,6 +74,7 @@ from ._frames import (
     decode,
     encode,
 )
+from ._heartbeats import MAX_HEARTBEAT_JITTER, heartbeat_delays, period_jitter
 from ._keys import PrivateKey, load_private_key
 from ._logsafe import printable
 from ._subjects import SubjectIndex, validate_pattern, validate_subject
@@ -281,6 +282,7 @@ class Agent:
         url: str = DEFAULT_URL,
         heartbeat_interval: float | None = 30.0,
         heartbeat_timeout_multiplier: float = 3.0,
+        heartbeat_jitter: float = 0.1,
         auto_reconnect: bool = True,
         retry_first_connect: bool = True,
         backoff: Backoff | None = None,
@@ -301,6 +303,11 @@ class Agent:
             raise ValueError("heartbeat_interval must be > 0 (or None for no heartbeats)")
         if heartbeat_timeout_multiplier < 1:
             raise ValueError("heartbeat_timeout_multiplier must be >= 1")
+        if not 0 <= heartbeat_jitter <= MAX_HEARTBEAT_JITTER:
+            raise ValueError(
+                f"heartbeat_jitter must be between 0 and {MAX_HEARTBEAT_JITTER:g}, "
+                f"got {heartbeat_jitter!r}"
+            )
         if max_concurrent_handlers < 1:
             raise ValueError("max_concurrent_handlers must be >= 1")
         self.agent_id = agent_id
@@ -308,6 +315,7 @@ class Agent:
         self.url = url.rstrip("/")
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout_multiplier = heartbeat_timeout_multiplier
+        self.heartbeat_jitter = heartbeat_jitter
         self.auto_reconnect = auto_reconnect
         self.retry_first_connect = retry_first_connect
         self.backoff = backoff or Backoff()
@@ -957,12 +965,16 @@ class Agent:
             await trio.sleep_forever()
 
     async def _heartbeat(self, conn: _Connection, interval: float) -> None:
+        """One heartbeat now, then one after each of :func:`heartbeat_delays`' waits."""
+        jitter = self.heartbeat_jitter
+        period = period_jitter(jitter, interval, conn.welcome.heartbeat_timeout)
+        delays = heartbeat_delays(interval, jitter, self._rng, period=period)
         for seq in itertools.count(1):
             self._heartbeat_sent[seq] = trio.current_time()
             if len(self._heartbeat_sent) > 16:
                 del self._heartbeat_sent[min(self._heartbeat_sent)]
             await self._send(conn, encode(Heartbeat(seq=seq, rtt=self._rtt_smoothed)))
-            await trio.sleep(interval)
+            await trio.sleep(next(delays))
 
     async def _send(self, conn: _Connection, text: str, *, park_when_closing: bool = True) -> None:
         try:
@@ -1451,9 +1463,12 @@ async def open_agent(*, stop_on_signals: bool = False, **kwargs: Any) -> AsyncIt
     - ``url``: the hub's base URL (default ``$ARTCAFE_URL`` or ``ws://127.0.0.1:8765``);
       ``ssl_context`` for ``wss://``; ``dial`` replaces the transport (test kit).
     - ``heartbeat_interval`` (30 s; ``None``: no heartbeats), ``heartbeat_timeout_multiplier``
-      (3.0): the hub-ACK watchdog fires after interval x multiplier without an ACK.
+      (3.0): the hub-ACK watchdog fires after interval x multiplier without an ACK;
+      ``heartbeat_jitter`` (0.1): a random phase for the second heartbeat and +/-10 %
+      per period, so a fleet does not beat in step (0: exactly every interval).
     - ``auto_reconnect`` (True), ``max_reconnect_attempts`` (10), ``backoff``
-      (:class:`Backoff`, full jitter, base 1 s, cap 60 s), ``rng`` (jitter source).
+      (:class:`Backoff`, full jitter, base 1 s, cap 60 s), ``rng`` (the source of the
+      backoff and heartbeat jitter).
     - ``capabilities``, ``metadata``: announced to the hub and in presence events.
     - ``connect_timeout`` (10 s), ``stop_timeout`` (10 s), ``max_concurrent_handlers``
       (1: ordered per subscription), ``max_pending_messages``, ``max_pending_publishes``,

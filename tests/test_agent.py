@@ -31,7 +31,8 @@ pytestmark = pytest.mark.timeout(30)
 async def test_enter_returns_connected_and_health_is_filled(
     test_hub: TestHub, autojump_clock: trio.abc.Clock
 ) -> None:
-    async with test_hub.open_agent("a1", heartbeat_interval=10) as agent:
+    # heartbeat_jitter=0: the second heartbeat is at t=10, not at a random phase.
+    async with test_hub.open_agent("a1", heartbeat_interval=10, heartbeat_jitter=0) as agent:
         assert agent.state == "connected"
         await trio.sleep(0.5)
         health = agent.health()
@@ -315,7 +316,7 @@ async def test_handler_blocking_ten_timeouts_causes_no_reconnect(
         assert health.total_reconnects == 0
         assert agent.session_id == session
         assert health.seconds_since_ack is not None
-        assert health.seconds_since_ack < 1.0 + 1e-6
+        assert health.seconds_since_ack < 1.1 + 1e-6  # no gap over interval x (1 + jitter)
     [record] = [r for r in test_hub.hub.presence_table() if r.agent_id == "a1"]
     assert (record.status, record.reason) == ("offline", "left")
 
@@ -591,6 +592,7 @@ async def test_custom_monitoring_agent_from_the_original_guide(
         private_key=key,
         organization_id="org-1",
         heartbeat_interval=15,
+        heartbeat_jitter=0,  # the exact schedule: heartbeats at t=0, 15, 30...
         dial=test_hub.dial,
     )
     async with (

@@ -54,7 +54,11 @@ async def test_hung_hub_is_detected_at_exactly_the_timeout(autojump_clock):
     async with (
         open_test_hub() as hub,
         hub.open_agent(
-            "worker-1", tenant_id="acme", heartbeat_interval=10, heartbeat_timeout_multiplier=3
+            "worker-1",
+            tenant_id="acme",
+            heartbeat_interval=10,
+            heartbeat_timeout_multiplier=3,
+            heartbeat_jitter=0,  # heartbeats exactly every 10 s from the connection
         ) as worker,
     ):
         await trio.sleep(25)  # heartbeats at t=0, 10 and 20, each ACKed at once
@@ -83,7 +87,11 @@ async def test_monitor_sees_a_silent_worker_time_out(autojump_clock):
     async with (
         open_test_hub() as hub,
         hub.open_agent(
-            "worker-1", tenant_id="acme", heartbeat_interval=10, heartbeat_timeout_multiplier=3
+            "worker-1",
+            tenant_id="acme",
+            heartbeat_interval=10,
+            heartbeat_timeout_multiplier=3,
+            heartbeat_jitter=0,  # heartbeats exactly every 10 s from the connection
         ),
     ):
         await trio.sleep(5)  # the hub last heard from the worker at t=0 (its first heartbeat)

@@ -126,7 +126,10 @@ async def test_the_hub_measures_the_actual_heartbeat_interval_and_keeps_the_repo
 
 
 async def test_the_reference_agent_reports_its_rtt(autojump_clock: trio.abc.Clock) -> None:
-    async with open_test_hub() as hub, hub.open_agent("w", heartbeat_interval=1.0):
+    async with (
+        open_test_hub() as hub,
+        hub.open_agent("w", heartbeat_interval=1.0, heartbeat_jitter=0),
+    ):
         await trio.sleep(3.5)
         measures = hub.hub.events.measures("test", "w")
         assert measures.heartbeat_interval == pytest.approx(1.0, abs=0.01)
