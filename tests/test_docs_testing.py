@@ -59,6 +59,7 @@ async def test_hung_hub_is_detected_at_exactly_the_timeout(autojump_clock):
             heartbeat_interval=10,
             heartbeat_timeout_multiplier=3,
             heartbeat_jitter=0,  # heartbeats exactly every 10 s from the connection
+            rng=random.Random(1),  # a reproducible backoff: the first retry waits 0.13 s
         ) as worker,
     ):
         await trio.sleep(25)  # heartbeats at t=0, 10 and 20, each ACKed at once
