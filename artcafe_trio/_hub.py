@@ -141,6 +141,7 @@ class HubConfig:
     output_budget_bytes: int = 256 * 1024 * 1024
     reply_window: int = 256
     max_open_requests: int = 1024
+    max_reply_grants: int = 1_000_000
     max_unauthenticated_per_address: int = 256
     max_unauthenticated: int = 1024
     handshake_timeout: float = 10.0
@@ -462,7 +463,8 @@ class Hub:
         self._dedupe: dict[tuple[str, str], _Dedupe] = {}
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
         # $reply subject -> agents (of the requester's tenant) delivered that request
-        self._reply_grants: dict[str, set[str]] = {}
+        self._reply_grants: dict[str, set[str]] = {}  # insertion order = age
+        self._granted = 0  # responders held in all _reply_grants together
         self.output_budget = OutputBudget(self.config.output_budget_bytes)
         self.unauthenticated = PreAuthLimiter(
             self.config.max_unauthenticated_per_address, self.config.max_unauthenticated
@@ -1065,8 +1067,8 @@ class Hub:
         session.ended = True
         session.outbox.discard()
         self._sessions_by_id.pop(session.session_id, None)
-        for reply_subject in session.open_requests:
-            self._reply_grants.pop(reply_subject, None)
+        for reply_subject in list(session.open_requests):
+            self._forget_request(reply_subject)
         session.open_requests.clear()
         if session.is_admin:
             self._admins.discard(session)
@@ -1365,23 +1367,37 @@ class Hub:
         return list({session: None for _pattern, session in index.match(subject)})
 
     def _expect_replies(self, requester: _Session, reply_to: str, targets: list[_Session]) -> None:
-        """Allow one answer on ``reply_to``, from an agent the request is delivered to."""
+        """Allow one answer on ``reply_to``, from an agent the request is delivered to.
+
+        Bounded per requester session (``max_open_requests``) and hub-wide in responders
+        held (``max_reply_grants``): over either, the oldest open requests are forgotten.
+        """
+        self._forget_request(reply_to)  # re-used: it becomes the newest
         open_requests = requester.open_requests
-        if reply_to in open_requests:
-            del open_requests[reply_to]  # re-used: it becomes the newest
-        elif len(open_requests) >= self.config.max_open_requests:
-            oldest = next(iter(open_requests))
-            del open_requests[oldest]
-            self._reply_grants.pop(oldest, None)
+        if len(open_requests) >= self.config.max_open_requests:
+            self._forget_request(next(iter(open_requests)))
+        responders = {target.agent_id for target in targets}
+        while self._reply_grants and self._granted + len(responders) > self.config.max_reply_grants:
+            self._forget_request(next(iter(self._reply_grants)))
         open_requests[reply_to] = None
-        self._reply_grants[reply_to] = {target.agent_id for target in targets}
+        self._reply_grants[reply_to] = responders
+        self._granted += len(responders)
+
+    def _forget_request(self, reply_subject: str) -> None:
+        """Close an open request (answered, evicted, or its requester gone)."""
+        responders = self._reply_grants.pop(reply_subject, None)
+        if responders is None:
+            return
+        self._granted -= len(responders)
+        requester = self._sessions_by_id.get(reply_subject.split(".", 2)[1])
+        if requester is not None:
+            requester.open_requests.pop(reply_subject, None)
 
     def _answer(self, reply_subject: str, tenant_id: str, item: Delivery) -> None:
         """Deliver the one accepted answer to its requester and close the request."""
-        del self._reply_grants[reply_subject]
+        self._forget_request(reply_subject)
         target = self._sessions_by_id.get(reply_subject.split(".", 2)[1])
         if target is not None and target.tenant_id == tenant_id:
-            target.open_requests.pop(reply_subject, None)
             self.stats.deliveries += 1
             target.deliver(item)
 

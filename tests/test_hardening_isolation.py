@@ -539,3 +539,32 @@ async def test_the_final_presence_flush_never_overtakes_a_write_in_flight(
         assert (row.status, row.reason) == ("offline", "left")
     finally:
         registry.close()
+
+
+async def test_open_requests_are_bounded_hub_wide_in_responders_held() -> None:
+    """Requests fanned out to many receivers hold a set of responders each; all of them
+    together stay within ``max_reply_grants`` (the oldest requests are forgotten)."""
+    async with open_test_hub(max_reply_grants=5, close_timeout=0.5) as hub:
+        async with trio.open_nursery() as nursery:
+            requester = await connect(hub, nursery, "req")
+            workers = [await connect(hub, nursery, f"w{i}") for i in range(2)]
+            for worker in workers:
+                await worker.subscribe("jobs")
+            assert requester.welcome is not None
+            inbox = f"$reply.{requester.welcome.session_id}"
+            for n in range(3):  # 2 responders each: 6 > 5, so the first is forgotten
+                await requester.send(Publish(subject="jobs", data=n, reply_to=f"{inbox}.{n}"))
+            await barrier(requester)
+            assert sorted(hub.hub._reply_grants) == [f"{inbox}.1", f"{inbox}.2"]
+            assert hub.hub._granted == 4
+            await workers[0].send(Publish(subject=f"{inbox}.0", data="late", id="late"))
+            assert (await workers[0].recv_type(Error)).code == "reply_not_expected"
+            await workers[1].send(Publish(subject=f"{inbox}.2", data="ok", id="ok"))
+            await workers[1].recv_type(Published)
+            assert hub.hub._granted == 2
+            await requester.ws.aclose()
+            with trio.fail_after(5):
+                while hub.hub._reply_grants:
+                    await trio.sleep(0.01)
+            assert hub.hub._granted == 0
+            nursery.cancel_scope.cancel()
