@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from ._backoff import Backoff
 from ._errors import (
     AgentClosed,
     ArtcafeError,
@@ -21,14 +20,20 @@ from ._errors import (
     ProtocolError,
     ReconnectFailed,
 )
-from ._frames import Message, PresenceEvent, PresenceRecord
-from ._keys import PrivateKey, PublicKey, generate_private_key, load_private_key, parse_public_key
-from ._registry import Registry, RegistryError
+from .protocol._backoff import Backoff
+from .protocol._frames import Message, PresenceEvent, PresenceRecord
+from .protocol._keys import (
+    PrivateKey,
+    PublicKey,
+    generate_private_key,
+    load_private_key,
+    parse_public_key,
+)
+from .registry._registry import Registry, RegistryError
 
 if TYPE_CHECKING:
-    from ._agent import Agent, AgentHealth, open_agent
-    from ._compat import HeartbeatAgent, SimpleAgent
-    from ._hub import CloseCode, Hub, HubConfig, open_hub, serve_hub
+    from .agent import Agent, AgentHealth, HeartbeatAgent, SimpleAgent, open_agent
+    from .hub import CloseCode, Hub, HubConfig, open_hub, serve_hub
 
 __version__ = "0.1.0"
 
@@ -66,16 +71,16 @@ __all__ = [
 ]
 
 _LAZY = {
-    "Agent": "_agent",
-    "AgentHealth": "_agent",
-    "open_agent": "_agent",
-    "HeartbeatAgent": "_compat",
-    "SimpleAgent": "_compat",
-    "CloseCode": "_hub",
-    "Hub": "_hub",
-    "HubConfig": "_hub",
-    "open_hub": "_hub",
-    "serve_hub": "_hub",
+    "Agent": "agent",
+    "AgentHealth": "agent",
+    "open_agent": "agent",
+    "HeartbeatAgent": "agent",
+    "SimpleAgent": "agent",
+    "CloseCode": "hub",
+    "Hub": "hub",
+    "HubConfig": "hub",
+    "open_hub": "hub",
+    "serve_hub": "hub",
 }
 
 

@@ -51,7 +51,7 @@ import trio.testing
 import trio_websocket
 
 from artcafe_trio import Hub, HubConfig, Registry
-from artcafe_trio._hub import _Session
+from artcafe_trio.hub._hub import _Session
 from artcafe_trio.protocol import (
     Auth,
     Challenge,

@@ -38,9 +38,9 @@ from typing import Any
 import msgspec
 import orjson
 
-from artcafe_trio import _frames
 from artcafe_trio._errors import ProtocolError
-from artcafe_trio._frames import (
+from artcafe_trio.protocol import _frames
+from artcafe_trio.protocol._frames import (
     FRAME_TYPES,
     MAX_ID_LENGTH,
     MAX_NESTING,

@@ -50,7 +50,7 @@ from typing import Any
 import trio
 
 from artcafe_trio import Backoff, PresenceEvent, Registry, generate_private_key, open_agent
-from artcafe_trio._agent import Agent
+from artcafe_trio.agent._agent import Agent
 from artcafe_trio.protocol import HeartbeatAck, PrivateKey
 
 TENANT = "bench"
@@ -68,7 +68,11 @@ def hub_command() -> list[str]:
     script = shutil.which("artcafe-trio") or str(Path(sys.executable).with_name("artcafe-trio"))
     if Path(script).exists():
         return [script]
-    return [sys.executable, "-c", "from artcafe_trio._cli import main; raise SystemExit(main())"]
+    return [
+        sys.executable,
+        "-c",
+        "from artcafe_trio.cli import main; raise SystemExit(main())",
+    ]
 
 
 def rss_bytes(pid: int) -> int:

@@ -449,7 +449,11 @@ def hub_command() -> list[str]:
     script = Path(sys.executable).with_name("artcafe-trio")
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-c", "from artcafe_trio._cli import main; raise SystemExit(main())"]
+    return [
+        sys.executable,
+        "-c",
+        "from artcafe_trio.cli import main; raise SystemExit(main())",
+    ]
 
 
 def this_script() -> list[str]:
@@ -1225,7 +1229,7 @@ class AckRecorder:
         self.hooked = False
 
     def install(self) -> None:
-        from artcafe_trio._agent import Agent
+        from artcafe_trio.agent._agent import Agent
 
         original = getattr(Agent, "_on_ack", None)
         if original is None:

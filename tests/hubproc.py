@@ -12,7 +12,12 @@ from pathlib import Path
 
 import trio
 
-HUB = [sys.executable, "-c", "from artcafe_trio._cli import main; raise SystemExit(main())", "hub"]
+HUB = [
+    sys.executable,
+    "-c",
+    "from artcafe_trio.cli import main; raise SystemExit(main())",
+    "hub",
+]
 
 
 def free_port() -> int:

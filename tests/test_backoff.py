@@ -1,4 +1,4 @@
-"""Tests for artcafe_trio._backoff: exponential backoff with full jitter."""
+"""Tests for artcafe_trio.protocol._backoff: exponential backoff with full jitter."""
 
 from __future__ import annotations
 

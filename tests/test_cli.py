@@ -41,7 +41,8 @@ from artcafe_trio import (
     open_hub,
     parse_public_key,
 )
-from artcafe_trio._cli import (
+from artcafe_trio.agent._connfail import connect_failed
+from artcafe_trio.cli._main import (
     DEFAULT_URL,
     EXIT_INTERRUPTED,
     _close_text,
@@ -51,9 +52,8 @@ from artcafe_trio._cli import (
     build_parser,
     main,
 )
-from artcafe_trio._connfail import connect_failed
 
-CLI = [sys.executable, "-c", "from artcafe_trio._cli import main; raise SystemExit(main())"]
+CLI = [sys.executable, "-c", "from artcafe_trio.cli import main; raise SystemExit(main())"]
 
 AGENT_SCRIPT = textwrap.dedent(
     """
@@ -221,7 +221,7 @@ def test_help_shows_defaults(
 
 
 def test_default_url_is_the_agents() -> None:
-    from artcafe_trio import _agent
+    from artcafe_trio.agent import _agent
 
     assert DEFAULT_URL == _agent.DEFAULT_URL
 
@@ -237,9 +237,9 @@ def test_hub_flags_left_out_keep_hubconfig_defaults() -> None:
 def test_help_does_not_import_the_hub() -> None:
     """Defaults are read from HubConfig only for ``hub --help``: other commands stay light."""
     code = (
-        "import sys; from artcafe_trio._cli import main; main(['agents', 'list', '--help']);"
-        " assert 'artcafe_trio._hub' not in sys.modules, 'hub imported';"
-        " main(['hub', '--help']); assert 'artcafe_trio._hub' in sys.modules"
+        "import sys; from artcafe_trio.cli import main; main(['agents', 'list', '--help']);"
+        " assert 'artcafe_trio.hub._hub' not in sys.modules, 'hub imported';"
+        " main(['hub', '--help']); assert 'artcafe_trio.hub._hub' in sys.modules"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=20
@@ -596,7 +596,7 @@ async def test_friendly_messages_from_a_live_hub(
     result: list[int] = []
 
     def watch() -> None:
-        from artcafe_trio import _cli
+        from artcafe_trio.cli import _main as _cli
 
         show = _cli._StatusPrinter.show
 
@@ -684,21 +684,21 @@ def test_status_falls_back_to_registry(tmp_path: Path, capsys: pytest.CaptureFix
 def test_demo_not_available(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "artcafe_trio._demo", None)  # as if it did not exist
+    monkeypatch.setitem(sys.modules, "artcafe_trio.demo._main", None)  # as if it did not exist
     assert main(["demo"]) == 2
     assert "demo not available yet" in capsys.readouterr().err
 
 
 def test_demo_dispatches(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[Any] = []
-    fake = types.ModuleType("artcafe_trio._demo")
+    fake = types.ModuleType("artcafe_trio.demo._main")
 
     def fake_main(args: Any) -> int:
         seen.append(args)
         return 0
 
     fake.main = fake_main  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "artcafe_trio._demo", fake)
+    monkeypatch.setitem(sys.modules, "artcafe_trio.demo._main", fake)
     assert main(["demo", "--duration", "2", "--agents", "4", "--interval", "0.5"]) == 0
     assert (seen[0].duration, seen[0].agents, seen[0].interval) == (2.0, 4, 0.5)
 
@@ -706,7 +706,7 @@ def test_demo_dispatches(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_hub_metrics_without_module(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(sys.modules, "artcafe_trio._metrics", None)
+    monkeypatch.setitem(sys.modules, "artcafe_trio.hub._metrics", None)
     db = str(tmp_path / "hub.db")
     assert main(["hub", "--port", "0", "--db", db, "--metrics-port", "0"]) == 1
     assert "pip install 'artcafe-trio[metrics]'" in capsys.readouterr().err

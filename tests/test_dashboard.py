@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
-from artcafe_trio._registry import PresenceChange
 from artcafe_trio.dashboard import (
     Dashboard,
     DashboardConfig,
@@ -25,6 +24,7 @@ from artcafe_trio.dashboard import (
 )
 from artcafe_trio.dashboard._http import Request
 from artcafe_trio.dashboard._tokens import hash_token
+from artcafe_trio.registry._registry import PresenceChange
 from artcafe_trio.testing import TestHub, open_test_hub
 
 from .httpclient import get, open_sse

@@ -54,7 +54,7 @@ class Hub:
 
     def start(self) -> None:
         command = [
-            sys.executable, "-c", "from artcafe_trio._cli import main; raise SystemExit(main())",
+            sys.executable, "-c", "from artcafe_trio.cli import main; raise SystemExit(main())",
             "hub", "--host", "127.0.0.1", "--port", str(self.port), "--db", str(self.db),
             "--dashboard", f"127.0.0.1:{self.dashboard_port}", "--disconnect-grace", "0",
         ]  # fmt: skip

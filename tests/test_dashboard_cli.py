@@ -22,14 +22,14 @@ from typing import ClassVar
 import pytest
 
 from artcafe_trio import Registry
-from artcafe_trio._cli import build_parser, main
+from artcafe_trio.cli._main import build_parser, main
 from artcafe_trio.dashboard._tokens import hash_token, resolve_token
 
 from .hubproc import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
-CLI = [sys.executable, "-c", "from artcafe_trio._cli import main; raise SystemExit(main())"]
+CLI = [sys.executable, "-c", "from artcafe_trio.cli import main; raise SystemExit(main())"]
 
 
 def test_dashboard_token_prints_a_token_and_stores_only_its_hash(

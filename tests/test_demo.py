@@ -8,8 +8,9 @@ import re
 
 import pytest
 
-from artcafe_trio import _cli, _demo
-from artcafe_trio._demo import EARLY, LATE, Check, judge, make_plan
+from artcafe_trio.cli import _main as _cli
+from artcafe_trio.demo import _main as _demo
+from artcafe_trio.demo._main import EARLY, LATE, Check, judge, make_plan
 
 SUMMARY_ROW = re.compile(
     r"^  (?P<verdict>ok|FAILED)\s+(?P<event>\S.*?)\s{2,}(?P<expected>\S.*?)\s{2,}"

@@ -37,8 +37,8 @@ from artcafe_trio import (
     open_agent,
     open_hub,
 )
-from artcafe_trio._cli import main
-from artcafe_trio._connfail import describe_failure
+from artcafe_trio.agent._connfail import describe_failure
+from artcafe_trio.cli import main
 from artcafe_trio.testing import TestHub
 
 from .test_cli import CLI, _cli, _free_port

@@ -1,4 +1,4 @@
-"""Tests for artcafe_trio._frames: every frame round-trips; every defect is a ProtocolError.
+"""Tests for artcafe_trio.protocol._frames: every frame round-trips; every defect is a ProtocolError.
 
 Synchronous tests (no trio needed): the frame layer is sans-IO.
 """
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from artcafe_trio._errors import ProtocolError
-from artcafe_trio._frames import (
+from artcafe_trio.protocol._frames import (
     CLIENT_FRAME_TYPES,
     DEFAULT_MAX_FRAME_BYTES,
     FRAME_TYPES,

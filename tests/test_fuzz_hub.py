@@ -67,7 +67,6 @@ from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from artcafe_trio import Agent, Hub, HubConfig, ProtocolError, open_agent, serve_hub
-from artcafe_trio._frames import MAX_NESTING, _deeper_than
 from artcafe_trio.protocol import (
     CLIENT_FRAME_TYPES,
     AdminAuth,
@@ -91,6 +90,7 @@ from artcafe_trio.protocol import (
     is_reserved,
     subject_matches,
 )
+from artcafe_trio.protocol._frames import MAX_NESTING, _deeper_than
 from artcafe_trio.testing import TestHub
 
 pytestmark = pytest.mark.timeout(120)

@@ -18,11 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from artcafe_trio import CloseCode, open_agent, open_hub
-from artcafe_trio._cli import main
-from artcafe_trio._keys import PublicKey
 from artcafe_trio._logsafe import printable
-from artcafe_trio._metrics import collector
-from artcafe_trio._registry import Registry, RegistryError
+from artcafe_trio.cli import main
+from artcafe_trio.hub._metrics import collector
 from artcafe_trio.protocol import (
     Auth,
     Challenge,
@@ -33,6 +31,8 @@ from artcafe_trio.protocol import (
     encode,
     generate_private_key,
 )
+from artcafe_trio.protocol._keys import PublicKey
+from artcafe_trio.registry._registry import Registry, RegistryError
 from artcafe_trio.testing import TestHub, open_test_hub
 
 from .conftest import RawClient, raw_connect

@@ -19,7 +19,7 @@ import trio
 import trio.testing
 import trio_websocket
 
-import artcafe_trio._hub as hub_module
+import artcafe_trio.hub._hub as hub_module
 from artcafe_trio import CloseCode, HubConfig, open_hub
 from artcafe_trio.protocol import (
     Error,

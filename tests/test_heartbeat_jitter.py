@@ -18,8 +18,8 @@ import pytest
 import trio
 
 from artcafe_trio import generate_private_key
-from artcafe_trio._agent import Agent
-from artcafe_trio._heartbeats import heartbeat_delays, period_jitter
+from artcafe_trio.agent._agent import Agent
+from artcafe_trio.protocol._heartbeats import heartbeat_delays, period_jitter
 from artcafe_trio.testing import TestHub, open_test_hub
 
 Beats = dict[str, list[float]]

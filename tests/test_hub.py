@@ -540,7 +540,7 @@ async def test_crash_while_online_is_recorded_as_an_outage(tmp_path: object) -> 
     from pathlib import Path
 
     from artcafe_trio import Registry
-    from artcafe_trio._registry import PresenceChange
+    from artcafe_trio.registry._registry import PresenceChange
 
     db = Path(str(tmp_path)) / "hub.db"
     with Registry.open(db) as registry:  # what a hub killed with SIGKILL leaves behind

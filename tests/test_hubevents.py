@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from artcafe_trio._flow import Delivery
-from artcafe_trio._hubevents import (
+from artcafe_trio.hub._flow import Delivery
+from artcafe_trio.hub._hubevents import (
     AuthFailure,
     HubEvents,
     PresenceTransition,
@@ -196,7 +196,7 @@ async def test_metrics_export_the_largest_reported_ack_rtt_per_tenant(
     autojump_clock: trio.abc.Clock, nursery: trio.Nursery
 ) -> None:
     pytest.importorskip("prometheus_client")
-    from artcafe_trio._metrics import collector
+    from artcafe_trio.hub._metrics import collector
 
     async with open_test_hub() as hub:
         clients = {}

@@ -1,4 +1,4 @@
-"""Tests for artcafe_trio._keys: formats, signatures, auth payloads and every error reason."""
+"""Tests for artcafe_trio.protocol._keys: formats, signatures, auth payloads and every error reason."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from artcafe_trio._errors import ArtcafeError, KeyLoadError
-from artcafe_trio._keys import (
+from artcafe_trio.protocol._keys import (
     ALGORITHM_ED25519,
     ALGORITHM_RSA,
     AUTH_LABEL,

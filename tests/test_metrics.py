@@ -14,7 +14,7 @@ pytest.importorskip("prometheus_client")
 from prometheus_client import CollectorRegistry, generate_latest
 
 from artcafe_trio import AuthenticationError
-from artcafe_trio._metrics import collector, start_metrics_server
+from artcafe_trio.hub._metrics import collector, start_metrics_server
 from artcafe_trio.testing import open_test_hub
 
 

@@ -36,7 +36,8 @@ def test_all_is_sorted_unique_and_resolvable(module: ModuleType) -> None:
 
 
 def test_lazy_names_resolve_to_the_private_modules() -> None:
-    from artcafe_trio import _agent, _compat, _hub
+    from artcafe_trio.agent import _agent, _compat
+    from artcafe_trio.hub import _hub
 
     assert artcafe_trio.open_agent is _agent.open_agent
     assert artcafe_trio.Hub is _hub.Hub
@@ -47,7 +48,7 @@ def test_lazy_names_resolve_to_the_private_modules() -> None:
 
 
 def test_protocol_reexports_the_same_objects() -> None:
-    from artcafe_trio import _backoff, _frames, _keys, _subjects
+    from artcafe_trio.protocol import _backoff, _frames, _keys, _subjects
 
     private = [_backoff, _frames, _keys, _subjects]
     for name in artcafe_trio.protocol.__all__:
@@ -89,8 +90,8 @@ TRIO_FREE_SCRIPT = textwrap.dedent(
     assert not any(
         name.startswith(("trio.", "trio_websocket.")) for name in sys.modules
     ), "a trio submodule was imported"
-    assert "artcafe_trio._hub" not in sys.modules
-    assert "artcafe_trio._agent" not in sys.modules
+    assert "artcafe_trio.hub._hub" not in sys.modules
+    assert "artcafe_trio.agent._agent" not in sys.modules
 
     frame = p.decode('{"type":"publish","subject":"tasks.new","data":{"n":1},"id":"p1"}')
     assert frame == p.Publish(subject="tasks.new", data={"n": 1}, id="p1"), frame

@@ -1,4 +1,4 @@
-"""Tests for artcafe_trio._registry: credentials, revision, persisted presence, files."""
+"""Tests for artcafe_trio.registry._registry: credentials, revision, persisted presence, files."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from artcafe_trio._errors import ArtcafeError
-from artcafe_trio._keys import PublicKey, generate_private_key
-from artcafe_trio._registry import (
+from artcafe_trio.protocol._keys import PublicKey, generate_private_key
+from artcafe_trio.registry._registry import (
     SCHEMA_VERSION,
     AgentRecord,
     PresenceChange,

@@ -1,4 +1,4 @@
-"""Tests for artcafe_trio._subjects: grammar, matching and the SubjectIndex trie."""
+"""Tests for artcafe_trio.protocol._subjects: grammar, matching and the SubjectIndex trie."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from artcafe_trio._errors import ProtocolError
-from artcafe_trio._subjects import (
+from artcafe_trio.protocol._subjects import (
     MAX_SUBJECT_LENGTH,
     MAX_SUBJECT_TOKENS,
     SubjectIndex,

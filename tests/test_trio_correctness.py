@@ -25,9 +25,9 @@ from artcafe_trio import (
     open_hub,
     serve_hub,
 )
-from artcafe_trio import _agent as agent_module
-from artcafe_trio import _hub as hub_module
 from artcafe_trio._util import collapse_exception_groups, flatten_exceptions
+from artcafe_trio.agent import _agent as agent_module
+from artcafe_trio.hub import _hub as hub_module
 from artcafe_trio.testing import TestHub, open_test_hub
 
 pytestmark = pytest.mark.timeout(60)
@@ -281,9 +281,9 @@ NO_TEST_KIT_SCRIPT = textwrap.dedent(
     import artcafe_trio
     for name in artcafe_trio.__all__:
         getattr(artcafe_trio, name)
-    import artcafe_trio._agent, artcafe_trio._hub, artcafe_trio._demo, artcafe_trio._cli
-    import artcafe_trio._compat
-    assert "artcafe_trio._hub" in sys.modules and "artcafe_trio._demo" in sys.modules
+    import artcafe_trio.agent._agent, artcafe_trio.hub._hub, artcafe_trio.demo._main, artcafe_trio.cli._main
+    import artcafe_trio.agent._compat
+    assert "artcafe_trio.hub._hub" in sys.modules and "artcafe_trio.demo._main" in sys.modules
     leaked = sorted(
         name for name in sys.modules
         if name == "trio.testing" or name.startswith("trio.testing.")

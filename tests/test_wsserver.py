@@ -1,4 +1,4 @@
-"""The hub's wsproto-driven WebSocket (``artcafe_trio._wsserver``), byte by byte.
+"""The hub's wsproto-driven WebSocket (``artcafe_trio.hub._wsserver``), byte by byte.
 
 A wsproto client speaks to ``read_upgrade_request`` / ``ServerWebSocket`` over a memory
 stream pair, so the close codes, control frames and limits are checked exactly.
@@ -22,7 +22,7 @@ from wsproto.events import (
 )
 from wsproto.frame_protocol import FrameProtocol
 
-from artcafe_trio._wsserver import ServerWebSocket, frame_text, read_upgrade_request
+from artcafe_trio.hub._wsserver import ServerWebSocket, frame_text, read_upgrade_request
 
 pytestmark = pytest.mark.timeout(10)
 

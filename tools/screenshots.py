@@ -23,7 +23,7 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 from artcafe_trio import Registry, generate_private_key
-from artcafe_trio._registry import PresenceChange
+from artcafe_trio.registry._registry import PresenceChange
 
 ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -113,7 +113,7 @@ def main() -> None:
             registry.record_presence(_example_history(layout))
         port, dash = free_port(), free_port()
         hub = subprocess.Popen(
-            [sys.executable, "-m", "artcafe_trio._cli", "hub", "--port", str(port), "--db",
+            [sys.executable, "-m", "artcafe_trio.cli._main", "hub", "--port", str(port), "--db",
              str(db), "--dashboard", f"127.0.0.1:{dash}", "--disconnect-grace", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         )  # fmt: skip

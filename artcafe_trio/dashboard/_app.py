@@ -15,9 +15,9 @@ from typing import Any
 import attrs
 import trio
 
-from .._hub import Hub
-from .._hubevents import HubEvent, PresenceTransition, Resync
-from .._registry import validate_id
+from ..hub._hub import Hub
+from ..hub._hubevents import HubEvent, PresenceTransition, Resync
+from ..registry._registry import validate_id
 from ._http import HttpLimits, Request, Response, Send, StreamResponse, serve_http
 from ._tokens import Access, resolve_token
 

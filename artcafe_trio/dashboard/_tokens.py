@@ -9,7 +9,7 @@ import secrets
 
 import attrs
 
-from .._registry import Registry
+from ..registry._registry import Registry
 
 __all__ = ["TOKEN_PREFIX", "Access", "create_token", "hash_token", "resolve_token"]
 

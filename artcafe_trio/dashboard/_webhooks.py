@@ -25,9 +25,9 @@ from typing import Any
 import attrs
 import trio
 
-from .._backoff import Backoff
-from .._hub import Hub
-from .._hubevents import PresenceTransition, Resync
+from ..hub._hub import Hub
+from ..hub._hubevents import PresenceTransition, Resync
+from ..protocol._backoff import Backoff
 from ._http import HttpError, post
 
 __all__ = ["SIGNATURE_HEADER", "AlertFilter", "Webhook", "WebhookConfig", "WebhookStats", "sign"]

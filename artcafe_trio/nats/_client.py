@@ -29,8 +29,8 @@ import attrs
 import trio
 
 from .. import __version__
-from .._backoff import Backoff
 from .._util import collapse_exception_groups
+from ..protocol._backoff import Backoff
 from ._errors import (
     MaxPayloadExceeded,
     NatsAuthError,

@@ -221,7 +221,7 @@ TRIO_FREE = textwrap.dedent(
     import artcafe_trio.nats._protocol as p
     assert sys.modules["trio"] is None
     assert not any(n.startswith("trio.") for n in sys.modules)
-    assert "artcafe_trio._hub" not in sys.modules and "artcafe_trio._agent" not in sys.modules
+    assert "artcafe_trio.hub._hub" not in sys.modules and "artcafe_trio.agent._agent" not in sys.modules
     (m,) = p.NatsParser().feed(b"MSG a 1 2\\r\\nhi\\r\\n")
     assert m.data == b"hi"
     print("trio-free ok")
@@ -240,8 +240,8 @@ def test_protocol_core_imports_without_trio() -> None:
 def test_the_subpackage_does_not_import_the_hub_or_the_agent() -> None:
     script = (
         "import sys, artcafe_trio.nats\n"
-        "assert 'artcafe_trio._hub' not in sys.modules\n"
-        "assert 'artcafe_trio._agent' not in sys.modules\n"
+        "assert 'artcafe_trio.hub._hub' not in sys.modules\n"
+        "assert 'artcafe_trio.agent._agent' not in sys.modules\n"
         "assert 'trio_websocket' not in sys.modules\n"
         "print('ok')\n"
     )

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 import trio
 import trio_websocket
 
-from ._errors import ConnectFailed, ConnectionLost
+from .._errors import ConnectFailed, ConnectionLost
 
 __all__ = ["RETRYABLE_HTTP", "connect_failed", "describe_failure"]
 

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, TypeAlias
 
 import attrs
 
-from ._errors import ProtocolError
+from .._errors import ProtocolError
 from ._subjects import validate_pattern, validate_subject
 
 __all__ = [

@@ -43,7 +43,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from typing import Generic, NoReturn, TypeVar
 
-from ._errors import ProtocolError
+from .._errors import ProtocolError
 
 __all__ = [
     "MAX_SUBJECT_LENGTH",

@@ -30,12 +30,12 @@ import trio.testing
 import trio_websocket
 from trio_websocket import WebSocketConnection
 
-from ._agent import Agent, open_agent
-from ._faulty import FaultyStream
-from ._hub import CloseCode, Hub, HubConfig, serve_hub
-from ._keys import PrivateKey, generate_private_key
-from ._registry import Registry
-from ._util import collapse_exception_groups
+from .._faulty import FaultyStream
+from .._util import collapse_exception_groups
+from ..agent._agent import Agent, open_agent
+from ..hub._hub import CloseCode, Hub, HubConfig, serve_hub
+from ..protocol._keys import PrivateKey, generate_private_key
+from ..registry._registry import Registry
 
 __all__ = ["FaultyStream", "TestHub", "open_test_hub"]
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import trio
 
+from .._util import collapse_exception_groups
 from ._agent import Agent, AgentHealth, Handler, _short_traceback, build_agent
-from ._util import collapse_exception_groups
 
 __all__ = ["HeartbeatAgent", "SimpleAgent"]
 

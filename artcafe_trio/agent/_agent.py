@@ -39,9 +39,7 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from ._backoff import Backoff
-from ._connfail import connect_failed
-from ._errors import (
+from .._errors import (
     AgentClosed,
     ArtcafeError,
     AuthenticationError,
@@ -51,7 +49,10 @@ from ._errors import (
     ProtocolError,
     ReconnectFailed,
 )
-from ._frames import (
+from .._logsafe import printable
+from .._util import collapse_exception_groups
+from ..protocol._backoff import Backoff
+from ..protocol._frames import (
     DEFAULT_MAX_FRAME_BYTES,
     Auth,
     Challenge,
@@ -74,11 +75,10 @@ from ._frames import (
     decode,
     encode,
 )
-from ._heartbeats import MAX_HEARTBEAT_JITTER, heartbeat_delays, period_jitter
-from ._keys import PrivateKey, load_private_key
-from ._logsafe import printable
-from ._subjects import SubjectIndex, validate_pattern, validate_subject
-from ._util import collapse_exception_groups
+from ..protocol._heartbeats import MAX_HEARTBEAT_JITTER, heartbeat_delays, period_jitter
+from ..protocol._keys import PrivateKey, load_private_key
+from ..protocol._subjects import SubjectIndex, validate_pattern, validate_subject
+from ._connfail import connect_failed
 
 __all__ = ["Agent", "AgentHealth", "Dialer", "Handler", "open_agent"]
 

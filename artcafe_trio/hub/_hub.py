@@ -34,9 +34,10 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed
 
-from ._errors import ProtocolError
-from ._flow import Delivery, Outbox, OutputBudget, PreAuthLimiter, PreAuthTicket, TokenBucket
-from ._frames import (
+from .._errors import ProtocolError
+from .._logsafe import printable as _printable
+from .._util import collapse_exception_groups, write_private_file
+from ..protocol._frames import (
     CLIENT_FRAME_TYPES,
     DEFAULT_MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
@@ -63,14 +64,13 @@ from ._frames import (
     encode,
     encode_message,
 )
+from ..protocol._keys import ALGORITHM_RSA, PublicKey, auth_payload, parse_public_key
+from ..protocol._subjects import SubjectIndex, is_reserved
+from ..registry._registry import PresenceChange, Registry, RegistryError
+from ._flow import Delivery, Outbox, OutputBudget, PreAuthLimiter, PreAuthTicket, TokenBucket
 from ._hubevents import HubEvents
-from ._keys import ALGORITHM_RSA, PublicKey, auth_payload, parse_public_key
-from ._logsafe import printable as _printable
-from ._registry import PresenceChange, Registry, RegistryError
-from ._subjects import SubjectIndex, is_reserved
 from ._throttle import AuthThrottle
 from ._timers import DeadlineQueue
-from ._util import collapse_exception_groups, write_private_file
 from ._wsserver import ServerWebSocket, UpgradeRequest, frame_text, read_upgrade_request
 
 __all__ = ["CloseCode", "Hub", "HubConfig", "HubStats", "open_hub", "serve_hub"]

@@ -43,15 +43,15 @@ import trio
 import trio_websocket
 from trio_websocket import WebSocketConnection
 
-from ._agent import MAX_RECEIVE_BYTES, Agent, AgentHealth, open_agent
-from ._backoff import Backoff
-from ._errors import ArtcafeError, ProtocolError
-from ._faulty import FaultyStream
-from ._frames import PresenceEvent
-from ._hub import Hub, HubConfig, open_hub
-from ._keys import generate_private_key
-from ._registry import Registry
-from ._util import collapse_exception_groups, flatten_exceptions
+from .._errors import ArtcafeError, ProtocolError
+from .._faulty import FaultyStream
+from .._util import collapse_exception_groups, flatten_exceptions
+from ..agent._agent import MAX_RECEIVE_BYTES, Agent, AgentHealth, open_agent
+from ..hub._hub import Hub, HubConfig, open_hub
+from ..protocol._backoff import Backoff
+from ..protocol._frames import PresenceEvent
+from ..protocol._keys import generate_private_key
+from ..registry._registry import Registry
 
 __all__ = ["Check", "Plan", "judge", "main", "make_plan"]
 
@@ -1134,7 +1134,7 @@ class Demo:
     async def open_dashboard(self, nursery: trio.Nursery, hub: Hub, host: str) -> None:
         """Serve the live dashboard on a free port; print its URL with a read-only
         token for the demo's tenant (made for this run's throw-away registry)."""
-        from .dashboard import create_token, serve_dashboard
+        from ..dashboard import create_token, serve_dashboard
 
         token = await trio.to_thread.run_sync(create_token, hub.registry, TENANT)
         url = await nursery.start(serve_dashboard, hub, host, 0)

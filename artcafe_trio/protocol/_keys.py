@@ -52,7 +52,7 @@ from cryptography.exceptions import InternalError, InvalidSignature, Unsupported
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from ._errors import KeyLoadError
+from .._errors import KeyLoadError
 
 __all__ = [
     "ALGORITHM_ED25519",

@@ -12,7 +12,7 @@ Sub-commands::
     status                     the live presence table from a running hub (admin channel),
                                or the last known presence from the database (exit code 3)
     publish / listen           poke at a running hub as an agent
-    demo                       a self-contained demonstration (artcafe_trio._demo)
+    demo                       a self-contained demonstration (artcafe_trio.demo._main)
 
 Exit codes: 0 success, 1 error (one ``error: ...`` line on stderr, sometimes followed by
 a ``hint: ...`` line; no traceback),
@@ -47,8 +47,8 @@ from collections.abc import Callable, Sequence
 from typing import IO, Any, NoReturn
 from urllib.parse import urlsplit
 
-from . import __version__
-from ._errors import (
+from .. import __version__
+from .._errors import (
     ArtcafeError,
     AuthenticationError,
     ConnectFailed,
@@ -58,11 +58,11 @@ from ._errors import (
     ProtocolError,
     ReconnectFailed,
 )
-from ._frames import PresenceRecord
-from ._keys import PrivateKey, generate_private_key, load_private_key, load_public_key
-from ._registry import AgentRecord, Registry, RegistryError
-from ._util import write_private_file
-from .protocol import validate_pattern, validate_subject
+from .._util import write_private_file
+from ..protocol import validate_pattern, validate_subject
+from ..protocol._frames import PresenceRecord
+from ..protocol._keys import PrivateKey, generate_private_key, load_private_key, load_public_key
+from ..registry._registry import AgentRecord, Registry, RegistryError
 
 __all__ = [
     "EXIT_ERROR",
@@ -233,7 +233,7 @@ def _connection_problem(exc: BaseException, url: str, *, hint: bool = True) -> s
     (``status``). ``hint=False`` leaves out "(is the hub running?)" where the caller says
     so already.
     """
-    from ._connfail import describe_failure
+    from ..agent._connfail import describe_failure
 
     if isinstance(exc, ReconnectFailed):
         if exc.last_cause is None:
@@ -474,7 +474,7 @@ class _HubDefault:
 def _hub_config_default(field: str) -> Any:
     import attrs
 
-    from ._hub import HubConfig
+    from ..hub._hub import HubConfig
 
     return attrs.fields_dict(HubConfig)[field].default
 
@@ -518,9 +518,9 @@ def _hub_config_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _load_metrics() -> Callable[..., Any] | None:
-    """``artcafe_trio._metrics.start_metrics_server``, or ``None`` (message printed)."""
+    """``artcafe_trio.hub._metrics.start_metrics_server``, or ``None`` (message printed)."""
     try:
-        module = importlib.import_module("artcafe_trio._metrics")
+        module = importlib.import_module("artcafe_trio.hub._metrics")
         start: Callable[..., Any] = module.start_metrics_server
     except (ImportError, AttributeError) as exc:
         _err(f"{METRICS_HINT} ({exc})")
@@ -550,7 +550,7 @@ def _webhook_configs(args: argparse.Namespace) -> list[Any]:
         if args.alert_min_offline is not None:
             raise CliError("--alert-min-offline needs --alert-webhook")
         return []
-    from .dashboard._webhooks import AlertFilter, WebhookConfig
+    from ..dashboard._webhooks import AlertFilter, WebhookConfig
 
     secret = None
     if args.alert_secret_env is not None:
@@ -614,8 +614,8 @@ async def _run_hub(
 ) -> None:
     import trio
 
-    from ._hub import Hub, HubConfig, serve_hub
-    from ._util import collapse_exception_groups
+    from .._util import collapse_exception_groups
+    from ..hub._hub import Hub, HubConfig, serve_hub
 
     db: str = args.db
     with (
@@ -636,7 +636,7 @@ async def _run_hub(
                 )
             )
             if args.dashboard is not None:
-                from .dashboard import serve_dashboard
+                from ..dashboard import serve_dashboard
 
                 host, port = args.dashboard
                 try:
@@ -645,7 +645,7 @@ async def _run_hub(
                     raise CliError(f"cannot serve the dashboard on {host}:{port}: {exc}") from None
                 print(f"dashboard at {dashboard_url} (open with ?token=<token>)", flush=True)
             if args.webhooks:
-                from .dashboard._webhooks import Webhook
+                from ..dashboard._webhooks import Webhook
 
                 for webhook_config in args.webhooks:
                     await nursery.start(Webhook(hub, webhook_config).run)
@@ -667,7 +667,7 @@ async def _run_hub(
 
 
 def _cmd_dashboard_token(args: argparse.Namespace) -> int:
-    from .dashboard._tokens import create_token
+    from ..dashboard._tokens import create_token
 
     with _open_existing_registry(args.db) as registry:
         if args.revoke:
@@ -818,7 +818,7 @@ async def _admin_session(
     import trio
     import trio_websocket
 
-    from ._frames import (
+    from ..protocol._frames import (
         AdminAuth,
         Challenge,
         Error,
@@ -1028,7 +1028,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     kwargs = _agent_kwargs(args)
 
     async def run() -> str | None:
-        from ._agent import open_agent
+        from ..agent._agent import open_agent
 
         # One shot: fail at once if the hub is unreachable instead of backing off.
         async with open_agent(auto_reconnect=False, **kwargs) as agent:
@@ -1048,8 +1048,8 @@ def _cmd_listen(args: argparse.Namespace) -> int:
     async def run() -> None:
         import trio
 
-        from ._agent import open_agent
-        from ._frames import Message
+        from ..agent._agent import open_agent
+        from ..protocol._frames import Message
 
         done = trio.Event()
         seen = 0
@@ -1087,9 +1087,9 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     try:
-        module = importlib.import_module("artcafe_trio._demo")
+        module = importlib.import_module("artcafe_trio.demo._main")
     except ModuleNotFoundError as exc:
-        if exc.name != "artcafe_trio._demo":
+        if exc.name != "artcafe_trio.demo._main":
             raise
         _err("demo not available yet")
         return EXIT_USAGE

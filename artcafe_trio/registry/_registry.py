@@ -27,8 +27,8 @@ from types import TracebackType
 
 import attrs
 
-from ._errors import ArtcafeError
-from ._keys import PublicKey, parse_public_key
+from .._errors import ArtcafeError
+from ..protocol._keys import PublicKey, parse_public_key
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -1,0 +1,1 @@
+"""``artcafe-trio demo``: a staged story on an embedded hub, built on the public API."""
