@@ -15,12 +15,18 @@ from ._errors import (
     AuthenticationError,
     ConnectFailed,
     ConnectionLost,
+    ConnectTimeout,
+    HeartbeatTimeout,
     HubError,
     KeyLoadError,
+    LocalProtocolError,
     ProtocolError,
     ReconnectFailed,
+    RemoteProtocolError,
+    SessionReplaced,
 )
 from .protocol._backoff import Backoff
+from .protocol._codes import CloseCode
 from .protocol._frames import Message, PresenceEvent, PresenceRecord
 from .protocol._keys import (
     PrivateKey,
@@ -33,7 +39,7 @@ from .registry._registry import Registry, RegistryError
 
 if TYPE_CHECKING:
     from .agent import Agent, AgentHealth, HeartbeatAgent, SimpleAgent, open_agent
-    from .hub import CloseCode, Hub, HubConfig, open_hub, serve_hub
+    from .hub import Hub, HubConfig, open_hub, serve_hub
 
 __version__ = "0.1.0"
 
@@ -46,12 +52,15 @@ __all__ = [
     "Backoff",
     "CloseCode",
     "ConnectFailed",
+    "ConnectTimeout",
     "ConnectionLost",
     "HeartbeatAgent",
+    "HeartbeatTimeout",
     "Hub",
     "HubConfig",
     "HubError",
     "KeyLoadError",
+    "LocalProtocolError",
     "Message",
     "PresenceEvent",
     "PresenceRecord",
@@ -61,6 +70,8 @@ __all__ = [
     "ReconnectFailed",
     "Registry",
     "RegistryError",
+    "RemoteProtocolError",
+    "SessionReplaced",
     "SimpleAgent",
     "generate_private_key",
     "load_private_key",
@@ -76,7 +87,6 @@ _LAZY = {
     "open_agent": "agent",
     "HeartbeatAgent": "agent",
     "SimpleAgent": "agent",
-    "CloseCode": "hub",
     "Hub": "hub",
     "HubConfig": "hub",
     "open_hub": "hub",

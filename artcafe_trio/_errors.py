@@ -2,15 +2,29 @@
 
     ArtcafeError
     ├── ProtocolError            a frame broke protocol v1 (has .code and .frame_id)
+    │   ├── LocalProtocolError   we were about to send it: a bad subject, an oversized
+    │   │                        publish, a frame out of order (a bug in the caller)
+    │   └── RemoteProtocolError  the peer sent it: invalid JSON, a wrong field, a frame
+    │                            the state does not allow
     ├── KeyLoadError             a key file could not be loaded, parsed or used
     ├── AuthenticationError      the hub refused our key, or a signature did not verify
     ├── ConnectionLost           the connection to the hub ended (has .code and .reason)
     │   ├── ConnectFailed        an attempt to connect failed before the hub's welcome
-    │   │                        (has .url and .permanent: never retried when True)
+    │   │   │                    (has .url and .permanent: never retried when True)
+    │   │   └── ConnectTimeout   no welcome within connect_timeout
+    │   ├── HeartbeatTimeout     no heartbeat ACK within the timeout (has .timeout)
+    │   ├── SessionReplaced      the hub closed us with 4003: the same agent id connected
+    │   │                        elsewhere; never retried
     │   └── ReconnectFailed      gave up after max_reconnect_attempts (has .attempts,
     │                            .elapsed, .last_cause)
     ├── HubError                 the hub answered a request with an ``error`` frame
+    ├── RegistryError            the registry refused an operation (unknown tenant or
+    │                            agent, duplicate, invalid id...); from artcafe_trio
     └── AgentClosed              the agent was stopped; the operation cannot proceed
+
+``RegistryError`` is defined with the registry (:mod:`artcafe_trio.registry`), which
+imports this module; everything else is here. WebSocket close codes are one
+:class:`~artcafe_trio.CloseCode` enum shared by the hub and the agent.
 
 The module imports neither trio nor any socket library.
 """
@@ -22,11 +36,16 @@ __all__ = [
     "ArtcafeError",
     "AuthenticationError",
     "ConnectFailed",
+    "ConnectTimeout",
     "ConnectionLost",
+    "HeartbeatTimeout",
     "HubError",
     "KeyLoadError",
+    "LocalProtocolError",
     "ProtocolError",
     "ReconnectFailed",
+    "RemoteProtocolError",
+    "SessionReplaced",
 ]
 
 
@@ -47,6 +66,18 @@ class ProtocolError(ArtcafeError):
         self.code = code
         self.message = message
         self.frame_id = frame_id
+
+
+class LocalProtocolError(ProtocolError):
+    """This side was about to break protocol v1 (a bad subject or pattern, an
+    oversized publish, a frame the connection's state does not allow): a bug or bad
+    input in the calling code. Nothing was sent."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something that breaks protocol v1 (invalid JSON, a missing or
+    mistyped field, a frame its state does not allow). ``code`` is what the hub puts
+    in its ``error`` frame."""
 
 
 class KeyLoadError(ArtcafeError):
@@ -106,6 +137,30 @@ class ConnectFailed(ConnectionLost):
         super().__init__(message, code=code, reason=reason)
         self.url = url
         self.permanent = permanent
+
+
+class ConnectTimeout(ConnectFailed):
+    """No ``welcome`` from the hub within ``connect_timeout``; retried with backoff."""
+
+    def __init__(self, message: str, *, url: str, timeout: float) -> None:
+        super().__init__(message, url=url, permanent=False)
+        self.timeout = timeout
+
+
+class HeartbeatTimeout(ConnectionLost):
+    """No heartbeat ACK came within ``timeout`` seconds (interval x multiplier): the
+    hub or the network is gone or frozen. The agent drops the connection and
+    reconnects."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"no heartbeat ACK for {timeout:g} s")
+        self.timeout = timeout
+
+
+class SessionReplaced(ConnectionLost):
+    """The hub closed the session with ``CloseCode.REPLACED`` (4003): a newer
+    connection with the same agent id took over. The agent stops instead of
+    reconnecting (two processes would take the id back from each other forever)."""
 
 
 class ReconnectFailed(ConnectionLost):

@@ -17,6 +17,7 @@ from artcafe_trio import (
     ConnectFailed,
     ConnectionLost,
     HeartbeatAgent,
+    HeartbeatTimeout,
     HubError,
     Message,
     ProtocolError,
@@ -174,6 +175,8 @@ async def test_failure_counter_resets_only_after_a_healthy_connection(
         async with test_hub.open_agent("a1", heartbeat_interval=1.0) as agent:
             await trio.sleep_forever()
     assert info.value.attempts == 10
+    assert isinstance(info.value.last_cause, HeartbeatTimeout)
+    assert info.value.last_cause.timeout == 3.0  # 1 s x the default multiplier 3.0
     assert "no heartbeat ACK" in str(info.value.last_cause)
     assert agent.get_connection_health()["reconnect_attempts"] == 10
     assert agent.get_connection_health()["connected"] is False

@@ -28,6 +28,7 @@ from artcafe_trio import (
     AuthenticationError,
     Backoff,
     ConnectFailed,
+    ConnectTimeout,
     HeartbeatAgent,
     HubConfig,
     KeyLoadError,
@@ -191,6 +192,9 @@ async def test_connect_timeout_is_retryable(
             private_key=generate_private_key(), max_reconnect_attempts=1, connect_timeout=2.5,
         ):  # fmt: skip
             pytest.fail("must not connect")
+    assert isinstance(info.value.last_cause, ConnectTimeout)
+    assert info.value.last_cause.timeout == 2.5
+    assert info.value.last_cause.permanent is False
     assert str(info.value.last_cause) == (
         f"cannot connect to {URL}: no welcome from the hub within 2.5 s"
     )

@@ -13,9 +13,11 @@ from wsproto.events import AcceptConnection, Request, TextMessage
 
 from artcafe_trio import (
     AgentClosed,
+    CloseCode,
     ConnectFailed,
     ConnectionLost,
     ReconnectFailed,
+    SessionReplaced,
     open_hub,
 )
 from artcafe_trio.testing import TestHub, open_test_hub
@@ -198,11 +200,11 @@ async def test_being_replaced_by_another_process_stops_the_agent_loudly(
 ) -> None:
     async with open_test_hub() as hub:
         key = hub.register("test", "twin")
-        with pytest.raises(ConnectionLost) as info:
+        with pytest.raises(SessionReplaced) as info:
             async with hub.open_agent("twin", private_key=key):
                 async with hub.open_agent("twin", private_key=key):
                     await trio.sleep(5)
-        assert info.value.code == 4003
+        assert info.value.code == CloseCode.REPLACED == 4003
 
 
 async def test_errors_leaving_the_api_keep_their_cause(autojump_clock: trio.abc.Clock) -> None:

@@ -45,13 +45,18 @@ from .._errors import (
     AuthenticationError,
     ConnectFailed,
     ConnectionLost,
+    ConnectTimeout,
+    HeartbeatTimeout,
     HubError,
+    LocalProtocolError,
     ProtocolError,
     ReconnectFailed,
+    SessionReplaced,
 )
 from .._logsafe import printable
 from .._util import collapse_exception_groups
 from ..protocol._backoff import Backoff
+from ..protocol._codes import CloseCode
 from ..protocol._frames import (
     DEFAULT_MAX_FRAME_BYTES,
     Auth,
@@ -96,7 +101,6 @@ State: TypeAlias = Literal["connecting", "connected", "reconnecting", "closed"]
 DEFAULT_URL = "ws://127.0.0.1:8765"
 MAX_RECEIVE_BYTES = 64 * 1024 * 1024
 """What the agent accepts from the hub; the hub bounds what it forwards."""
-REPLACED_CLOSE_CODE = 4003
 _CONNECTION_ERRORS = (
     ConnectionLost,
     OSError,
@@ -620,7 +624,7 @@ class Agent:
         text = self._publish_text(pending, placeholder)
         limit = self._conn.welcome.max_frame_bytes if self._conn else DEFAULT_MAX_FRAME_BYTES
         if len(text.encode("utf-8")) > limit:
-            raise ProtocolError("frame_too_large", f"publish frame exceeds {limit} bytes")
+            raise LocalProtocolError("frame_too_large", f"publish frame exceeds {limit} bytes")
         if reply_token is None:
             pending.text = text
         await self._publish_slots.acquire()
@@ -751,7 +755,7 @@ class Agent:
                 cause: BaseException = exc
             if self._closed:
                 return
-            if isinstance(cause, ConnectionLost) and cause.code == REPLACED_CLOSE_CODE:
+            if isinstance(cause, SessionReplaced):
                 # Another process connected with this agent id. Reconnecting would take
                 # the id back from it, and both would flap forever: stop, loudly.
                 log.error(
@@ -815,7 +819,8 @@ class Agent:
         # The nursery ended without an error: its cancel scope was cancelled.
         if self._watchdog_fired(conn):
             timeout = conn.welcome.heartbeat_timeout
-            raise ConnectionLost(f"no heartbeat ACK for {timeout:g} s")
+            assert timeout is not None  # the watchdog only has a deadline with a timeout
+            raise HeartbeatTimeout(timeout)
         raise ConnectionLost("connection closed")
 
     async def _connection_nursery(self, conn_box: list[_Connection]) -> None:
@@ -831,11 +836,11 @@ class Agent:
                             await ws.aclose()  # closes the socket even when cut short
                         raise
                 if connect_scope.cancelled_caught:
-                    raise ConnectFailed(
+                    raise ConnectTimeout(
                         f"cannot connect to {self.url}: no welcome from the hub within "
                         f"{self._connect_timeout:g} s",
                         url=self.url,
-                        permanent=False,
+                        timeout=self._connect_timeout,
                     )
                 conn = _Connection(ws, welcome, nursery.cancel_scope)
                 conn_box.append(conn)
@@ -1351,6 +1356,8 @@ def _lost(exc: ConnectionClosed) -> ConnectionLost:
         message = "connection lost without a close frame (1006)"
     else:
         message = f"the hub closed the connection ({code}{' ' + text if text else ''})"
+    if code == CloseCode.REPLACED:
+        return SessionReplaced(message, code=code, reason=text)
     return ConnectionLost(message, code=code, reason=text)
 
 

@@ -37,6 +37,7 @@ from trio_websocket import ConnectionClosed
 from .._errors import ProtocolError
 from .._logsafe import printable as _printable
 from .._util import collapse_exception_groups, write_private_file
+from ..protocol._codes import CloseCode
 from ..protocol._frames import (
     CLIENT_FRAME_TYPES,
     DEFAULT_MAX_FRAME_BYTES,
@@ -101,22 +102,6 @@ _DUMMY_KEYS = {
 }
 
 T = TypeVar("T")
-
-
-class CloseCode:
-    """WebSocket close codes the hub uses (see ``docs/protocol.md``)."""
-
-    NORMAL = 1000
-    GOING_AWAY = 1001
-    MESSAGE_TOO_BIG = 1009
-    SERVICE_RESTART = 1012
-    AUTHENTICATION_FAILED = 4001
-    CHALLENGE_EXPIRED = 4002
-    REPLACED = 4003
-    SLOW_CONSUMER = 4004
-    KEY_REVOKED = 4005
-    PROTOCOL_VIOLATION = 4006
-    HEARTBEAT_TIMEOUT = 4008
 
 
 @attrs.frozen
@@ -267,7 +252,7 @@ class _Session:
         self.reading = True
         self.writing = False
         self.draining = False
-        self.close_code = CloseCode.NORMAL
+        self.close_code: int = CloseCode.NORMAL
         self.close_reason = ""
         self.closing = False
         self.left = False
@@ -828,7 +813,8 @@ class Hub:
         ticket: PreAuthTicket | None,
     ) -> None:
         session: _Session | None = None
-        code, reason = CloseCode.NORMAL, ""
+        code: int = CloseCode.NORMAL
+        reason = ""
         self._open_connections += 1
         try:
             session = await self._authenticate(ws, agent_id, tenant_id, remote)

@@ -7,6 +7,7 @@ compatible client or hub in another framework can reuse it.
 from __future__ import annotations
 
 from ._backoff import Backoff
+from ._codes import CloseCode
 from ._frames import (
     CLIENT_FRAME_TYPES,
     DEFAULT_MAX_FRAME_BYTES,
@@ -74,6 +75,7 @@ __all__ = [
     "Auth",
     "Backoff",
     "Challenge",
+    "CloseCode",
     "Error",
     "Frame",
     "Heartbeat",

@@ -14,7 +14,7 @@ from typing import Any, ClassVar, TypeAlias
 
 import attrs
 
-from .._errors import ProtocolError
+from .._errors import LocalProtocolError, RemoteProtocolError
 from ._subjects import validate_pattern, validate_subject
 
 __all__ = [
@@ -65,11 +65,11 @@ JSON: TypeAlias = Any
 #
 # Each attrs field carries a ``kind`` in its metadata: a function that checks a
 # decoded JSON value and converts it to the attribute's Python value. Every
-# kind raises ProtocolError("invalid_field") for a wrong type.
+# kind raises RemoteProtocolError("invalid_field") for a wrong type.
 
 
-def _bad(name: str, expected: str, value: object, frame_id: str | None) -> ProtocolError:
-    return ProtocolError(
+def _bad(name: str, expected: str, value: object, frame_id: str | None) -> RemoteProtocolError:
+    return RemoteProtocolError(
         "invalid_field",
         f"field {name!r} must be {expected}, got {type(value).__name__}",
         frame_id=frame_id,
@@ -84,7 +84,7 @@ def _k_str(name: str, value: object, frame_id: str | None) -> str:
 
 def _k_id(name: str, value: object, frame_id: str | None) -> str:
     if not isinstance(value, str) or not 0 < len(value) <= MAX_ID_LENGTH:
-        raise ProtocolError(
+        raise RemoteProtocolError(
             "invalid_field",
             f"field {name!r} must be a string of 1 to {MAX_ID_LENGTH} characters",
             frame_id=frame_id,
@@ -96,7 +96,7 @@ def _k_int(name: str, value: object, frame_id: str | None) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise _bad(name, "a non-negative integer", value, frame_id)
     if value > MAX_SAFE_INTEGER:
-        raise ProtocolError(
+        raise RemoteProtocolError(
             "invalid_field",
             f"field {name!r} must be at most 2^53 - 1 ({MAX_SAFE_INTEGER})",
             frame_id=frame_id,
@@ -112,7 +112,7 @@ def _k_number(name: str, value: object, frame_id: str | None) -> float:
     except OverflowError:
         number = math.inf
     if not math.isfinite(number) or number < 0:
-        raise ProtocolError(
+        raise RemoteProtocolError(
             "invalid_field",
             f"field {name!r} must be a finite non-negative number",
             frame_id=frame_id,
@@ -165,7 +165,7 @@ def _k_metadata(name: str, value: object, frame_id: str | None) -> dict[str, JSO
     """An agent's metadata: an object, small and shallow (it is echoed to every watcher)."""
     metadata = _k_object(name, value, frame_id)
     if _depth(metadata) > MAX_METADATA_DEPTH:
-        raise ProtocolError(
+        raise RemoteProtocolError(
             "invalid_field",
             f"field {name!r} is nested deeper than {MAX_METADATA_DEPTH} levels",
             frame_id=frame_id,
@@ -173,11 +173,11 @@ def _k_metadata(name: str, value: object, frame_id: str | None) -> dict[str, JSO
     try:
         size = len(json.dumps(metadata, allow_nan=False).encode("utf-8"))
     except ValueError:  # 1e999 parses as infinity, which JSON cannot carry back out
-        raise ProtocolError(
+        raise RemoteProtocolError(
             "invalid_field", f"field {name!r} holds a number out of range", frame_id=frame_id
         ) from None
     if size > MAX_METADATA_BYTES:
-        raise ProtocolError(
+        raise RemoteProtocolError(
             "invalid_field",
             f"field {name!r} is larger than {MAX_METADATA_BYTES} bytes of JSON",
             frame_id=frame_id,
@@ -188,7 +188,7 @@ def _k_metadata(name: str, value: object, frame_id: str | None) -> dict[str, JSO
 def _k_capabilities(name: str, value: object, frame_id: str | None) -> tuple[str, ...]:
     capabilities = _k_strings(name, value, frame_id)
     if len(capabilities) > MAX_CAPABILITIES or any(len(c) > MAX_ID_LENGTH for c in capabilities):
-        raise ProtocolError(
+        raise RemoteProtocolError(
             "invalid_field",
             f"field {name!r} allows at most {MAX_CAPABILITIES} strings of at most "
             f"{MAX_ID_LENGTH} characters",
@@ -198,11 +198,21 @@ def _k_capabilities(name: str, value: object, frame_id: str | None) -> tuple[str
 
 
 def _k_subject(name: str, value: object, frame_id: str | None) -> str:
-    return validate_subject(value, frame_id=frame_id)
+    try:
+        return validate_subject(value, frame_id=frame_id)
+    except LocalProtocolError as exc:  # the validator speaks to callers; this came in
+        raise _remote(exc) from None
 
 
 def _k_pattern(name: str, value: object, frame_id: str | None) -> str:
-    return validate_pattern(value, frame_id=frame_id)
+    try:
+        return validate_pattern(value, frame_id=frame_id)
+    except LocalProtocolError as exc:
+        raise _remote(exc) from None
+
+
+def _remote(exc: LocalProtocolError) -> RemoteProtocolError:
+    return RemoteProtocolError(exc.code, exc.message, frame_id=exc.frame_id)
 
 
 _Kind: TypeAlias = Callable[[str, object, "str | None"], Any]
@@ -541,14 +551,14 @@ def _reject_constant(name: str) -> None:
 
 def _from_object(cls: type[Any], obj: object, frame_id: str | None, where: str) -> Any:
     if not isinstance(obj, dict):
-        raise ProtocolError("invalid_field", f"{where} must be an object", frame_id=frame_id)
+        raise RemoteProtocolError("invalid_field", f"{where} must be an object", frame_id=frame_id)
     kwargs: dict[str, Any] = {}
     for field in attrs.fields(cls):
         name = field.name
         optional = field.metadata["optional"]
         if name not in obj:
             if field.default is attrs.NOTHING:
-                raise ProtocolError(
+                raise RemoteProtocolError(
                     "missing_field",
                     f"{cls.type if issubclass(cls, Frame) else where} "
                     f"frame is missing field {name!r}",
@@ -563,7 +573,8 @@ def _from_object(cls: type[Any], obj: object, frame_id: str | None, where: str) 
 
 
 def decode(text: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame:
-    """Parse one frame; raise ``ProtocolError`` with a precise ``code`` on any defect.
+    """Parse one frame; raise :class:`RemoteProtocolError` with a precise ``code``
+    on any defect.
 
     Unknown extra fields are ignored (forward compatibility); wrong types are not.
     """
@@ -576,41 +587,43 @@ def decode_with_id(
     """:func:`decode`, also returning the frame's ``id`` as sent, whether or not its
     type has an ``id`` field (so a refusal can name the frame it refers to)."""
     if not isinstance(text, str):
-        raise ProtocolError(
+        raise RemoteProtocolError(
             "binary_frame", "binary frames are not supported: send JSON in a text frame"
         )
     if len(text) > max_bytes or (
         len(text) * 4 > max_bytes and len(text.encode("utf-8", "surrogatepass")) > max_bytes
     ):
-        raise ProtocolError("frame_too_large", f"frame exceeds {max_bytes} bytes")
+        raise RemoteProtocolError("frame_too_large", f"frame exceeds {max_bytes} bytes")
     try:
         obj = json.loads(text, parse_constant=_reject_constant)
     except RecursionError:
         raise _too_deep() from None
     except ValueError as exc:
-        raise ProtocolError("invalid_json", f"not valid JSON: {exc}") from None
+        raise RemoteProtocolError("invalid_json", f"not valid JSON: {exc}") from None
     if text.count("[") + text.count("{") > MAX_NESTING and _deeper_than(obj, MAX_NESTING):
         raise _too_deep()
     if not isinstance(obj, dict):
-        raise ProtocolError("not_an_object", f"a frame must be a JSON object, not {_kind(obj)}")
+        raise RemoteProtocolError(
+            "not_an_object", f"a frame must be a JSON object, not {_kind(obj)}"
+        )
     raw_id = obj.get("id")
     frame_id = raw_id if isinstance(raw_id, str) and len(raw_id) <= MAX_ID_LENGTH else None
     if "type" not in obj:
-        raise ProtocolError("missing_field", "frame has no 'type'", frame_id=frame_id)
+        raise RemoteProtocolError("missing_field", "frame has no 'type'", frame_id=frame_id)
     frame_type = obj["type"]
     if not isinstance(frame_type, str):
         raise _bad("type", "a string", frame_type, frame_id)
     cls = FRAME_TYPES.get(frame_type)
     if cls is None:
-        raise ProtocolError(
+        raise RemoteProtocolError(
             "unknown_type", f"unknown frame type {frame_type[:64]!r}", frame_id=frame_id
         )
     frame: Frame = _from_object(cls, obj, frame_id, frame_type)
     return frame, frame_id
 
 
-def _too_deep() -> ProtocolError:
-    return ProtocolError("invalid_json", f"JSON is nested deeper than {MAX_NESTING} levels")
+def _too_deep() -> RemoteProtocolError:
+    return RemoteProtocolError("invalid_json", f"JSON is nested deeper than {MAX_NESTING} levels")
 
 
 def _deeper_than(value: object, limit: int) -> bool:

@@ -31,7 +31,7 @@ subscribe to ``$presence.>`` (or a more specific pattern) explicitly.
 Errors
 ------
 :func:`validate_subject` and :func:`validate_pattern` raise
-:class:`~artcafe_trio._errors.ProtocolError` with code ``invalid_subject`` and a
+:class:`~artcafe_trio.LocalProtocolError` with code ``invalid_subject`` and a
 message naming the first problem found. Indexes and positions in messages are 0-based.
 
 This module imports neither trio nor any I/O library; everything here is on the hub's
@@ -43,7 +43,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Iterable
 from typing import Generic, NoReturn, TypeVar
 
-from .._errors import ProtocolError
+from .._errors import LocalProtocolError
 
 __all__ = [
     "MAX_SUBJECT_LENGTH",
@@ -81,7 +81,7 @@ def _fail(kind: str, value: object, wild: bool, frame_id: str | None) -> NoRetur
     """
 
     def err(message: str) -> NoReturn:
-        raise ProtocolError(_CODE, message, frame_id=frame_id)
+        raise LocalProtocolError(_CODE, message, frame_id=frame_id)
 
     if not isinstance(value, str):
         err(f"{kind} must be a str, not {type(value).__name__}")
