@@ -241,6 +241,11 @@ class KeyValue:
         data = base64.b64decode(message.get("data") or "")
         return KvEntry(self.bucket, key, data, int(message["seq"]), _op_of(headers))
 
+    async def entry(self, key: str) -> KvEntry | None:
+        """The last revision of ``key`` whatever it did (a put, delete, purge or expiry
+        marker), or ``None`` if the key never existed: what a compare-and-set needs."""
+        return await self._last(key)
+
     async def get(self, key: str, *, revision: int | None = None) -> KvEntry | None:
         """The live value of ``key`` (or its ``revision``); ``None`` if absent or deleted."""
         entry = await self._last(key, revision)

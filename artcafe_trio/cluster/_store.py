@@ -1,0 +1,248 @@
+"""The cluster's presence claims and hub leases in a JetStream key-value bucket.
+
+Every write is a compare-and-set on the key's last revision
+(:meth:`~artcafe_trio.nats.KeyValue.update`), retried from a fresh read when another
+hub wrote in between; the rules of what to write are the pure functions of
+:mod:`._records`. Writes are O(agents' transitions) and O(hubs) for leases, never
+one per heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from ..nats import KeyExistsError, KeyValue, KvEntry, KvOp, NatsClient, WrongLastRevisionError
+from ._records import (
+    LEASE_PREFIX,
+    PRESENCE_PREFIX,
+    HubLease,
+    PresenceClaim,
+    lease_key,
+    next_claim,
+    parse_presence_key,
+    presence_key,
+    reap_claim,
+    reaper_key,
+    release_claim,
+)
+
+__all__ = [
+    "ClusterStore",
+    "LeaseChange",
+    "MAX_CAS_ATTEMPTS",
+    "open_cluster_store",
+]
+
+log = logging.getLogger("artcafe_trio.cluster")
+
+#: Compare-and-set attempts before a write gives up (each one lost to another hub).
+MAX_CAS_ATTEMPTS = 16
+
+
+class ClusterContention(RuntimeError):
+    """A key changed under every one of :data:`MAX_CAS_ATTEMPTS` writes."""
+
+
+@attrs.frozen
+class LeaseChange:
+    """A hub's lease appeared (``alive``) or went away: expired, deleted or purged."""
+
+    hub: str
+    alive: bool
+    revision: int
+    lease: HubLease | None
+    expired: bool = False
+
+
+def _claim_of(entry: KvEntry | None) -> PresenceClaim | None:
+    if entry is None or entry.op is not KvOp.PUT:
+        return None
+    try:
+        return PresenceClaim.decode(entry.value)
+    except ValueError as exc:  # a foreign or corrupt value: treated as absent, logged
+        log.warning("ignoring an unreadable presence claim at %s: %s", entry.key, exc)
+        return None
+
+
+class ClusterStore:
+    """Presence claims and leases of one hub (``hub_id``) in the cluster bucket.
+
+    Obtain one with :func:`open_cluster_store`; ``wall_clock`` stamps ``since``.
+    """
+
+    def __init__(
+        self, kv: KeyValue, hub_id: str, *, wall_clock: Callable[[], float] = time.time
+    ) -> None:
+        self.kv = kv
+        self.hub_id = hub_id
+        self._wall_clock = wall_clock
+
+    async def _cas(
+        self, key: str, change: Callable[[PresenceClaim | None], PresenceClaim | None]
+    ) -> PresenceClaim | None:
+        """Apply ``change`` to the key's claim by compare-and-set until it lands or
+        ``change`` says there is nothing to write (``None``); returns what was written."""
+        for _ in range(MAX_CAS_ATTEMPTS):
+            entry = await self.kv.entry(key)
+            current = _claim_of(entry)
+            new = change(current)
+            if new is None:
+                return None
+            try:
+                if entry is None:
+                    await self.kv.create(key, new.encode())
+                else:
+                    await self.kv.update(key, new.encode(), last=entry.revision)
+            except (WrongLastRevisionError, KeyExistsError):
+                await trio.lowlevel.checkpoint()
+                continue
+            return new
+        raise ClusterContention(f"{key} changed under {MAX_CAS_ATTEMPTS} writes in a row")
+
+    async def claim(self, tenant_id: str, agent_id: str, session_id: str) -> PresenceClaim:
+        """Make this hub the owner of the agent at the next epoch (a take-over when
+        another hub owned it: that hub sees the key change and closes its session)."""
+        now = self._wall_clock()
+        written = await self._cas(
+            presence_key(tenant_id, agent_id),
+            lambda current: next_claim(
+                current, tenant_id=tenant_id, agent_id=agent_id, hub=self.hub_id,
+                session_id=session_id, now=now,
+            ),
+        )  # fmt: skip
+        assert written is not None  # next_claim always writes
+        return written
+
+    async def release(self, claim: PresenceClaim, reason: str) -> bool:
+        """Mark the agent offline with ``reason`` if this hub still owns it at
+        ``claim.epoch``; ``False`` (nothing written) when another hub took over."""
+        now = self._wall_clock()
+        written = await self._cas(
+            presence_key(claim.tenant_id, claim.agent_id),
+            lambda current: release_claim(
+                current, hub=self.hub_id, epoch=claim.epoch, reason=reason, now=now
+            ),
+        )
+        return written is not None
+
+    async def get(self, tenant_id: str, agent_id: str) -> PresenceClaim | None:
+        return _claim_of(await self.kv.entry(presence_key(tenant_id, agent_id)))
+
+    async def snapshot(self) -> dict[tuple[str, str], PresenceClaim]:
+        """Every agent's claim, as of one moment of the bucket."""
+        claims: dict[tuple[str, str], PresenceClaim] = {}
+        async with self.kv.watch(PRESENCE_PREFIX + ">") as watcher:
+            while not watcher.caught_up:  # set with the last initial value (or if none)
+                entry = await watcher.__anext__()
+                ids = parse_presence_key(entry.key)
+                claim = _claim_of(entry)
+                if ids is None:
+                    continue
+                if claim is None:
+                    claims.pop(ids, None)
+                else:
+                    claims[ids] = claim
+        return claims
+
+    async def reap(self, lost_hub: str) -> list[PresenceClaim]:
+        """Mark offline (``hub_lost``) every agent ``lost_hub`` still owns online;
+        an agent another hub claimed meanwhile is left alone. Returns what was written."""
+        now = self._wall_clock()
+        reaped: list[PresenceClaim] = []
+        for (tenant_id, agent_id), claim in (await self.snapshot()).items():
+            if claim.hub != lost_hub or claim.status != "online":
+                continue
+            written = await self._cas(
+                presence_key(tenant_id, agent_id),
+                lambda current: (
+                    None if current is None else reap_claim(current, lost_hub=lost_hub, now=now)
+                ),
+            )
+            if written is not None:
+                reaped.append(written)
+        return reaped
+
+    async def elect_reaper(self, lost_hub: str, lease_revision: int, *, ttl: float) -> bool:
+        """Whether this hub won the right to reap ``lost_hub``'s lease
+        ``lease_revision`` (create-if-absent; the key expires after ``ttl``)."""
+        try:
+            await self.kv.create(
+                reaper_key(lost_hub, lease_revision), self.hub_id.encode(), ttl=ttl
+            )
+        except KeyExistsError:
+            return False
+        return True
+
+    async def hold_lease(
+        self,
+        lease: HubLease,
+        *,
+        ttl: float,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Write this hub's lease with ``ttl`` and refresh it every ``ttl / 3`` until
+        cancelled; ``task_status.started`` gets the first revision. A lease another
+        process wrote meanwhile (a second hub with this id) is taken back loudly."""
+        key = lease_key(self.hub_id)
+        value = lease.encode()
+        try:
+            revision = await self.kv.create(key, value, ttl=ttl)
+        except KeyExistsError:
+            log.error("hub id %r already holds a lease: another hub runs with this id", key)
+            raise
+        task_status.started(revision)
+        while True:
+            await trio.sleep(ttl / 3)
+            try:
+                revision = await self.kv.update(key, value, last=revision, ttl=ttl)
+            except WrongLastRevisionError:
+                log.error("the lease %s changed under this hub; writing it again", key)
+                revision = await self.kv.put(key, value)
+
+    async def drop_lease(self) -> None:
+        """Delete this hub's lease (a graceful shutdown: no waiting for the TTL)."""
+        await self.kv.delete(lease_key(self.hub_id))
+
+    @asynccontextmanager
+    async def watch_leases(self) -> AsyncIterator[AsyncIterator[LeaseChange]]:
+        """Every lease as it is now, then each change; an expiry is reported with
+        ``expired=True`` the moment the server's TTL marker arrives."""
+        async with self.kv.watch(LEASE_PREFIX + "*") as watcher:
+
+            async def changes() -> AsyncIterator[LeaseChange]:
+                async for entry in watcher:
+                    hub = entry.key[len(LEASE_PREFIX) :]
+                    if entry.op is KvOp.PUT:
+                        try:
+                            lease = HubLease.decode(entry.value)
+                        except ValueError as exc:
+                            log.warning("ignoring an unreadable lease at %s: %s", entry.key, exc)
+                            continue
+                        yield LeaseChange(hub, True, entry.revision, lease)
+                    else:
+                        yield LeaseChange(
+                            hub, False, entry.revision, None, expired=entry.op is KvOp.EXPIRED
+                        )
+
+            yield changes()
+
+
+async def open_cluster_store(
+    nc: NatsClient,
+    hub_id: str,
+    *,
+    bucket: str = "artcafe_cluster",
+    replicas: int = 3,
+    marker_ttl: float = 60.0,
+    wall_clock: Callable[[], float] = time.time,
+) -> ClusterStore:
+    """Bind (creating if needed) the cluster bucket with per-key TTLs and expiry
+    markers, replicated ``replicas`` times, as hub ``hub_id``."""
+    kv = await nc.key_value(bucket, history=1, replicas=replicas, limit_marker_ttl=marker_ttl)
+    return ClusterStore(kv, hub_id, wall_clock=wall_clock)

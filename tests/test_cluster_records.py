@@ -1,0 +1,85 @@
+"""The cluster's presence-claim and lease rules (sans-IO, no NATS)."""
+
+from __future__ import annotations
+
+import pytest
+
+from artcafe_trio.cluster._records import (
+    HUB_LOST,
+    HubLease,
+    PresenceClaim,
+    lease_key,
+    next_claim,
+    parse_presence_key,
+    presence_key,
+    reap_claim,
+    reaper_key,
+    release_claim,
+)
+
+
+def claim(**changes: object) -> PresenceClaim:
+    base = dict(tenant_id="acme", agent_id="w1", hub="a", epoch=3, status="online",
+                reason="connected", since=100.0, session_id="s-1")  # fmt: skip
+    base.update(changes)
+    return PresenceClaim(**base)  # type: ignore[arg-type]
+
+
+def test_keys_are_nats_tokens_and_parse_back() -> None:
+    assert presence_key("acme", "w-1") == "p.acme.w-1"
+    assert parse_presence_key("p.acme.w-1") == ("acme", "w-1")
+    assert parse_presence_key("h.hub1") is None
+    assert parse_presence_key("p.acme") is None
+    assert lease_key("hub1") == "h.hub1"
+    assert reaper_key("hub1", 42) == "r.hub1.42"
+    with pytest.raises(ValueError, match="agent id"):
+        presence_key("acme", "a.b")  # a dot would split the key's tokens
+    with pytest.raises(ValueError, match="hub id"):
+        lease_key("*")
+
+
+def test_a_first_claim_is_epoch_one_and_a_take_over_the_next_epoch() -> None:
+    first = next_claim(None, tenant_id="acme", agent_id="w1", hub="a", session_id="s-1", now=5.0)
+    assert (first.epoch, first.hub, first.status, first.since) == (1, "a", "online", 5.0)
+    moved = next_claim(first, tenant_id="acme", agent_id="w1", hub="b", session_id="s-2", now=9.0)
+    # Still the same stay online: the moment it came online is kept.
+    assert (moved.epoch, moved.hub, moved.session_id, moved.since) == (2, "b", "s-2", 5.0)
+    back = next_claim(
+        claim(status="offline", reason="left", since=7.0),
+        tenant_id="acme", agent_id="w1", hub="a", session_id="s-3", now=8.0,
+    )  # fmt: skip
+    assert (back.epoch, back.reason, back.since) == (4, "connected", 8.0)
+
+
+def test_only_the_owner_at_its_epoch_releases() -> None:
+    current = claim()
+    offline = release_claim(current, hub="a", epoch=3, reason="left", now=150.0)
+    assert offline == claim(status="offline", reason="left", since=150.0, session_id=None)
+    assert release_claim(current, hub="b", epoch=3, reason="left", now=150.0) is None
+    assert release_claim(current, hub="a", epoch=2, reason="left", now=150.0) is None
+    assert release_claim(None, hub="a", epoch=3, reason="left", now=150.0) is None
+    assert release_claim(offline, hub="a", epoch=3, reason="timeout", now=160.0) is None
+
+
+def test_a_reaper_takes_only_what_the_lost_hub_still_owns_online() -> None:
+    reaped = reap_claim(claim(), lost_hub="a", now=200.0)
+    assert reaped is not None
+    assert (reaped.status, reaped.reason, reaped.epoch) == ("offline", HUB_LOST, 3)
+    assert reap_claim(claim(hub="b"), lost_hub="a", now=200.0) is None
+    assert reap_claim(claim(status="offline"), lost_hub="a", now=200.0) is None
+
+
+def test_values_round_trip_and_bad_values_are_refused() -> None:
+    value = claim()
+    assert PresenceClaim.decode(value.encode()) == value
+    lease = HubLease("a", ("ws://h1:8765",), 12.5, draining=True)
+    assert HubLease.decode(lease.encode()) == lease
+    for bad, problem in (
+        (b"[]", "JSON object"),
+        (b'{"epoch": 0}', "epoch"),
+        (value.encode().replace(b'"online"', b'"away"'), "unknown status"),
+    ):
+        with pytest.raises(ValueError, match=problem):
+            PresenceClaim.decode(bad)
+    with pytest.raises(ValueError, match="urls"):
+        HubLease.decode(b'{"hub": "a", "urls": [1]}')
