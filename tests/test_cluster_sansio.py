@@ -1,4 +1,4 @@
-"""The cluster's presence-claim and lease rules (sans-IO, no NATS)."""
+"""The cluster's presence-claim, lease and routing rules (sans-IO, no NATS)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,13 @@ from artcafe_trio.cluster._records import (
     reap_claim,
     reaper_key,
     release_claim,
+)
+from artcafe_trio.cluster._routes import (
+    InterestTable,
+    RecentIds,
+    RouteEnvelope,
+    nats_subject,
+    split_nats_subject,
 )
 
 
@@ -83,3 +90,49 @@ def test_values_round_trip_and_bad_values_are_refused() -> None:
             PresenceClaim.decode(bad)
     with pytest.raises(ValueError, match="urls"):
         HubLease.decode(b'{"hub": "a", "urls": [1]}')
+
+
+# ----------------------------------------------------------------- routing (sans-IO)
+
+
+def test_routed_subjects_carry_the_tenant_and_split_back() -> None:
+    assert nats_subject("acme", "tasks.>") == "ac.acme.tasks.>"
+    assert split_nats_subject("ac.acme.tasks.new") == ("acme", "tasks.new")
+    assert split_nats_subject("ac.acme") is None
+    assert split_nats_subject("$JS.API.INFO") is None
+    with pytest.raises(ValueError, match="tenant id"):
+        nats_subject("a.b", "x")  # would let one tenant's pattern reach another's
+
+
+def test_interest_subscribes_on_the_first_and_unsubscribes_on_the_last() -> None:
+    table = InterestTable()
+    assert table.add("acme", "tasks.*") is True
+    assert table.add("acme", "tasks.*") is False
+    assert table.add("other", "tasks.*") is True  # tenants never share a subscription
+    assert table.patterns() == [("acme", "tasks.*"), ("other", "tasks.*")]
+    assert table.remove("acme", "tasks.*") is False
+    assert table.remove("acme", "tasks.*") is True
+    assert len(table) == 1
+    with pytest.raises(KeyError):
+        table.remove("acme", "tasks.*")
+
+
+def test_an_envelope_round_trips_through_payload_and_headers() -> None:
+    envelope = RouteEnvelope("hub-a", "hub-a-7", "w1", '{"n":1}', 1700000000.25, "_reply.s.1")
+    payload, headers = envelope.to_nats()
+    assert payload == b'{"n":1}'  # the data JSON, encoded once by the origin
+    assert RouteEnvelope.from_nats(payload, headers) == envelope
+    del headers["Ac-Sender"]
+    with pytest.raises(ValueError, match="Ac-Sender"):
+        RouteEnvelope.from_nats(payload, headers)
+    with pytest.raises(ValueError, match="headers"):
+        RouteEnvelope.from_nats(payload, None)
+
+
+def test_recent_ids_pass_each_id_once_in_bounded_memory() -> None:
+    seen = RecentIds(size=3)
+    assert [seen.first_time(i) for i in ("a", "b", "a", "c", "d")] == [
+        True, True, False, True, True
+    ]  # fmt: skip
+    assert len(seen) == 3
+    assert seen.first_time("a") is True  # forgotten: the oldest went first

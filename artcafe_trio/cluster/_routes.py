@@ -1,0 +1,152 @@
+"""Routing between hubs over core NATS: subjects, interest and envelopes (sans-IO).
+
+A publish is delivered by its origin hub to its own agents and published *once* on
+NATS, on ``ac.<tenant>.<subject>``, for the other hubs. Each hub subscribes on NATS
+once per (tenant, pattern) its local agents hold — :class:`InterestTable` says when
+the first local subscriber arrives (subscribe) and the last one goes (unsubscribe).
+
+A hub whose agents hold overlapping patterns (``tasks.*`` and ``tasks.>``) gets one
+NATS copy per matching subscription; :class:`RecentIds` keeps the first and drops
+the rest by message id, and the hub then routes the message through its own subject
+index, which gives each agent one delivery however many of its patterns match and
+keeps reserved subjects out of plain wildcards (NATS alone would let ``ac.t.>``
+match ``ac.t.$presence.x``).
+
+The origin hub connects with ``echo`` off, so it never receives its own publish.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Mapping
+
+import attrs
+
+from ..registry._registry import validate_id
+
+__all__ = ["InterestTable", "RecentIds", "RouteEnvelope", "nats_subject", "split_nats_subject"]
+
+ROUTE_PREFIX = "ac"
+
+_H_ORIGIN = "Ac-Origin"
+_H_ID = "Ac-Msg-Id"
+_H_SENDER = "Ac-Sender"
+_H_REPLY = "Ac-Reply-To"
+_H_TIME = "Ac-Time"
+
+
+def nats_subject(tenant_id: str, subject_or_pattern: str) -> str:
+    """The NATS subject (or pattern) carrying ``tenant_id``'s ``subject_or_pattern``."""
+    return f"{ROUTE_PREFIX}.{validate_id(tenant_id, 'tenant id')}.{subject_or_pattern}"
+
+
+def split_nats_subject(subject: str) -> tuple[str, str] | None:
+    """``(tenant_id, subject)`` of a routed NATS subject, or ``None`` for another one."""
+    prefix, _, rest = subject.partition(".")
+    tenant, _, inner = rest.partition(".")
+    if prefix != ROUTE_PREFIX or not tenant or not inner:
+        return None
+    return tenant, inner
+
+
+class InterestTable:
+    """How many local subscriptions hold each (tenant, pattern)."""
+
+    def __init__(self) -> None:
+        self._counts: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def add(self, tenant_id: str, pattern: str) -> bool:
+        """Count one more local subscription; ``True`` when it is the first (subscribe)."""
+        key = (tenant_id, pattern)
+        self._counts[key] += 1
+        return self._counts[key] == 1
+
+    def remove(self, tenant_id: str, pattern: str) -> bool:
+        """Count one fewer; ``True`` when it was the last (unsubscribe). Removing what
+        was never added is a bug in the caller: ``KeyError``."""
+        key = (tenant_id, pattern)
+        if key not in self._counts:
+            raise KeyError(key)
+        self._counts[key] -= 1
+        if self._counts[key] == 0:
+            del self._counts[key]
+            return True
+        return False
+
+    def patterns(self) -> list[tuple[str, str]]:
+        """Every (tenant, pattern) held, e.g. to subscribe again after a NATS reconnect."""
+        return sorted(self._counts)
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+
+@attrs.frozen
+class RouteEnvelope:
+    """One publish as it crosses NATS: the ``data`` JSON as the payload (encoded once
+    by the origin), the rest in headers."""
+
+    origin_hub: str
+    message_id: str
+    sender: str
+    data_json: str
+    time: float
+    reply_to: str | None = None
+
+    def to_nats(self) -> tuple[bytes, dict[str, str]]:
+        headers = {
+            _H_ORIGIN: self.origin_hub,
+            _H_ID: self.message_id,
+            _H_SENDER: self.sender,
+            _H_TIME: repr(self.time),
+        }
+        if self.reply_to is not None:
+            headers[_H_REPLY] = self.reply_to
+        return self.data_json.encode(), headers
+
+    @classmethod
+    def from_nats(cls, payload: bytes, headers: Mapping[str, str] | None) -> RouteEnvelope:
+        """Parse a routed message; ``ValueError`` when a header is missing or bad."""
+        if headers is None:
+            raise ValueError("a routed message has headers")
+
+        def need(name: str) -> str:
+            value = headers.get(name)
+            if value is None:
+                raise ValueError(f"missing header {name}")
+            return value
+
+        try:
+            moment = float(need(_H_TIME))
+        except ValueError as exc:
+            raise ValueError(f"bad header {_H_TIME}: {exc}") from None
+        return cls(
+            origin_hub=need(_H_ORIGIN),
+            message_id=need(_H_ID),
+            sender=need(_H_SENDER),
+            data_json=payload.decode(),
+            time=moment,
+            reply_to=headers.get(_H_REPLY),
+        )
+
+
+class RecentIds:
+    """The last ``size`` message ids seen: :meth:`first_time` is ``True`` once per id
+    (while it is remembered). Memory is bounded by ``size`` whatever arrives."""
+
+    def __init__(self, size: int = 65536) -> None:
+        if size < 1:
+            raise ValueError("size must be >= 1")
+        self._size = size
+        self._ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+
+    def first_time(self, message_id: str) -> bool:
+        if message_id in self._ids:
+            return False
+        self._ids[message_id] = None
+        if len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+        return True
+
+    def __len__(self) -> int:
+        return len(self._ids)
