@@ -17,7 +17,15 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
-from ..nats import KeyExistsError, KeyValue, KvEntry, KvOp, NatsClient, WrongLastRevisionError
+from ..nats import (
+    KeyExistsError,
+    KeyValue,
+    KvEntry,
+    KvOp,
+    NatsClient,
+    NatsError,
+    WrongLastRevisionError,
+)
 from ._records import (
     LEASE_PREFIX,
     PRESENCE_PREFIX,
@@ -184,11 +192,19 @@ class ClusterStore:
         lease: HubLease,
         *,
         ttl: float,
+        on_fenced: Callable[[bool], None] | None = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Write this hub's lease with ``ttl`` and refresh it every ``ttl / 3`` until
-        cancelled; ``task_status.started`` gets the first revision. A lease another
-        process wrote meanwhile (a second hub with this id) is taken back loudly."""
+        cancelled; ``task_status.started`` gets the first revision.
+
+        Each refresh is bounded by ``ttl / 3``. When no refresh has succeeded for
+        ``ttl`` (NATS unreachable, quorum lost, this process frozen) the lease may
+        have expired and other hubs may be reaping: ``on_fenced(True)`` is called
+        once, and the hub must stop claiming to own its agents. When a refresh
+        succeeds again (the lease written anew if it expired) ``on_fenced(False)``.
+        A lease another process wrote under this hub's id is taken back, loudly.
+        """
         key = lease_key(self.hub_id)
         value = lease.encode()
         try:
@@ -197,13 +213,39 @@ class ClusterStore:
             log.error("hub id %r already holds a lease: another hub runs with this id", key)
             raise
         task_status.started(revision)
+        last_ok = trio.current_time()
+        fenced = False
         while True:
             await trio.sleep(ttl / 3)
-            try:
-                revision = await self.kv.update(key, value, last=revision, ttl=ttl)
-            except WrongLastRevisionError:
+            refreshed: int | None = None
+            with trio.move_on_after(ttl / 3):
+                try:
+                    refreshed = await self._refresh(key, value, revision, ttl)
+                except (NatsError, OSError) as exc:
+                    log.warning("could not refresh the lease %s: %s", key, exc)
+            now = trio.current_time()
+            if refreshed is not None:
+                revision, last_ok = refreshed, now
+                if fenced:
+                    fenced = False
+                    log.warning("the lease %s is held again", key)
+                    if on_fenced is not None:
+                        on_fenced(False)
+            elif not fenced and now - last_ok >= ttl:
+                fenced = True
+                log.error("the lease %s was not refreshed for %g s: fenced", key, ttl)
+                if on_fenced is not None:
+                    on_fenced(True)
+
+    async def _refresh(self, key: str, value: bytes, revision: int, ttl: float) -> int:
+        try:
+            return await self.kv.update(key, value, last=revision, ttl=ttl)
+        except WrongLastRevisionError:
+            entry = await self.kv.entry(key)
+            if entry is not None and entry.op is KvOp.PUT:
                 log.error("the lease %s changed under this hub; writing it again", key)
-                revision = await self.kv.put(key, value)
+            # Expired (or deleted) while we could not refresh: write a new one.
+            return await self.kv.update(key, value, last=entry.revision if entry else 0, ttl=ttl)
 
     async def drop_lease(self) -> None:
         """Delete this hub's lease (a graceful shutdown: no waiting for the TTL)."""

@@ -99,3 +99,41 @@ async def test_a_hub_hears_when_another_hub_takes_its_agent(
                 nursery.cancel_scope.cancel()
         assert lost == [newer]  # w1 only: w2 left through hub a itself
         assert newer.epoch == mine.epoch + 1 and newer.hub == "b"
+
+
+async def test_a_hub_that_cannot_refresh_its_lease_fences_itself_and_recovers(
+    own_nats_node: NatsNode,
+) -> None:
+    async with open_nats(own_nats_node.url) as nc:
+        a = await open_cluster_store(
+            nc, "a", bucket=f"fence{next(_buckets)}", replicas=1, marker_ttl=1
+        )
+        states: list[tuple[bool, float]] = []
+        changed = trio.Event()
+
+        def on_fenced(fenced: bool) -> None:
+            nonlocal changed
+            states.append((fenced, trio.current_time()))
+            changed.set()
+            changed = trio.Event()
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(
+                    functools.partial(a.hold_lease, HubLease("a"), ttl=TTL, on_fenced=on_fenced)
+                )
+                own_nats_node.stop_signal()  # NATS frozen: no refresh can succeed
+                frozen = trio.current_time()
+                try:
+                    await changed.wait()
+                finally:
+                    own_nats_node.cont_signal()
+                await changed.wait()
+                lease = await a.kv.get("h.a")
+                nursery.cancel_scope.cancel()
+        assert [fenced for fenced, _ in states] == [True, False]
+        fenced_after = states[0][1] - frozen
+        # Fenced once no refresh landed for one TTL: between TTL - TTL/3 (the last
+        # refresh happened up to TTL/3 before the freeze) and TTL + one bounded try.
+        assert TTL * 2 / 3 - 0.05 <= fenced_after <= TTL + TTL / 3 + 0.2
+        assert lease is not None and HubLease.decode(lease.value) == HubLease("a")
