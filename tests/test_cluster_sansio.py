@@ -119,6 +119,7 @@ def test_interest_subscribes_on_the_first_and_unsubscribes_on_the_last() -> None
 
 def test_an_envelope_round_trips_through_payload_and_headers() -> None:
     envelope = RouteEnvelope("hub-a", "hub-a-7", "w1", '{"n":1}', 1700000000.25, "_reply.s.1")
+    assert envelope.publish_id is None
     payload, headers = envelope.to_nats()
     assert payload == b'{"n":1}'  # the data JSON, encoded once by the origin
     assert RouteEnvelope.from_nats(payload, headers) == envelope
@@ -129,10 +130,25 @@ def test_an_envelope_round_trips_through_payload_and_headers() -> None:
         RouteEnvelope.from_nats(payload, None)
 
 
-def test_recent_ids_pass_each_id_once_in_bounded_memory() -> None:
-    seen = RecentIds(size=3)
-    assert [seen.first_time(i) for i in ("a", "b", "a", "c", "d")] == [
+def test_recent_ids_pass_each_key_once_in_bounded_memory_and_time() -> None:
+    seen = RecentIds(window=10.0, size=3)
+    assert [seen.first_time(k, 0.0) for k in ("a", "b", "a", "c", "d")] == [
         True, True, False, True, True
     ]  # fmt: skip
     assert len(seen) == 3
-    assert seen.first_time("a") is True  # forgotten: the oldest went first
+    assert seen.first_time("a", 1.0) is True  # forgotten: the oldest went first
+    assert seen.first_time("c", 9.9) is False
+    assert seen.first_time("c", 10.0) is True  # the window passed
+    with pytest.raises(ValueError, match="window"):
+        RecentIds(window=0)
+
+
+def test_a_resent_publish_has_the_same_key_on_every_hub() -> None:
+    first = RouteEnvelope("hub-a", "hub-a-7", "w1", "1", 1.0, publish_id="p-42")
+    resent = RouteEnvelope("hub-b", "hub-b-3", "w1", "1", 2.0, publish_id="p-42")
+    assert first.dedupe_key("acme") == resent.dedupe_key("acme") == "acme/w1/p-42"
+    assert first.dedupe_key("other") != first.dedupe_key("acme")
+    anonymous = RouteEnvelope("hub-a", "hub-a-8", "w1", "1", 1.0)
+    assert anonymous.dedupe_key("acme") == "hub-a-8"
+    payload, headers = first.to_nats()
+    assert RouteEnvelope.from_nats(payload, headers) == first

@@ -7,10 +7,10 @@ the first local subscriber arrives (subscribe) and the last one goes (unsubscrib
 
 A hub whose agents hold overlapping patterns (``tasks.*`` and ``tasks.>``) gets one
 NATS copy per matching subscription; :class:`RecentIds` keeps the first and drops
-the rest by message id, and the hub then routes the message through its own subject
-index, which gives each agent one delivery however many of its patterns match and
-keeps reserved subjects out of plain wildcards (NATS alone would let ``ac.t.>``
-match ``ac.t.$presence.x``).
+the rest (by the publisher's frame id, or the message id), and the hub then routes
+the message through its own subject index, which gives each agent one delivery
+however many of its patterns match and keeps reserved subjects out of plain
+wildcards (NATS alone would let ``ac.t.>`` match ``ac.t.$presence.x``).
 
 The origin hub connects with ``echo`` off, so it never receives its own publish.
 """
@@ -24,7 +24,14 @@ import attrs
 
 from ..registry._registry import validate_id
 
-__all__ = ["InterestTable", "RecentIds", "RouteEnvelope", "nats_subject", "split_nats_subject"]
+__all__ = [
+    "InterestTable",
+    "RecentIds",
+    "RouteEnvelope",
+    "nats_subject",
+    "publish_dedupe_key",
+    "split_nats_subject",
+]
 
 ROUTE_PREFIX = "ac"
 
@@ -33,6 +40,7 @@ _H_ID = "Ac-Msg-Id"
 _H_SENDER = "Ac-Sender"
 _H_REPLY = "Ac-Reply-To"
 _H_TIME = "Ac-Time"
+_H_PUBLISH_ID = "Ac-Publish-Id"
 
 
 def nats_subject(tenant_id: str, subject_or_pattern: str) -> str:
@@ -92,6 +100,17 @@ class RouteEnvelope:
     data_json: str
     time: float
     reply_to: str | None = None
+    #: The publisher's frame ``id`` (it re-sends an unconfirmed publish with the same
+    #: one, possibly to another hub after a failover).
+    publish_id: str | None = None
+
+    def dedupe_key(self, tenant_id: str) -> str:
+        """What identifies this publish on every hub: the publisher's frame id when it
+        sent one (a re-send through another hub has a new message id but the same
+        key), else the message id."""
+        if self.publish_id is not None:
+            return publish_dedupe_key(tenant_id, self.sender, self.publish_id)
+        return self.message_id
 
     def to_nats(self) -> tuple[bytes, dict[str, str]]:
         headers = {
@@ -102,6 +121,8 @@ class RouteEnvelope:
         }
         if self.reply_to is not None:
             headers[_H_REPLY] = self.reply_to
+        if self.publish_id is not None:
+            headers[_H_PUBLISH_ID] = self.publish_id
         return self.data_json.encode(), headers
 
     @classmethod
@@ -127,26 +148,49 @@ class RouteEnvelope:
             data_json=payload.decode(),
             time=moment,
             reply_to=headers.get(_H_REPLY),
+            publish_id=headers.get(_H_PUBLISH_ID),
         )
 
 
-class RecentIds:
-    """The last ``size`` message ids seen: :meth:`first_time` is ``True`` once per id
-    (while it is remembered). Memory is bounded by ``size`` whatever arrives."""
+def publish_dedupe_key(tenant_id: str, sender: str, publish_id: str) -> str:
+    """The cluster-wide key of an agent's publish ``publish_id`` (ids cannot hold
+    ``/``, so the parts cannot run into each other)."""
+    return f"{tenant_id}/{sender}/{publish_id}"
 
-    def __init__(self, size: int = 65536) -> None:
+
+class RecentIds:
+    """Publishes seen recently, by :meth:`RouteEnvelope.dedupe_key`.
+
+    :meth:`first_time` is ``True`` once per key while it is remembered: for
+    ``window`` seconds and among the last ``size`` keys, whichever forgets first, so
+    memory is bounded whatever arrives. A hub runs every routed copy through it —
+    the ones it publishes and the ones NATS brings — so a publish re-sent through
+    another hub after a failover is recognised there, or dropped by the hubs that
+    saw the first copy.
+    """
+
+    def __init__(self, *, window: float = 600.0, size: int = 65536) -> None:
         if size < 1:
             raise ValueError("size must be >= 1")
+        if window <= 0:
+            raise ValueError("window must be > 0")
         self._size = size
-        self._ids: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._window = window
+        self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()
 
-    def first_time(self, message_id: str) -> bool:
-        if message_id in self._ids:
+    def first_time(self, key: str, now: float) -> bool:
+        seen = self._seen
+        while seen:
+            oldest, when = next(iter(seen.items()))
+            if now - when < self._window:
+                break
+            del seen[oldest]
+        if key in seen:
             return False
-        self._ids[message_id] = None
-        if len(self._ids) > self._size:
-            self._ids.popitem(last=False)
+        seen[key] = now
+        if len(seen) > self._size:
+            seen.popitem(last=False)
         return True
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return len(self._seen)

@@ -50,7 +50,7 @@ async def test_overlapping_interest_gives_one_copy_and_the_origin_none(
                     async for msg in sub:
                         copies += 1
                         routed = RouteEnvelope.from_nats(msg.data, msg.headers)
-                        if seen.first_time(routed.message_id):
+                        if seen.first_time(routed.dedupe_key("acme"), trio.current_time()):
                             received.append((split_nats_subject(msg.subject), routed))
 
                 for sub in [*subs, own]:
