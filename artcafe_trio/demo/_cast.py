@@ -9,12 +9,11 @@ import struct
 import sys
 from typing import Any
 
-import attrs
 import trio
 import trio_websocket
 from trio_websocket import WebSocketConnection
 
-from artcafe_trio import Agent, AgentHealth, PresenceEvent
+from artcafe_trio import Agent, AgentHealth
 
 from .._faulty import FaultyStream
 from ..agent._agent import MAX_RECEIVE_BYTES
@@ -83,11 +82,3 @@ class Member:
 
     def on_task(self, subject: str, data: Any) -> None:
         self.tasks += 1
-
-
-@attrs.frozen
-class _Seen:
-    """A presence event as the monitor received it."""
-
-    event: PresenceEvent
-    received: float

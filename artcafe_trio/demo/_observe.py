@@ -7,15 +7,24 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import attrs
 import trio
 
 from artcafe_trio import AgentHealth, Hub, PresenceEvent, ProtocolError
 
-from ._cast import Member, _Seen
+from ._cast import Member
 from ._output import _Output
 from ._plan import EARLY, SAMPLE_PERIOD, TENANT
 
 __all__ = ["Observer"]
+
+
+@attrs.frozen
+class _Seen:
+    """A presence event as the monitor received it."""
+
+    event: PresenceEvent
+    received: float
 
 
 class Observer:

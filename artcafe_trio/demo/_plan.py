@@ -41,8 +41,8 @@ REDRAW_PERIOD = 0.25
 CONNECT_BOUND = 15.0
 """The most the agents may take to come online."""
 CLOSE_HANDSHAKE = 1.0
-"""How long an agent waits for the close handshake of a connection it gives up
-(``_agent._run_connection``): a hung connection never answers it."""
+"""How long an agent waits for the close handshake of a connection it gives up: a hung
+connection never answers it."""
 
 
 # --------------------------------------------------------------------------- the plan
