@@ -29,7 +29,8 @@ The commands are thin layers over the public API (``artcafe_trio``, ``artcafe_tr
 ``artcafe_trio.registry``, ``artcafe_trio.dashboard``), one module each: ``_keycmd``,
 ``_agentscmd`` (agents, dashboard-token), ``_hubcmd``, ``_status`` (with ``_presence``, the
 printer, and ``_admin``, the admin client), ``_agentio`` (publish, listen), ``_democmd``;
-``_parser`` builds the argument parser; this module runs it and reports errors.
+``_parser`` builds the argument parser; this module runs it and reports errors. The few
+private helpers still needed are listed in ``tests/test_cli_layout.py``.
 """
 
 from __future__ import annotations

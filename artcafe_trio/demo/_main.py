@@ -22,7 +22,7 @@ The modules: ``_plan`` (settings, timeline), ``_cast`` (agents and their faulty 
 ``_observe`` (presence events, presence table and health, sampled), ``_stages`` (the five
 stages and their checks), ``_judge`` (the summary), ``_output`` and ``_screen`` (plain lines
 or the live view), ``_runner`` (hub, agents, dashboard; the whole run). All of it is built on
-the public API.
+the public API (the few private helpers it still needs: ``tests/test_cli_layout.py``).
 """
 
 from __future__ import annotations
