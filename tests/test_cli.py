@@ -42,16 +42,10 @@ from artcafe_trio import (
     parse_public_key,
 )
 from artcafe_trio.agent._connfail import connect_failed
-from artcafe_trio.cli._main import (
-    DEFAULT_URL,
-    EXIT_INTERRUPTED,
-    _close_text,
-    _connection_problem,
-    _hub_config_kwargs,
-    _iso,
-    build_parser,
-    main,
-)
+from artcafe_trio.cli._common import DEFAULT_URL, _iso
+from artcafe_trio.cli._hubcmd import _hub_config_kwargs
+from artcafe_trio.cli._main import EXIT_INTERRUPTED, build_parser, main
+from artcafe_trio.cli._problems import _close_text, _connection_problem
 
 CLI = [sys.executable, "-c", "from artcafe_trio.cli import main; raise SystemExit(main())"]
 
@@ -596,7 +590,7 @@ async def test_friendly_messages_from_a_live_hub(
     result: list[int] = []
 
     def watch() -> None:
-        from artcafe_trio.cli import _main as _cli
+        from artcafe_trio.cli import _presence as _cli
 
         show = _cli._StatusPrinter.show
 

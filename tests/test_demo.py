@@ -10,7 +10,11 @@ import pytest
 
 from artcafe_trio.cli import _main as _cli
 from artcafe_trio.demo import _main as _demo
-from artcafe_trio.demo._main import EARLY, LATE, Check, judge, make_plan
+from artcafe_trio.demo import _plan
+from artcafe_trio.demo._judge import Check, judge
+from artcafe_trio.demo._output import _Output
+from artcafe_trio.demo._plan import EARLY, LATE, make_plan
+from artcafe_trio.demo._screen import _layout
 
 SUMMARY_ROW = re.compile(
     r"^  (?P<verdict>ok|FAILED)\s+(?P<event>\S.*?)\s{2,}(?P<expected>\S.*?)\s{2,}"
@@ -158,14 +162,14 @@ def test_default_plan_takes_20_to_30_seconds() -> None:
     assert 20 <= plan.duration <= 30
     assert plan.timeout == 3.0 and plan.grace == 2.0
     assert not plan.stretched
-    assert plan.pause >= _demo.DEFAULT_PAUSE - 1e-9
+    assert plan.pause >= _plan.DEFAULT_PAUSE - 1e-9
 
 
 def test_plan_fits_a_requested_duration() -> None:
     plan = make_plan(40, 3, 1.0)
     assert plan.duration == 40 and not plan.stretched
-    assert plan.pause > _demo.DEFAULT_PAUSE
-    busy = sum(_demo.stage_estimates(1.0).values())
+    assert plan.pause > _plan.DEFAULT_PAUSE
+    busy = sum(_plan.stage_estimates(1.0).values())
     assert busy + 5 * plan.pause == pytest.approx(40)
 
 
@@ -173,7 +177,7 @@ def test_plan_stretches_a_duration_too_short_for_the_stages() -> None:
     plan = make_plan(2, 3, 1.0)
     assert plan.stretched
     assert plan.duration > 2
-    assert plan.pause == pytest.approx(_demo.MIN_PAUSE)
+    assert plan.pause == pytest.approx(_plan.MIN_PAUSE)
 
 
 @pytest.mark.parametrize(
@@ -205,7 +209,7 @@ def test_bad_options_are_usage_errors(
 
 @pytest.mark.parametrize("width", [80, 100, 140])
 def test_table_layout_fits_the_terminal(width: int) -> None:
-    layout = _demo._layout(width)
+    layout = _layout(width)
     header = layout.row({c.name: c.name for c in layout.columns})
     assert len(header) <= width
     assert len(layout.groups("-")) <= width
@@ -214,12 +218,12 @@ def test_table_layout_fits_the_terminal(width: int) -> None:
 
 def test_plain_output_prints_events_at_once_and_live_output_does_not() -> None:
     plain = io.StringIO()
-    out = _demo._Output(plain, live=False, color=False)
+    out = _Output(plain, live=False, color=False)
     out.event("ALERT", "hung-worker is offline: timeout")
     assert re.match(r"^\s+\d+\.\d\ds  ALERT   hung-worker is offline: timeout\n$", plain.getvalue())
 
     screen = io.StringIO()
-    live = _demo._Output(screen, live=True, color=True)
+    live = _Output(screen, live=True, color=True)
     live.event("ALERT", "hung-worker is offline: timeout")
     assert screen.getvalue() == ""  # drawn by the next redraw, not scribbled over the screen
     live.enter_screen()

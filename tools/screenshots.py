@@ -113,7 +113,7 @@ def main() -> None:
             registry.record_presence(_example_history(layout))
         port, dash = free_port(), free_port()
         hub = subprocess.Popen(
-            [sys.executable, "-m", "artcafe_trio.cli._main", "hub", "--port", str(port), "--db",
+            [sys.executable, "-m", "artcafe_trio", "hub", "--port", str(port), "--db",
              str(db), "--dashboard", f"127.0.0.1:{dash}", "--disconnect-grace", "0"],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         )  # fmt: skip

@@ -1,0 +1,143 @@
+"""The admin client: one session on the hub's admin channel (``status``, ``status --watch``).
+
+Its own module: it is the CLI's only client of the wire protocol besides the agent.
+"""
+
+from __future__ import annotations
+
+import math
+import ssl
+from urllib.parse import urlsplit
+
+from artcafe_trio import AuthenticationError, HubError
+
+from ._common import (
+    ADMIN_PATH,
+    PRESENCE_SUBJECT,
+    STATUS_TIMEOUT,
+    WATCH_TICK,
+    CliError,
+    HubUnreachable,
+)
+from ._presence import _presence_json, _StatusPrinter
+from ._problems import _close_text, _connection_problem, _not_tls
+
+__all__ = ["_admin_session", "_tls_preflight"]
+
+
+async def _admin_session(
+    url: str,
+    token: str,
+    ssl_context: ssl.SSLContext | None,
+    printer: _StatusPrinter,
+) -> None:
+    """Query (and with ``printer.watch`` follow) the hub's presence table."""
+    import trio
+    import trio_websocket
+
+    from artcafe_trio.protocol import (
+        AdminAuth,
+        Challenge,
+        Error,
+        Frame,
+        Message,
+        PresenceQuery,
+        PresenceState,
+        Subscribe,
+        Welcome,
+        decode,
+        encode,
+    )
+
+    async def send(ws: trio_websocket.WebSocketConnection, frame: Frame) -> None:
+        try:
+            await ws.send_message(encode(frame))
+        except trio_websocket.ConnectionClosed as exc:
+            raise HubUnreachable(
+                f"hub closed the admin connection ({_close_text(exc.reason)})"
+            ) from None
+
+    async def receive(ws: trio_websocket.WebSocketConnection) -> Frame:
+        try:
+            return decode(await ws.get_message(), max_bytes=64 * 1024 * 1024)
+        except trio_websocket.ConnectionClosed as exc:
+            raise HubUnreachable(
+                f"hub closed the admin connection ({_close_text(exc.reason)})"
+            ) from None
+
+    try:
+        with trio.fail_after(STATUS_TIMEOUT) as handshake_scope:
+            if ssl_context is not None:
+                await _tls_preflight(url, ssl_context)
+            async with trio_websocket.open_websocket_url(
+                url.rstrip("/") + ADMIN_PATH,
+                ssl_context,
+                max_message_size=64 * 1024 * 1024,
+            ) as ws:
+                challenge = await receive(ws)
+                if not isinstance(challenge, Challenge):
+                    raise CliError(f"unexpected first frame from the hub: {challenge.type!r}")
+                await send(ws, AdminAuth(token=token))
+                answer = await receive(ws)
+                if isinstance(answer, Error):
+                    raise AuthenticationError(
+                        f"the hub refused the admin token from the admin file: {answer.message}"
+                    )
+                if not isinstance(answer, Welcome):
+                    raise CliError(f"unexpected answer from the hub: {answer.type!r}")
+                if printer.watch:
+                    await send(ws, Subscribe(id="watch", subject=PRESENCE_SUBJECT))
+                query = 0
+                await send(ws, PresenceQuery(id=f"q{query}"))
+                next_tick = trio.current_time() + WATCH_TICK
+                while True:
+                    # --watch redraws at every presence change and every WATCH_TICK s, so
+                    # that LAST SEEN, LAST HEARTBEAT ACK and their ages stay current.
+                    with trio.move_on_at(next_tick if printer.watch else math.inf) as tick:
+                        frame = await receive(ws)
+                    if tick.cancelled_caught:
+                        next_tick = trio.current_time() + WATCH_TICK
+                        query += 1
+                        await send(ws, PresenceQuery(id=f"q{query}"))
+                        continue
+                    if isinstance(frame, PresenceState):  # answers come in order: show each
+                        printer.show([_presence_json(r, "hub") for r in frame.agents])
+                        if not printer.watch:
+                            return
+                        handshake_scope.deadline = math.inf  # watching: wait forever
+                    elif isinstance(frame, Message) and frame.subject.startswith("$presence."):
+                        query += 1
+                        await send(ws, PresenceQuery(id=f"q{query}"))
+                    elif isinstance(frame, Error):
+                        raise HubError(frame.code, frame.message)
+    except trio.TooSlowError:
+        raise HubUnreachable(
+            f"the hub at {url} did not answer within {STATUS_TIMEOUT:g} s"
+        ) from None
+    except (OSError, trio_websocket.HandshakeError) as exc:
+        raise HubUnreachable(_connection_problem(exc, url, hint=False)) from None
+
+
+async def _tls_preflight(url: str, ssl_context: ssl.SSLContext) -> None:
+    """Fail fast on a TLS error: trio-websocket only times out on one (its issue #199)."""
+    import trio
+
+    split = urlsplit(url)
+    host, port = split.hostname or "127.0.0.1", split.port or 443
+    try:
+        stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=ssl_context)
+    except OSError:
+        return  # unreachable: the caller's own connection attempt reports (or retries) that
+    try:
+        await stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        cause = exc.__cause__ or exc
+        if _not_tls(cause):
+            raise CliError(_connection_problem(exc, url)) from None
+        hint = " (pass --cafile to trust its CA)"
+        if not isinstance(cause, ssl.SSLCertVerificationError):
+            hint = ""
+        raise CliError(f"TLS handshake with {host}:{port} failed: {cause}{hint}") from None
+    finally:
+        with trio.move_on_after(1, shield=True):
+            await stream.aclose()

@@ -1,0 +1,118 @@
+"""Presence as ``status`` prints it: JSON objects, the table, and the printer that
+``--watch`` redraws."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from collections.abc import Sequence
+from typing import IO, Any
+
+from artcafe_trio import PresenceRecord
+from artcafe_trio.registry import AgentRecord
+
+from ._common import _iso, _table
+
+__all__ = ["_StatusPrinter", "_presence_json", "_presence_table", "_registry_presence_json"]
+
+
+def _presence_json(record: PresenceRecord, source: str) -> dict[str, Any]:
+    """A ``PresenceRecord`` as the JSON object ``status --json`` prints."""
+    return {
+        "tenant_id": record.tenant_id,
+        "agent_id": record.agent_id,
+        "status": record.status,
+        "reason": record.reason,
+        "session_id": record.session_id,
+        "since": _iso(record.since),
+        "last_seen": _iso(record.last_seen),
+        "last_heartbeat_ack": _iso(record.last_heartbeat),
+        "heartbeat_timeout": record.heartbeat_timeout,
+        "source": source,
+    }
+
+
+def _registry_presence_json(record: AgentRecord) -> dict[str, Any]:
+    """Last known presence from the database; with no hub running nobody is online."""
+    if record.status == "offline":
+        reason = record.reason
+    elif record.status == "online":
+        reason = "disconnected"  # the hub died with the agent online (as a restart records it)
+    else:
+        reason = None  # never seen
+    return {
+        "tenant_id": record.tenant_id,
+        "agent_id": record.agent_id,
+        "status": "offline",
+        "reason": reason,
+        "session_id": None,
+        "since": None,
+        "last_seen": _iso(record.last_seen),
+        "last_heartbeat_ack": _iso(record.last_heartbeat),
+        "heartbeat_timeout": None,
+        "source": "registry",
+    }
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 7200:
+        return f"{seconds // 60} min ago"
+    return f"{seconds // 3600} h ago"
+
+
+def _presence_table(rows: Sequence[dict[str, Any]], now: float | None = None) -> str:
+    """The presence table; with ``now`` (``--watch``), times also show their age."""
+    headers = ("TENANT", "AGENT", "STATUS", "REASON", "LAST SEEN", "LAST HEARTBEAT ACK")
+
+    def short(value: str | None) -> str:
+        if not value:
+            return "-"
+        text = value[:19] + "Z"
+        if now is not None:
+            moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            text += f" ({_age(now - moment)})"
+        return text
+
+    return _table(
+        headers,
+        [
+            (
+                row["tenant_id"],
+                row["agent_id"],
+                row["status"],
+                row["reason"] or "-",
+                short(row["last_seen"]),
+                short(row["last_heartbeat_ack"]),
+            )
+            for row in rows
+        ],
+    )
+
+
+class _StatusPrinter:
+    def __init__(self, as_json: bool, watch: bool, stream: IO[str]) -> None:
+        self.as_json = as_json
+        self.watch = watch
+        self.stream = stream
+        self.tty = stream.isatty()
+
+    def show(self, rows: Sequence[dict[str, Any]]) -> None:
+        if self.as_json:
+            # One line per table in watch mode (JSON Lines), pretty otherwise.
+            text = json.dumps(list(rows), indent=None if self.watch else 2)
+        else:
+            now = time.time()
+            table = _presence_table(rows, now if self.watch else None)
+            text = table if rows else "no agents known to the hub"
+            if self.watch:
+                stamp = _iso(now, "seconds")
+                text = f"presence at {stamp} (Ctrl+C to stop)\n{text}"
+                if self.tty:
+                    text = "\x1b[H\x1b[2J" + text
+                else:
+                    text += "\n"
+        print(text, file=self.stream, flush=True)
