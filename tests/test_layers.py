@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "testing": {"_errors", "_faulty", "_util", "agent", "hub", "protocol", "registry"},
 }
 #: Never imported by any other part of the package (entry points and the test kit).
-LEAVES = {"cli", "demo", "testing"}
+LEAVES = {"__main__", "cli", "demo", "testing"}
 
 
 def _imports(path: Path) -> set[str]:
