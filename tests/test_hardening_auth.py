@@ -138,7 +138,7 @@ async def test_every_refusal_costs_exactly_one_signature_check_of_the_same_type(
 ) -> None:
     async with open_test_hub(auth_failures_free=10**6, close_timeout=0.5) as hub:
         hub.register("t1", "a1", algorithm=algorithm)
-        await hub.hub._reload_credentials()  # keys loaded: no reload during the check
+        await hub.hub._keys.reload()  # keys loaded: no reload during the check
         intruder = generate_private_key(algorithm)
         kwargs: dict[str, Any] = {
             "wrong signature": {},
@@ -552,7 +552,7 @@ async def test_a_hub_says_loudly_that_its_registry_file_was_deleted_and_keeps_se
             registry=registry, registry_poll_interval=0.02, close_timeout=0.5
         ) as hub:
             key = hub.register("t1", "a1")
-            await hub.hub._reload_credentials()
+            await hub.hub._keys.reload()
             with caplog.at_level(logging.ERROR, logger="artcafe_trio.hub"):
                 for name in os.listdir(tmp_path):
                     os.unlink(tmp_path / name)
@@ -565,7 +565,7 @@ async def test_a_hub_says_loudly_that_its_registry_file_was_deleted_and_keeps_se
             lines = [r.getMessage() for r in caplog.records if "was deleted" in r.message]
             assert len(lines) == 1
             assert "writes no presence" in lines[0]
-            assert hub.hub._pending_changes  # the online transition waits, unwritten
+            assert hub.hub._presence_writer.pending  # the online transition waits, unwritten
             assert not db.exists()  # nothing recreated it
             gauges = {
                 sample.name: sample.value
@@ -573,7 +573,7 @@ async def test_a_hub_says_loudly_that_its_registry_file_was_deleted_and_keeps_se
                 for sample in family.samples
             }
             assert gauges["artcafe_registry_file_lost"] == 1
-            assert gauges["artcafe_presence_writes_pending"] == len(hub.hub._pending_changes)
+            assert gauges["artcafe_presence_writes_pending"] == len(hub.hub._presence_writer.pending)
 
 
 async def test_pending_presence_writes_are_bounded_by_the_number_of_agents(
@@ -593,7 +593,7 @@ async def test_pending_presence_writes_are_bounded_by_the_number_of_agents(
                 client = await raw_connect(hub, nursery, agent, "t1", key)
                 await client.ws.aclose()
                 await trio.sleep(0.01)
-        pending = hub.hub._pending_changes
+        pending = hub.hub._presence_writer.pending
         assert len(pending) <= 2 * 2 + 16
         latest = {(c.tenant_id, c.agent_id): c for c in pending}
         assert {k: (c.status, c.reason) for k, c in latest.items()} == {

@@ -19,7 +19,7 @@ import trio
 import trio.testing
 import trio_websocket
 
-import artcafe_trio.hub._hub as hub_module
+import artcafe_trio.hub._router as router_module
 from artcafe_trio import CloseCode, HubConfig, open_hub
 from artcafe_trio.protocol import (
     Error,
@@ -131,7 +131,7 @@ async def test_one_publish_is_encoded_once_for_every_receiver() -> None:
 
 
 async def test_a_long_fan_out_lets_other_tasks_run(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(hub_module, "FANOUT_BATCH", 2)
+    monkeypatch.setattr(router_module, "FANOUT_BATCH", 2)
     async with open_test_hub(close_timeout=0.5) as hub:
         async with trio.open_nursery() as nursery:
             receivers = [await connect(hub, nursery, f"r{i}") for i in range(6)]
@@ -284,7 +284,7 @@ async def test_pipelined_publishes_are_back_pressured_not_cut_off() -> None:
     async with open_test_hub(send_queue_size=64, reply_window=32, close_timeout=0.5) as hub:
         async with trio.open_nursery() as nursery:
             client = await connect(hub, nursery, "fast", lockstep=True)
-            [session] = [s for s in hub.hub._sessions.values() if s.agent_id == "fast"]
+            [session] = [s for s in hub.hub._directory.agent_sessions() if s.agent_id == "fast"]
             most_replies = 0
             answers = 0
 
@@ -445,13 +445,13 @@ async def test_open_requests_are_bounded_and_forgotten_with_the_requester() -> N
             for n in range(5):
                 await requester.send(Publish(subject="jobs", data=n, reply_to=f"{inbox}.{n}"))
             await barrier(requester)
-            assert sorted(hub.hub._reply_grants) == [f"{inbox}.2", f"{inbox}.3", f"{inbox}.4"]
+            assert sorted(hub.hub._router.replies.grants) == [f"{inbox}.2", f"{inbox}.3", f"{inbox}.4"]
             # The oldest were dropped: answering them is refused.
             await worker.send(Publish(subject=f"{inbox}.0", data="late", id="late"))
             assert (await worker.recv_type(Error)).code == "reply_not_expected"
             await requester.ws.aclose()
             with trio.fail_after(5):
-                while hub.hub._reply_grants:
+                while hub.hub._router.replies.grants:
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
 
@@ -555,16 +555,16 @@ async def test_open_requests_are_bounded_hub_wide_in_responders_held() -> None:
             for n in range(3):  # 2 responders each: 6 > 5, so the first is forgotten
                 await requester.send(Publish(subject="jobs", data=n, reply_to=f"{inbox}.{n}"))
             await barrier(requester)
-            assert sorted(hub.hub._reply_grants) == [f"{inbox}.1", f"{inbox}.2"]
-            assert hub.hub._granted == 4
+            assert sorted(hub.hub._router.replies.grants) == [f"{inbox}.1", f"{inbox}.2"]
+            assert hub.hub._router.replies.granted == 4
             await workers[0].send(Publish(subject=f"{inbox}.0", data="late", id="late"))
             assert (await workers[0].recv_type(Error)).code == "reply_not_expected"
             await workers[1].send(Publish(subject=f"{inbox}.2", data="ok", id="ok"))
             await workers[1].recv_type(Published)
-            assert hub.hub._granted == 2
+            assert hub.hub._router.replies.granted == 2
             await requester.ws.aclose()
             with trio.fail_after(5):
-                while hub.hub._reply_grants:
+                while hub.hub._router.replies.grants:
                     await trio.sleep(0.01)
-            assert hub.hub._granted == 0
+            assert hub.hub._router.replies.granted == 0
             nursery.cancel_scope.cancel()

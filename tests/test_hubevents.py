@@ -82,10 +82,10 @@ async def test_take_over_is_an_event_and_counted_for_an_hour(
     async with open_test_hub() as hub:
         with hub.hub.events.subscribe() as sub:
             await connect(hub, nursery, "a")
-            first = hub.hub._sessions[("t1", "a")].session_id
+            first = hub.hub._directory.live("t1", "a").session_id
             assert hub.hub.events.measures("t1", "a").reconnects == 0
             await connect(hub, nursery, "a")
-            second = hub.hub._sessions[("t1", "a")].session_id
+            second = hub.hub._directory.live("t1", "a").session_id
             takeovers = [e for e in drain(sub) if isinstance(e, TakeOver)]
             assert [(t.old_session_id, t.new_session_id) for t in takeovers] == [(first, second)]
             measures = hub.hub.events.measures("t1", "a")
@@ -145,7 +145,7 @@ async def test_auth_failures_and_slow_consumers_are_events(
             refused = await raw_connect(hub, nursery, "a", "t1", wrong)
             assert refused.welcome is None
             await connect(hub, nursery, "b")
-            session = hub.hub._sessions[("t1", "b")]
+            session = hub.hub._directory.live("t1", "b")
             for _ in range(10):  # no checkpoint: the writer cannot drain in between
                 session.deliver(Delivery('{"type":"heartbeat_ack","seq":1,"hub_time":0}'))
             items = drain(sub)

@@ -91,17 +91,17 @@ async def test_peers_that_never_finish_the_close_handshake_hold_no_hub_task(
 ) -> None:
     async with open_test_hub() as hub:
         hub.register("t", "a")
-        assert hub.hub._nursery is not None
-        base = len(hub.hub._nursery.child_tasks)
+        assert hub.hub._connections.nursery is not None
+        base = len(hub.hub._connections.nursery.child_tasks)
         bad_auth = '{"type":"auth","agent_id":"a","tenant_id":"t","algorithm":"ed25519","signature":"AAAA"}'
         peers = [
             await raw_peer(hub, bad_auth),
             await raw_peer(hub, "not json"),
             await raw_peer(hub, None),
         ]
-        assert len(hub.hub._nursery.child_tasks) - base == 3
+        assert len(hub.hub._connections.nursery.child_tasks) - base == 3
         await trio.sleep(60)  # challenge expiry (30 s) plus the bounded close (2 s)
-        assert len(hub.hub._nursery.child_tasks) - base == 0
+        assert len(hub.hub._connections.nursery.child_tasks) - base == 0
         del peers
 
 
@@ -153,7 +153,7 @@ async def test_unsubscribe_while_the_subscribe_is_in_flight_reaches_the_hub(
         agent.on_message("p.q")(lambda s, d: None)  # subscribe sent in the background
         await agent.unsubscribe("p.q")
         await trio.sleep(0.5)
-        session = hub.hub._sessions[("test", "a1")]
+        session = hub.hub._directory.live("test", "a1")
         assert session.subscriptions == set()
 
 

@@ -27,7 +27,7 @@ from artcafe_trio import (
 )
 from artcafe_trio._util import collapse_exception_groups, flatten_exceptions
 from artcafe_trio.agent import _agent as agent_module
-from artcafe_trio.hub import _hub as hub_module
+from artcafe_trio.hub import _serve as hub_module
 from artcafe_trio.testing import TestHub, open_test_hub
 
 pytestmark = pytest.mark.timeout(60)

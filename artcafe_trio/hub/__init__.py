@@ -5,6 +5,7 @@ Import the public names from :mod:`artcafe_trio`; this subpackage is the impleme
 
 from __future__ import annotations
 
-from ._hub import CloseCode, Hub, HubConfig, open_hub, serve_hub
+from ._hub import CloseCode, Hub, HubConfig
+from ._serve import open_hub, serve_hub
 
 __all__ = ["CloseCode", "Hub", "HubConfig", "open_hub", "serve_hub"]

@@ -33,7 +33,7 @@ from trio_websocket import WebSocketConnection
 from .._faulty import FaultyStream
 from .._util import collapse_exception_groups
 from ..agent._agent import Agent, open_agent
-from ..hub._hub import CloseCode, Hub, HubConfig, serve_hub
+from ..hub import CloseCode, Hub, HubConfig, serve_hub
 from ..protocol._keys import PrivateKey, generate_private_key
 from ..registry._registry import Registry
 
