@@ -50,8 +50,10 @@ import trio
 import trio.testing
 import trio_websocket
 
-from artcafe_trio import Hub, HubConfig, Registry
+from artcafe_trio import HubConfig, Registry
+from artcafe_trio.hub._backplane import LocalBackplane
 from artcafe_trio.hub._hub import _Session
+from artcafe_trio.hub._serve import _Assembly
 from artcafe_trio.protocol import (
     Auth,
     Challenge,
@@ -106,9 +108,9 @@ class Routing:
             send_queue_size=publishes + 16, publish_rate=1e12, publish_burst=10**12,
             dedupe_max_ids=10, send_queue_bytes=2**40, output_budget_bytes=2**40,
         )  # fmt: skip
-        self.hub = Hub(self.registry, config)
+        self.hub = _Assembly(self.registry, config, LocalBackplane()).hub  # not started
         self.index: SubjectIndex[_Session] = SubjectIndex()
-        self.hub._indexes[TENANT] = self.index
+        self.hub._router._indexes[TENANT] = self.index
         patterns = distinct_patterns(receivers) if distinct else [SUBJECT] * receivers
         self.sessions = []
         for i, pattern in enumerate(patterns):
@@ -127,7 +129,7 @@ class Routing:
         )  # fmt: skip
 
     async def run(self) -> float:
-        handle = self.hub._handle_publish
+        handle = self.hub._router.publish
         publisher = self.publisher
         start = time.perf_counter()
         for frame in self.frames:

@@ -573,7 +573,9 @@ async def test_a_hub_says_loudly_that_its_registry_file_was_deleted_and_keeps_se
                 for sample in family.samples
             }
             assert gauges["artcafe_registry_file_lost"] == 1
-            assert gauges["artcafe_presence_writes_pending"] == len(hub.hub._presence_writer.pending)
+            assert gauges["artcafe_presence_writes_pending"] == len(
+                hub.hub._presence_writer.pending
+            )
 
 
 async def test_pending_presence_writes_are_bounded_by_the_number_of_agents(

@@ -445,7 +445,11 @@ async def test_open_requests_are_bounded_and_forgotten_with_the_requester() -> N
             for n in range(5):
                 await requester.send(Publish(subject="jobs", data=n, reply_to=f"{inbox}.{n}"))
             await barrier(requester)
-            assert sorted(hub.hub._router.replies.grants) == [f"{inbox}.2", f"{inbox}.3", f"{inbox}.4"]
+            assert sorted(hub.hub._router.replies.grants) == [
+                f"{inbox}.2",
+                f"{inbox}.3",
+                f"{inbox}.4",
+            ]
             # The oldest were dropped: answering them is refused.
             await worker.send(Publish(subject=f"{inbox}.0", data="late", id="late"))
             assert (await worker.recv_type(Error)).code == "reply_not_expected"

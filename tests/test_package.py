@@ -136,3 +136,37 @@ def test_protocol_core_imports_without_trio() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "trio-free ok"
+
+
+def test_hub_names_report_their_public_home() -> None:
+    for name in ("Hub", "HubConfig", "open_hub", "serve_hub"):
+        assert getattr(artcafe_trio, name).__module__ == "artcafe_trio", name
+    assert repr(artcafe_trio.Hub) == "<class 'artcafe_trio.Hub'>"
+
+
+def test_hub_is_made_by_its_factories_only() -> None:
+    with pytest.raises(TypeError, match=r"open_hub\(\).*serve_hub\(\)"):
+        artcafe_trio.Hub()
+    with pytest.raises(TypeError, match="not constructed directly"):
+        artcafe_trio.Hub(artcafe_trio.Registry.open(":memory:"), artcafe_trio.HubConfig())
+
+
+def test_open_hub_and_serve_hub_have_the_same_typed_keyword_only_signature() -> None:
+    import inspect
+
+    import attrs
+
+    opened = inspect.signature(artcafe_trio.open_hub)
+    served = inspect.signature(artcafe_trio.serve_hub)
+    assert [p for p in served.parameters if p not in opened.parameters] == ["task_status"]
+    for name, param in opened.parameters.items():
+        assert param.kind is inspect.Parameter.KEYWORD_ONLY, name
+        assert param.annotation is not inspect.Parameter.empty, name
+        assert param.default is not inspect.Parameter.empty, name
+        assert served.parameters[name].default == param.default, name
+        assert served.parameters[name].annotation == param.annotation, name
+    assert opened.parameters["port"].default == 0
+    assert opened.parameters["host"].default == "127.0.0.1"
+    config = artcafe_trio.HubConfig()
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        config.hub_id = "other"  # type: ignore[misc]

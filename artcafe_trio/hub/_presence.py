@@ -214,10 +214,11 @@ class PresenceTable:
         entry.grace_deadline = math.inf
         self._transition(entry, "offline", reason, self._wall_clock() if now is None else now)
 
-    def all_offline(self, reason: str, now: float) -> None:
-        """Every agent still online goes offline (the hub is shutting down)."""
+    def all_offline(self, reason: str, now: float, hub_id: str) -> None:
+        """Every agent still online on hub ``hub_id`` goes offline (it is shutting down);
+        another hub's agents are that hub's to report."""
         for entry in list(self._rows.values()):
-            if entry.status == "online":
+            if entry.status == "online" and entry.hub_id in (hub_id, None):
                 self.set_offline(entry, reason, now=now)
 
     def observe(self, update: PresenceUpdate) -> None:

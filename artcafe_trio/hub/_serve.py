@@ -69,7 +69,7 @@ class _Assembly:
             self._presence_event,  # hub.events (dashboard, webhooks)
             self.router.fan_out_presence,  # $presence.<agent> subscribers, admin copy
             self.writer.queue_update,  # the registry (local transitions)
-            backplane.announce_presence,  # the other hubs (local transitions)
+            self._announce,  # the other hubs (local transitions)
         ]
         self.hub = Hub._compose(
             HubParts(
@@ -94,6 +94,10 @@ class _Assembly:
             update.tenant_id, update.agent_id, update.status, update.reason,
             update.session_id, update.time,
         )  # fmt: skip
+
+    def _announce(self, update: PresenceUpdate) -> None:
+        if update.local:  # another hub's transition is its own to share
+            self.backplane.announce_presence(update)
 
     def _prune(self, now: float) -> None:
         """Housekeeping at each last-seen flush: forget idle per-agent memory."""
@@ -131,7 +135,7 @@ class _Assembly:
         self.directory.close_all(CloseCode.SERVICE_RESTART, "hub shutting down")
         with trio.move_on_after(self.config.close_timeout + 1):
             await self.connections.wait_closed()
-        self.presence.all_offline("disconnected", self.wall_clock())
+        self.presence.all_offline("disconnected", self.wall_clock(), self.config.hub_id)
         with trio.move_on_after(10):
             try:
                 await self.writer.flush()

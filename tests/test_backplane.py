@@ -1,0 +1,205 @@
+"""The Backplane seam: what a hub hands to other hubs, and what it does with theirs.
+
+A recording backplane stands in for a cluster (the NATS one will plug in at the same
+place); in memory, under autojump_clock.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from artcafe_trio import CloseCode, HubConfig, Registry
+from artcafe_trio.hub._backplane import (
+    BackplanePeer,
+    LocalBackplane,
+    PresenceUpdate,
+    Route,
+    SessionClaim,
+)
+from artcafe_trio.hub._serve import _serve_hub
+from artcafe_trio.protocol import Leave, Message, Publish, Published, Unsubscribe, Unsubscribed
+from artcafe_trio.testing import TestHub
+
+from .conftest import RawClient, raw_connect
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class RecordingBackplane(LocalBackplane):
+    """Records every call; ``peer`` lets a test play the other hubs."""
+
+    def __init__(self) -> None:
+        self.peer: BackplanePeer | None = None
+        self.interests: list[tuple[str, str, bool]] = []
+        self.routes: list[Route] = []
+        self.claims: list[SessionClaim] = []
+        self.announced: list[PresenceUpdate] = []
+
+    async def run(
+        self, peer: BackplanePeer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self.peer = peer
+        task_status.started()
+
+    def interest(self, tenant_id: str, pattern: str, present: bool) -> None:
+        self.interests.append((tenant_id, pattern, present))
+
+    async def publish_route(self, route: Route) -> None:
+        self.routes.append(route)
+
+    async def claim_session(self, claim: SessionClaim) -> None:
+        self.claims.append(claim)
+
+    def announce_presence(self, update: PresenceUpdate) -> None:
+        self.announced.append(update)
+
+
+@asynccontextmanager
+async def hub_over(backplane: RecordingBackplane, **fields: Any) -> AsyncIterator[TestHub]:
+    config = HubConfig(hub_id="hub-a", close_timeout=0.5, **fields)
+    with Registry.open(":memory:") as registry:
+        async with trio.open_nursery() as nursery:
+            serve = functools.partial(
+                _serve_hub, registry=registry, db=None, host=None, port=None, config=config,
+                ssl_context=None, tls_cert=None, tls_key=None, admin_file=None,
+                backplane=backplane,
+            )  # fmt: skip
+            hub = await nursery.start(serve)
+            yield TestHub(hub)
+            nursery.cancel_scope.cancel()
+
+
+async def connect(hub: TestHub, nursery: trio.Nursery, agent: str, tenant: str = "t1") -> RawClient:
+    client = await raw_connect(hub, nursery, agent, tenant, hub.register(tenant, agent))
+    assert client.welcome is not None
+    return client
+
+
+async def test_a_hub_alone_hands_its_routes_claims_interest_and_presence_to_the_backplane(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery
+) -> None:
+    backplane = RecordingBackplane()
+    async with hub_over(backplane) as hub:
+        a = await connect(hub, nursery, "a")
+        b = await connect(hub, nursery, "b")
+        await a.subscribe("jobs.*")
+        await b.subscribe("jobs.*")  # the same pattern again: interest is already known
+        await b.send(Publish(subject="jobs.new", data={"n": 1}, id="p1"))
+        confirmed = await b.recv_type(Published)
+        [got] = await a.messages(1)
+        [route] = backplane.routes
+        assert route == Route(
+            "t1", "jobs.new", '{"n":1}', "b", confirmed.message_id, got.time, None
+        )
+        assert got.message_id == confirmed.message_id
+        assert [(c.agent_id, c.hub_id, c.replaced) for c in backplane.claims] == [
+            ("a", "hub-a", None),
+            ("b", "hub-a", None),
+        ]
+        await a.send(Unsubscribe(id="u", subject="jobs.*"))
+        await a.recv_type(Unsubscribed)
+        assert backplane.interests == [("t1", "jobs.*", True)]
+        await b.send(Leave())
+        assert await b.close_code() == CloseCode.NORMAL
+        await trio.sleep(0.1)
+        assert backplane.interests == [("t1", "jobs.*", True), ("t1", "jobs.*", False)]
+        announced = [(u.agent_id, u.status, u.reason, u.local) for u in backplane.announced]
+        assert announced == [
+            ("a", "online", "connected", True),
+            ("b", "online", "connected", True),
+            ("b", "offline", "left", True),
+        ]
+        assert all(u.hub_id == "hub-a" for u in backplane.announced)
+
+
+async def test_a_route_from_another_hub_is_delivered_here_once_and_not_sent_back(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery
+) -> None:
+    backplane = RecordingBackplane()
+    async with hub_over(backplane) as hub:
+        a = await connect(hub, nursery, "a")
+        other_tenant = await connect(hub, nursery, "a", tenant="t2")
+        await a.subscribe("jobs.*")
+        await a.subscribe("jobs.>")  # two matching patterns: still one delivery
+        await other_tenant.subscribe("jobs.*")
+        assert backplane.peer is not None
+        backplane.peer.route_arrived(Route("t1", "jobs.new", '{"n":2}', "far", "hub-b-7", 5.0))
+        [got] = await a.messages(1)
+        assert (got.subject, got.data, got.sender, got.message_id, got.time) == (
+            "jobs.new", {"n": 2}, "far", "hub-b-7", 5.0,
+        )  # fmt: skip
+        await a.send(Publish(subject="after", data=None, id="p"))
+        assert isinstance(await a.recv(), Published)  # nothing else was queued for it
+        assert [r.subject for r in backplane.routes] == ["after"]
+        await other_tenant.send(Publish(subject="x", data=None, id="q"))
+        assert isinstance(await other_tenant.recv(), Published)  # t2 got nothing
+
+
+async def test_a_claim_won_on_another_hub_closes_ours_as_replaced_without_a_flap(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery
+) -> None:
+    backplane = RecordingBackplane()
+    async with hub_over(backplane, disconnect_grace=0) as hub:
+        watcher = await connect(hub, nursery, "w")
+        await watcher.subscribe("$presence.*")
+        a = await connect(hub, nursery, "a")
+        await watcher.recv_type(Message)  # a online
+        assert backplane.peer is not None
+        backplane.peer.session_claimed(SessionClaim("t1", "a", "s-elsewhere", "hub-b"))
+        assert await a.close_code() == CloseCode.REPLACED
+        await trio.sleep(1.0)
+        # The other hub owns presence now: no offline here, none announced.
+        assert [(u.agent_id, u.status) for u in backplane.announced] == [
+            ("w", "online"),
+            ("a", "online"),
+        ]
+        [row] = [r for r in hub.hub.presence_table("t1") if r.agent_id == "a"]
+        assert row.status == "online"
+        await watcher.send(Publish(subject="x", data=None, id="p"))
+        assert isinstance(await watcher.recv(), Published)  # no presence event came first
+
+
+async def test_presence_observed_from_another_hub_is_shown_not_persisted_or_announced(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery
+) -> None:
+    backplane = RecordingBackplane()
+    async with hub_over(backplane) as hub:
+        watcher = await connect(hub, nursery, "w")
+        await watcher.subscribe("$presence.*")
+        assert backplane.peer is not None
+        with hub.hub.events.subscribe() as events:
+            far = PresenceUpdate(
+                "t1", "far", "online", "connected", 7.0, "s-far", "hub-b", local=False
+            )
+            backplane.peer.presence_observed(far)
+            backplane.peer.presence_observed(far)  # seen twice: one transition
+            [event] = await watcher.messages(1)
+            assert (event.subject, event.data["status"], event.data["session_id"]) == (
+                "$presence.far", "online", "s-far",
+            )  # fmt: skip
+            assert events.receive_nowait().agent_id == "far"  # type: ignore[union-attr]
+            with pytest.raises(trio.WouldBlock):
+                events.receive_nowait()
+        [row] = [r for r in hub.hub.presence_table("t1") if r.agent_id == "far"]
+        assert (row.status, row.session_id, row.since) == ("online", "s-far", 7.0)
+        assert [u.agent_id for u in backplane.announced] == ["w"]
+        assert hub.hub._presence_writer.pending == []
+        await trio.sleep(30)  # a remote agent has no deadline here: still online
+        [row] = [r for r in hub.hub.presence_table("t1") if r.agent_id == "far"]
+        assert row.status == "online"
+        # Shutting down reports its own agents offline, not another hub's.
+        await watcher.send(Leave())
+    assert [(u.agent_id, u.status) for u in backplane.announced] == [
+        ("w", "online"),
+        ("w", "offline"),
+    ]
+    assert [(r.agent_id, r.status) for r in hub.hub.presence_table("t1")] == [
+        ("far", "online"),
+        ("w", "offline"),
+    ]
