@@ -203,3 +203,51 @@ async def test_presence_observed_from_another_hub_is_shown_not_persisted_or_anno
         ("far", "online"),
         ("w", "offline"),
     ]
+
+
+async def test_request_reply_across_hubs_grants_the_answer_here_once(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery
+) -> None:
+    backplane = RecordingBackplane()
+    async with hub_over(backplane) as hub:
+        worker = await connect(hub, nursery, "worker")
+        await worker.subscribe("work")
+        assert backplane.peer is not None
+        inbox = "$reply.s-far.1"
+        backplane.peer.route_arrived(
+            Route("t1", "work", '{"q":1}', "far", "hub-b-1", 1.0, reply_to=inbox)
+        )
+        [request] = await worker.messages(1)
+        assert request.reply_to == inbox
+        await worker.send(Publish(subject=inbox, data={"a": 1}, id="a1"))
+        assert isinstance(await worker.recv(), Published)
+        assert [(r.subject, r.data_json) for r in backplane.routes] == [(inbox, '{"a":1}')]
+        await worker.send(Publish(subject=inbox, data={"a": 2}, id="a2"))
+        refused = await worker.recv()
+        assert getattr(refused, "code", None) == "reply_not_expected"
+        assert len(backplane.routes) == 1
+
+
+async def test_an_answer_from_another_hub_reaches_the_requester_only_while_open(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery
+) -> None:
+    backplane = RecordingBackplane()
+    async with hub_over(backplane) as hub:
+        requester = await connect(hub, nursery, "requester")
+        local = await connect(hub, nursery, "local")
+        await local.subscribe("work")
+        assert requester.welcome is not None and backplane.peer is not None
+        inbox = f"$reply.{requester.welcome.session_id}.1"
+        await requester.send(Publish(subject="work", data=None, id="r", reply_to=inbox))
+        await requester.recv_type(Published)
+        await local.messages(1)
+        answer = Route("t1", inbox, '"far"', "far", "hub-b-9", 2.0)
+        backplane.peer.route_arrived(answer)
+        [got] = await requester.messages(1)
+        assert (got.subject, got.data, got.sender) == (inbox, "far", "far")
+        # Answered: the local responder's answer and a second remote one are refused.
+        await local.send(Publish(subject=inbox, data="late", id="l"))
+        assert getattr(await local.recv(), "code", None) == "reply_not_expected"
+        backplane.peer.route_arrived(answer)
+        await requester.send(Publish(subject="x", data=None, id="p"))
+        assert isinstance(await requester.recv(), Published)  # nothing came before it

@@ -1,8 +1,9 @@
-"""The reference hub: authentication, tenant-scoped routing, presence.
+"""The :class:`Hub` facade, and the per-connection side of the hub.
 
 ``serve_hub`` (for ``nursery.start``) and ``open_hub`` (an async context
-manager) run a :class:`Hub` over TCP (ws:// or wss://); ``Hub.serve_stream``
-serves one more connection over any byte stream (the test kit's in-memory pairs).
+manager), in ``_serve``, compose the hub-wide components and run a :class:`Hub`
+over TCP (ws:// or wss://); ``Hub.serve_stream`` serves one more connection over
+any byte stream (the test kit's in-memory pairs).
 
 Per connection: challenge → auth → welcome, then one reader loop and one
 writer task. Everything a connection sends goes through its bounded outbox;
@@ -290,12 +291,24 @@ def _clamp(value: float, low: float, high: float) -> float:
 
 
 class Hub:
-    """The hub's state and connection handling. Create it with ``open_hub``/``serve_hub``.
+    """A running hub: a facade over its components (session directory, router,
+    presence table, registry watch and presence writer, backplane).
 
-    Attributes of interest: ``url`` (ws:// or wss:// base URL, ``None`` for a
-    memory-only hub), ``port``, ``stats``, ``registry``, and
-    :meth:`presence_table`.
+    Made only by :func:`open_hub` and :func:`serve_hub`, which compose and run it:
+    ``Hub(...)`` raises ``TypeError``, so there is never a hub that is not running
+    (or, after its block, stopped).
     """
+
+    registry: Registry
+    """The registry it authenticates agents with and writes presence to."""
+    config: HubConfig
+    """Its settings."""
+    stats: HubStats
+    """Its counters (exported as Prometheus metrics when enabled)."""
+    events: HubEvents
+    """The observation seam: event feed and per-agent measurements."""
+    admin_token: str
+    """The admin channel's token (in the admin file, for ``artcafe-trio status``)."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         raise TypeError(
@@ -315,7 +328,6 @@ class Hub:
         self.config = config = parts.config
         self.stats = parts.stats
         self.events = parts.events
-        """The observation seam: event feed and per-agent measurements (``_hubevents``)."""
         self.admin_token = secrets.token_urlsafe(32)
         self._wall_clock = parts.wall_clock
         self._connections = parts.connections

@@ -56,6 +56,19 @@ class ReplyTable:
         self.grants[reply_to] = agents
         self.granted += len(agents)
 
+    def expect_remote(self, reply_to: str, responders: Iterable[str]) -> None:
+        """Allow one answer on ``reply_to`` from one of ``responders``, for a request
+        routed here from another hub (its requester's bound is kept there)."""
+        self.forget(reply_to)
+        agents = set(responders)
+        while self.grants and self.granted + len(agents) > self.max_reply_grants:
+            self.forget(next(iter(self.grants)))
+        self.grants[reply_to] = agents
+        self.granted += len(agents)
+
+    def is_open(self, reply_subject: str) -> bool:
+        return reply_subject in self.grants
+
     def forget(self, reply_subject: str) -> None:
         """Close an open request (answered, evicted, or its requester gone)."""
         responders = self.grants.pop(reply_subject, None)

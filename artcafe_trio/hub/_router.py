@@ -218,9 +218,14 @@ class Router:
         """A route published on another hub: deliver it to this hub's agents."""
         item = self._frame(route)
         if route.subject.startswith(f"{REPLY_PREFIX}."):
-            self._answer(route.subject, route.tenant_id, item)
+            # An answer accepted there to a request made here: the first answer only.
+            if self.replies.is_open(route.subject):
+                self._answer(route.subject, route.tenant_id, item)
             return
         targets = self.targets(route.tenant_id, route.subject)
+        reply_to = route.reply_to
+        if reply_to is not None and reply_to.startswith(f"{REPLY_PREFIX}."):
+            self.replies.expect_remote(reply_to, (target.agent_id for target in targets))
         self._stats.deliveries += len(targets)
         for target in targets:
             target.deliver(item)
