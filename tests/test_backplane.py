@@ -40,6 +40,7 @@ class RecordingBackplane(LocalBackplane):
         self.routes: list[Route] = []
         self.claims: list[SessionClaim] = []
         self.announced: list[PresenceUpdate] = []
+        self.routed_elsewhere: dict[str, str] = {}  # publish id -> its earlier message id
 
     async def run(
         self, peer: BackplanePeer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -50,8 +51,9 @@ class RecordingBackplane(LocalBackplane):
     def interest(self, tenant_id: str, pattern: str, present: bool) -> None:
         self.interests.append((tenant_id, pattern, present))
 
-    async def publish_route(self, route: Route) -> None:
+    async def publish_route(self, route: Route) -> str | None:
         self.routes.append(route)
+        return self.routed_elsewhere.get(route.publish_id or "")
 
     async def claim_session(self, claim: SessionClaim) -> None:
         self.claims.append(claim)
@@ -95,7 +97,7 @@ async def test_a_hub_alone_hands_its_routes_claims_interest_and_presence_to_the_
         [got] = await a.messages(1)
         [route] = backplane.routes
         assert route == Route(
-            "t1", "jobs.new", '{"n":1}', "b", confirmed.message_id, got.time, None
+            "t1", "jobs.new", '{"n":1}', "b", confirmed.message_id, got.time, None, "p1"
         )
         assert got.message_id == confirmed.message_id
         assert [(c.agent_id, c.hub_id, c.replaced) for c in backplane.claims] == [
@@ -251,3 +253,26 @@ async def test_an_answer_from_another_hub_reaches_the_requester_only_while_open(
         backplane.peer.route_arrived(answer)
         await requester.send(Publish(subject="x", data=None, id="p"))
         assert isinstance(await requester.recv(), Published)  # nothing came before it
+
+
+async def test_a_publish_the_cluster_routed_already_is_confirmed_as_a_duplicate_only(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery
+) -> None:
+    backplane = RecordingBackplane()
+    backplane.routed_elsewhere["p1"] = "hub-b-3"  # sent there first, before a failover
+    async with hub_over(backplane) as hub:
+        receiver = await connect(hub, nursery, "r")
+        await receiver.subscribe("jobs.*")
+        publisher = await connect(hub, nursery, "p")
+        await publisher.send(Publish(subject="jobs.new", data=1, id="p1"))
+        again = await publisher.recv()
+        assert again == Published(id="p1", message_id="hub-b-3", duplicate=True)
+        await publisher.send(Publish(subject="jobs.new", data=1, id="p1"))
+        assert await publisher.recv() == again  # now known here too: not asked again
+        assert [r.publish_id for r in backplane.routes] == ["p1"]
+        await publisher.send(Publish(subject="jobs.new", data=2, id="p2"))
+        fresh = await publisher.recv()
+        assert isinstance(fresh, Published) and not fresh.duplicate
+        [got] = await receiver.messages(1)  # only the new one was delivered
+        assert (got.data, got.message_id) == (2, fresh.message_id)
+        assert hub.hub.stats.messages_routed == 1

@@ -48,6 +48,8 @@ class Route:
     ``data_json`` is the payload already encoded (compact JSON); ``time`` the origin
     hub's wall clock when it framed the message. A ``reply_to`` under ``$reply.``
     names the requester's session: answers to it are routed back the same way.
+    ``publish_id`` is the publisher's frame id (kept by a re-send through another hub
+    after a failover: the cluster-wide de-duplication key, with tenant and sender).
     """
 
     tenant_id: str
@@ -57,6 +59,7 @@ class Route:
     message_id: str
     time: float
     reply_to: str | None = None
+    publish_id: str | None = None
 
 
 @attrs.frozen
@@ -124,9 +127,11 @@ class Backplane(Protocol):
         """``pattern`` got its first local subscriber in ``tenant_id`` (``present``) or
         lost its last one. Must not block."""
 
-    async def publish_route(self, route: Route) -> None:
+    async def publish_route(self, route: Route) -> str | None:
         """Hand an accepted publish to the other hubs, before it is confirmed to its
-        publisher and delivered locally. Raising refuses the publish."""
+        publisher and delivered locally. Returns ``None``, or, when the cluster routed
+        this publish already (the same ``publish_id`` through another hub), the message
+        id to confirm it with as a duplicate: it is then not delivered again."""
 
     async def claim_session(self, claim: SessionClaim) -> None:
         """Make ``claim``'s session the agent's owner across hubs (newest wins), before
@@ -147,8 +152,8 @@ class LocalBackplane:
     def interest(self, tenant_id: str, pattern: str, present: bool) -> None:
         pass
 
-    async def publish_route(self, route: Route) -> None:
-        pass  # no checkpoint: the publish continues as if there were no backplane
+    async def publish_route(self, route: Route) -> str | None:
+        return None  # no checkpoint: the publish continues as if there were no backplane
 
     async def claim_session(self, claim: SessionClaim) -> None:
         pass

@@ -59,7 +59,7 @@ from ._backplane import Backplane, SessionClaim
 from ._config import HubConfig, HubStats
 from ._flow import Delivery, Outbox, OutputBudget, PreAuthLimiter, PreAuthTicket
 from ._hubevents import HubEvents
-from ._persist import PresenceWriter, RegistryWatch
+from ._persist import CredentialSource, PresenceWriter, RegistryWatch
 from ._presence import PresenceEntry as _Presence
 from ._presence import PresenceTable
 from ._router import Router
@@ -334,7 +334,7 @@ class Hub:
         self._directory = parts.directory
         self._router = parts.router
         self._presence = parts.presence
-        self._keys = parts.keys
+        self._keys: CredentialSource = parts.keys
         self._presence_writer = parts.writer
         self._buckets = parts.buckets
         self._backplane = parts.backplane

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -19,7 +19,7 @@ from ._config import HubConfig, HubStats
 from ._presence import PresenceTable
 from ._sessions import SessionDirectory
 
-__all__ = ["PresenceWriter", "RegistryWatch", "registry_call"]
+__all__ = ["CredentialSource", "PresenceWriter", "RegistryWatch", "registry_call"]
 
 log = logging.getLogger("artcafe_trio.hub")
 
@@ -31,6 +31,18 @@ async def registry_call(registry: Registry, fn: Callable[..., T], *args: Any) ->
     if registry.inline:
         return fn(*args)
     return await trio.to_thread.run_sync(fn, *args)
+
+
+class CredentialSource(Protocol):
+    """What the authenticator reads: the keys loaded last. :class:`RegistryWatch` is
+    the single-hub one (SQLite); a cluster's would mirror a key-value bucket."""
+
+    credentials: dict[tuple[str, str], tuple[PublicKey, ...]]
+    tenants: frozenset[str]
+    generation: int  # bumped at each load: a refused key may be retried after one
+
+    async def reload_safely(self) -> bool:
+        """Load the keys again if they changed (never raises); whether they did."""
 
 
 class RegistryWatch:

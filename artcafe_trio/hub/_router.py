@@ -192,9 +192,14 @@ class Router:
             )
         route = Route(
             session.tenant_id, subject, data_json, session.agent_id,
-            self._next_message_id(), self._wall_clock(), reply_to,
+            self._next_message_id(), self._wall_clock(), reply_to, frame.id,
         )  # fmt: skip
-        await self._backplane.publish_route(route)
+        earlier = await self._backplane.publish_route(route)
+        if earlier is not None:  # routed already, through another hub (a re-send)
+            if dedupe is not None and frame.id is not None:
+                dedupe.remember(frame.id, earlier, now)
+                session.send_frame(Published(id=frame.id, message_id=earlier, duplicate=True))
+            return
         if dedupe is not None and frame.id is not None:
             dedupe.remember(frame.id, route.message_id, now)
             session.send_frame(Published(id=frame.id, message_id=route.message_id))
