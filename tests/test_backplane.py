@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from artcafe_trio import CloseCode, HubConfig, Registry
 from artcafe_trio.hub._backplane import (
@@ -276,3 +277,13 @@ async def test_a_publish_the_cluster_routed_already_is_confirmed_as_a_duplicate_
         [got] = await receiver.messages(1)  # only the new one was delivered
         assert (got.data, got.message_id) == (2, fresh.message_id)
         assert hub.hub.stats.messages_routed == 1
+
+
+async def test_the_local_backplane_never_yields_so_a_hub_alone_behaves_as_before() -> None:
+    local = LocalBackplane()
+    route = Route("t1", "s", "null", "a", "hub-1", 0.0)
+    with trio.testing.assert_no_checkpoints():
+        assert await local.publish_route(route) is None
+        await local.claim_session(SessionClaim("t1", "a", "s-1", "hub"))
+        local.interest("t1", "s.*", True)
+        local.announce_presence(PresenceUpdate("t1", "a", "online", "connected", 0.0, "s-1", "h"))
