@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import random
@@ -12,6 +13,7 @@ import trio
 
 from artcafe_trio import (
     AgentClosed,
+    AgentState,
     AuthenticationError,
     Backoff,
     ConnectFailed,
@@ -23,6 +25,8 @@ from artcafe_trio import (
     ProtocolError,
     ReconnectFailed,
     SimpleAgent,
+    generate_private_key,
+    run_agent,
 )
 from artcafe_trio.testing import TestHub, open_test_hub
 
@@ -544,8 +548,8 @@ async def test_get_connection_health_during_outage_and_after_giving_up(
     snapshots: list[dict[str, Any]] = []
     with pytest.raises(ReconnectFailed):
         async with test_hub.open_agent(
-            "a1", heartbeat_interval=1, max_reconnect_attempts=3
-        ) as agent:
+            "a1", heartbeat_interval=1, max_reconnect_attempts=3, rng=random.Random(1)
+        ) as agent:  # seeded: three short backoff draws could sum to under a second
             await trio.sleep(1.5)
             snapshots.append(agent.get_connection_health())
             test_hub.go_down()
@@ -742,3 +746,75 @@ async def test_stop_before_the_first_connection_ends_run(
         await agent.stop()
     assert trio.current_time() - stopped_at < 0.01
     assert agent.get_connection_health()["state"] == "closed"
+
+
+# --- run_agent: an agent as a task of the caller's nursery ------------------------------
+
+
+async def test_run_agent_in_the_callers_nursery(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    key = test_hub.register("test", "a1")
+    got: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        agent = await nursery.start(
+            functools.partial(
+                run_agent, agent_id="a1", tenant_id="test", private_key=key,
+                transport=test_hub.transport,
+            )
+        )  # fmt: skip
+        assert agent.state == "connected" and agent.health().connected
+        await agent.subscribe("jobs", lambda subject, data: got.append(data))
+        assert await agent.publish("jobs", 7, confirm=True)
+        await trio.sleep(1)
+        agent.stop()  # the task stops gracefully and returns: the nursery ends
+    assert got == [7]
+    assert agent.state == "closed"
+    [record] = [r for r in test_hub.hub.presence_table() if r.agent_id == "a1"]
+    assert (record.status, record.reason) == ("offline", "left")
+
+
+async def test_run_agent_is_cancelled_with_the_nursery(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    key = test_hub.register("test", "a1")
+    async with trio.open_nursery() as nursery:
+        agent = await nursery.start(
+            functools.partial(
+                run_agent, agent_id="a1", tenant_id="test", private_key=key, dial=test_hub.dial
+            )
+        )
+        nursery.cancel_scope.cancel()
+    assert agent.state == "closed"
+    [record] = [r for r in test_hub.hub.presence_table() if r.agent_id == "a1"]
+    assert (record.status, record.reason) == ("offline", "left")  # the quick leave
+
+
+async def test_run_agent_raises_entry_errors_from_start(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    stranger = generate_private_key()
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(AuthenticationError):
+            await nursery.start(
+                functools.partial(
+                    run_agent, agent_id="a1", tenant_id="test", private_key=stranger,
+                    transport=test_hub.transport,
+                )
+            )  # fmt: skip
+
+
+async def test_an_agent_serves_once(test_hub: TestHub, autojump_clock: trio.abc.Clock) -> None:
+    async with test_hub.open_agent("a1") as agent:
+        with pytest.raises(RuntimeError, match="only once"):
+            await agent.serve()
+
+
+async def test_agent_state_is_a_string_enum(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    async with test_hub.open_agent("a1") as agent:
+        state: str = agent.state
+        assert agent.state is AgentState.CONNECTED and state == "connected"
+        assert type(agent.health().state) is str and agent.health().state == "connected"
+    assert agent.health().state == AgentState.CLOSED

@@ -319,8 +319,13 @@ def test_leave_closes() -> None:
     conn = open_conn()
     query = conn.presence_query()
     assert frame(conn.leave("bye")) == {"type": "leave", "reason": "bye"}
-    assert conn.state is ClientState.CLOSED
-    assert conn.closed() == [RequestAbandoned(query.id)]
+    assert state(conn) is ClientState.LEAVING
+    with pytest.raises(LocalProtocolError):
+        conn.heartbeat(1.0)
+    [answer] = conn.receive('{"type": "presence_state", "id": "p-1", "agents": []}', 1.0)
+    assert answer == PresenceAnswered(query.id, ())  # the hub may still answer
+    assert conn.closed() == []
+    assert state(conn) is ClientState.CLOSED
     with pytest.raises(LocalProtocolError):
         conn.leave()
 

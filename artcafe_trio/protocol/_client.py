@@ -15,9 +15,12 @@ States and the one method that makes each transition::
             │ bad frame                          │ any frame   refusal,   │    │ receive(welcome)
             ▼                                    ▼             bad frame  │    ▼
           ERROR ◀────────────────────────────────┴────────────────────────┘   OPEN
-                                                                               │ leave(), closed()
-                                                                               ▼
-                                                                             CLOSED
+                                                                        leave() │    │ closed()
+                                                                                ▼    │
+                                                   (receives, sends nothing) LEAVING │
+                                                                       closed() │    │
+                                                                                ▼    ▼
+                                                                                CLOSED
 
 :meth:`ClientConnection.closed` (the transport ended) moves any state but ``ERROR``
 to ``CLOSED`` and abandons every outstanding request.
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import enum
 import itertools
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, TypeAlias
 
 import attrs
@@ -101,6 +104,7 @@ class ClientState(enum.Enum):
     CHALLENGED = "challenged"
     AWAITING_WELCOME = "awaiting_welcome"
     OPEN = "open"
+    LEAVING = "leaving"
     CLOSED = "closed"
     ERROR = "error"
 
@@ -109,12 +113,17 @@ _TRANSITIONS: Mapping[ClientState, frozenset[ClientState]] = {
     ClientState.AWAITING_CHALLENGE: frozenset({ClientState.CHALLENGED}),
     ClientState.CHALLENGED: frozenset({ClientState.AWAITING_WELCOME}),
     ClientState.AWAITING_WELCOME: frozenset({ClientState.OPEN}),
-    ClientState.OPEN: frozenset({ClientState.CLOSED}),
+    ClientState.OPEN: frozenset({ClientState.LEAVING, ClientState.CLOSED}),
+    ClientState.LEAVING: frozenset({ClientState.CLOSED}),
     ClientState.CLOSED: frozenset(),
     ClientState.ERROR: frozenset(),
 }
 """Forward transitions; any state but ``ERROR`` may also end in ``CLOSED``, and a
 handshake state in ``ERROR``."""
+
+
+def _strings(values: Iterable[str]) -> tuple[str, ...]:
+    return tuple(values)
 
 
 @attrs.frozen
@@ -126,7 +135,7 @@ class AgentCredentials:
     private_key: PrivateKey
     heartbeat_interval: float | None = 30.0
     heartbeat_timeout_multiplier: float = 3.0
-    capabilities: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    capabilities: tuple[str, ...] = attrs.field(default=(), converter=_strings)
     metadata: Mapping[str, Any] = attrs.field(factory=dict)
 
 
@@ -451,10 +460,10 @@ class ClientConnection:
         try:
             frame = decode(text, max_bytes=self.max_receive_bytes)
         except RemoteProtocolError as exc:
-            if self.state is not ClientState.OPEN:
+            if self.state not in (ClientState.OPEN, ClientState.LEAVING):
                 self._transition(ClientState.ERROR)
             raise exc from None
-        if self.state is not ClientState.OPEN:
+        if self.state not in (ClientState.OPEN, ClientState.LEAVING):
             return self._receive_handshake(frame, now)
         return self._receive_open(frame, now)
 
@@ -565,9 +574,10 @@ class ClientConnection:
         self._requests.pop(request_id, None)
 
     def leave(self, reason: str | None = None) -> str:
-        """The ``leave`` frame; the connection is then ``CLOSED`` (close the transport)."""
+        """The ``leave`` frame; the connection is then ``LEAVING``: nothing more is sent,
+        what the hub still sends before it closes is received as usual."""
         self._require_open("leave")
-        self._transition(ClientState.CLOSED)
+        self._transition(ClientState.LEAVING)
         return encode(Leave(reason=reason))
 
     def closed(self) -> list[ClientEvent]:
