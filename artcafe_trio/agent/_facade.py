@@ -73,6 +73,10 @@ class Agent:
         self.config = config
         self.agent_id, self.tenant_id, self.url = config.agent_id, config.tenant_id, config.url
         self.heartbeat_interval = config.heartbeat_interval
+        self.heartbeat_timeout_multiplier = config.heartbeat_timeout_multiplier
+        self.heartbeat_jitter = config.heartbeat_jitter
+        self.auto_reconnect = config.auto_reconnect
+        self.retry_first_connect = config.retry_first_connect
         self.backoff = config.backoff
         self.capabilities, self.metadata = config.capabilities, dict(config.metadata)
         ids = IdAllocator(secrets.token_hex(4))
