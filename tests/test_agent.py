@@ -818,3 +818,21 @@ async def test_agent_state_is_a_string_enum(
         assert agent.state is AgentState.CONNECTED and state == "connected"
         assert type(agent.health().state) is str and agent.health().state == "connected"
     assert agent.health().state == AgentState.CLOSED
+
+
+async def test_dial_and_transport_are_exclusive(test_hub: TestHub) -> None:
+    with pytest.raises(ValueError, match="at most one of dial and transport"):
+        async with test_hub.open_agent("a1", dial=test_hub.dial, transport=test_hub.transport):
+            pass
+
+
+async def test_open_test_hub_fields_override_a_given_config(autojump_clock: trio.abc.Clock) -> None:
+    from artcafe_trio import HubConfig
+
+    base = HubConfig(disconnect_grace=7.0, close_timeout=0.25)
+    async with open_test_hub(base, disconnect_grace=0.0) as hub:
+        assert hub.hub.config.disconnect_grace == 0.0  # the keyword wins
+        assert hub.hub.config.close_timeout == 0.25  # the rest is the config's
+    async with open_test_hub(send_queue_size=7) as hub:
+        assert hub.hub.config.send_queue_size == 7
+        assert hub.hub.config.disconnect_grace == HubConfig().disconnect_grace

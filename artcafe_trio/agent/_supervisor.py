@@ -25,6 +25,7 @@ from .._errors import (
     ConnectTimeout,
     HeartbeatTimeout,
     HubError,
+    LocalProtocolError,
     ReconnectFailed,
     RemoteProtocolError,
     SessionReplaced,
@@ -332,7 +333,7 @@ class Supervisor:
             return
         try:
             text = session.client.leave("agent stopped")
-        except Exception:  # not open any more
+        except LocalProtocolError:  # not open any more
             text = encode(Leave(reason="agent stopped"))
         try:
             await session.ws.send_message(text)
