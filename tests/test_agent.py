@@ -26,6 +26,7 @@ from artcafe_trio import (
     ReconnectFailed,
     SimpleAgent,
     generate_private_key,
+    open_agent,
     run_agent,
 )
 from artcafe_trio.testing import TestHub, open_test_hub
@@ -836,3 +837,54 @@ async def test_open_test_hub_fields_override_a_given_config(autojump_clock: trio
     async with open_test_hub(send_queue_size=7) as hub:
         assert hub.hub.config.send_queue_size == 7
         assert hub.hub.config.disconnect_grace == HubConfig().disconnect_grace
+
+
+# --- a hub that breaks the handshake: the ClientConnection's errors, as failed attempts ----
+
+CHALLENGE_TEXT = '{"type": "challenge", "nonce": "n", "expires_in": 30, "hub_id": "fake"}'
+
+
+@pytest.mark.parametrize(
+    ("frames", "expected"),
+    [
+        (["{not json"], "not valid JSON"),
+        (['{"type": "heartbeat_ack", "seq": 1, "hub_time": 0}'], "expected a challenge"),
+        ([CHALLENGE_TEXT, CHALLENGE_TEXT], "expected a welcome"),
+        (
+            [CHALLENGE_TEXT, '{"type": "error", "code": "challenge_expired", "message": "slow"}'],
+            "hub error during handshake: challenge_expired: slow",
+        ),
+    ],
+)
+async def test_a_hub_breaking_the_handshake_is_a_failed_attempt(
+    autojump_clock: trio.abc.Clock, frames: list[str], expected: str
+) -> None:
+    import trio.testing
+    import trio_websocket
+
+    from artcafe_trio.agent._transport import wrap_client_stream
+
+    async def fake_hub(stream: trio.abc.Stream, nursery: trio.Nursery) -> None:
+        request = await trio_websocket.wrap_server_stream(nursery, stream)
+        ws = await request.accept()
+        await ws.send_message(frames[0])
+        for frame in frames[1:]:
+            await ws.get_message()  # the agent's auth
+            await ws.send_message(frame)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as hubs:
+
+        async def dial(nursery: trio.Nursery, resource: str) -> Any:
+            client, server = trio.testing.memory_stream_pair()
+            hubs.start_soon(fake_hub, server, hubs)
+            return await wrap_client_stream(nursery, client, "fake", resource)
+
+        with pytest.raises(ConnectFailed, match=expected) as info:
+            async with open_agent(
+                agent_id="a1", tenant_id="t", private_key=generate_private_key(), dial=dial,
+                retry_first_connect=False,
+            ):  # fmt: skip
+                pass
+        assert not info.value.permanent  # a broken hub may be fixed: it would be retried
+        hubs.cancel_scope.cancel()
