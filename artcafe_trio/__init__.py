@@ -38,7 +38,19 @@ from .protocol._keys import (
 from .registry._registry import Registry, RegistryError
 
 if TYPE_CHECKING:
-    from .agent import Agent, AgentHealth, HeartbeatAgent, SimpleAgent, open_agent
+    from .agent import (
+        Agent,
+        AgentHealth,
+        AgentState,
+        FullMessageHandler,
+        Handler,
+        HeartbeatAgent,
+        MessageHandler,
+        SimpleAgent,
+        Transport,
+        open_agent,
+        run_agent,
+    )
     from .hub import Hub, HubConfig, open_hub, serve_hub
 
 __version__ = "0.1.0"
@@ -47,6 +59,7 @@ __all__ = [
     "Agent",
     "AgentClosed",
     "AgentHealth",
+    "AgentState",
     "ArtcafeError",
     "AuthenticationError",
     "Backoff",
@@ -54,6 +67,8 @@ __all__ = [
     "ConnectFailed",
     "ConnectTimeout",
     "ConnectionLost",
+    "FullMessageHandler",
+    "Handler",
     "HeartbeatAgent",
     "HeartbeatTimeout",
     "Hub",
@@ -62,6 +77,7 @@ __all__ = [
     "KeyLoadError",
     "LocalProtocolError",
     "Message",
+    "MessageHandler",
     "PresenceEvent",
     "PresenceRecord",
     "PrivateKey",
@@ -73,18 +89,26 @@ __all__ = [
     "RemoteProtocolError",
     "SessionReplaced",
     "SimpleAgent",
+    "Transport",
     "generate_private_key",
     "load_private_key",
     "open_agent",
     "open_hub",
     "parse_public_key",
+    "run_agent",
     "serve_hub",
 ]
 
 _LAZY = {
     "Agent": "agent",
     "AgentHealth": "agent",
+    "AgentState": "agent",
+    "FullMessageHandler": "agent",
+    "Handler": "agent",
+    "MessageHandler": "agent",
+    "Transport": "agent",
     "open_agent": "agent",
+    "run_agent": "agent",
     "HeartbeatAgent": "agent",
     "SimpleAgent": "agent",
     "Hub": "hub",

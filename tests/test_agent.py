@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import random
@@ -12,6 +13,7 @@ import trio
 
 from artcafe_trio import (
     AgentClosed,
+    AgentState,
     AuthenticationError,
     Backoff,
     ConnectFailed,
@@ -23,6 +25,9 @@ from artcafe_trio import (
     ProtocolError,
     ReconnectFailed,
     SimpleAgent,
+    generate_private_key,
+    open_agent,
+    run_agent,
 )
 from artcafe_trio.testing import TestHub, open_test_hub
 
@@ -544,8 +549,8 @@ async def test_get_connection_health_during_outage_and_after_giving_up(
     snapshots: list[dict[str, Any]] = []
     with pytest.raises(ReconnectFailed):
         async with test_hub.open_agent(
-            "a1", heartbeat_interval=1, max_reconnect_attempts=3
-        ) as agent:
+            "a1", heartbeat_interval=1, max_reconnect_attempts=3, rng=random.Random(1)
+        ) as agent:  # seeded: three short backoff draws could sum to under a second
             await trio.sleep(1.5)
             snapshots.append(agent.get_connection_health())
             test_hub.go_down()
@@ -742,3 +747,144 @@ async def test_stop_before_the_first_connection_ends_run(
         await agent.stop()
     assert trio.current_time() - stopped_at < 0.01
     assert agent.get_connection_health()["state"] == "closed"
+
+
+# --- run_agent: an agent as a task of the caller's nursery ------------------------------
+
+
+async def test_run_agent_in_the_callers_nursery(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    key = test_hub.register("test", "a1")
+    got: list[Any] = []
+    async with trio.open_nursery() as nursery:
+        agent = await nursery.start(
+            functools.partial(
+                run_agent, agent_id="a1", tenant_id="test", private_key=key,
+                transport=test_hub.transport,
+            )
+        )  # fmt: skip
+        assert agent.state == "connected" and agent.health().connected
+        await agent.subscribe("jobs", lambda subject, data: got.append(data))
+        assert await agent.publish("jobs", 7, confirm=True)
+        await trio.sleep(1)
+        agent.stop()  # the task stops gracefully and returns: the nursery ends
+    assert got == [7]
+    assert agent.state == "closed"
+    [record] = [r for r in test_hub.hub.presence_table() if r.agent_id == "a1"]
+    assert (record.status, record.reason) == ("offline", "left")
+
+
+async def test_run_agent_is_cancelled_with_the_nursery(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    key = test_hub.register("test", "a1")
+    async with trio.open_nursery() as nursery:
+        agent = await nursery.start(
+            functools.partial(
+                run_agent, agent_id="a1", tenant_id="test", private_key=key, dial=test_hub.dial
+            )
+        )
+        nursery.cancel_scope.cancel()
+    assert agent.state == "closed"
+    [record] = [r for r in test_hub.hub.presence_table() if r.agent_id == "a1"]
+    assert (record.status, record.reason) == ("offline", "left")  # the quick leave
+
+
+async def test_run_agent_raises_entry_errors_from_start(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    stranger = generate_private_key()
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(AuthenticationError):
+            await nursery.start(
+                functools.partial(
+                    run_agent, agent_id="a1", tenant_id="test", private_key=stranger,
+                    transport=test_hub.transport,
+                )
+            )  # fmt: skip
+
+
+async def test_an_agent_serves_once(test_hub: TestHub, autojump_clock: trio.abc.Clock) -> None:
+    async with test_hub.open_agent("a1") as agent:
+        with pytest.raises(RuntimeError, match="only once"):
+            await agent.serve()
+
+
+async def test_agent_state_is_a_string_enum(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    async with test_hub.open_agent("a1") as agent:
+        state: str = agent.state
+        assert agent.state is AgentState.CONNECTED and state == "connected"
+        assert type(agent.health().state) is str and agent.health().state == "connected"
+    assert agent.health().state == AgentState.CLOSED
+
+
+async def test_dial_and_transport_are_exclusive(test_hub: TestHub) -> None:
+    with pytest.raises(ValueError, match="at most one of dial and transport"):
+        async with test_hub.open_agent("a1", dial=test_hub.dial, transport=test_hub.transport):
+            pass
+
+
+async def test_open_test_hub_fields_override_a_given_config(autojump_clock: trio.abc.Clock) -> None:
+    from artcafe_trio import HubConfig
+
+    base = HubConfig(disconnect_grace=7.0, close_timeout=0.25)
+    async with open_test_hub(base, disconnect_grace=0.0) as hub:
+        assert hub.hub.config.disconnect_grace == 0.0  # the keyword wins
+        assert hub.hub.config.close_timeout == 0.25  # the rest is the config's
+    async with open_test_hub(send_queue_size=7) as hub:
+        assert hub.hub.config.send_queue_size == 7
+        assert hub.hub.config.disconnect_grace == HubConfig().disconnect_grace
+
+
+# --- a hub that breaks the handshake: the ClientConnection's errors, as failed attempts ----
+
+CHALLENGE_TEXT = '{"type": "challenge", "nonce": "n", "expires_in": 30, "hub_id": "fake"}'
+
+
+@pytest.mark.parametrize(
+    ("frames", "expected"),
+    [
+        (["{not json"], "not valid JSON"),
+        (['{"type": "heartbeat_ack", "seq": 1, "hub_time": 0}'], "expected a challenge"),
+        ([CHALLENGE_TEXT, CHALLENGE_TEXT], "expected a welcome"),
+        (
+            [CHALLENGE_TEXT, '{"type": "error", "code": "challenge_expired", "message": "slow"}'],
+            "hub error during handshake: challenge_expired: slow",
+        ),
+    ],
+)
+async def test_a_hub_breaking_the_handshake_is_a_failed_attempt(
+    autojump_clock: trio.abc.Clock, frames: list[str], expected: str
+) -> None:
+    import trio.testing
+    import trio_websocket
+
+    from artcafe_trio.agent._transport import wrap_client_stream
+
+    async def fake_hub(stream: trio.abc.Stream, nursery: trio.Nursery) -> None:
+        request = await trio_websocket.wrap_server_stream(nursery, stream)
+        ws = await request.accept()
+        await ws.send_message(frames[0])
+        for frame in frames[1:]:
+            await ws.get_message()  # the agent's auth
+            await ws.send_message(frame)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as hubs:
+
+        async def dial(nursery: trio.Nursery, resource: str) -> Any:
+            client, server = trio.testing.memory_stream_pair()
+            hubs.start_soon(fake_hub, server, hubs)
+            return await wrap_client_stream(nursery, client, "fake", resource)
+
+        with pytest.raises(ConnectFailed, match=expected) as info:
+            async with open_agent(
+                agent_id="a1", tenant_id="t", private_key=generate_private_key(), dial=dial,
+                retry_first_connect=False,
+            ):  # fmt: skip
+                pass
+        assert not info.value.permanent  # a broken hub may be fixed: it would be retried
+        hubs.cancel_scope.cancel()

@@ -17,8 +17,7 @@ from typing import Any
 import pytest
 import trio
 
-from artcafe_trio import generate_private_key
-from artcafe_trio.agent._agent import Agent
+from artcafe_trio import HeartbeatAgent, generate_private_key
 from artcafe_trio.protocol._heartbeats import heartbeat_delays, period_jitter
 from artcafe_trio.testing import TestHub, open_test_hub
 
@@ -102,7 +101,7 @@ def test_period_jitter_keeps_half_the_timeout_slack(
 @pytest.mark.parametrize("bad", [-0.01, 0.51, math.nan, math.inf])
 def test_out_of_range_jitter_is_refused(bad: float) -> None:
     with pytest.raises(ValueError, match=r"heartbeat_jitter must be between 0 and 0\.5"):
-        Agent(agent_id="a", tenant_id="t", private_key=generate_private_key(), heartbeat_jitter=bad)
+        HeartbeatAgent("a", tenant_id="t", private_key=generate_private_key(), heartbeat_jitter=bad)
 
 
 # --- the agent, under autojump_clock ----------------------------------------------

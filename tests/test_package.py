@@ -8,6 +8,7 @@ import importlib.resources
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -170,3 +171,150 @@ def test_open_hub_and_serve_hub_have_the_same_typed_keyword_only_signature() -> 
     config = artcafe_trio.HubConfig()
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         config.hub_id = "other"  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- typed public API
+
+REHOMED = [
+    "Agent",
+    "AgentHealth",
+    "AgentState",
+    "FullMessageHandler",
+    "HeartbeatAgent",
+    "MessageHandler",
+    "SimpleAgent",
+    "Transport",
+    "open_agent",
+    "run_agent",
+]
+
+
+@pytest.mark.parametrize("name", REHOMED)
+def test_public_agent_names_live_in_the_package_root(name: str) -> None:
+    assert getattr(artcafe_trio, name).__module__ == "artcafe_trio"
+
+
+def test_agent_is_built_by_factories_only() -> None:
+    with pytest.raises(TypeError, match="open_agent"):
+        artcafe_trio.Agent()
+    with pytest.raises(TypeError, match="run_agent"):
+        artcafe_trio.Agent(agent_id="a1", tenant_id="t")  # the old constructor's keywords
+
+
+def _keywords(function: object) -> dict[str, object]:
+    import inspect
+
+    params = inspect.signature(function).parameters.values()  # type: ignore[arg-type]
+    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+
+
+def test_the_agent_entry_points_take_the_same_options() -> None:
+    from artcafe_trio.testing import TestHub
+
+    options = _keywords(artcafe_trio.open_agent)
+    assert "heartbeat_interval" in options and options["heartbeat_interval"] == 30.0
+    assert not any(
+        p.kind is p.VAR_KEYWORD
+        for p in __import__("inspect").signature(artcafe_trio.open_agent).parameters.values()
+    )
+    run = _keywords(artcafe_trio.run_agent)
+    assert run.pop("task_status") is not None
+    assert run == {k: v for k, v in options.items() if k != "stop_on_signals"}
+    kit = _keywords(TestHub.open_agent)
+    assert kit["tenant_id"] == "test"
+    assert {k: v for k, v in kit.items() if k != "tenant_id"} == {
+        k: v for k, v in options.items() if k not in ("agent_id", "tenant_id")
+    }
+    # HeartbeatAgent: the SDK's names positionally, every other option as a keyword.
+    import inspect
+
+    sdk = inspect.signature(artcafe_trio.HeartbeatAgent).parameters
+    assert list(sdk)[:7] == [
+        "agent_id", "private_key_path", "organization_id", "url", "heartbeat_interval",
+        "heartbeat_timeout_multiplier", "auto_reconnect",
+    ]  # fmt: skip
+    assert set(sdk) == set(options) - {"stop_on_signals"}
+    simple = inspect.signature(artcafe_trio.SimpleAgent).parameters
+    assert list(simple)[:5] == [
+        "agent_id", "private_key_path", "organization_id", "url", "auto_reconnect",
+    ]  # fmt: skip
+    assert "heartbeat_interval" not in simple
+
+
+def test_open_test_hub_takes_every_hub_config_field() -> None:
+    import attrs
+
+    from artcafe_trio.testing import open_test_hub
+
+    fields = {f.name for f in attrs.fields(artcafe_trio.HubConfig)}
+    keywords = _keywords(open_test_hub)
+    assert keywords.pop("registry") is None
+    assert set(keywords) == fields
+    assert set(keywords.values()) == {None}  # HubConfig's own defaults apply
+
+
+BAD_SNIPPET = """
+from artcafe_trio import generate_private_key, open_agent
+
+
+async def main() -> None:
+    async with open_agent(
+        agent_id=1, tenant_id="t", private_key=generate_private_key(), heartbeat_intervall=5
+    ) as agent:
+        await agent.publish("a.b", 1)
+"""
+
+GOOD_SNIPPET = """
+import functools
+from typing import Any
+
+import trio
+
+from artcafe_trio import (
+    Agent, HeartbeatAgent, Message, generate_private_key, open_agent, run_agent,
+)
+from artcafe_trio.testing import open_test_hub
+
+
+async def main() -> None:
+    key = generate_private_key()
+    async with open_agent(
+        agent_id="a1", tenant_id="t", private_key=key, heartbeat_interval=5
+    ) as agent:
+        @agent.on_message("a.*")
+        async def handler(subject: str, data: Any) -> None: ...
+
+        def full(subject: str, data: Any, message: Message) -> None: ...
+
+        await agent.subscribe("b.*", full)
+        await agent.publish("a.b", 1)
+    async with trio.open_nursery() as nursery:
+        started: Agent = await nursery.start(
+            functools.partial(run_agent, agent_id="a2", tenant_id="t", private_key=key)
+        )
+        started.stop()
+    sdk = HeartbeatAgent("a3", None, "org", private_key=key, heartbeat_interval=10.0)
+    await sdk.publish("a.b", {"x": 1})
+    async with open_test_hub(disconnect_grace=0) as hub:
+        async with hub.open_agent("a4", heartbeat_interval=None) as kit_agent:
+            kit_agent.health()
+"""
+
+
+def test_mypy_strict_catches_a_misspelled_keyword_and_a_wrong_type(tmp_path: Path) -> None:
+    (tmp_path / "bad.py").write_text(BAD_SNIPPET)
+    (tmp_path / "good.py").write_text(GOOD_SNIPPET)
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "mypy", "--strict", "--no-incremental",
+            "--cache-dir", str(tmp_path / "cache"), "bad.py", "good.py",
+        ],
+        capture_output=True, text=True, timeout=300, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    out = result.stdout
+    errors = [line for line in out.splitlines() if ": error:" in line]
+    assert not [line for line in errors if line.startswith("good.py")], out
+    bad = [line for line in errors if line.startswith("bad.py")]
+    assert any('Unexpected keyword argument "heartbeat_intervall"' in line for line in bad), out
+    assert any('"agent_id"' in line and '"int"' in line and '"str"' in line for line in bad), out
+    assert result.returncode == 1

@@ -27,6 +27,7 @@ from artcafe_trio import (
 )
 from artcafe_trio._util import collapse_exception_groups, flatten_exceptions
 from artcafe_trio.agent import _agent as agent_module
+from artcafe_trio.agent import _transport as transport_module
 from artcafe_trio.hub import _serve as hub_module
 from artcafe_trio.testing import TestHub, open_test_hub
 
@@ -201,9 +202,9 @@ async def test_a_wss_agent_builds_its_default_tls_context_in_a_worker_thread(
 ) -> None:
     calls: list[str] = []
     monkeypatch.setattr(
-        agent_module,
+        transport_module,
         "_default_client_context",
-        _recording(calls, "create_default_context", agent_module._default_client_context),
+        _recording(calls, "create_default_context", transport_module._default_client_context),
     )
     async with open_hub() as hub:
         assert hub.url is not None

@@ -21,19 +21,25 @@ a hung hub, a half-open network).
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator
+import os
+import random
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
+import attrs
 import trio
 import trio.testing
-import trio_websocket
 from trio_websocket import WebSocketConnection
 
 from .._faulty import FaultyStream
 from .._util import collapse_exception_groups
-from ..agent._agent import Agent, open_agent
+from ..agent._agent import FROM_BACKOFF, Agent, FromBackoff, open_agent
+from ..agent._transport import Dialer, MemoryTransport, Transport
 from ..hub import CloseCode, Hub, HubConfig, serve_hub
+from ..protocol._backoff import Backoff
 from ..protocol._keys import PrivateKey, generate_private_key
 from ..registry._registry import Registry
 
@@ -50,6 +56,11 @@ class TestHub:
         self.registry: Registry = hub.registry
         self.down = False
         self._streams: list[FaultyStream] = []
+        self.transport: Transport = MemoryTransport(
+            self._open_stream, max_message_size=hub.config.max_frame_bytes * 4 + 65536
+        )
+        """The :class:`~artcafe_trio.agent._transport.Transport` agents use to reach this hub
+        (``open_agent(transport=hub.transport)``)."""
 
     def register(self, tenant_id: str, agent_id: str, *, algorithm: str = "ed25519") -> PrivateKey:
         """Generate a key for ``tenant_id/agent_id``, register it, and return it."""
@@ -66,31 +77,90 @@ class TestHub:
         self.hub.serve_stream(server, remote)
         return client
 
-    async def dial(self, nursery: trio.Nursery, resource: str) -> WebSocketConnection:
-        """The :data:`Dialer` agents use to reach this hub."""
+    async def _open_stream(self) -> trio.abc.Stream:
         if self.down:
             await trio.lowlevel.checkpoint()
             raise OSError("test hub is down")
         stream = FaultyStream(await self.connect_in_memory())
         self._streams = [s for s in self._streams if not s.closed]
         self._streams.append(stream)
-        return await trio_websocket.wrap_client_stream(
-            nursery,
-            stream,  # type: ignore[arg-type]
-            "memory",
-            resource,
-            max_message_size=self.hub.config.max_frame_bytes * 4 + 65536,
-        )
+        return stream
+
+    async def dial(self, nursery: trio.Nursery, resource: str) -> WebSocketConnection:
+        """A WebSocket to this hub: the ``dial`` function agents may use (``open_agent(
+        dial=hub.dial)``; the same as :attr:`transport`'s ``connect``)."""
+        return await self.transport.connect(nursery, resource)
 
     @asynccontextmanager
     async def open_agent(
-        self, agent_id: str, *, tenant_id: str = "test", **kwargs: Any
+        self,
+        agent_id: str,
+        *,
+        tenant_id: str = "test",
+        dial: Dialer | None = None,
+        transport: Transport | None = None,
+        organization_id: str | None = None,
+        private_key_path: str | os.PathLike[str] | None = None,
+        private_key: PrivateKey | None = None,
+        private_key_password: str | bytes | None = None,
+        url: str | None = None,
+        heartbeat_interval: float | None = 30.0,
+        heartbeat_timeout_multiplier: float = 3.0,
+        auto_reconnect: bool = True,
+        heartbeat_jitter: float = 0.1,
+        max_reconnect_attempts: int | FromBackoff | None = FROM_BACKOFF,
+        backoff: Backoff | None = None,
+        retry_first_connect: bool = True,
+        rng: random.Random | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+        capabilities: Sequence[str] = (),
+        metadata: Mapping[str, Any] | None = None,
+        connect_timeout: float = 10.0,
+        stop_timeout: float = 10.0,
+        max_concurrent_handlers: int = 1,
+        max_pending_messages: int = 10_000,
+        max_pending_publishes: int = 10_000,
+        raise_handler_errors: bool = False,
+        wall_clock: Callable[[], float] = time.time,
+        stop_on_signals: bool = False,
     ) -> AsyncIterator[Agent]:
-        """``open_agent`` connected to this hub; registers the agent if it has no key."""
-        if "private_key" not in kwargs and "private_key_path" not in kwargs:
-            kwargs["private_key"] = self.register(tenant_id, agent_id)
-        kwargs.setdefault("dial", self.dial)
-        async with open_agent(agent_id=agent_id, tenant_id=tenant_id, **kwargs) as agent:
+        """:func:`~artcafe_trio.open_agent` connected to this hub (over :attr:`transport`
+        unless ``dial`` or ``transport`` is given); registers the agent if it has no key.
+        The other keywords are ``open_agent``'s."""
+        if private_key is None and private_key_path is None:
+            private_key = self.register(tenant_id, agent_id)
+        if dial is None and transport is None:
+            transport = self.transport
+        async with open_agent(
+            agent_id=agent_id,
+            tenant_id=tenant_id,
+            dial=dial,
+            transport=transport,
+            organization_id=organization_id,
+            private_key_path=private_key_path,
+            private_key=private_key,
+            private_key_password=private_key_password,
+            url=url,
+            heartbeat_interval=heartbeat_interval,
+            heartbeat_timeout_multiplier=heartbeat_timeout_multiplier,
+            auto_reconnect=auto_reconnect,
+            heartbeat_jitter=heartbeat_jitter,
+            max_reconnect_attempts=max_reconnect_attempts,
+            backoff=backoff,
+            retry_first_connect=retry_first_connect,
+            rng=rng,
+            ssl_context=ssl_context,
+            capabilities=capabilities,
+            metadata=metadata,
+            connect_timeout=connect_timeout,
+            stop_timeout=stop_timeout,
+            max_concurrent_handlers=max_concurrent_handlers,
+            max_pending_messages=max_pending_messages,
+            max_pending_publishes=max_pending_publishes,
+            raise_handler_errors=raise_handler_errors,
+            wall_clock=wall_clock,
+            stop_on_signals=stop_on_signals,
+        ) as agent:
             yield agent
 
     def go_down(self, code: int = CloseCode.SERVICE_RESTART) -> None:
@@ -112,17 +182,82 @@ class TestHub:
                 stream.drop_outgoing = on
 
 
+def _hub_config(config: HubConfig | None, fields: dict[str, Any]) -> HubConfig:
+    given = {name: value for name, value in fields.items() if value is not None}
+    return HubConfig(**given) if config is None else attrs.evolve(config, **given)
+
+
 @asynccontextmanager
 async def open_test_hub(
-    config: HubConfig | None = None, *, registry: Registry | None = None, **config_fields: Any
+    config: HubConfig | None = None,
+    *,
+    registry: Registry | None = None,
+    hub_id: str | None = None,
+    challenge_timeout: float | None = None,
+    min_heartbeat_interval: float | None = None,
+    max_heartbeat_interval: float | None = None,
+    min_timeout_multiplier: float | None = None,
+    max_timeout_multiplier: float | None = None,
+    disconnect_grace: float | None = None,
+    max_frame_bytes: int | None = None,
+    max_subscriptions: int | None = None,
+    send_queue_size: int | None = None,
+    send_queue_bytes: int | None = None,
+    output_budget_bytes: int | None = None,
+    reply_window: int | None = None,
+    max_open_requests: int | None = None,
+    max_reply_grants: int | None = None,
+    max_unauthenticated_per_address: int | None = None,
+    max_unauthenticated: int | None = None,
+    handshake_timeout: float | None = None,
+    publish_rate: float | None = None,
+    publish_burst: int | None = None,
+    dedupe_window: float | None = None,
+    dedupe_max_ids: int | None = None,
+    auth_failures_free: int | None = None,
+    auth_failure_delay_cap: float | None = None,
+    auth_failure_memory: float | None = None,
+    registry_poll_interval: float | None = None,
+    last_seen_flush_interval: float | None = None,
+    close_timeout: float | None = None,
+    refused_log_per_second: float | None = None,
 ) -> AsyncIterator[TestHub]:
     """Run the real hub with an in-memory registry and no sockets.
 
-    ``config_fields`` override :class:`HubConfig` fields, e.g.
-    ``open_test_hub(disconnect_grace=0)``.
+    The keywords are :class:`HubConfig` fields (None: ``HubConfig``'s default, or
+    ``config``'s value), e.g. ``open_test_hub(disconnect_grace=0)``.
     """
-    if config is None:
-        config = HubConfig(**config_fields)
+    config = _hub_config(config, dict(
+        hub_id=hub_id,
+        challenge_timeout=challenge_timeout,
+        min_heartbeat_interval=min_heartbeat_interval,
+        max_heartbeat_interval=max_heartbeat_interval,
+        min_timeout_multiplier=min_timeout_multiplier,
+        max_timeout_multiplier=max_timeout_multiplier,
+        disconnect_grace=disconnect_grace,
+        max_frame_bytes=max_frame_bytes,
+        max_subscriptions=max_subscriptions,
+        send_queue_size=send_queue_size,
+        send_queue_bytes=send_queue_bytes,
+        output_budget_bytes=output_budget_bytes,
+        reply_window=reply_window,
+        max_open_requests=max_open_requests,
+        max_reply_grants=max_reply_grants,
+        max_unauthenticated_per_address=max_unauthenticated_per_address,
+        max_unauthenticated=max_unauthenticated,
+        handshake_timeout=handshake_timeout,
+        publish_rate=publish_rate,
+        publish_burst=publish_burst,
+        dedupe_window=dedupe_window,
+        dedupe_max_ids=dedupe_max_ids,
+        auth_failures_free=auth_failures_free,
+        auth_failure_delay_cap=auth_failure_delay_cap,
+        auth_failure_memory=auth_failure_memory,
+        registry_poll_interval=registry_poll_interval,
+        last_seen_flush_interval=last_seen_flush_interval,
+        close_timeout=close_timeout,
+        refused_log_per_second=refused_log_per_second,
+    ))  # fmt: skip
     own = registry is None
     registry = registry or Registry.open(":memory:")
     try:

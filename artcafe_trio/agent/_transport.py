@@ -1,0 +1,197 @@
+"""How the agent reaches a hub: the :class:`Transport` interface (like httpx's
+transports) and its implementations.
+
+A transport opens one message connection (a WebSocket) to the hub's ``resource``
+(``/api/v1/ws/agent/<id>?tenant_id=<tenant>``); the connection's background task runs
+in the nursery it is given. :class:`WebSocketTransport` dials TCP (and TLS for
+``wss://``); :class:`MemoryTransport` speaks WebSocket over an in-memory byte stream
+(the test kit's); :class:`DialerTransport` adapts a plain ``dial`` function.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Protocol, TypeAlias, cast
+from urllib.parse import urlsplit
+
+import trio
+import trio_websocket
+from trio_websocket import WebSocketConnection
+
+from .._errors import AuthenticationError, ConnectionLost
+
+__all__ = [
+    "MAX_RECEIVE_BYTES",
+    "Dialer",
+    "DialerTransport",
+    "MemoryTransport",
+    "Transport",
+    "WebSocketTransport",
+    "wrap_client_stream",
+]
+
+MAX_RECEIVE_BYTES = 64 * 1024 * 1024
+"""What the agent accepts from the hub; the hub bounds what it forwards."""
+
+Dialer: TypeAlias = Callable[[trio.Nursery, str], Awaitable[WebSocketConnection]]
+"""Opens a WebSocket to the hub: ``await dial(nursery, resource)``; the connection's
+background task runs in ``nursery``."""
+
+
+class Transport(Protocol):
+    """Opens message connections to one hub."""
+
+    async def connect(self, nursery: trio.Nursery, resource: str) -> WebSocketConnection:
+        """A WebSocket to ``resource`` on the hub; its reader task runs in ``nursery``."""
+        ...
+
+
+Transport.__module__ = "artcafe_trio"
+
+
+def wrap_client_stream(
+    nursery: trio.Nursery,
+    stream: trio.abc.Stream,
+    host: str,
+    resource: str,
+    *,
+    max_message_size: int = MAX_RECEIVE_BYTES,
+) -> Awaitable[WebSocketConnection]:
+    """trio-websocket's client handshake over any byte stream (its annotation names
+    only socket and TLS streams; any :class:`trio.abc.Stream` works)."""
+    socket_like = cast("trio.SocketStream", stream)
+    return trio_websocket.wrap_client_stream(
+        nursery, socket_like, host, resource, max_message_size=max_message_size
+    )
+
+
+class _HangUpAlarm(trio.abc.Stream):
+    """The agent's byte stream during the WebSocket handshake: end of stream or an error
+    cancels ``scope``. (trio-websocket 0.12 waits forever for a handshake that the peer
+    abandoned; this turns that into an immediate failed attempt.)"""
+
+    def __init__(self, inner: trio.abc.Stream, scope: trio.CancelScope) -> None:
+        self.inner = inner
+        self.scope: trio.CancelScope | None = scope
+
+    def disarm(self) -> None:
+        self.scope = None
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self.inner.receive_some(max_bytes)
+        except BaseException:
+            if self.scope is not None:
+                self.scope.cancel()
+            raise
+        if not data and self.scope is not None:
+            self.scope.cancel()
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def _default_client_context() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
+class WebSocketTransport:
+    """WebSocket over TCP to ``url`` (``ws://host:port[/path]``, or ``wss://`` with TLS:
+    ``ssl_context``, default the system's CAs, built in a worker thread)."""
+
+    def __init__(self, url: str, ssl_context: ssl.SSLContext | None = None) -> None:
+        split = urlsplit(url)
+        if split.scheme not in ("ws", "wss") or not split.hostname:
+            raise ValueError(
+                f"hub url must look like ws://host:port or wss://host:port, got {url!r}"
+            )
+        self.url = url
+        self.ssl_context = ssl_context
+        self._secure = split.scheme == "wss"
+        self._hostname = split.hostname
+        self._port = split.port or (443 if self._secure else 80)
+        self._host = split.hostname if split.port is None else f"{split.hostname}:{self._port}"
+        self._path = split.path.rstrip("/") or ""
+
+    async def connect(self, nursery: trio.Nursery, resource: str) -> WebSocketConnection:
+        stream: trio.abc.Stream = await trio.open_tcp_stream(self._hostname, self._port)
+        try:
+            return await self._upgrade(nursery, stream, resource)
+        except BaseException:
+            # Cancelled (connect_timeout) or failed: do not leave the socket to the GC.
+            await trio.aclose_forcefully(stream)
+            raise
+
+    async def _upgrade(
+        self, nursery: trio.Nursery, stream: trio.abc.Stream, resource: str
+    ) -> WebSocketConnection:
+        """TLS (for wss://) and the WebSocket handshake over a connected TCP stream."""
+        if self._secure:
+            stream = await self._tls(stream)
+        with trio.CancelScope() as handshake:
+            watched = _HangUpAlarm(stream, handshake)
+            ws = await wrap_client_stream(nursery, watched, self._host, self._path + resource)
+            watched.disarm()
+            return ws
+        raise ConnectionLost("the hub hung up during the WebSocket handshake")
+
+    async def _tls(self, stream: trio.abc.Stream) -> trio.SSLStream[trio.abc.Stream]:
+        context = self.ssl_context
+        if context is None:  # it reads the system's CA certificates: off the loop
+            context = await trio.to_thread.run_sync(_default_client_context)
+        tls = trio.SSLStream(stream, context, server_hostname=self._hostname)
+        try:
+            # Handshake here, not lazily inside the WebSocket reader, so that a
+            # certificate problem is an immediate, precise error.
+            await tls.do_handshake()
+        except trio.BrokenResourceError as exc:
+            if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+                reason = exc.__cause__.verify_message
+                raise AuthenticationError(
+                    f"the hub's TLS certificate does not verify: {reason}",
+                    code="hub_certificate_invalid",
+                ) from exc
+            raise
+        return tls
+
+
+class MemoryTransport:
+    """WebSocket over byte streams from ``open_stream()`` (an in-memory pair, a fault
+    injector...): the test kit's transport."""
+
+    def __init__(
+        self,
+        open_stream: Callable[[], Awaitable[trio.abc.Stream]],
+        *,
+        host: str = "memory",
+        max_message_size: int = MAX_RECEIVE_BYTES,
+    ) -> None:
+        self.open_stream = open_stream
+        self.host = host
+        self.max_message_size = max_message_size
+
+    async def connect(self, nursery: trio.Nursery, resource: str) -> WebSocketConnection:
+        stream = await self.open_stream()
+        return await wrap_client_stream(
+            nursery, stream, self.host, resource, max_message_size=self.max_message_size
+        )
+
+
+class DialerTransport:
+    """A plain ``dial(nursery, resource)`` function as a transport. The function is the
+    user's code: it runs without the supervisor's KI protection."""
+
+    def __init__(self, dial: Dialer) -> None:
+        self.dial = dial
+
+    @trio.lowlevel.disable_ki_protection
+    async def connect(self, nursery: trio.Nursery, resource: str) -> WebSocketConnection:
+        return await self.dial(nursery, resource)
