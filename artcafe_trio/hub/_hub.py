@@ -51,7 +51,7 @@ from ..protocol._frames import (
     encode_message,
 )
 from ..protocol._keys import PublicKey
-from ..protocol._subjects import SubjectIndex, is_reserved
+from ..protocol._subjects import SubjectIndex
 from ..registry._registry import PresenceChange, Registry, RegistryError
 from ._auth import Authenticator
 from ._flow import Delivery, OutputBudget, PreAuthLimiter, PreAuthTicket, TokenBucket
@@ -742,27 +742,7 @@ class Hub:
 
     def _handle_subscribe(self, session: _Session, frame: Subscribe) -> None:
         pattern = frame.subject
-        if session.is_admin and pattern != f"{PRESENCE_PREFIX}.>":
-            raise ProtocolError(
-                "forbidden_subject",
-                f"the admin channel can only subscribe to {PRESENCE_PREFIX}.>",
-                frame_id=frame.id,
-            )
-        if is_reserved(pattern) and not (
-            pattern == f"{PRESENCE_PREFIX}.>" or pattern.startswith(f"{PRESENCE_PREFIX}.")
-        ):
-            raise ProtocolError(
-                "forbidden_subject",
-                f"{pattern!r} is reserved; only {PRESENCE_PREFIX}.* may be subscribed to",
-                frame_id=frame.id,
-            )
         if pattern not in session.subscriptions:
-            if len(session.subscriptions) >= self.config.max_subscriptions:
-                raise ProtocolError(
-                    "too_many_subscriptions",
-                    f"at most {self.config.max_subscriptions} subscriptions per connection",
-                    frame_id=frame.id,
-                )
             session.subscriptions.add(pattern)
             if not session.is_admin:
                 index = self._indexes.get(session.tenant_id)
@@ -772,27 +752,9 @@ class Hub:
         session.send_frame(Subscribed(id=frame.id, subject=pattern))
 
     async def _handle_publish(self, session: _Session, frame: Publish) -> None:
-        if session.is_admin:
-            raise ProtocolError(
-                "forbidden_subject", "the admin channel cannot publish", frame_id=frame.id
-            )
         subject = frame.subject
         is_reply = subject.startswith(f"{REPLY_PREFIX}.")
-        if is_reserved(subject) and not is_reply:
-            raise ProtocolError(
-                "forbidden_subject",
-                f"{subject!r} is reserved for the hub; agents may not publish to it",
-                frame_id=frame.id,
-            )
         reply_to = frame.reply_to
-        if reply_to is not None and is_reserved(reply_to):
-            own = f"{REPLY_PREFIX}.{session.session_id}."
-            if not reply_to.startswith(own):
-                raise ProtocolError(
-                    "forbidden_subject",
-                    f"reply_to must be a normal subject or under {own}",
-                    frame_id=frame.id,
-                )
         now = trio.current_time()
         dedupe = None
         if frame.id is not None:
@@ -815,21 +777,7 @@ class Hub:
                     " (or it was answered already)",
                     frame_id=frame.id,
                 )
-        if not session.bucket.take():
-            self.stats.rate_limited += 1
-            raise ProtocolError(
-                "rate_limited",
-                f"publish rate above {self.config.publish_rate:g}/s; slow down and retry",
-                frame_id=frame.id,
-            )
-        try:
-            data_json = json.dumps(frame.data, separators=(",", ":"), allow_nan=False)
-        except (ValueError, RecursionError):  # e.g. 1e999, parsed as infinity
-            raise ProtocolError(
-                "invalid_field",
-                "data holds a number out of range or is nested too deeply",
-                frame_id=frame.id,
-            ) from None
+        data_json = session.admit_publish(frame)  # rate limit, then encoded once
         message_id = f"{self.config.hub_id}-{next(self._message_ids)}"
         if dedupe is not None and frame.id is not None:
             dedupe.remember(frame.id, message_id, now)
