@@ -440,11 +440,11 @@ class ServerConnection:
                 "unexpected_type", f"a hub does not accept {frame.type!r} frames", frame_id=raw_id
             )
         if isinstance(frame, Publish):
-            return PublishRequested(frame, self._check_publish(frame))
+            return PublishRequested(frame, _check_publish(self, frame))
         if isinstance(frame, Heartbeat):
             return HeartbeatReceived(frame)
         if isinstance(frame, Subscribe):
-            return SubscribeRequested(frame, self._check_subscribe(frame))
+            return SubscribeRequested(frame, _check_subscribe(self, frame))
         if isinstance(frame, Unsubscribe):
             return UnsubscribeRequested(frame)
         if isinstance(frame, PresenceQuery):
@@ -458,54 +458,6 @@ class ServerConnection:
         raise RemoteProtocolError(
             "already_authenticated", "this connection is already authenticated"
         )
-
-    def _check_subscribe(self, frame: Subscribe) -> bool:
-        pattern = frame.subject
-        if self.is_admin and pattern != ADMIN_PATTERN:
-            raise RemoteProtocolError(
-                "forbidden_subject",
-                f"the admin channel can only subscribe to {ADMIN_PATTERN}",
-                frame_id=frame.id,
-            )
-        if is_reserved(pattern) and not pattern.startswith(f"{PRESENCE_PREFIX}."):
-            raise RemoteProtocolError(
-                "forbidden_subject",
-                f"{pattern!r} is reserved; only {PRESENCE_PREFIX}.* may be subscribed to",
-                frame_id=frame.id,
-            )
-        if pattern in self.subscriptions:
-            return False
-        if len(self.subscriptions) >= self.limits.max_subscriptions:
-            raise RemoteProtocolError(
-                "too_many_subscriptions",
-                f"at most {self.limits.max_subscriptions} subscriptions per connection",
-                frame_id=frame.id,
-            )
-        return True
-
-    def _check_publish(self, frame: Publish) -> bool:
-        if self.is_admin:
-            raise RemoteProtocolError(
-                "forbidden_subject", "the admin channel cannot publish", frame_id=frame.id
-            )
-        subject = frame.subject
-        is_reply = subject.startswith(f"{REPLY_PREFIX}.")
-        if is_reserved(subject) and not is_reply:
-            raise RemoteProtocolError(
-                "forbidden_subject",
-                f"{subject!r} is reserved for the hub; agents may not publish to it",
-                frame_id=frame.id,
-            )
-        reply_to = frame.reply_to
-        if reply_to is not None and is_reserved(reply_to):
-            own = self.reply_prefix
-            if not reply_to.startswith(own):
-                raise RemoteProtocolError(
-                    "forbidden_subject",
-                    f"reply_to must be a normal subject or under {own}",
-                    frame_id=frame.id,
-                )
-        return is_reply
 
     @property
     def reply_prefix(self) -> str:
@@ -564,3 +516,55 @@ class ServerConnection:
             raise LocalProtocolError(
                 "invalid_state", f"{what} needs a {state.name} connection, not {self.state.name}"
             )
+
+
+def _check_subscribe(conn: ServerConnection, frame: Subscribe) -> bool:
+    """The subscribe rules of one connection; whether ``frame`` adds a pattern."""
+    pattern = frame.subject
+    if conn.is_admin and pattern != ADMIN_PATTERN:
+        raise RemoteProtocolError(
+            "forbidden_subject",
+            f"the admin channel can only subscribe to {ADMIN_PATTERN}",
+            frame_id=frame.id,
+        )
+    if is_reserved(pattern) and not pattern.startswith(f"{PRESENCE_PREFIX}."):
+        raise RemoteProtocolError(
+            "forbidden_subject",
+            f"{pattern!r} is reserved; only {PRESENCE_PREFIX}.* may be subscribed to",
+            frame_id=frame.id,
+        )
+    if pattern in conn.subscriptions:
+        return False
+    if len(conn.subscriptions) >= conn.limits.max_subscriptions:
+        raise RemoteProtocolError(
+            "too_many_subscriptions",
+            f"at most {conn.limits.max_subscriptions} subscriptions per connection",
+            frame_id=frame.id,
+        )
+    return True
+
+
+def _check_publish(conn: ServerConnection, frame: Publish) -> bool:
+    """The subject rules of one connection's publish; whether it answers a request."""
+    if conn.is_admin:
+        raise RemoteProtocolError(
+            "forbidden_subject", "the admin channel cannot publish", frame_id=frame.id
+        )
+    subject = frame.subject
+    is_reply = subject.startswith(f"{REPLY_PREFIX}.")
+    if is_reserved(subject) and not is_reply:
+        raise RemoteProtocolError(
+            "forbidden_subject",
+            f"{subject!r} is reserved for the hub; agents may not publish to it",
+            frame_id=frame.id,
+        )
+    reply_to = frame.reply_to
+    if reply_to is not None and is_reserved(reply_to):
+        own = conn.reply_prefix
+        if not reply_to.startswith(own):
+            raise RemoteProtocolError(
+                "forbidden_subject",
+                f"reply_to must be a normal subject or under {own}",
+                frame_id=frame.id,
+            )
+    return is_reply
