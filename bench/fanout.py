@@ -52,7 +52,7 @@ import trio_websocket
 
 from artcafe_trio import HubConfig, Registry
 from artcafe_trio.hub._backplane import LocalBackplane
-from artcafe_trio.hub._hub import _Session
+from artcafe_trio.hub._pump import _Session, limits_of
 from artcafe_trio.hub._serve import _Assembly
 from artcafe_trio.protocol import (
     Auth,
@@ -65,6 +65,7 @@ from artcafe_trio.protocol import (
     decode,
     encode,
 )
+from artcafe_trio.protocol._server import ServerConnection
 from artcafe_trio.testing import TestHub, open_test_hub
 
 TENANT = "bench"
@@ -123,13 +124,18 @@ class Routing:
 
     def _session(self, agent_id: str) -> _Session:
         auth = Auth(agent_id=agent_id, tenant_id=TENANT, algorithm="ed25519", signature="-")
+        conn = ServerConnection(
+            limits_of(self.hub.config), agent_id=agent_id, tenant_id=TENANT, nonce="-"
+        )
+        conn.receive_auth(encode(auth), 0.0)
+        bucket = self.hub._publish_bucket(TENANT, agent_id)
+        conn.accept(session_id=f"s-{agent_id}", hub_time=0.0, bucket=bucket)
         return _Session(
-            self.hub, None, tenant_id=TENANT, agent_id=agent_id, remote="bench",  # type: ignore[arg-type]
-            auth=auth, key=None, heartbeat_interval=None, heartbeat_timeout=None,
+            self.hub, None, conn, remote="bench", key=None, bucket=bucket,  # type: ignore[arg-type]
         )  # fmt: skip
 
     async def run(self) -> float:
-        handle = self.hub._router.publish
+        handle = self.hub._handle_publish
         publisher = self.publisher
         start = time.perf_counter()
         for frame in self.frames:

@@ -169,13 +169,11 @@ async def test_failure_counter_resets_only_after_a_healthy_connection(
 ) -> None:
     # Every connection is welcomed, but the hub never ACKs a heartbeat.
     hub = test_hub.hub
-    handle_frame = hub._handle_frame
 
     def no_acks(session: Any, frame: Any) -> None:
-        if frame.type != "heartbeat":
-            handle_frame(session, frame)
+        pass
 
-    monkeypatch.setattr(hub, "_handle_frame", no_acks)
+    monkeypatch.setattr(hub, "_handle_heartbeat", no_acks)
     with pytest.raises(ReconnectFailed) as info:
         async with test_hub.open_agent("a1", heartbeat_interval=1.0) as agent:
             await trio.sleep_forever()
@@ -679,18 +677,18 @@ async def test_presence_query_survives_a_connection_lost_before_the_answer(
     test_hub: TestHub, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hub = test_hub.hub
-    handle_frame = hub._handle_frame
+    handle_query = hub._handle_presence_query
     dropped = 0
 
     def lose_first_query(session: Any, frame: Any) -> None:
         nonlocal dropped
-        if frame.type == "presence_query" and not dropped:
+        if not dropped:
             dropped += 1
             session.close(1012, "restart")  # the answer never comes on this connection
             return
-        handle_frame(session, frame)
+        handle_query(session, frame)
 
-    monkeypatch.setattr(hub, "_handle_frame", lose_first_query)
+    monkeypatch.setattr(hub, "_handle_presence_query", lose_first_query)
     async with test_hub.open_agent("a1") as agent:
         with trio.fail_after(30):
             table = await agent.presence()

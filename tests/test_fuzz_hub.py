@@ -1,50 +1,41 @@
-"""Fuzzing a live hub: generated and mutated frames against the real thing.
+"""Fuzzing the hub: in process against the sans-IO ServerConnection, and end to end.
 
-Every test starts one hub (``serve_hub`` in memory; one test over real TCP) with a small
-``max_frame_bytes`` (8 KiB, hard limit 4 x 8 KiB + 64 KiB = 96 KiB) and three
-well-behaved agents on it: a *talker* publishing a numbered tick every 10 ms,
-a *listener* subscribed to the ticks (both heartbeating every 0.5 s) and a
-*monitor* watching ``$presence.>``. A raw client then sends the hub whatever
-hypothesis generates. The properties checked:
+**In process** (the bulk, a few seconds): hypothesis feeds generated and mutated
+frames straight into one :class:`ServerConnection` (no hub, no socket, no thread, no
+event loop), acting on each event as the pump and the hub would (the hub-wide part:
+subscription set, de-duplication, reply grants, the fan-out back to the fuzzer's own
+``>`` subscription, simulated in a few lines). The oracle is the one the live fuzzer
+always used (``FuzzClient.expect``): every frame is answered by exactly one non-fatal
+``error`` with the documented code and the frame's ``id`` when it had a string ``id``
+of at most 128 characters, by the legitimate answer, or by nothing when nothing is due;
+``leave`` closes with 1000. Also checked: no exception other than an assertion escapes,
+every error code is one of the tables of ``docs/protocol.md`` §12, the state moves only
+along the edges of the connection's state diagram and the subscription count stays
+within ``max_subscriptions``; first frames get the documented fatal error and close
+code (4006, 4001); a signed ``auth`` with fuzzed fields gets a welcome with clamped
+heartbeat values (or its refusal) and what presence copies from it still encodes.
 
-- the hub never crashes: its nursery keeps running (a crash would end the
-  test with the hub's exception), ``presence_table()`` works, and a new agent
-  can still authenticate at the end;
-- every frame from an authenticated client is answered (in order, before the
-  ``heartbeat_ack`` of a *barrier* heartbeat sent right after it) by exactly
-  one non-fatal ``error`` frame with the documented code and the frame's
-  ``id`` when it had a string ``id`` of at most 128 characters, or by the
-  legitimate answer, or by nothing when nothing is due; or the connection is
-  closed with the code the protocol documents (1000 after ``leave``, 1009
-  above the hard limit);
-- every frame the hub sends decodes strictly (``decode``), and a fuzzed
-  publish is delivered back to the fuzzing client (subscribed to ``>``) once
-  per matching pattern, with its data intact;
-- the first frame of a fresh connection gets the documented fatal ``error``
-  and close code (4006, 4001, 1009);
-- the well-behaved agents see no disturbance: no reconnect, every tick in
-  order, no presence flap, heartbeat ACKs keep coming.
+**End to end** (one smoke test, ``test_fuzz_over_tcp``): a real hub over TCP with three
+well-behaved agents (a *talker* publishing a tick every 10 ms, a *listener*, a
+*monitor* of ``$presence.>``) and a raw client sending text frames, byte mutations,
+invalid UTF-8, sizes up to the hard limit (close 1009) and raw WebSocket frames. The
+hub must not crash, every frame it sends decodes strictly, fuzzed publishes come back
+once per connection with their data intact, and the agents see no disturbance.
 
-Driving hypothesis: the hypothesis test function runs in a worker thread
-(``trio.to_thread.run_sync``) and sends each example into the running trio
-loop with ``trio.from_thread.run``. All examples of a test thus hit the same
-live hub and the same well-behaved agents, which is what the "no disturbance"
-property needs (pytest-trio's own ``@given`` support would start a fresh trio
-run, hence a fresh hub, per example). If the hub crashes, trio cancels the
-nursery it runs in; the example then raises ``HubCrashed`` (a ``BaseException``,
-which hypothesis does not catch or shrink) and the hub's own exception surfaces
-from that nursery.
+``ARTCAFE_FUZZ_LONG=1`` runs the same tests with ten times the examples in process
+and 3000 over TCP (and a 15-minute timeout). The total number of inputs tried is printed at
+the end (run with ``-s``).
 
-Invalid UTF-8 in a text frame: the hub (wsproto driven directly) closes with 1007
-and other framing errors with 1002, sending the close frame without waiting for
-an answer; a client that reads the close frame only after the socket is gone sees
-1006. The tests accept 1006 and 1007 (see ``INVALID_UTF8_CLOSE``);
-``tests/test_wsserver.py`` checks the exact codes byte by byte.
+Driving hypothesis end to end: the hypothesis test function runs in a worker thread
+(``trio.to_thread.run_sync``) and sends each example into the running trio loop with
+``trio.from_thread.run``, so all examples hit the same live hub and agents. If the hub
+crashes, the example raises ``HubCrashed`` (a ``BaseException``, not shrunk).
 
-The total number of inputs tried is printed at the end (run with ``-s``).
-
-Authentication slow-down is disabled (``auth_failures_free``) because every
-in-memory connection shares one remote address; ``tests/test_hub.py`` covers it.
+Invalid UTF-8 in a text frame: the hub (wsproto driven directly) closes with 1007 and
+other framing errors with 1002, without waiting for an answer; a client that reads the
+close frame only after the socket is gone sees 1006 (``INVALID_UTF8_CLOSE``);
+``tests/test_wsserver.py`` checks the exact codes byte by byte. Authentication
+slow-down is disabled (``auth_failures_free``): ``tests/test_hub.py`` covers it.
 """
 
 from __future__ import annotations
@@ -53,9 +44,11 @@ import functools
 import itertools
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -66,7 +59,15 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, WebSocketConnection
 
-from artcafe_trio import Agent, Hub, HubConfig, ProtocolError, open_agent, serve_hub
+from artcafe_trio import (
+    Agent,
+    Hub,
+    HubConfig,
+    ProtocolError,
+    RemoteProtocolError,
+    open_agent,
+    serve_hub,
+)
 from artcafe_trio.protocol import (
     CLIENT_FRAME_TYPES,
     AdminAuth,
@@ -79,21 +80,42 @@ from artcafe_trio.protocol import (
     Message,
     PresenceEvent,
     PresenceQuery,
+    PresenceRecord,
     PresenceState,
     PrivateKey,
     Publish,
+    Published,
     Subscribe,
+    Subscribed,
     Unsubscribe,
+    Unsubscribed,
     Welcome,
     decode,
     encode,
     is_reserved,
     subject_matches,
 )
+from artcafe_trio.protocol._codes import CloseCode
 from artcafe_trio.protocol._frames import MAX_NESTING, _deeper_than
+from artcafe_trio.protocol._server import (
+    AuthRequested,
+    ConnectionState,
+    FrameRefused,
+    HandshakeRefused,
+    HeartbeatReceived,
+    LeaveRequested,
+    PeerError,
+    PresenceRequested,
+    PublishRequested,
+    Refusal,
+    ServerConnection,
+    ServerLimits,
+    SubscribeRequested,
+    UnsubscribeRequested,
+)
 from artcafe_trio.testing import TestHub
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(900 if os.environ.get("ARTCAFE_FUZZ_LONG") else 120)
 
 TENANT = "fz"
 FUZZER = "fuzzer"
@@ -213,6 +235,10 @@ odd_subjects = st.sampled_from(
      "x" * 257, ".".join(["t"] * 16), ".".join(["t"] * 17), "\x00", "tab\tbed", "fz.\u00e9"]
 )  # fmt: skip
 subjects = valid_subjects | valid_patterns | odd_subjects | texts
+reply_subjects = st.sampled_from(
+    ["$reply.@SELF@.r", "$reply.@SELF@.r.2", "$reply.s-0.x", "$reply.@SELF@x.r", "$presence.x",
+     "$sys.x", "inbox.x"]
+)  # fmt: skip
 ids = (
     st.text(_TOKEN_CHARS, min_size=1, max_size=10)
     | st.integers(125, 130).map(lambda n: "i" * n)
@@ -258,6 +284,8 @@ client_frames = st.one_of(
     optional_frame("publish", {"subject": valid_subjects}, {"data": json_values, "id": ids}),
     optional_frame("publish", {"subject": valid_subjects},
                    {"data": json_values, "id": ids, "reply_to": st.just("$reply.@SELF@.r")}),
+    optional_frame("publish", {"subject": valid_subjects | reply_subjects},
+                   {"data": json_values, "id": ids, "reply_to": reply_subjects}),
     frame("heartbeat", seq=seqs),
     frame("presence_query", id=ids),
     optional_frame("error", {"code": texts}, {"message": texts, "id": ids, "fatal": st.booleans()}),
@@ -959,30 +987,346 @@ async def fuzzing(
         assert_undisturbed(calm, label)
 
 
-async def test_fuzz_frames_after_auth() -> None:
-    """Random JSON values, valid, mutated, unknown-type and deep frames, random subjects."""
-    async with fuzzing("after-auth") as (target, _):
-        client = FuzzClient(target)
-        await drive(target, "after-auth", after_auth_inputs, client.probe, max_examples=2500)
-        print(f"outcomes: {dict(client.outcomes)}")
+# --- in process: one ServerConnection driven as the hub's pump drives it ---------------
+
+PROTOCOL_MD = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
 
-async def test_fuzz_mutated_valid_frames() -> None:
-    """Valid encoded frames with chars or bytes flipped, inserted, deleted, duplicated;
-    byte mutations that break UTF-8 go out as raw text frames (the hub must close)."""
-    async with fuzzing("mutations") as (target, _):
-        client = FuzzClient(target)
-        inputs = byte_mutations(as_bytes=False) | byte_mutations(as_bytes=True) | invalid_utf8
-        await drive(target, "mutations", inputs, client.probe, max_examples=2000)
-        print(f"outcomes: {dict(client.outcomes)}")
+def documented_codes() -> frozenset[str]:
+    """Every error code in the tables of docs/protocol.md §12 (the contract)."""
+    text = PROTOCOL_MD.read_text()
+    section = text[text.index("## 12.") : text.index("## 13.")]
+    return frozenset(re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.MULTILINE))
 
 
-async def test_fuzz_admin_channel_after_auth() -> None:
-    """The same inputs from an authenticated admin client."""
-    async with fuzzing("admin") as (target, _):
-        client = AdminFuzzClient(target)
-        await drive(target, "admin", after_auth_inputs, client.probe, max_examples=800)
-        print(f"outcomes: {dict(client.outcomes)}")
+DOCUMENTED = documented_codes()
+HANDSHAKE_CLOSES = frozenset({CloseCode.PROTOCOL_VIOLATION, CloseCode.AUTHENTICATION_FAILED})
+LIMITS = ServerLimits(hub_id="hub-fz", max_frame_bytes=MAX_FRAME, max_subscriptions=1000)
+# The allowed transitions (docs/design.md); CLOSED is reached only by connection_closed().
+EDGES = {
+    (ConnectionState.AWAITING_AUTH, ConnectionState.AUTHENTICATING),
+    (ConnectionState.AUTHENTICATING, ConnectionState.OPEN),
+    (ConnectionState.AUTHENTICATING, ConnectionState.CLOSING),
+    (ConnectionState.OPEN, ConnectionState.CLOSING),
+}
+
+
+class Bucket:
+    """A token bucket on the ``now`` it is given (rate 1000/s, burst 5: some publishes
+    of a fast fuzzer are refused ``rate_limited``)."""
+
+    def __init__(self) -> None:
+        self.tokens, self.stamp = 5.0, 0.0
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(5.0, self.tokens + (now - self.stamp) * 1000.0)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+def step(conn: ServerConnection, before: ConnectionState) -> None:
+    """The state only moves along an edge of the diagram, and stays consistent."""
+    after = conn.state
+    assert after is before or (before, after) in EDGES, f"{before.name} -> {after.name}"
+    assert len(conn.subscriptions) <= conn.limits.max_subscriptions
+    if conn.closing:
+        assert conn.close_code is not None and conn.close_code in set(CloseCode), conn.close_code
+
+
+class InProcessClient(FuzzClient):
+    """The live oracle (``FuzzClient.expect``), checked against a ServerConnection fed
+    in process: the hub-wide part (subscription set, de-duplication, reply grants, the
+    fan-out back to this client's ``>``) is simulated here in a few lines."""
+
+    admin = False
+
+    def __init__(self) -> None:
+        FuzzClient.__init__(self, None, agent_id="$admin" if self.admin else FUZZER)  # type: ignore[arg-type]
+        self.conn: ServerConnection | None = None
+        self.sessions = itertools.count(1)
+        self.now = 0.0
+        self.seen: set[str] = set()  # publish ids the "hub" remembers (per agent)
+        self.grants: set[str] = set()  # reply subjects the "hub" accepts once
+
+    def open(self) -> ServerConnection:
+        conn = ServerConnection(
+            LIMITS, agent_id=None if self.admin else FUZZER,
+            tenant_id=None if self.admin else TENANT, nonce="n",
+        )  # fmt: skip
+        conn.challenge(self.now)
+        claim: Frame = (
+            AdminAuth(token="t") if self.admin
+            else Auth(agent_id=FUZZER, tenant_id=TENANT, algorithm="ed25519", signature="s")
+        )  # fmt: skip
+        assert isinstance(conn.receive_auth(encode(claim), self.now), AuthRequested)
+        self.session_id = f"s-{next(self.sessions)}"
+        welcome = decode(conn.accept(session_id=self.session_id, hub_time=0.0, bucket=Bucket()))
+        assert isinstance(welcome, Welcome)
+        pattern = "$presence.>" if self.admin else ">"
+        self.feed(conn, encode(Subscribe(id="all", subject=pattern)))
+        self.subs = {pattern}
+        self.grants.clear()  # the hub forgets a gone session's open requests
+        self.granted.clear()
+        return conn
+
+    def probe_sync(self, payload: str | bytes) -> None:
+        conn = self.conn or self.open()
+        self.conn = conn
+        if isinstance(payload, str):
+            payload = payload.replace("@SELF@", self.session_id)
+        expect = self.expect(payload)
+        if expect.close == frozenset({1009}):  # the WebSocket layer's; the connection refuses
+            expect = Expect(error="frame_too_large")
+        reply = self.feed(conn, payload)
+        self.learn(reply)
+        self.check(expect, reply, payload)
+        for answer in reply.answers:
+            if isinstance(answer, Error):
+                assert answer.code in DOCUMENTED, f"undocumented code {answer.code!r}"
+        if reply.closed is not None:
+            conn.connection_closed()
+            self.conn = None
+
+    def feed(self, conn: ServerConnection, payload: str | bytes) -> Reply:
+        """Feed one frame; act on its event as the pump and the hub would."""
+        self.now += 0.0004
+        before = conn.state
+        event = conn.receive_text(payload, self.now)
+        reply = Reply()
+        if isinstance(event, FrameRefused):
+            assert decode(event.text) == event.error and not event.error.fatal
+            reply.answers.append(event.error)
+        elif isinstance(event, SubscribeRequested):
+            conn.subscriptions.add(event.frame.subject)
+            reply.answers.append(Subscribed(id=event.frame.id, subject=event.frame.subject))
+        elif isinstance(event, UnsubscribeRequested):
+            conn.subscriptions.discard(event.frame.subject)
+            reply.answers.append(Unsubscribed(id=event.frame.id, subject=event.frame.subject))
+        elif isinstance(event, HeartbeatReceived):
+            reply.answers.append(HeartbeatAck(seq=event.frame.seq, hub_time=self.now))
+        elif isinstance(event, PresenceRequested):
+            reply.answers.append(PresenceState(id=event.frame.id, agents=()))
+        elif isinstance(event, LeaveRequested):
+            assert conn.left and conn.close(CloseCode.NORMAL, "left")
+            reply.closed = conn.close_code
+        elif isinstance(event, PublishRequested):
+            self.publish(conn, event, reply)
+        else:
+            assert isinstance(event, PeerError), event
+        step(conn, before)
+        return reply
+
+    def publish(self, conn: ServerConnection, event: PublishRequested, reply: Reply) -> None:
+        frame = event.frame
+        if frame.id is not None and frame.id in self.seen:
+            reply.answers.append(Published(id=frame.id, message_id="m", duplicate=True))
+            return
+        if event.is_reply and frame.subject not in self.grants:
+            error = RemoteProtocolError("reply_not_expected", "-", frame_id=frame.id)
+            reply.answers.append(conn.refusal(error).error)
+            return
+        try:
+            data_json = conn.admit_publish(frame, self.now)
+        except RemoteProtocolError as exc:
+            reply.answers.append(conn.refusal(exc).error)
+            return
+        data = strict_loads(data_json)  # encoded once, as strict JSON
+        if frame.id is not None:
+            self.seen.add(frame.id)
+            reply.answers.append(Published(id=frame.id, message_id="m"))
+        if event.is_reply:
+            self.grants.discard(frame.subject)
+            mine = frame.subject.split(".", 2)[1] == conn.session_id
+            matched = mine
+        else:
+            matched = any(subject_matches(p, frame.subject) for p in conn.subscriptions)
+            reply_to = frame.reply_to
+            if reply_to is not None and reply_to.startswith(conn.reply_prefix):
+                self.grants.discard(reply_to)
+                if matched:
+                    self.grants.add(reply_to)
+        if matched and not conn.is_admin:
+            reply.deliveries.append(
+                Message(subject=frame.subject, data=data, sender=FUZZER, message_id="m", time=0.0)
+            )
+
+
+class InProcessAdminClient(InProcessClient, AdminFuzzClient):
+    admin = True
+
+
+def fuzz_in_process(
+    label: str, strategy: st.SearchStrategy[Any], probe: Callable[[Any], None], count: int
+) -> None:
+    """Run ``probe`` on ``count`` examples (no hub, no thread, no event loop)."""
+    tried = 0
+
+    @settings(
+        max_examples=count, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+    )
+    @given(strategy)
+    def run(value: Any) -> None:
+        nonlocal tried
+        tried += 1
+        probe(value)
+
+    try:
+        run()
+    finally:
+        INPUTS_TRIED[label] += tried
+
+
+def expect_first_frame_in_process(
+    path: str, payload: str | bytes
+) -> tuple[str, set[str | None], frozenset[int]]:
+    """The live oracle (``expect_first_frame``), minus what only the WebSocket layer does."""
+    if isinstance(payload, str) and len(payload) > HARD_LIMIT:
+        return "frame_too_large", {None}, frozenset({4006})
+    error, close = expect_first_frame(path, payload)
+    assert error is not None
+    return error[0], error[1], close
+
+
+def probe_first_frame_in_process(case: tuple[str, str | bytes]) -> None:
+    """A first frame on a fresh connection; a claim that gets this far is refused by the
+    (simulated) authenticator, as every claim from ``nobody`` is."""
+    path, payload = case
+    admin = path == "admin"
+    conn = ServerConnection(
+        LIMITS, agent_id=None if admin else "nobody", tenant_id=None if admin else TENANT,
+        nonce="n",
+    )  # fmt: skip
+    conn.challenge(0.0)
+    event = conn.receive_auth(payload, 1.0)
+    step(conn, ConnectionState.AWAITING_AUTH)
+    if isinstance(event, HandshakeRefused):
+        refusal = event.refusal
+    else:
+        refusal = Refusal(
+            code="authentication_failed", message="-", frame_id=event.frame_id,
+            close=CloseCode.AUTHENTICATION_FAILED, who=event.who, cause="-",
+        )  # fmt: skip
+    error = decode(conn.refuse(refusal))
+    step(conn, ConnectionState.AUTHENTICATING)
+    code, ids, closes = expect_first_frame_in_process(path, payload)
+    what = f"{path}: {describe(payload)}"
+    assert isinstance(error, Error) and error.fatal, what
+    assert (error.code, conn.close_code) in {(code, c) for c in closes}, f"{error}: {what}"
+    assert error.id in ids, f"{error} should carry an id in {ids}: {what}"
+    assert error.code in DOCUMENTED, error.code
+    assert conn.close_code in HANDSHAKE_CLOSES
+    assert conn.expire(1e9) is None  # refused: nothing left to expire
+
+
+def probe_signed_auth(fields: dict[str, Any]) -> None:
+    """An auth whose signature the (simulated) authenticator accepts and whose other
+    fields are fuzzed: welcome with clamped heartbeat values, or the documented refusal;
+    what the hub copies into presence still encodes as strict protocol."""
+    conn = ServerConnection(LIMITS, agent_id=SIGNER, tenant_id=TENANT, nonce="n")
+    conn.challenge(0.0)
+    text = dumps(Pairs((("type", "auth"), ("agent_id", SIGNER), ("tenant_id", TENANT),
+                        ("algorithm", "ed25519"), ("signature", "c2ln"), *fields.items())))  # fmt: skip
+    what = describe(text)
+    try:
+        claim = decode(text, max_bytes=MAX_FRAME)
+        refusal = None if claim.protocol == 1 else "unsupported_protocol"  # type: ignore[attr-defined]
+    except ProtocolError as exc:
+        refusal = exc.code
+    event = conn.receive_auth(text, 1.0)
+    if refusal is not None:
+        assert isinstance(event, HandshakeRefused), what
+        assert event.refusal.code == refusal and event.refusal.close == 4006, what
+        return
+    assert isinstance(event, AuthRequested) and isinstance(claim, Auth), what
+    welcome = decode(conn.accept(session_id="s-1", hub_time=1.0))
+    assert isinstance(welcome, Welcome) and conn.state is ConnectionState.OPEN, what
+    if claim.heartbeat_interval is None:
+        assert (welcome.heartbeat_interval, welcome.heartbeat_timeout) == (None, None), what
+    else:
+        interval = _clamp(claim.heartbeat_interval, 0.5, 300.0)
+        multiplier = _clamp(claim.heartbeat_timeout_multiplier, 1.5, 10.0)
+        assert welcome.heartbeat_interval == interval, what
+        assert welcome.heartbeat_timeout == pytest.approx(interval * multiplier), what
+    record = PresenceRecord(
+        tenant_id=TENANT, agent_id=SIGNER, status="online", session_id="s-1",
+        heartbeat_timeout=welcome.heartbeat_timeout, capabilities=claim.capabilities,
+        metadata=claim.metadata,
+    )  # fmt: skip
+    decode(encode(PresenceState(id="q", agents=(record,))))  # what presence_query sends
+
+
+def _clamp(value: float, low: float, high: float) -> float:
+    return max(low, min(high, value))
+
+
+def fuzz_after_auth(count: int) -> None:
+    client = InProcessClient()
+    fuzz_in_process("after-auth", after_auth_inputs, client.probe_sync, count)
+    print(f"outcomes: {dict(client.outcomes)}")
+    assert {"error invalid_json", "subscribed", "heartbeat_ack", "close 1000"} <= set(
+        client.outcomes
+    )
+
+
+def fuzz_admin(count: int) -> None:
+    client = InProcessAdminClient()
+    fuzz_in_process("admin", after_auth_inputs, client.probe_sync, count)
+    print(f"outcomes: {dict(client.outcomes)}")
+    assert "error forbidden_subject" in client.outcomes
+
+
+def fuzz_mutations(count: int) -> None:
+    client = InProcessClient()
+    inputs = byte_mutations(as_bytes=False) | byte_mutations(as_bytes=True).filter(
+        lambda x: isinstance(x, str)
+    )
+    fuzz_in_process("mutations", inputs, client.probe_sync, count)
+
+
+def fuzz_sizes(count: int) -> None:
+    client = InProcessClient()
+    counter = itertools.count()
+
+    def probe(text: str) -> None:
+        client.probe_sync(text.replace("@@@@@@", f"{next(counter):06d}"))
+
+    fuzz_in_process("sizes", sized(), probe, count)
+    assert "error frame_too_large" in client.outcomes
+
+
+def fuzz_first_frame(count: int) -> None:
+    first = first_frames.filter(lambda x: not isinstance(x, InvalidText))
+    cases = st.tuples(st.sampled_from(["agent", "agent", "admin"]), first)
+    fuzz_in_process("first-frame", cases, probe_first_frame_in_process, count)
+
+
+def fuzz_signed_auth(count: int) -> None:
+    fuzz_in_process("signed-auth", signed_auth_fields, probe_signed_auth, count)
+
+
+IN_PROCESS = {
+    "after-auth": (fuzz_after_auth, 500),
+    "admin": (fuzz_admin, 200),
+    "mutations": (fuzz_mutations, 300),
+    "sizes": (fuzz_sizes, 60),
+    "first-frame": (fuzz_first_frame, 300),
+    "signed-auth": (fuzz_signed_auth, 200),
+}
+#: ``ARTCAFE_FUZZ_LONG=1`` multiplies every example count by ten (3000 over TCP): the
+#: same tests, longer; nothing is skipped by default.
+LONG = bool(os.environ.get("ARTCAFE_FUZZ_LONG"))
+SCALE = 10 if LONG else 1
+
+
+@pytest.mark.parametrize("name", sorted(IN_PROCESS))
+def test_fuzz_server_connection(name: str) -> None:
+    """Generated frames into one sans-IO ServerConnection: never an unexpected exception,
+    every answer the documented one, every refusal code in docs/protocol.md."""
+    run, count = IN_PROCESS[name]
+    run(count * SCALE)
 
 
 @st.composite
@@ -1013,21 +1357,6 @@ def sized(draw: st.DrawFn) -> str:
     width = len(wide.encode()) if zone in ("max", "between") else 1
     body = wide * max(0, room // width) + "a" * max(0, room % width)
     return head + body + tail
-
-
-async def test_fuzz_frame_sizes() -> None:
-    """Near and above max_frame_bytes (refused, connection survives) and the hard limit
-    (close 1009)."""
-    async with fuzzing("sizes") as (target, _):
-        client = FuzzClient(target)
-        counter = itertools.count()
-
-        async def probe(text: str) -> None:
-            await client.probe(text.replace("@@@@@@", f"{next(counter):06d}"))
-
-        await drive(target, "sizes", sized(), probe, max_examples=200)
-        print(f"outcomes: {dict(client.outcomes)}")
-        assert {"error frame_too_large", "close 1009"} <= set(client.outcomes)
 
 
 first_frames = st.one_of(
@@ -1076,19 +1405,6 @@ async def probe_first_frame(
     await ws.aclose()
 
 
-async def test_fuzz_first_frame_before_auth() -> None:
-    """Anything as the first frame of a fresh connection, on the agent and admin paths."""
-    async with fuzzing("before-auth") as (target, _):
-        outcomes: Counter[str] = Counter()
-
-        async def probe(case: tuple[str, str | bytes | InvalidText]) -> None:
-            await probe_first_frame(target, case, outcomes)
-
-        cases = st.tuples(st.sampled_from(["agent", "agent", "admin"]), first_frames)
-        await drive(target, "before-auth", cases, probe, max_examples=800)
-        print(f"outcomes: {dict(outcomes)}")
-
-
 def expect_first_frame(
     path: str, payload: str | bytes | InvalidText
 ) -> tuple[tuple[str, set[str | None]] | None, frozenset[int]]:
@@ -1135,82 +1451,6 @@ signed_auth_fields = st.fixed_dictionaries(
 )
 
 
-def _clamp(value: float, low: float, high: float) -> float:
-    return max(low, min(high, value))
-
-
-async def test_fuzz_signed_auth_fields() -> None:
-    """A correctly signed auth whose other fields are fuzzed: welcome with clamped
-    heartbeat values, or the documented refusal; then the agent's presence record and
-    presence events must still be valid protocol (monitor and presence_query)."""
-    async with fuzzing("signed-auth") as (target, calm):
-        key = target.key(SIGNER)
-        config = target.hub.config
-        welcomed = 0
-        outcomes: Counter[str] = Counter()
-
-        async def probe(fields: dict[str, Any]) -> None:
-            nonlocal welcomed
-            ws = await target.dial(f"/api/v1/ws/agent/{SIGNER}?tenant_id={TENANT}")
-            challenge = decode(await ws.get_message())
-            assert isinstance(challenge, Challenge)
-            signature = key.sign_auth(tenant_id=TENANT, agent_id=SIGNER, nonce=challenge.nonce)
-            text = dumps(Pairs((("type", "auth"), ("agent_id", SIGNER), ("tenant_id", TENANT),
-                                ("algorithm", "ed25519"), ("signature", signature),
-                                *fields.items())))  # fmt: skip
-            await ws.send_message(text)
-            what = describe(text)
-            try:
-                auth = decode(text, max_bytes=MAX_FRAME)
-                refusal = None if auth.protocol == 1 else "unsupported_protocol"  # type: ignore[attr-defined]
-            except ProtocolError as exc:
-                refusal = exc.code
-            if refusal is not None:
-                reply = await collect(ws, None, "")
-                assert [(a.type, getattr(a, "code", None)) for a in reply.answers] == [
-                    ("error", refusal)
-                ], what
-                assert reply.closed == 4006, what
-                outcomes[f"refused {refusal}"] += 1
-                return
-            assert isinstance(auth, Auth)
-            welcome = await collect_one(ws)
-            assert isinstance(welcome, Welcome), f"{welcome}: {what}"
-            welcomed += 1
-            if auth.heartbeat_interval is None:
-                assert (welcome.heartbeat_interval, welcome.heartbeat_timeout) == (None, None), what
-            else:
-                interval = _clamp(
-                    auth.heartbeat_interval,
-                    config.min_heartbeat_interval,
-                    config.max_heartbeat_interval,
-                )
-                multiplier = _clamp(
-                    auth.heartbeat_timeout_multiplier,
-                    config.min_timeout_multiplier,
-                    config.max_timeout_multiplier,
-                )
-                assert welcome.heartbeat_interval == interval, what
-                assert welcome.heartbeat_timeout == pytest.approx(interval * multiplier), what
-            await ws.send_message(encode(PresenceQuery(id="who")))
-            state = await collect_one(ws)
-            assert isinstance(state, PresenceState), f"{state}: {what}"
-            [record] = [r for r in state.agents if r.agent_id == SIGNER]
-            assert (record.status, record.capabilities, record.metadata) == (
-                "online", auth.capabilities, auth.metadata), what  # fmt: skip
-            await ws.send_message('{"type":"leave"}')
-            reply = await collect(ws, None, SIGNER)
-            assert reply.closed == 1000 and not reply.bad, what
-            outcomes["welcome"] += 1
-
-        await drive(target, "signed-auth", signed_auth_fields, probe, max_examples=500)
-        with trio.fail_after(5):  # the monitor decodes every presence event of the signer
-            while len(calm.events_for(SIGNER)) < 2 * welcomed:
-                await trio.sleep(0.01)
-        print(f"outcomes: {dict(outcomes)}")
-        assert calm.events_for(SIGNER) == [("online", "connected"), ("offline", "left")] * welcomed
-
-
 @attrs.frozen
 class RawFrame:
     fin: bool
@@ -1240,58 +1480,6 @@ raw_frames = st.builds(
 )
 
 
-async def test_fuzz_raw_websocket_frames() -> None:
-    """Frames written below trio-websocket: reserved opcodes and bits, unmasked frames,
-    unfinished messages, stray continuations, oversized control frames, raw close and ping
-    frames, invalid UTF-8. The hub must survive; each connection either keeps working or
-    is closed -- it never hangs."""
-    async with fuzzing("raw-frames") as (target, _):
-        client = FuzzClient(target)
-        codes: Counter[str] = Counter()
-
-        async def probe(raw: RawFrame) -> None:
-            ws = client.ws or await client.connect()
-            payload = raw.payload
-            text: str | None = None
-            if raw.well_formed() and raw.opcode == 1:
-                try:
-                    text = payload.decode()
-                except UnicodeDecodeError:
-                    text = None
-            if text is not None:
-                await client.probe(text)  # a proper text frame: the full oracle applies
-                codes["text"] += 1
-                return
-            barrier = BARRIER + next(client.counter)
-            try:
-                await send_raw(
-                    ws,
-                    mask(payload, opcode=raw.opcode, fin=raw.fin, rsv=raw.rsv, masked=raw.masked),
-                )
-                await ws.send_message(encode(Heartbeat(seq=barrier)))
-            except ConnectionClosed:
-                pass
-            reply = await collect(ws, barrier, FUZZER)
-            what = describe(raw)
-            assert not reply.bad, what
-            must_close = not raw.well_formed() or raw.opcode == 1  # (1 here: invalid UTF-8)
-            if must_close:
-                assert reply.closed is not None, f"the hub accepted a broken frame: {what}"
-            elif raw.opcode == 2:
-                assert [(a.type, getattr(a, "code", None)) for a in reply.answers] == [
-                    ("error", "binary_frame")
-                ], what
-            else:  # ping / pong
-                assert reply.closed is None and reply.answers == [], what
-            codes[f"close {reply.closed}" if reply.closed else "open"] += 1
-            if reply.closed is not None:
-                client.ws = None
-                await ws.aclose()
-
-        await drive(target, "raw-frames", raw_frames, probe, max_examples=600)
-        print(f"outcomes: {dict(codes)}")
-
-
 async def test_challenge_expires_when_nothing_is_sent() -> None:
     async with fuzz_target(challenge_timeout=0.2) as target:
         for _ in range(3):
@@ -1305,17 +1493,75 @@ async def test_challenge_expires_when_nothing_is_sent() -> None:
         INPUTS_TRIED["silence"] += 3
 
 
-async def test_fuzz_over_tcp() -> None:
-    """The same fuzz over real sockets (fewer examples), agents included."""
+async def probe_raw(client: FuzzClient, raw: RawFrame, codes: Counter[str]) -> None:
+    """A frame written below trio-websocket: reserved opcodes and bits, unmasked frames,
+    unfinished messages, stray continuations, oversized control frames, raw close and
+    ping frames, invalid UTF-8. The connection either keeps working or is closed."""
+    ws = client.ws or await client.connect()
+    payload = raw.payload
+    text: str | None = None
+    if raw.well_formed() and raw.opcode == 1:
+        try:
+            text = payload.decode()
+        except UnicodeDecodeError:
+            text = None
+    if text is not None:
+        await client.probe(text)  # a proper text frame: the full oracle applies
+        codes["text"] += 1
+        return
+    barrier = BARRIER + next(client.counter)
+    try:
+        await send_raw(
+            ws, mask(payload, opcode=raw.opcode, fin=raw.fin, rsv=raw.rsv, masked=raw.masked)
+        )
+        await ws.send_message(encode(Heartbeat(seq=barrier)))
+    except ConnectionClosed:
+        pass
+    reply = await collect(ws, barrier, FUZZER)
+    what = describe(raw)
+    assert not reply.bad, what
+    must_close = not raw.well_formed() or raw.opcode == 1  # (1 here: invalid UTF-8)
+    if must_close:
+        assert reply.closed is not None, f"the hub accepted a broken frame: {what}"
+    elif raw.opcode == 2:
+        assert [(a.type, getattr(a, "code", None)) for a in reply.answers] == [
+            ("error", "binary_frame")
+        ], what
+    else:  # ping / pong
+        assert reply.closed is None and reply.answers == [], what
+    codes[f"raw close {reply.closed}" if reply.closed else "raw open"] += 1
+    if reply.closed is not None:
+        client.ws = None
+        await ws.aclose()
+
+
+async def fuzz_over_tcp(max_examples: int) -> None:
     async with fuzzing("tcp", tcp=True) as (target, _):
         client = FuzzClient(target)
-        inputs = after_auth_inputs | byte_mutations(as_bytes=True) | invalid_utf8 | sized()
+        codes: Counter[str] = Counter()
+
+        async def probe(value: Any) -> None:
+            if isinstance(value, RawFrame):
+                await probe_raw(client, value, codes)
+            else:
+                await client.probe(value)
+
+        inputs = (
+            after_auth_inputs | byte_mutations(as_bytes=True) | invalid_utf8 | sized() | raw_frames
+        )
         await drive(
-            target, "tcp", inputs, client.probe, max_examples=600,
+            target, "tcp", inputs, probe, max_examples=max_examples,
             examples=(InvalidText(b'{"type":"heartbeat","seq":1,"x":"\xff"}'),
-                      "x" * (HARD_LIMIT + 1)),
+                      "x" * (HARD_LIMIT + 1), RawFrame(True, 0, 8, True, b"")),
         )  # fmt: skip
-        print(f"outcomes: {dict(client.outcomes)}")
+        print(f"outcomes: {dict(client.outcomes)} {dict(codes)}")
+
+
+async def test_fuzz_over_tcp() -> None:
+    """End to end: the real hub over real sockets, with the well-behaved agents running;
+    text frames, byte mutations, invalid UTF-8, sizes up to the hard limit and raw
+    WebSocket frames (what only the WebSocket layer and the hub-wide side can get wrong)."""
+    await fuzz_over_tcp(3000 if LONG else 150)
 
 
 # --- what the fuzzers found, as minimal reproductions --------------------------------------

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "artcafe_trio"
 #: at the top: _errors, _util, _logsafe, _faulty; "artcafe_trio" is the root's
 #: public names and version).
 ALLOWED: dict[str, set[str]] = {
-    "protocol": {"_errors"},
+    "protocol": {"_errors", "_logsafe"},
     "registry": {"_errors", "protocol"},
     "agent": {"_errors", "_logsafe", "_util", "protocol"},
     "hub": {"_errors", "_logsafe", "_util", "protocol", "registry"},

@@ -212,8 +212,10 @@ class TokenBucket:
         self.tokens = float(burst)
         self.stamp = trio.current_time()
 
-    def take(self) -> bool:
-        now = trio.current_time()
+    def take(self, now: float | None = None) -> bool:
+        """Take one token at ``now`` (default: ``trio.current_time()``); whether there was one."""
+        if now is None:
+            now = trio.current_time()
         self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens >= 1.0:

@@ -25,7 +25,7 @@ from ..protocol._frames import (
     Subscribed,
     encode_message,
 )
-from ..protocol._subjects import SubjectIndex, is_reserved
+from ..protocol._subjects import SubjectIndex
 from ._backplane import Backplane, PresenceUpdate, Route
 from ._config import HubConfig, HubStats
 from ._flow import Delivery
@@ -68,31 +68,6 @@ class Router:
 
     def subscribe(self, session: Session, frame: Subscribe) -> None:
         pattern = frame.subject
-        # connection policy (moving to ServerConnection) ---------------------------
-        if session.is_admin and pattern != f"{PRESENCE_PREFIX}.>":
-            raise ProtocolError(
-                "forbidden_subject",
-                f"the admin channel can only subscribe to {PRESENCE_PREFIX}.>",
-                frame_id=frame.id,
-            )
-        if is_reserved(pattern) and not (
-            pattern == f"{PRESENCE_PREFIX}.>" or pattern.startswith(f"{PRESENCE_PREFIX}.")
-        ):
-            raise ProtocolError(
-                "forbidden_subject",
-                f"{pattern!r} is reserved; only {PRESENCE_PREFIX}.* may be subscribed to",
-                frame_id=frame.id,
-            )
-        if (
-            pattern not in session.subscriptions
-            and len(session.subscriptions) >= self._config.max_subscriptions
-        ):
-            raise ProtocolError(
-                "too_many_subscriptions",
-                f"at most {self._config.max_subscriptions} subscriptions per connection",
-                frame_id=frame.id,
-            )
-        # end of connection policy ---------------------------------------------------
         if pattern not in session.subscriptions:
             session.subscriptions.add(pattern)
             if not session.is_admin:
@@ -139,42 +114,7 @@ class Router:
     async def publish(self, session: Session, frame: Publish) -> None:
         subject = frame.subject
         is_reply = subject.startswith(f"{REPLY_PREFIX}.")
-        # connection policy (moving to ServerConnection) ---------------------------
-        if session.is_admin:
-            raise ProtocolError(
-                "forbidden_subject", "the admin channel cannot publish", frame_id=frame.id
-            )
-        if is_reserved(subject) and not is_reply:
-            raise ProtocolError(
-                "forbidden_subject",
-                f"{subject!r} is reserved for the hub; agents may not publish to it",
-                frame_id=frame.id,
-            )
         reply_to = frame.reply_to
-        if reply_to is not None and is_reserved(reply_to):
-            own = f"{REPLY_PREFIX}.{session.session_id}."
-            if not reply_to.startswith(own):
-                raise ProtocolError(
-                    "forbidden_subject",
-                    f"reply_to must be a normal subject or under {own}",
-                    frame_id=frame.id,
-                )
-        if not session.bucket.take():
-            self._stats.rate_limited += 1
-            raise ProtocolError(
-                "rate_limited",
-                f"publish rate above {self._config.publish_rate:g}/s; slow down and retry",
-                frame_id=frame.id,
-            )
-        try:
-            data_json = json.dumps(frame.data, separators=(",", ":"), allow_nan=False)
-        except (ValueError, RecursionError):  # e.g. 1e999, parsed as infinity
-            raise ProtocolError(
-                "invalid_field",
-                "data holds a number out of range or is nested too deeply",
-                frame_id=frame.id,
-            ) from None
-        # end of connection policy ---------------------------------------------------
         now = trio.current_time()
         dedupe = None
         if frame.id is not None:
@@ -190,6 +130,9 @@ class Router:
                 " (or it was answered already)",
                 frame_id=frame.id,
             )
+        # The connection's rate limit, then its data encoded once (after the hub-wide
+        # checks: a duplicate or an unexpected answer costs no token).
+        data_json = session.admit_publish(frame)
         route = Route(
             session.tenant_id, subject, data_json, session.agent_id,
             self._next_message_id(), self._wall_clock(), reply_to, frame.id,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import trio
 
 from ..protocol._codes import CloseCode
-from ..protocol._frames import Frame
+from ..protocol._frames import Frame, Publish
 from ..protocol._keys import PublicKey
 from ._config import HubStats
 from ._flow import Delivery, TokenBucket
@@ -45,9 +45,12 @@ class Session(Protocol):
     subscriptions: set[str]  # its patterns (the router keeps them in the index)
     open_requests: dict[str, None]  # its $reply subjects awaiting an answer (router)
     presence: PresenceEntry | None  # its presence row, set when attached (presence table)
-    left: bool  # it sent ``leave``
     timed_out: bool  # its heartbeat deadline passed
     bucket: TokenBucket  # its agent's publish rate bucket (BucketStore)
+
+    @property
+    def left(self) -> bool:
+        """It sent ``leave``."""
 
     def __hash__(self) -> int: ...  # a key of the subject index and the admin set
 
@@ -59,6 +62,10 @@ class Session(Protocol):
 
     def close(self, code: int, reason: str, *, drain: bool = False) -> None:
         """End the session with ``code`` (``drain``: send what is queued first)."""
+
+    def admit_publish(self, frame: Publish) -> str:
+        """The connection's rate limit and one-time encoding of ``frame.data`` (its
+        ``ServerConnection``): the data JSON, or a refusal (``ProtocolError``)."""
 
     def owned_presence(self) -> PresenceEntry | None:
         """Its presence row while it is the session that row belongs to."""
