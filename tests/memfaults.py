@@ -233,8 +233,11 @@ class MemoryFaultProxy:
         self.refusing = on
         self.refuse_mode = mode
 
-    async def connect(self, resource: str = "", remote: str = "memory") -> trio.abc.Stream:
-        """A new connection's agent end (the hub serves the other end)."""
+    async def connect(
+        self, resource: str = "", remote: str = "memory", *, serve: bool = True
+    ) -> trio.abc.Stream:
+        """A new connection's agent end; the hub serves the other end (unless not ``serve``:
+        then the caller plays the hub, on ``links[-1].hub``)."""
         self.attempts.append(trio.current_time())
         await trio.lowlevel.checkpoint()
         if self.refusing and self.refuse_mode == "unlisten":
@@ -248,7 +251,8 @@ class MemoryFaultProxy:
             link.reset()
         else:
             self.accepted += 1
-            self.test_hub.hub.serve_stream(link.hub, remote)
+            if serve:
+                self.test_hub.hub.serve_stream(link.hub, remote)
         return link.agent
 
     async def dial(self, nursery: trio.Nursery, resource: str) -> WebSocketConnection:

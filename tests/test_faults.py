@@ -233,6 +233,46 @@ async def test_fault_proxy_switches_do_what_they_say() -> None:
         await stream.aclose()
 
 
+async def test_memory_fault_proxy_switches_do_what_they_say(autojump_clock: trio.abc.Clock) -> None:
+    """The in-memory proxy's switches, on raw byte streams (the test plays the hub)."""
+    async with open_test_hub() as hub:
+        proxy = MemoryFaultProxy(hub, capacity=8)
+        link_end = await proxy.connect("/x", serve=False)
+        (link,) = proxy.links
+        # Back-pressure: 8 bytes unread fill the pipe; a 9th waits for the reader.
+        await link.agent.send_all(b"12345678")
+        with trio.move_on_after(1) as blocked:
+            await link.agent.send_all(b"9")
+        assert blocked.cancelled_caught
+        assert await link.hub.receive_some() == b"12345678"
+        await link.hub.send_all(b"back")
+        assert await link_end.receive_some() == b"back"
+        # Blackhole: written bytes vanish (counted), the stream stays open.
+        proxy.blackhole(to_agents=False)
+        await link.agent.send_all(b"lost")
+        assert proxy.stats.dropped["to_hub"] == 4
+        proxy.blackhole(False)
+        await link.agent.send_all(b"kept")
+        assert await link.hub.receive_some() == b"kept"
+        # Reset: both ends fail, pending and later.
+        assert proxy.reset_all() == 1
+        with pytest.raises(trio.BrokenResourceError):
+            await link_end.receive_some()
+        with pytest.raises(trio.BrokenResourceError):
+            await link.hub.send_all(b"x")
+        assert proxy.active == 0 and proxy.reset_all() == 0
+        # Refuse: "unlisten" fails the connect; "close" connects and resets at once.
+        proxy.refuse(mode="unlisten")
+        with pytest.raises(OSError, match="refused"):
+            await proxy.connect("/y")
+        proxy.refuse(mode="close")
+        refused_end = await proxy.connect("/z", serve=False)
+        with pytest.raises(trio.BrokenResourceError):
+            await refused_end.receive_some()
+        assert (proxy.accepted, proxy.refused) == (1, 2)
+        assert len(proxy.attempts) == 3
+
+
 # --- scenario 2: a blackholed hub (half-open) --------------------------------------------
 
 
