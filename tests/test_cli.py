@@ -833,8 +833,8 @@ def _run_main(*args: str) -> tuple[int, str, str]:
 def _poll_status(
     db: Path, agent: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0
 ) -> dict[str, Any]:
-    """Run ``status --json`` (in process: the binary's own runs are elsewhere in each test)
-    until the agent's row satisfies ``predicate``."""
+    """Run ``status --json`` in process until the agent's row satisfies ``predicate`` (the
+    real binary's ``status`` runs in ``test_end_to_end_presence`` and ``test_status_over_tls``)."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
@@ -1005,7 +1005,9 @@ def test_status_over_tls(tmp_path: Path) -> None:
         hub = start([*CLI, "hub", "--port", "0", "--db", str(db), "--tls-cert", str(server)])
         assert hub.wait_line("hub listening on ").startswith("hub listening on wss://127.0.0.1:")
         # An untrusted certificate fails at once with a clear message (not a 10 s timeout).
+        started = time.monotonic()
         code, _out, err = _run_main("status", "--db", str(db))  # in process
+        assert time.monotonic() - started < 8
         assert code == 1
         assert "CERTIFICATE_VERIFY_FAILED" in err
         assert "--cafile" in err
