@@ -910,10 +910,10 @@ def test_end_to_end_presence(tmp_path: Path) -> None:
         assert "hub listening on" not in "".join(hub.err)
         assert not Path(f"{db}.admin").exists()
 
-    result = _cli("status", "--db", str(db), "--json")
-    assert result.returncode == 3, result
-    assert "hub not running; showing last known presence from DB" in result.stderr
-    rows = {row["agent_id"]: row for row in json.loads(result.stdout)}
+    code, out, err = _run_main("status", "--db", str(db), "--json")  # the binary ran above
+    assert code == 3, (out, err)
+    assert "hub not running; showing last known presence from DB" in err
+    rows = {row["agent_id"]: row for row in json.loads(out)}
     assert set(rows) == {"crasher", "freezer"}
     for row in rows.values():
         assert row["status"] == "offline"
