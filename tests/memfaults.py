@@ -259,16 +259,20 @@ class MemoryFaultProxy:
         """The agents' dialer (``open_agent(dial=proxy.dial)``), like ``TestHub.dial``."""
         stream = await self.connect(resource)
         assert isinstance(stream, _End)
-        with trio.CancelScope() as stream.handshake:
-            ws = await trio_websocket.wrap_client_stream(
-                nursery,
-                stream,  # type: ignore[arg-type]
-                "memory",
-                resource,
-                max_message_size=MAX_MESSAGE,
-            )
-            stream.handshake = None
-            return ws
+        try:
+            with trio.CancelScope() as stream.handshake:
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery,
+                    stream,  # type: ignore[arg-type]
+                    "memory",
+                    resource,
+                    max_message_size=MAX_MESSAGE,
+                )
+                stream.handshake = None
+                return ws
+        except BaseException:
+            await trio.aclose_forcefully(stream)  # e.g. cancelled by connect_timeout
+            raise
         stream.handshake = None
         await stream.aclose()
         raise ConnectionLost("the hub hung up during the WebSocket handshake")
