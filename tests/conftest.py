@@ -110,8 +110,10 @@ async def raw_connect(
 
 @pytest.fixture
 async def test_hub() -> AsyncIterator[TestHub]:
-    # Raw test clients often stop reading; a short close_timeout keeps teardown quick.
-    async with open_test_hub(disconnect_grace=5.0, close_timeout=0.5) as hub:
+    # Raw test clients often stop reading (their nursery is gone at teardown, so nobody
+    # answers the hub's close): a short close_timeout keeps teardown quick. Over memory
+    # streams a write never waits, so the close frame itself always goes out at once.
+    async with open_test_hub(disconnect_grace=5.0, close_timeout=0.05) as hub:
         yield hub
 
 

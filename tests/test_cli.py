@@ -813,17 +813,28 @@ def _start_agent(
     return proc
 
 
+def _run_main(*args: str) -> tuple[int, str, str]:
+    """``main([...])`` in this process (no interpreter start-up): exit code, stdout, stderr."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return code, out.getvalue(), err.getvalue()
+
+
 def _poll_status(
     db: Path, agent: str, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0
 ) -> dict[str, Any]:
-    """Run ``status --json`` until the agent's row satisfies ``predicate``."""
+    """Run ``status --json`` in process until the agent's row satisfies ``predicate`` (the
+    real binary's ``status`` runs in ``test_end_to_end_presence`` and ``test_status_over_tls``)."""
     deadline = time.monotonic() + timeout
     last: Any = None
     while time.monotonic() < deadline:
-        result = _cli("status", "--db", str(db), "--json")
-        last = (result.returncode, result.stdout, result.stderr)
-        if result.returncode == 0:
-            rows = {row["agent_id"]: row for row in json.loads(result.stdout)}
+        last = code, out, _err = _run_main("status", "--db", str(db), "--json")
+        if code == 0:
+            rows = {row["agent_id"]: row for row in json.loads(out)}
             row = rows.get(agent)
             if row is not None and predicate(row):
                 found: dict[str, Any] = row
@@ -832,14 +843,23 @@ def _poll_status(
     raise AssertionError(f"status of {agent} never matched; last: {last}")
 
 
-def _register(tmp_path: Path, db: Path, *agents: str) -> Path:
+def _run(*args: str, binary: bool) -> tuple[int, str, str]:
+    """The command by the real binary (``binary``) or in process: exit code, stdout, stderr."""
+    if not binary:
+        return _run_main(*args)
+    result = _cli(*args)
+    return result.returncode, result.stdout, result.stderr
+
+
+def _register(tmp_path: Path, db: Path, *agents: str, binary: bool = False) -> Path:
+    """One key for ``agents``; with ``binary``, made and registered by the real command."""
     key = tmp_path / "agent.key"
-    result = _cli("keygen", "--out", str(key))
-    assert result.returncode == 0, result.stderr
+    code, _out, err = _run("keygen", "--out", str(key), binary=binary)
+    assert code == 0, err
     for agent in agents:
-        result = _cli("agents", "add", "--create", "--db", str(db), "--tenant", "acme", "--agent", agent,
-                      "--public-key", f"{key}.pub")  # fmt: skip
-        assert result.returncode == 0, result.stderr
+        code, _out, err = _run("agents", "add", "--create", "--db", str(db), "--tenant", "acme",
+                               "--agent", agent, "--public-key", f"{key}.pub", binary=binary)  # fmt: skip
+        assert code == 0, err
     return key
 
 
@@ -847,7 +867,7 @@ def _register(tmp_path: Path, db: Path, *agents: str) -> Path:
 def test_end_to_end_presence(tmp_path: Path) -> None:
     """keygen → agents add → hub → agents → status: online, disconnected, timeout, restart."""
     db = tmp_path / "hub.db"
-    key = _register(tmp_path, db, "crasher", "freezer")
+    key = _register(tmp_path, db, "crasher", "freezer", binary=True)
     with _processes() as start:
         hub, url = _start_hub(start, db)
         assert _mode(Path(f"{db}.admin")) == 0o600
@@ -884,10 +904,10 @@ def test_end_to_end_presence(tmp_path: Path) -> None:
         assert "hub listening on" not in "".join(hub.err)
         assert not Path(f"{db}.admin").exists()
 
-    result = _cli("status", "--db", str(db), "--json")
-    assert result.returncode == 3, result
-    assert "hub not running; showing last known presence from DB" in result.stderr
-    rows = {row["agent_id"]: row for row in json.loads(result.stdout)}
+    code, out, err = _run_main("status", "--db", str(db), "--json")  # the binary ran above
+    assert code == 3, (out, err)
+    assert "hub not running; showing last known presence from DB" in err
+    rows = {row["agent_id"]: row for row in json.loads(out)}
     assert set(rows) == {"crasher", "freezer"}
     for row in rows.values():
         assert row["status"] == "offline"
@@ -929,18 +949,18 @@ def test_publish_listen_and_watch(tmp_path: Path) -> None:
     key = _register(tmp_path, db, "listener", "publisher", "watched")
     with _processes() as start:
         hub, url = _start_hub(start, db)
-        watch = start([*CLI, "status", "--db", str(db), "--watch", "--json"])
-        watch.wait_line("[")  # the first table (JSON Lines: stdout is not a TTY)
-
         agent_args = ["--url", url, "--tenant", "acme", "--key", str(key)]
+        # Both start at once (each interpreter start-up takes a while).
+        watch = start([*CLI, "status", "--db", str(db), "--watch", "--json"])
         listen = start([*CLI, "listen", *agent_args, "--agent", "listener", "tasks.>",
                         "--count", "2"])  # fmt: skip
+        watch.wait_line("[")  # the first table (JSON Lines: stdout is not a TTY)
         listen.wait_line("listening on", stream="err")
-        for n in (1, 2):
-            published = _cli("publish", *agent_args, "--agent", "publisher", "tasks.new",
-                             json.dumps({"n": n}), "--confirm")  # fmt: skip
-            assert published.returncode == 0, published.stderr
-            assert published.stdout.strip()  # the hub's message id
+        for n, binary in ((1, True), (2, False)):  # the real command once, then in process
+            code, out, err = _run("publish", *agent_args, "--agent", "publisher", "tasks.new",
+                                  json.dumps({"n": n}), "--confirm", binary=binary)  # fmt: skip
+            assert code == 0, err
+            assert out.strip()  # the hub's message id
         assert listen.wait(10) == 0, listen.describe()
         lines = [json.loads(line) for line in listen.out]
         assert [(m["subject"], m["data"], m["sender"]) for m in lines] == [
@@ -979,10 +999,12 @@ def test_status_over_tls(tmp_path: Path) -> None:
         hub = start([*CLI, "hub", "--port", "0", "--db", str(db), "--tls-cert", str(server)])
         assert hub.wait_line("hub listening on ").startswith("hub listening on wss://127.0.0.1:")
         # An untrusted certificate fails at once with a clear message (not a 10 s timeout).
-        untrusted = _cli("status", "--db", str(db), timeout=8)
-        assert untrusted.returncode == 1
-        assert "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
-        assert "--cafile" in untrusted.stderr
+        started = time.monotonic()
+        code, _out, err = _run_main("status", "--db", str(db))  # in process
+        assert time.monotonic() - started < 8
+        assert code == 1
+        assert "CERTIFICATE_VERIFY_FAILED" in err
+        assert "--cafile" in err
         trusted = _cli("status", "--db", str(db), "--cafile", str(ca_file), "--json")
         assert trusted.returncode == 0, trusted.stderr
         assert json.loads(trusted.stdout) == []
