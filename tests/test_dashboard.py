@@ -41,7 +41,7 @@ class Site:
 
 @pytest.fixture
 async def site(nursery: trio.Nursery) -> AsyncIterator[Site]:
-    async with open_test_hub(disconnect_grace=0, close_timeout=0.5) as hub:
+    async with open_test_hub(disconnect_grace=0, close_timeout=0.05) as hub:
         config = DashboardConfig(
             feed_queue=4,
             refresh_interval=60,

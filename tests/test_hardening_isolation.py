@@ -96,7 +96,7 @@ def ten_token_patterns(count: int) -> list[str]:
 
 
 async def test_one_delivery_per_connection_however_many_patterns_match() -> None:
-    async with open_test_hub(max_frame_bytes=BIG, close_timeout=0.5) as hub:
+    async with open_test_hub(max_frame_bytes=BIG, close_timeout=0.05) as hub:
         async with trio.open_nursery() as nursery:
             attacker = await connect(hub, nursery, "attacker")
             patterns = ten_token_patterns(1000)
@@ -116,7 +116,7 @@ async def test_one_delivery_per_connection_however_many_patterns_match() -> None
 
 
 async def test_one_publish_is_encoded_once_for_every_receiver() -> None:
-    async with open_test_hub(close_timeout=0.5) as hub:
+    async with open_test_hub(close_timeout=0.05) as hub:
         async with trio.open_nursery() as nursery:
             receivers = [await connect(hub, nursery, f"r{i}") for i in range(5)]
             for n, receiver in enumerate(receivers):
@@ -132,7 +132,7 @@ async def test_one_publish_is_encoded_once_for_every_receiver() -> None:
 
 async def test_a_long_fan_out_lets_other_tasks_run(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(router_module, "FANOUT_BATCH", 2)
-    async with open_test_hub(close_timeout=0.5) as hub:
+    async with open_test_hub(close_timeout=0.05) as hub:
         async with trio.open_nursery() as nursery:
             receivers = [await connect(hub, nursery, f"r{i}") for i in range(6)]
             for receiver in receivers:
@@ -157,7 +157,7 @@ async def test_a_long_fan_out_lets_other_tasks_run(monkeypatch: pytest.MonkeyPat
 
 async def test_send_queue_is_bounded_in_bytes() -> None:
     async with open_test_hub(
-        max_frame_bytes=BIG, send_queue_bytes=1024 * 1024, close_timeout=0.5
+        max_frame_bytes=BIG, send_queue_bytes=1024 * 1024, close_timeout=0.05
     ) as hub:
         async with trio.open_nursery() as nursery:
             stuck = await connect(hub, nursery, "stuck", lockstep=True)
@@ -179,7 +179,7 @@ async def test_output_budget_cuts_off_the_largest_consumer_first() -> None:
         max_frame_bytes=BIG,
         send_queue_bytes=2 * 1024 * 1024,
         output_budget_bytes=budget,
-        close_timeout=0.5,
+        close_timeout=0.05,
     ) as hub:
         async with trio.open_nursery() as nursery:
             consumers = {}
@@ -257,7 +257,7 @@ async def test_budget_attack_leaves_another_tenant_online(autojump_clock: Any) -
 
 
 async def test_rate_limit_is_kept_across_reconnects(autojump_clock: Any) -> None:
-    async with open_test_hub(publish_rate=10, publish_burst=20, close_timeout=0.5) as hub:
+    async with open_test_hub(publish_rate=10, publish_burst=20, close_timeout=0.05) as hub:
         async with trio.open_nursery() as nursery:
             key = hub.register("t1", "pub")
             first = await raw_connect(hub, nursery, "pub", "t1", key)
@@ -281,7 +281,7 @@ async def test_rate_limit_is_kept_across_reconnects(autojump_clock: Any) -> None
 
 
 async def test_pipelined_publishes_are_back_pressured_not_cut_off() -> None:
-    async with open_test_hub(send_queue_size=64, reply_window=32, close_timeout=0.5) as hub:
+    async with open_test_hub(send_queue_size=64, reply_window=32, close_timeout=0.05) as hub:
         async with trio.open_nursery() as nursery:
             client = await connect(hub, nursery, "fast", lockstep=True)
             [session] = [s for s in hub.hub._directory.agent_sessions() if s.agent_id == "fast"]
@@ -307,7 +307,7 @@ async def test_pipelined_publishes_are_back_pressured_not_cut_off() -> None:
 
 
 async def test_heartbeat_flood_is_back_pressured_not_cut_off() -> None:
-    async with open_test_hub(send_queue_size=64, reply_window=32, close_timeout=0.5) as hub:
+    async with open_test_hub(send_queue_size=64, reply_window=32, close_timeout=0.05) as hub:
         async with trio.open_nursery() as nursery:
             client = await connect(hub, nursery, "beater", lockstep=True)
             acks: list[int] = []
@@ -334,7 +334,7 @@ async def test_unauthenticated_connections_are_limited_per_address(
     autojump_clock: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with open_test_hub(
-        max_unauthenticated_per_address=4, max_unauthenticated=100, close_timeout=0.5
+        max_unauthenticated_per_address=4, max_unauthenticated=100, close_timeout=0.05
     ) as hub:
         limiter = hub.hub.unauthenticated
         idle = [await hub.connect_in_memory(remote="10.0.0.9") for _ in range(10)]
@@ -358,7 +358,7 @@ async def test_unauthenticated_connections_are_limited_per_address(
 
 async def test_unauthenticated_connections_are_limited_in_total(autojump_clock: Any) -> None:
     async with open_test_hub(
-        max_unauthenticated_per_address=4, max_unauthenticated=6, close_timeout=0.5
+        max_unauthenticated_per_address=4, max_unauthenticated=6, close_timeout=0.05
     ) as hub:
         limiter = hub.hub.unauthenticated
         idle = []
@@ -374,7 +374,7 @@ async def test_unauthenticated_connections_are_limited_in_total(autojump_clock: 
 
 
 async def test_http_upgrade_has_a_deadline(autojump_clock: Any) -> None:
-    async with open_test_hub(handshake_timeout=3.0, close_timeout=0.5) as hub:
+    async with open_test_hub(handshake_timeout=3.0, close_timeout=0.05) as hub:
         slowloris = await hub.connect_in_memory()
         await slowloris.send_all(b"GET /api/v1/ws/agent/x?tenant_id=t HTTP/1.1\r\nHost: h\r\n")
         silent = await hub.connect_in_memory()
@@ -388,7 +388,7 @@ async def test_http_upgrade_has_a_deadline(autojump_clock: Any) -> None:
 
 
 async def test_tcp_connections_are_limited_per_peer_address() -> None:
-    config = HubConfig(max_unauthenticated_per_address=3, close_timeout=0.5)
+    config = HubConfig(max_unauthenticated_per_address=3, close_timeout=0.05)
     async with open_hub(port=0, config=config) as hub:
         assert hub.port is not None
         sockets = []
@@ -407,7 +407,7 @@ async def test_tcp_connections_are_limited_per_peer_address() -> None:
 
 
 async def test_only_a_receiver_of_the_request_may_answer_it_once() -> None:
-    async with open_test_hub(close_timeout=0.5) as hub:
+    async with open_test_hub(close_timeout=0.05) as hub:
         async with trio.open_nursery() as nursery:
             requester = await connect(hub, nursery, "req")
             worker = await connect(hub, nursery, "worker")
@@ -435,7 +435,7 @@ async def test_only_a_receiver_of_the_request_may_answer_it_once() -> None:
 
 
 async def test_open_requests_are_bounded_and_forgotten_with_the_requester() -> None:
-    async with open_test_hub(max_open_requests=3, close_timeout=0.5) as hub:
+    async with open_test_hub(max_open_requests=3, close_timeout=0.05) as hub:
         async with trio.open_nursery() as nursery:
             requester = await connect(hub, nursery, "req")
             worker = await connect(hub, nursery, "worker")
@@ -468,7 +468,7 @@ async def test_open_requests_are_bounded_and_forgotten_with_the_requester() -> N
     ["/api/v1/ws/agent/?tenant_id=t1", "/api/v1/ws/agent/bob/extra?tenant_id=t1"],
 )
 async def test_agent_path_without_exactly_one_id_is_http_404(resource: str) -> None:
-    async with open_test_hub(close_timeout=0.5) as hub:
+    async with open_test_hub(close_timeout=0.05) as hub:
         statuses = []
         try:
             async with trio.open_nursery() as nursery:
@@ -548,7 +548,7 @@ async def test_the_final_presence_flush_never_overtakes_a_write_in_flight(
 async def test_open_requests_are_bounded_hub_wide_in_responders_held() -> None:
     """Requests fanned out to many receivers hold a set of responders each; all of them
     together stay within ``max_reply_grants`` (the oldest requests are forgotten)."""
-    async with open_test_hub(max_reply_grants=5, close_timeout=0.5) as hub:
+    async with open_test_hub(max_reply_grants=5, close_timeout=0.05) as hub:
         async with trio.open_nursery() as nursery:
             requester = await connect(hub, nursery, "req")
             workers = [await connect(hub, nursery, f"w{i}") for i in range(2)]
