@@ -65,7 +65,7 @@ from artcafe_trio.protocol import (
     decode,
     encode,
 )
-from artcafe_trio.protocol._server import ServerConnection
+from artcafe_trio.protocol.server import ServerConnection
 from artcafe_trio.testing import TestHub, open_test_hub
 
 TENANT = "bench"

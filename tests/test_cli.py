@@ -624,6 +624,14 @@ async def test_friendly_messages_from_a_live_hub(
                 f"error: cannot connect to {tls}: TLS handshake failed: the hub speaks plain"
                 " ws://? (use ws:// instead of wss://)\n"
             )
+            stale = tmp_path / "stale.admin"  # e.g. left by an earlier run of the hub
+            stale.write_text(json.dumps({"url": hub.url, "token": "not-the-token"}))
+            code = await trio.to_thread.run_sync(main, ["status", "--admin-file", str(stale)])
+            assert code == 1
+            assert capsys.readouterr().err == (
+                "error: the hub refused the admin token: bad admin token"
+                " (the token from the admin file)\n"
+            )
             nursery.start_soon(trio.to_thread.run_sync, watch)
             with trio.fail_after(10):
                 while not shown.is_set():

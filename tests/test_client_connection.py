@@ -10,7 +10,8 @@ import pytest
 
 from artcafe_trio import AuthenticationError, HubError, LocalProtocolError, RemoteProtocolError
 from artcafe_trio.protocol import Challenge, Welcome, encode
-from artcafe_trio.protocol._client import (
+from artcafe_trio.protocol._keys import generate_private_key
+from artcafe_trio.protocol.client import (
     AdminCredentials,
     AgentCredentials,
     ChallengeReceived,
@@ -32,7 +33,6 @@ from artcafe_trio.protocol._client import (
     UnsubscribeConfirmed,
     Welcomed,
 )
-from artcafe_trio.protocol._keys import generate_private_key
 
 KEY = generate_private_key()
 CHALLENGE = encode(Challenge(nonce="n0nce", expires_in=30, hub_id="hub"))
@@ -331,7 +331,7 @@ def test_leave_closes() -> None:
 
 
 def test_the_module_does_no_io() -> None:
-    import artcafe_trio.protocol._client as module
+    import artcafe_trio.protocol.client as module
 
     source = pathlib.Path(module.__file__).read_text(encoding="utf-8")
     for banned in ("import trio", "import socket", "time.time", "monotonic"):

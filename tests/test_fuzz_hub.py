@@ -97,7 +97,7 @@ from artcafe_trio.protocol import (
 )
 from artcafe_trio.protocol._codes import CloseCode
 from artcafe_trio.protocol._frames import MAX_NESTING, _deeper_than
-from artcafe_trio.protocol._server import (
+from artcafe_trio.protocol.server import (
     AuthRequested,
     ConnectionState,
     FrameRefused,

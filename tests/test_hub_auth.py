@@ -9,7 +9,7 @@ import trio
 from artcafe_trio.hub._auth import Authenticator, Verified
 from artcafe_trio.hub._throttle import AuthThrottle
 from artcafe_trio.protocol import AdminAuth, Auth, PublicKey, encode, generate_private_key
-from artcafe_trio.protocol._server import ConnectionState, Refusal, ServerConnection, ServerLimits
+from artcafe_trio.protocol.server import ConnectionState, Refusal, ServerConnection, ServerLimits
 
 NONCE = "n0nce"
 KEY = generate_private_key()

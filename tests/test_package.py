@@ -49,9 +49,9 @@ def test_lazy_names_resolve_to_the_private_modules() -> None:
 
 
 def test_protocol_reexports_the_same_objects() -> None:
-    from artcafe_trio.protocol import _backoff, _codes, _frames, _keys, _subjects
+    from artcafe_trio.protocol import _backoff, _codes, _frames, _keys, _subjects, client, server
 
-    private = [_backoff, _codes, _frames, _keys, _subjects]
+    private = [_backoff, _codes, _frames, _keys, _subjects, client, server]
     for name in artcafe_trio.protocol.__all__:
         obj = getattr(artcafe_trio.protocol, name)
         assert any(getattr(m, name, None) is obj for m in private), name

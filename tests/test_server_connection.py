@@ -27,7 +27,7 @@ from artcafe_trio.protocol import (
     encode,
 )
 from artcafe_trio.protocol._codes import CloseCode
-from artcafe_trio.protocol._server import (
+from artcafe_trio.protocol.server import (
     AuthRequested,
     ConnectionState,
     FrameRefused,

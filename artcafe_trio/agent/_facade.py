@@ -14,10 +14,10 @@ from typing import Any, final
 import trio
 
 from .._errors import AuthenticationError, ConnectFailed, ConnectionLost
-from ..protocol._client import AgentCredentials, IdAllocator, PresenceAnswered, RequestRefused
 from ..protocol._frames import Message, PresenceRecord
 from ..protocol._keys import PrivateKey
 from ..protocol._subjects import validate_pattern, validate_subject
+from ..protocol.client import AgentCredentials, IdAllocator, PresenceAnswered, RequestRefused
 from ._config import AgentConfig
 from ._health import AgentHealth, AgentState, HealthStats
 from ._lifecycle import Lifecycle

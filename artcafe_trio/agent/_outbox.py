@@ -19,8 +19,8 @@ import trio
 
 from .._errors import AgentClosed, ArtcafeError, HubError, LocalProtocolError
 from .._logsafe import printable
-from ..protocol._client import IdAllocator
 from ..protocol._frames import DEFAULT_MAX_FRAME_BYTES, Message, Publish, encode
+from ..protocol.client import IdAllocator
 
 __all__ = ["Outbox", "Pending", "Reply"]
 

@@ -1,7 +1,7 @@
 """One authenticated connection and the tasks that serve it.
 
 A :class:`Session` pairs the WebSocket with its sans-IO
-:class:`~artcafe_trio.protocol._client.ClientConnection`; its connection nursery's
+:class:`~artcafe_trio.protocol.client.ClientConnection`; its connection nursery's
 cancel scope carries the heartbeat-ACK watchdog deadline. Its tasks::
 
     connection nursery   (deadline: the ACK watchdog)
@@ -24,7 +24,10 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 
 from .._errors import ConnectionLost, HubError, RemoteProtocolError, SessionReplaced
 from .._logsafe import printable
-from ..protocol._client import (
+from ..protocol._codes import CloseCode
+from ..protocol._frames import Welcome
+from ..protocol._heartbeats import heartbeat_delays, period_jitter
+from ..protocol.client import (
     Answer,
     ClientConnection,
     ClientEvent,
@@ -42,9 +45,6 @@ from ..protocol._client import (
     UnexpectedFrame,
     UnsubscribeConfirmed,
 )
-from ..protocol._codes import CloseCode
-from ..protocol._frames import Welcome
-from ..protocol._heartbeats import heartbeat_delays, period_jitter
 from ._health import HealthStats, Link
 from ._outbox import Outbox
 from ._subscriptions import Subscription, Subscriptions

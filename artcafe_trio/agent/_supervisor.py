@@ -32,8 +32,8 @@ from .._errors import (
 )
 from .._logsafe import printable
 from .._util import collapse_exception_groups
-from ..protocol._client import AgentCredentials, ClientConnection, IdAllocator
 from ..protocol._frames import Leave, encode
+from ..protocol.client import AgentCredentials, ClientConnection, IdAllocator
 from ._config import AgentConfig
 from ._connfail import connect_failed
 from ._health import AgentState, HealthStats

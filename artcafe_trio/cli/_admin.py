@@ -9,7 +9,8 @@ import math
 import ssl
 from urllib.parse import urlsplit
 
-from artcafe_trio import AuthenticationError, HubError
+from artcafe_trio import AuthenticationError, HubError, RemoteProtocolError
+from artcafe_trio.protocol.client import MessageReceived
 
 from ._common import (
     ADMIN_PATH,
@@ -24,6 +25,8 @@ from ._problems import _close_text, _connection_problem, _not_tls
 
 __all__ = ["_admin_session", "_tls_preflight"]
 
+MAX_ADMIN_FRAME = 64 * 1024 * 1024  # a whole presence table in one frame
+
 
 async def _admin_session(
     url: str,
@@ -31,38 +34,47 @@ async def _admin_session(
     ssl_context: ssl.SSLContext | None,
     printer: _StatusPrinter,
 ) -> None:
-    """Query (and with ``printer.watch`` follow) the hub's presence table."""
+    """Query (and with ``printer.watch`` follow) the hub's presence table.
+
+    The protocol is the sans-IO :class:`ClientConnection` with admin credentials (the
+    handshake the agent uses too); this function only moves its frames.
+    """
     import trio
     import trio_websocket
 
-    from artcafe_trio.protocol import (
-        AdminAuth,
-        Challenge,
-        Error,
-        Frame,
-        Message,
-        PresenceQuery,
-        PresenceState,
-        Subscribe,
-        Welcome,
-        decode,
-        encode,
+    from artcafe_trio.protocol.client import (
+        AdminCredentials,
+        ClientConnection,
+        ClientEvent,
+        HubErrorReceived,
+        PresenceAnswered,
+        RequestRefused,
     )
 
-    async def send(ws: trio_websocket.WebSocketConnection, frame: Frame) -> None:
+    client = ClientConnection(AdminCredentials(token=token), max_receive_bytes=MAX_ADMIN_FRAME)
+
+    async def send(ws: trio_websocket.WebSocketConnection, text: str) -> None:
         try:
-            await ws.send_message(encode(frame))
+            await ws.send_message(text)
         except trio_websocket.ConnectionClosed as exc:
             raise HubUnreachable(
                 f"hub closed the admin connection ({_close_text(exc.reason)})"
             ) from None
 
-    async def receive(ws: trio_websocket.WebSocketConnection) -> Frame:
+    async def receive(ws: trio_websocket.WebSocketConnection) -> list[ClientEvent]:
         try:
-            return decode(await ws.get_message(), max_bytes=64 * 1024 * 1024)
+            text = await ws.get_message()
         except trio_websocket.ConnectionClosed as exc:
             raise HubUnreachable(
                 f"hub closed the admin connection ({_close_text(exc.reason)})"
+            ) from None
+        try:
+            return client.receive(text, trio.current_time())
+        except RemoteProtocolError as exc:
+            raise CliError(f"the hub broke the protocol: {exc}") from None
+        except AuthenticationError as exc:
+            raise AuthenticationError(
+                f"{exc} (the token from the admin file)", code=exc.code
             ) from None
 
     try:
@@ -70,52 +82,48 @@ async def _admin_session(
             if ssl_context is not None:
                 await _tls_preflight(url, ssl_context)
             async with trio_websocket.open_websocket_url(
-                url.rstrip("/") + ADMIN_PATH,
-                ssl_context,
-                max_message_size=64 * 1024 * 1024,
+                url.rstrip("/") + ADMIN_PATH, ssl_context, max_message_size=MAX_ADMIN_FRAME
             ) as ws:
-                challenge = await receive(ws)
-                if not isinstance(challenge, Challenge):
-                    raise CliError(f"unexpected first frame from the hub: {challenge.type!r}")
-                await send(ws, AdminAuth(token=token))
-                answer = await receive(ws)
-                if isinstance(answer, Error):
-                    raise AuthenticationError(
-                        f"the hub refused the admin token from the admin file: {answer.message}"
-                    )
-                if not isinstance(answer, Welcome):
-                    raise CliError(f"unexpected answer from the hub: {answer.type!r}")
+                await receive(ws)  # the challenge
+                await send(ws, client.auth())
+                await receive(ws)  # the welcome (or a refusal, raised)
                 if printer.watch:
-                    await send(ws, Subscribe(id="watch", subject=PRESENCE_SUBJECT))
-                query = 0
-                await send(ws, PresenceQuery(id=f"q{query}"))
+                    await send(ws, client.subscribe(PRESENCE_SUBJECT).text)
+                await send(ws, client.presence_query().text)
                 next_tick = trio.current_time() + WATCH_TICK
                 while True:
                     # --watch redraws at every presence change and every WATCH_TICK s, so
                     # that LAST SEEN, LAST HEARTBEAT ACK and their ages stay current.
                     with trio.move_on_at(next_tick if printer.watch else math.inf) as tick:
-                        frame = await receive(ws)
+                        events = await receive(ws)
                     if tick.cancelled_caught:
                         next_tick = trio.current_time() + WATCH_TICK
-                        query += 1
-                        await send(ws, PresenceQuery(id=f"q{query}"))
+                        await send(ws, client.presence_query().text)
                         continue
-                    if isinstance(frame, PresenceState):  # answers come in order: show each
-                        printer.show([_presence_json(r, "hub") for r in frame.agents])
-                        if not printer.watch:
-                            return
-                        handshake_scope.deadline = math.inf  # watching: wait forever
-                    elif isinstance(frame, Message) and frame.subject.startswith("$presence."):
-                        query += 1
-                        await send(ws, PresenceQuery(id=f"q{query}"))
-                    elif isinstance(frame, Error):
-                        raise HubError(frame.code, frame.message)
+                    for event in events:
+                        if isinstance(event, PresenceAnswered):  # in order: show each
+                            printer.show([_presence_json(r, "hub") for r in event.records])
+                            if not printer.watch:
+                                return
+                            handshake_scope.deadline = math.inf  # watching: wait forever
+                        elif isinstance(
+                            event, MessageReceived
+                        ) and event.message.subject.startswith("$presence."):
+                            await send(ws, client.presence_query().text)
+                        elif isinstance(event, RequestRefused):
+                            raise event.error
+                        elif isinstance(event, HubErrorReceived):
+                            raise HubError(event.error.code, event.error.message)
     except trio.TooSlowError:
         raise HubUnreachable(
             f"the hub at {url} did not answer within {STATUS_TIMEOUT:g} s"
         ) from None
     except (OSError, trio_websocket.HandshakeError) as exc:
         raise HubUnreachable(_connection_problem(exc, url, hint=False)) from None
+
+
+def _is_presence(event: MessageReceived) -> bool:
+    return event.message.subject.startswith("$presence.")
 
 
 async def _tls_preflight(url: str, ssl_context: ssl.SSLContext) -> None:

@@ -1,7 +1,7 @@
 """The hub's authenticator: judges a connection's first frame, in its address's turn.
 
 :meth:`Authenticator.authenticate` feeds the first frame to the sans-IO
-:class:`~artcafe_trio.protocol._server.ServerConnection` inside the address's
+:class:`~artcafe_trio.protocol.server.ServerConnection` inside the address's
 :class:`~._throttle.AuthThrottle` attempt, then verifies the claim: the admin token
 (constant-time compare), or the signature against each of the claimed agent's keys of
 its algorithm, with a dummy key when there is none (every refusal costs one signature
@@ -21,7 +21,7 @@ from .._logsafe import printable as _printable
 from ..protocol._codes import CloseCode
 from ..protocol._frames import AdminAuth, Auth
 from ..protocol._keys import ALGORITHM_RSA, PublicKey, auth_payload, parse_public_key
-from ..protocol._server import AuthRequested, HandshakeRefused, Refusal, ServerConnection
+from ..protocol.server import AuthRequested, HandshakeRefused, Refusal, ServerConnection
 from ._persist import CredentialSource
 from ._throttle import AuthThrottle
 

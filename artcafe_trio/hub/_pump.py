@@ -33,7 +33,7 @@ from ..protocol._frames import (
     Unsubscribe,
     encode,
 )
-from ..protocol._server import (
+from ..protocol.server import (
     ADMIN_AGENT_ID,
     ConnectionState,
     FrameRefused,

@@ -1,7 +1,16 @@
-"""The sans-IO protocol core: frames, subjects, keys and signatures, backoff.
+"""The sans-IO protocol core: frames, subjects, keys and signatures, backoff, and the
+two connection state machines.
 
-Importing this module does not import trio or any socket library, so a
-compatible client or hub in another framework can reuse it.
+- :class:`ClientConnection` (:mod:`artcafe_trio.protocol.client`): an agent's or an
+  admin client's side of one connection — handshake, request ids, confirmations,
+  heartbeats and RTT. The agent and the CLI's ``status`` drive it.
+- :class:`ServerConnection` (:mod:`artcafe_trio.protocol.server`): the hub's side —
+  challenge, first-frame judgement, welcome, per-connection frame policy. The hub's
+  connection pump drives it.
+
+Both are fed frame texts and give back frame texts and events; every method that
+needs time takes ``now``. Importing this package does not import trio or any socket
+library, so a compatible client or hub in another framework can reuse it.
 """
 
 from __future__ import annotations
@@ -60,6 +69,8 @@ from ._subjects import (
     validate_pattern,
     validate_subject,
 )
+from .client import AdminCredentials, AgentCredentials, ClientConnection, ClientState
+from .server import ConnectionState, ServerConnection, ServerLimits
 
 __all__ = [
     "ALGORITHM_ED25519",
@@ -72,10 +83,15 @@ __all__ = [
     "MAX_SUBJECT_TOKENS",
     "PROTOCOL_VERSION",
     "AdminAuth",
+    "AdminCredentials",
+    "AgentCredentials",
     "Auth",
     "Backoff",
     "Challenge",
+    "ClientConnection",
+    "ClientState",
     "CloseCode",
+    "ConnectionState",
     "Error",
     "Frame",
     "Heartbeat",
@@ -90,6 +106,8 @@ __all__ = [
     "PublicKey",
     "Publish",
     "Published",
+    "ServerConnection",
+    "ServerLimits",
     "SubjectIndex",
     "Subscribe",
     "Subscribed",
