@@ -71,8 +71,10 @@ from artcafe_trio import (
 from artcafe_trio.protocol import (
     CLIENT_FRAME_TYPES,
     AdminAuth,
+    AgentCredentials,
     Auth,
     Challenge,
+    ClientConnection,
     Error,
     Frame,
     Heartbeat,
@@ -585,17 +587,15 @@ def assert_undisturbed(calm: Calm, label: str) -> None:
 async def handshake(
     ws: WebSocketConnection, agent_id: str, key: PrivateKey, **fields: Any
 ) -> Welcome:
-    challenge = decode(await ws.get_message())
-    assert isinstance(challenge, Challenge)
-    auth = {
-        "agent_id": agent_id, "tenant_id": TENANT, "algorithm": key.algorithm,
-        "signature": key.sign_auth(tenant_id=TENANT, agent_id=agent_id, nonce=challenge.nonce),
-        "heartbeat_interval": None, **fields,
-    }  # fmt: skip
-    await ws.send_message(encode(Auth(**auth)))
-    welcome = decode(await ws.get_message())
-    assert isinstance(welcome, Welcome), welcome
-    return welcome
+    """A well-behaved agent's handshake, through the library's sans-IO client side."""
+    client = ClientConnection(
+        AgentCredentials(agent_id, TENANT, key, heartbeat_interval=None, **fields)
+    )
+    client.receive(await ws.get_message(), trio.current_time())  # the challenge
+    await ws.send_message(client.auth())
+    client.receive(await ws.get_message(), trio.current_time())  # raises unless welcomed
+    assert client.welcome is not None
+    return client.welcome
 
 
 async def assert_hub_alive(target: Target, label: str) -> None:
