@@ -99,6 +99,15 @@ __all__ = [
     "serve_hub",
 ]
 
+# The names defined in the trio-free core report their public home too (tracebacks,
+# reprs and pickles say ``artcafe_trio.ConnectionLost``); the lazy ones set it in
+# their own subpackage.
+for _name in __all__:
+    _obj = globals().get(_name)
+    if _obj is not None and getattr(_obj, "__module__", "").startswith("artcafe_trio."):
+        _obj.__module__ = __name__
+del _name, _obj
+
 _LAZY = {
     "Agent": "agent",
     "AgentHealth": "agent",

@@ -58,14 +58,23 @@ def test_protocol_reexports_the_same_objects() -> None:
 
 
 def test_public_errors_share_one_root() -> None:
+    errors = [
+        getattr(artcafe_trio, name) for name in artcafe_trio.__all__
+        if isinstance(getattr(artcafe_trio, name), type)
+        and issubclass(getattr(artcafe_trio, name), Exception)
+    ]  # fmt: skip
+    assert len(errors) >= 15
+    for error in errors:
+        assert issubclass(error, artcafe_trio.ArtcafeError), error
+
+
+def test_every_public_name_reports_its_public_home() -> None:
     for name in artcafe_trio.__all__:
         obj = getattr(artcafe_trio, name)
-        if (
-            isinstance(obj, type)
-            and issubclass(obj, Exception)
-            and obj.__module__.endswith("_errors")
-        ):
-            assert issubclass(obj, artcafe_trio.ArtcafeError), name
+        module = getattr(obj, "__module__", None)
+        if module is not None and module.startswith("artcafe_trio"):
+            assert module == "artcafe_trio", (name, module)
+    assert repr(artcafe_trio.ConnectionLost) == "<class 'artcafe_trio.ConnectionLost'>"
 
 
 def test_version_matches_the_distribution() -> None:
