@@ -22,7 +22,6 @@ PRIVATE_IMPORTS = {
     ("cli/_problems.py", "artcafe_trio.agent._connfail", "describe_failure"),
     ("cli/_democmd.py", "artcafe_trio.demo._main", "*"),
     ("demo/_cast.py", "artcafe_trio._faulty", "FaultyStream"),
-    ("demo/_cast.py", "artcafe_trio.agent._agent", "MAX_RECEIVE_BYTES"),
     ("demo/_main.py", "artcafe_trio._util", "collapse_exception_groups"),
     ("demo/_main.py", "artcafe_trio._util", "flatten_exceptions"),
 }

@@ -10,13 +10,11 @@ import sys
 from typing import Any
 
 import trio
-import trio_websocket
-from trio_websocket import WebSocketConnection
 
 from artcafe_trio import Agent, AgentHealth
 
 from .._faulty import FaultyStream
-from ..agent._agent import MAX_RECEIVE_BYTES
+from ..agent import MemoryTransport
 
 __all__ = ["Link", "Member"]
 
@@ -28,12 +26,16 @@ class Link:
     def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
+        #: The agent's transport: the WebSocket over :meth:`open_stream`.
+        self.transport = MemoryTransport(self.open_stream, host=f"{host}:{port}")
         self.network_up = True
         self.refused = 0
         self.stream: FaultyStream | None = None
         self.tcp: trio.SocketStream | None = None
 
-    async def dial(self, nursery: trio.Nursery, resource: str) -> WebSocketConnection:
+    async def open_stream(self) -> trio.abc.Stream:
+        """A new TCP connection to the hub behind a fault injector (``transport`` dials
+        through it)."""
         await trio.lowlevel.checkpoint()
         if not self.network_up:  # decided after the checkpoint: no stale verdict
             self.refused += 1
@@ -41,13 +43,7 @@ class Link:
         tcp = await trio.open_tcp_stream(self.host, self.port)
         stream = FaultyStream(tcp)
         self.tcp, self.stream = tcp, stream
-        return await trio_websocket.wrap_client_stream(
-            nursery,
-            stream,  # type: ignore[arg-type]
-            f"{self.host}:{self.port}",
-            resource,
-            max_message_size=MAX_RECEIVE_BYTES,
-        )
+        return stream
 
     def hang(self) -> None:
         """Blackhole the current connection both ways; the socket stays open."""

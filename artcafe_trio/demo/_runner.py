@@ -103,7 +103,7 @@ class Demo:
             heartbeat_timeout_multiplier=self.plan.multiplier,
             backoff=self.plan.backoff,
             max_reconnect_attempts=None,
-            dial=member.link.dial,
+            transport=member.link.transport,
         ) as agent:
             member.agent = agent
             member.health = agent.health()
