@@ -1,8 +1,8 @@
 """The trio NATS client: ``open_nats`` and the :class:`NatsClient` it yields.
 
-The public API lives here; the connection manager (dial, handshake, read, write,
-ping, reconnect) is :class:`~._connection._Link`, subscriptions and the reply mux
-are in :mod:`._subscription`, connection events in :mod:`._events`.
+The public API lives here. The connection manager (dial, handshake, read,
+write, ping, reconnect) is ``_connection._Link``; subscriptions and the reply
+mux are in ``_subscription``, connection events in ``_events``.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from ._schema import AgentRecord, _Database, _is_id, validate_id
 
 __all__ = ["Credentials"]
 
+# The name these warnings had before the split (log filters may select it).
 logger = logging.getLogger("artcafe_trio.registry._registry")
 
 

@@ -13,9 +13,9 @@ timeout, and :meth:`Registry.revision` notices commits made by other processes.
 Times are Unix epoch seconds (``float``) supplied by the caller.
 
 The tables are split between two components that share one locked connection
-(:class:`~._schema._Database`): :class:`~._credentials.Credentials` (tenants, agents,
-keys) and :class:`~._presence.PresenceTables` (presence, its log, dashboard tokens).
-:class:`Registry` owns the file and delegates every query to them.
+(``_schema._Database``): ``Credentials`` (tenants, agents, keys) and
+``PresenceTables`` (presence, its log, dashboard tokens). :class:`Registry` owns
+the file and delegates every query to them.
 """
 
 from __future__ import annotations
