@@ -70,3 +70,20 @@ def test_each_module_imports_only_the_layers_below(path: Path) -> None:
 def test_every_subpackage_has_a_rule() -> None:
     parts = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
     assert parts <= set(ALLOWED) | LEAVES, parts - set(ALLOWED) - LEAVES
+
+
+#: The most a module or a class may hold, as issue 10 set them: a part that grows past
+#: these is doing two things and should be split along its seam.
+MAX_MODULE_LINES = 600
+MAX_CLASS_LINES = 300
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_modules_and_classes_stay_small_enough_to_read_in_one_sitting(path: Path) -> None:
+    text = path.read_text(encoding="utf-8")
+    assert len(text.splitlines()) <= MAX_MODULE_LINES
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ClassDef):
+            assert node.end_lineno is not None
+            size = node.end_lineno - node.lineno + 1
+            assert size <= MAX_CLASS_LINES, f"class {node.name}: {size} lines"
