@@ -150,11 +150,31 @@ def _webhook_configs(args: argparse.Namespace) -> list[Any]:
     return configs
 
 
+def _cluster_config(args: argparse.Namespace) -> Any:
+    """``--nats`` and its options as a ``ClusterConfig``, or ``None`` (a hub alone)."""
+    if args.nats is None:
+        return None
+    from artcafe_trio.cluster import ClusterConfig
+
+    try:
+        return ClusterConfig(
+            servers=args.nats, lease_ttl=args.nats_lease_ttl, replicas=args.nats_replicas,
+            bucket=args.nats_bucket,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise CliError(f"--nats: {exc}") from None
+
+
 def _cmd_hub(args: argparse.Namespace) -> int:
     if args.tls_key is not None and args.tls_cert is None:
         raise CliError("--tls-key needs --tls-cert")
     args.webhooks = _webhook_configs(args)
     config_kwargs = _hub_config_kwargs(args)
+    if args.nats is not None and args.hub_id is None:
+        raise CliError("--nats needs --hub-id (a stable, unique name for this hub)")
+    if args.hub_id is not None:
+        config_kwargs["hub_id"] = args.hub_id
+    args.cluster = _cluster_config(args)
     start_metrics = None
     if args.metrics_port is not None:
         start_metrics = _load_metrics()
@@ -209,6 +229,7 @@ async def _run_hub(
                     tls_cert=args.tls_cert,
                     tls_key=args.tls_key,
                     admin_file=db + ADMIN_SUFFIX,
+                    cluster=args.cluster,
                 )
             )
             if args.dashboard is not None:

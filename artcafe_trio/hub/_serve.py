@@ -16,7 +16,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -33,6 +33,9 @@ from ._router import Router
 from ._sessions import Connections, SessionDirectory
 from ._stores import BucketStore
 from ._timers import DeadlineQueue
+
+if TYPE_CHECKING:
+    from ..cluster._config import ClusterConfig
 
 __all__ = ["open_hub", "serve_hub"]
 
@@ -56,6 +59,8 @@ class _Assembly:
         self.stats = stats = HubStats()
         self.events = events = HubEvents()
         self.timers = DeadlineQueue()
+        # The backplane outlives the shutdown's handover (shielded once started).
+        self.backplane_scope = trio.CancelScope()
         self.connections = Connections()
         self.directory = SessionDirectory(events, stats, wall_clock)
         self.router = Router(config, stats, self.directory, backplane, wall_clock)
@@ -127,7 +132,12 @@ class _Assembly:
         self.writer.pending.extend(self.presence.load(rows, self.wall_clock()))
         nursery.start_soon(self.timers.run)
         nursery.start_soon(self.keys.run)
-        await nursery.start(self.backplane.run, self)
+        await nursery.start(self._run_backplane)
+        self.backplane_scope.shield = True  # cancelled after shutdown() (_serve_hub)
+
+    async def _run_backplane(self, task_status: trio.TaskStatus[None]) -> None:
+        with self.backplane_scope:
+            await self.backplane.run(self, task_status=task_status)
 
     async def shutdown(self) -> None:
         """Close every session with 1012 and flush presence to the registry."""
@@ -161,6 +171,7 @@ async def serve_hub(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     admin_file: str | os.PathLike[str] | None = None,
+    cluster: ClusterConfig | None = None,
     task_status: trio.TaskStatus[Hub] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a hub until cancelled; ``task_status.started`` gives the :class:`Hub`.
@@ -176,15 +187,20 @@ async def serve_hub(
         tls_key: the private key file of ``tls_cert`` (default: in ``tls_cert``).
         admin_file: write the admin URL and token there (readable by the user only),
             removed at the end.
+        cluster: join a cluster of hubs over NATS (``docs/cluster.md``): routes,
+            presence and take-over are shared with the other hubs; each hub needs
+            its own ``config.hub_id``.
         task_status: given the running :class:`Hub` (``nursery.start``).
 
     Cancelling the task shuts down gracefully: every agent is closed with 1012
     (service restart) and presence is flushed to the registry, within a bounded time.
     """
+    config = config or HubConfig()
     await _serve_hub(
         registry=registry, db=db, host=host, port=port, config=config,
         ssl_context=ssl_context, tls_cert=tls_cert, tls_key=tls_key,
-        admin_file=admin_file, backplane=LocalBackplane(), task_status=task_status,
+        admin_file=admin_file, backplane=_backplane_for(cluster, config),
+        task_status=task_status,
     )  # fmt: skip
 
 
@@ -250,29 +266,58 @@ async def _serve_hub(
     try:
         with collapse_exception_groups():
             async with trio.open_nursery() as nursery:
-                await parts.start(nursery)
-                await nursery.start(run_connections)
-                await parts.writer.flush()  # an outage the previous hub left behind
-                nursery.start_soon(parts.writer.run)
                 try:
-                    if admin_file is not None:
-                        await trio.to_thread.run_sync(_write_admin_file, admin_file, hub)
-                    log.info("hub %s serving at %s", hub.config.hub_id, hub.url or "memory")
-                    task_status.started(hub)
-                    await trio.sleep_forever()
+                    await _run_assembly(
+                        parts, nursery, run_connections, connections_scope, admin_file,
+                        task_status,
+                    )  # fmt: skip
                 finally:
-                    try:
-                        with trio.CancelScope(shield=True):
-                            await parts.shutdown()
-                    finally:
-                        connections_scope.cancel()
-                        if admin_file is not None:
-                            with trio.CancelScope(shield=True):
-                                await trio.to_thread.run_sync(_remove_admin_file, admin_file, hub)
+                    # After the shutdown: the backplane hands over (releases, lease).
+                    parts.backplane_scope.cancel()
     finally:
         if own_registry:
             with trio.CancelScope(shield=True):
                 await _close_registry(registry)
+
+
+async def _run_assembly(
+    parts: _Assembly,
+    nursery: trio.Nursery,
+    run_connections: Callable[..., Any],
+    connections_scope: trio.CancelScope,
+    admin_file: str | os.PathLike[str] | None,
+    task_status: trio.TaskStatus[Hub],
+) -> None:
+    """Start the components and the connections, serve until cancelled, shut down."""
+    hub = parts.hub
+    await parts.start(nursery)
+    await nursery.start(run_connections)
+    await parts.writer.flush()  # an outage the previous hub left behind
+    nursery.start_soon(parts.writer.run)
+    try:
+        if admin_file is not None:
+            await trio.to_thread.run_sync(_write_admin_file, admin_file, hub)
+        log.info("hub %s serving at %s", hub.config.hub_id, hub.url or "memory")
+        task_status.started(hub)
+        await trio.sleep_forever()
+    finally:
+        try:
+            with trio.CancelScope(shield=True):
+                await parts.shutdown()
+        finally:
+            connections_scope.cancel()
+            if admin_file is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_remove_admin_file, admin_file, hub)
+
+
+def _backplane_for(cluster: ClusterConfig | None, config: HubConfig) -> Backplane:
+    """The NATS backplane of ``cluster`` (imported only then), or a hub alone."""
+    if cluster is None:
+        return LocalBackplane()
+    from ..cluster._backplane import NatsBackplane
+
+    return NatsBackplane(cluster, hub_id=config.hub_id, grace=config.disconnect_grace)
 
 
 @asynccontextmanager
@@ -287,6 +332,7 @@ async def open_hub(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     admin_file: str | os.PathLike[str] | None = None,
+    cluster: ClusterConfig | None = None,
 ) -> AsyncIterator[Hub]:
     """Run a hub for the duration of the block (arguments as :func:`serve_hub`)."""
     with collapse_exception_groups():
@@ -303,6 +349,7 @@ async def open_hub(
                     tls_cert=tls_cert,
                     tls_key=tls_key,
                     admin_file=admin_file,
+                    cluster=cluster,
                 )
             )
             try:

@@ -1,0 +1,402 @@
+"""Three hubs over a real 3-node NATS cluster behave as one hub.
+
+Hubs run in this trio process (in-memory agent connections), each on its own NATS
+node and its own registry; the hub killed abruptly is a real ``artcafe-trio hub``
+process (SIGKILL is the point there). Real clock (NATS is involved), short TTLs.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio_websocket
+
+from artcafe_trio import CloseCode, HubConfig, Registry, open_hub
+from artcafe_trio.cluster import ClusterConfig, NatsBackplane
+from artcafe_trio.protocol import (
+    Auth,
+    Challenge,
+    Leave,
+    PresenceEvent,
+    PresenceQuery,
+    PresenceRecord,
+    PresenceState,
+    Publish,
+    Published,
+    Welcome,
+)
+from artcafe_trio.protocol._keys import PrivateKey, generate_private_key
+from artcafe_trio.testing import TestHub
+
+from ..conftest import RawClient
+from .servers import NatsNode
+
+pytestmark = pytest.mark.timeout(60)
+
+LEASE_TTL = 1.0
+GRACE = 0.5
+
+
+class Cluster:
+    """Three hubs (``a``, ``b``, ``c``), each with its own registry, one agent key each."""
+
+    def __init__(self, hubs: dict[str, TestHub], nursery: trio.Nursery) -> None:
+        self.hubs = hubs
+        self.nursery = nursery
+        self.keys: dict[tuple[str, str], PrivateKey] = {}
+
+    def key(self, tenant: str, agent: str) -> PrivateKey:
+        if (tenant, agent) not in self.keys:
+            key = self.keys[tenant, agent] = generate_private_key("ed25519")
+            for hub in self.hubs.values():
+                hub.registry.add_key(tenant, agent, key.public_key)
+        return self.keys[tenant, agent]
+
+    async def connect(self, hub: str, agent: str, tenant: str = "t1") -> RawClient:
+        target = self.hubs[hub]
+        resource = f"/api/v1/ws/agent/{agent}?tenant_id={tenant}"
+        client = RawClient(await target.dial(self.nursery, resource))
+        await authenticate(client, agent, tenant, self.key(tenant, agent))
+        return client
+
+    def backplane(self, hub: str) -> NatsBackplane:
+        backplane = self.hubs[hub].hub._backplane  # type: ignore[attr-defined]
+        assert isinstance(backplane, NatsBackplane)
+        return backplane
+
+    async def settle(self) -> None:
+        """Every hub's interest is on NATS (and has crossed the NATS routes)."""
+        for name in self.hubs:
+            while not self.backplane(name).interest_settled:
+                await trio.sleep(0.01)
+        await trio.sleep(0.2)
+
+
+async def authenticate(client: RawClient, agent: str, tenant: str, key: PrivateKey) -> None:
+    challenge = await client.recv()
+    assert isinstance(challenge, Challenge)
+    signature = key.sign_auth(tenant_id=tenant, agent_id=agent, nonce=challenge.nonce)
+    await client.send(
+        Auth(agent_id=agent, tenant_id=tenant, algorithm=key.algorithm, signature=signature,
+             heartbeat_interval=10.0, heartbeat_timeout_multiplier=3.0)
+    )  # fmt: skip
+    welcome = await client.recv()
+    assert isinstance(welcome, Welcome), welcome
+    client.welcome = welcome
+
+
+def cluster_config(node: NatsNode, bucket: str) -> ClusterConfig:
+    return ClusterConfig(servers=[node.url], lease_ttl=LEASE_TTL, bucket=bucket, replicas=3)
+
+
+@asynccontextmanager
+async def three_hubs(nodes: Sequence[NatsNode]) -> AsyncIterator[Cluster]:
+    bucket = f"hubs_{secrets.token_hex(4)}"
+    registries = [Registry.open(":memory:") for _ in nodes]
+    try:
+        async with AsyncExitStack() as stack:
+            hubs: dict[str, TestHub] = {}
+            for name, node, registry in zip("abc", nodes, registries, strict=True):
+                config = HubConfig(hub_id=f"hub-{name}", disconnect_grace=GRACE, close_timeout=0.5)
+                hub = await stack.enter_async_context(
+                    open_hub(registry=registry, port=None, config=config,
+                             cluster=cluster_config(node, bucket))
+                )  # fmt: skip
+                hubs[name] = TestHub(hub)
+            async with trio.open_nursery() as nursery:
+                yield Cluster(hubs, nursery)
+                nursery.cancel_scope.cancel()
+    finally:
+        for registry in registries:
+            registry.close()
+
+
+async def nothing_more(client: RawClient, wait: float = 0.3) -> list[Any]:
+    """Frames (other than acks) that arrive within ``wait``: expected to be none."""
+    extra = []
+    with trio.move_on_after(wait):
+        while True:
+            frame = await client.recv()
+            if not isinstance(frame, Published):
+                extra.append(frame)
+    return extra
+
+
+async def presence_events(client: RawClient, count: int) -> list[tuple[str, str, str]]:
+    events = []
+    for message in await client.messages(count):
+        event = PresenceEvent.from_data(message.data)
+        events.append((event.agent_id, event.status, event.reason))
+    return events
+
+
+async def query(client: RawClient) -> dict[str, PresenceRecord]:
+    frame_id = client.next_id()
+    await client.send(PresenceQuery(id=frame_id))
+    state = await client.recv_type(PresenceState)
+    assert state.id == frame_id
+    return {record.agent_id: record for record in state.agents}
+
+
+async def test_messages_cross_hubs_once_with_every_wildcard_form(
+    nats_cluster: list[NatsNode],
+) -> None:
+    with trio.fail_after(20):
+        async with three_hubs(nats_cluster) as cluster:
+            a1 = await cluster.connect("a", "a1")
+            await a1.subscribe("jobs.*")
+            await a1.subscribe("jobs.>")  # overlapping: still one delivery
+            b1 = await cluster.connect("b", "b1")
+            await b1.subscribe("jobs.new")
+            c1 = await cluster.connect("c", "c1")
+            await c1.subscribe(">")
+            other = await cluster.connect("c", "c1", tenant="t2")  # the same id, another tenant
+            await other.subscribe(">")
+            publisher = await cluster.connect("b", "pub")
+            await cluster.settle()
+
+            await publisher.send(Publish(subject="jobs.new", data={"n": 1}, id="p1"))
+            confirmed = await publisher.recv_type(Published)
+            for client in (a1, b1, c1):
+                [got] = await client.messages(1)
+                assert (got.subject, got.data, got.sender) == ("jobs.new", {"n": 1}, "pub")
+                assert got.message_id == confirmed.message_id
+            await publisher.send(Publish(subject="jobs.x.y", data={"n": 2}, id="p2"))
+            for client in (a1, c1):  # jobs.> and >, not jobs.new nor jobs.*
+                [got] = await client.messages(1)
+                assert (got.subject, got.data) == ("jobs.x.y", {"n": 2})
+            for client in (a1, b1, c1, other, publisher):
+                assert await nothing_more(client) == []  # once each; t2 saw nothing
+
+            # A re-send of p1 (as after a failover) through hub C: a duplicate, not
+            # delivered again anywhere.
+            moved = await cluster.connect("c", "pub")
+            await moved.send(Publish(subject="jobs.new", data={"n": 1}, id="p1"))
+            again = await moved.recv_type(Published)
+            assert again.duplicate and again.message_id == confirmed.message_id
+            for client in (a1, b1, c1, other):
+                assert await nothing_more(client, 0.2) == []
+
+
+async def test_request_reply_across_hubs(nats_cluster: list[NatsNode]) -> None:
+    with trio.fail_after(20):
+        async with three_hubs(nats_cluster) as cluster:
+            server_b = await cluster.connect("b", "srv-b")
+            await server_b.subscribe("svc.echo")
+            server_c = await cluster.connect("c", "srv-c")
+            await server_c.subscribe("svc.*")
+            requester = await cluster.connect("a", "req")
+            await cluster.settle()
+            assert requester.welcome is not None
+            reply_to = f"$reply.{requester.welcome.session_id}.1"
+            await requester.send(
+                Publish(subject="svc.echo", data={"q": 1}, reply_to=reply_to, id="q1")
+            )
+            [request_b] = await server_b.messages(1)
+            [request_c] = await server_c.messages(1)
+            assert request_b.reply_to == request_c.reply_to == reply_to
+            await server_b.send(Publish(subject=reply_to, data={"a": "b"}, id="r1"))
+            assert not (await server_b.recv_type(Published)).duplicate
+            [answer] = await requester.messages(1)
+            assert (answer.subject, answer.data, answer.sender) == (reply_to, {"a": "b"}, "srv-b")
+            # The first answer closed the request on every hub: a second one is refused.
+            await trio.sleep(0.2)
+            await server_c.send(Publish(subject=reply_to, data={"a": "c"}, id="r2"))
+            refused = await server_c.recv()
+            assert getattr(refused, "code", None) == "reply_not_expected"
+            assert await nothing_more(requester) == []
+
+
+async def test_presence_is_one_table_and_one_event_per_transition(
+    nats_cluster: list[NatsNode],
+) -> None:
+    with trio.fail_after(20):
+        async with three_hubs(nats_cluster) as cluster:
+            watchers = {}
+            for hub in "abc":
+                watchers[hub] = await cluster.connect(hub, f"watch-{hub}")
+                await watchers[hub].subscribe("$presence.x")
+            # On every hub, the table holds every watcher.
+            for hub in "abc":
+                with trio.fail_after(2):
+                    while {"watch-a", "watch-b", "watch-c"} - {
+                        agent for agent, r in (await query(watchers[hub])).items()
+                        if r.status == "online"
+                    }:  # fmt: skip
+                        await trio.sleep(0.05)
+
+            x = await cluster.connect("a", "x")
+            for hub in "abc":
+                assert await presence_events(watchers[hub], 1) == [("x", "online", "connected")]
+            for hub in "abc":
+                assert (await query(watchers[hub]))["x"].status == "online"
+
+            # The same agent connects to hub B: A's session is replaced, no flap.
+            t0 = time.monotonic()
+            x_on_b = await cluster.connect("b", "x")
+            assert await x.close_code() == CloseCode.REPLACED
+            took_over = time.monotonic() - t0
+            assert took_over < 1.0
+            for hub in "abc":
+                assert await nothing_more(watchers[hub], 0.3) == []
+                record = (await query(watchers[hub]))["x"]
+                assert record.status == "online"
+                assert x_on_b.welcome is not None
+                assert record.session_id == x_on_b.welcome.session_id
+
+            await x_on_b.send(Leave())
+            assert await x_on_b.close_code() == CloseCode.NORMAL
+            for hub in "abc":
+                assert await presence_events(watchers[hub], 1) == [("x", "offline", "left")]
+            for hub in "abc":
+                assert await nothing_more(watchers[hub], 0.2) == []
+                assert (await query(watchers[hub]))["x"].status == "offline"
+
+
+async def test_a_hub_stopped_gracefully_hands_over_at_once(nats_cluster: list[NatsNode]) -> None:
+    bucket = f"hubs_{secrets.token_hex(4)}"
+    with (
+        trio.fail_after(20),
+        Registry.open(":memory:") as reg_a,
+        Registry.open(":memory:") as reg_b,
+    ):
+        config_a = HubConfig(hub_id="hub-a", disconnect_grace=GRACE, close_timeout=0.5)
+        config_b = HubConfig(hub_id="hub-b", disconnect_grace=GRACE, close_timeout=0.5)
+        async with (
+            open_hub(registry=reg_a, port=None, config=config_a,
+                     cluster=cluster_config(nats_cluster[0], bucket)) as hub_a,
+            trio.open_nursery() as nursery,
+        ):  # fmt: skip
+            a = TestHub(hub_a)
+            with trio.CancelScope() as b_scope:
+                async with open_hub(registry=reg_b, port=None, config=config_b,
+                                    cluster=cluster_config(nats_cluster[1], bucket)) as hub_b:  # fmt: skip
+                    b = TestHub(hub_b)
+                    watcher_key = a.register("t1", "watcher")
+                    watcher = RawClient(
+                        await a.dial(nursery, "/api/v1/ws/agent/watcher?tenant_id=t1")
+                    )
+                    await authenticate(watcher, "watcher", "t1", watcher_key)
+                    await watcher.subscribe("$presence.y")
+                    y_key = b.register("t1", "y")
+                    y = RawClient(await b.dial(nursery, "/api/v1/ws/agent/y?tenant_id=t1"))
+                    await authenticate(y, "y", "t1", y_key)
+                    assert await presence_events(watcher, 1) == [("y", "online", "connected")]
+                    stopped = trio.current_time()
+                    b_scope.cancel()
+            assert await y.close_code() == CloseCode.SERVICE_RESTART
+            # Marked offline by its own hub as on a single hub, before the lease TTL;
+            # the deleted lease leaves the reaper nothing to do.
+            assert await presence_events(watcher, 1) == [("y", "offline", "disconnected")]
+            assert trio.current_time() - stopped < LEASE_TTL
+            assert await nothing_more(watcher, LEASE_TTL + GRACE) == []
+            nursery.cancel_scope.cancel()
+
+
+# --- a hub killed: a real process --------------------------------------------------
+
+
+async def real_connect(url: str, nursery: trio.Nursery, agent: str, key: PrivateKey) -> RawClient:
+    ws = await trio_websocket.connect_websocket_url(
+        nursery, f"{url}/api/v1/ws/agent/{agent}?tenant_id=t1"
+    )
+    client = RawClient(ws)
+    await authenticate(client, agent, "t1", key)
+    return client
+
+
+def start_hub_process(db: Path, node: NatsNode, bucket: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from artcafe_trio.cli import main; sys.exit(main())", "hub", "--db", str(db), "--port", "0",
+         "--nats", node.url, "--hub-id", "hub-k", "--nats-lease-ttl", str(LEASE_TTL),
+         "--disconnect-grace", str(GRACE), "--log-level", "warning", "--nats-bucket", bucket],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # "hub listening on ws://127.0.0.1:PORT"
+    assert line.startswith("hub listening on "), line
+    return proc, line.split()[-1]
+
+
+async def test_a_killed_hub_s_agents_go_offline_hub_lost_unless_they_moved(
+    nats_cluster: list[NatsNode], tmp_path: Path
+) -> None:
+    bucket = f"hubs_{secrets.token_hex(4)}"
+    db = tmp_path / "k.db"
+    keys = {agent: generate_private_key("ed25519") for agent in ("stays", "moves")}
+    with Registry.open(db) as registry:
+        for agent, key in keys.items():
+            registry.add_key("t1", agent, key.public_key)
+    proc, url = await trio.to_thread.run_sync(start_hub_process, db, nats_cluster[2], bucket)
+    try:
+        with trio.fail_after(25):
+            registry = Registry.open(":memory:")
+            config = HubConfig(hub_id="hub-a", disconnect_grace=GRACE, close_timeout=0.5)
+            async with (
+                open_hub(registry=registry, port=None, config=config,
+                         cluster=cluster_config(nats_cluster[0], bucket)) as hub_a,
+                trio.open_nursery() as nursery,
+            ):  # fmt: skip
+                a = TestHub(hub_a)
+                for agent, key in keys.items():
+                    registry.add_key("t1", agent, key.public_key)
+                watcher_key = a.register("t1", "watcher")
+                watcher = RawClient(await a.dial(nursery, "/api/v1/ws/agent/watcher?tenant_id=t1"))
+                await authenticate(watcher, "watcher", "t1", watcher_key)
+                await watcher.subscribe("$presence.*")
+                for agent, key in keys.items():
+                    await real_connect(url, nursery, agent, key)
+                assert sorted(await presence_events(watcher, 2)) == [
+                    ("moves", "online", "connected"),
+                    ("stays", "online", "connected"),
+                ]
+                proc.send_signal(signal.SIGKILL)
+                killed = trio.current_time()
+                moved = RawClient(await a.dial(nursery, "/api/v1/ws/agent/moves?tenant_id=t1"))
+                await authenticate(moved, "moves", "t1", keys["moves"])
+                [event] = await presence_events(watcher, 1)
+                detected = trio.current_time() - killed
+                assert event == ("stays", "offline", "hub_lost")
+                assert detected <= LEASE_TTL + GRACE + 1.0, detected
+                print(f"hub_lost reported {detected:.2f} s after SIGKILL")
+                assert await nothing_more(watcher, 0.5) == []  # "moves" never flapped
+                table = await query(watcher)
+                assert (table["stays"].status, table["stays"].reason) == ("offline", "hub_lost")
+                assert table["moves"].status == "online"
+                nursery.cancel_scope.cancel()
+            registry.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await trio.to_thread.run_sync(proc.wait)
+
+
+def test_cluster_config_parses_a_server_list() -> None:
+    config = ClusterConfig(servers="nats://a:4222, nats://b:4222")
+    assert config.servers == ("nats://a:4222", "nats://b:4222")
+    with pytest.raises(ValueError, match="at least one"):
+        ClusterConfig(servers=" , ")
+    with pytest.raises(ValueError, match="lease_ttl"):
+        ClusterConfig(servers="nats://a:4222", lease_ttl=0)
+    assert json.dumps(list(config.servers))
+
+
+def test_the_hub_command_wants_a_hub_id_with_nats(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from artcafe_trio.cli import main
+
+    code = main(["hub", "--db", str(tmp_path / "x.db"), "--nats", "nats://127.0.0.1:1"])
+    assert code != 0
+    assert "--nats needs --hub-id" in capsys.readouterr().err
