@@ -219,9 +219,14 @@ async def _run_hub(
         collapse_exception_groups(),
     ):
         async with trio.open_nursery() as nursery:
+            serve: Callable[..., Any] = serve_hub
+            if args.cluster is not None:
+                from artcafe_trio.cluster import serve_cluster_hub
+
+                serve = functools.partial(serve_cluster_hub, cluster=args.cluster)
             hub: Hub = await nursery.start(
                 functools.partial(
-                    serve_hub,
+                    serve,
                     db=db,
                     host=args.host,
                     port=args.port,
@@ -229,7 +234,6 @@ async def _run_hub(
                     tls_cert=args.tls_cert,
                     tls_key=args.tls_key,
                     admin_file=db + ADMIN_SUFFIX,
-                    cluster=args.cluster,
                 )
             )
             if args.dashboard is not None:

@@ -1,4 +1,4 @@
-"""A cluster of hubs over NATS (issue 13): ``serve_hub(cluster=ClusterConfig(...))``.
+"""A cluster of hubs over NATS (issue 13): :func:`serve_cluster_hub`/:func:`open_cluster_hub`.
 
 - :class:`ClusterConfig`: how a hub joins (NATS servers, lease TTL, bucket).
 - :class:`NatsBackplane` (:mod:`._backplane`): the hub's backplane over NATS — routes
@@ -16,5 +16,6 @@ from __future__ import annotations
 
 from ._backplane import NatsBackplane
 from ._config import ClusterConfig
+from ._serve import open_cluster_hub, serve_cluster_hub
 
-__all__ = ["ClusterConfig", "NatsBackplane"]
+__all__ = ["ClusterConfig", "NatsBackplane", "open_cluster_hub", "serve_cluster_hub"]

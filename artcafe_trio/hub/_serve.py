@@ -16,7 +16,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
@@ -33,9 +33,6 @@ from ._router import Router
 from ._sessions import Connections, SessionDirectory
 from ._stores import BucketStore
 from ._timers import DeadlineQueue
-
-if TYPE_CHECKING:
-    from ..cluster._config import ClusterConfig
 
 __all__ = ["open_hub", "serve_hub"]
 
@@ -171,7 +168,6 @@ async def serve_hub(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     admin_file: str | os.PathLike[str] | None = None,
-    cluster: ClusterConfig | None = None,
     task_status: trio.TaskStatus[Hub] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a hub until cancelled; ``task_status.started`` gives the :class:`Hub`.
@@ -187,20 +183,15 @@ async def serve_hub(
         tls_key: the private key file of ``tls_cert`` (default: in ``tls_cert``).
         admin_file: write the admin URL and token there (readable by the user only),
             removed at the end.
-        cluster: join a cluster of hubs over NATS (``docs/cluster.md``): routes,
-            presence and take-over are shared with the other hubs; each hub needs
-            its own ``config.hub_id``.
         task_status: given the running :class:`Hub` (``nursery.start``).
 
     Cancelling the task shuts down gracefully: every agent is closed with 1012
     (service restart) and presence is flushed to the registry, within a bounded time.
     """
-    config = config or HubConfig()
     await _serve_hub(
         registry=registry, db=db, host=host, port=port, config=config,
         ssl_context=ssl_context, tls_cert=tls_cert, tls_key=tls_key,
-        admin_file=admin_file, backplane=_backplane_for(cluster, config),
-        task_status=task_status,
+        admin_file=admin_file, backplane=LocalBackplane(), task_status=task_status,
     )  # fmt: skip
 
 
@@ -311,15 +302,6 @@ async def _run_assembly(
                     await trio.to_thread.run_sync(_remove_admin_file, admin_file, hub)
 
 
-def _backplane_for(cluster: ClusterConfig | None, config: HubConfig) -> Backplane:
-    """The NATS backplane of ``cluster`` (imported only then), or a hub alone."""
-    if cluster is None:
-        return LocalBackplane()
-    from ..cluster._backplane import NatsBackplane
-
-    return NatsBackplane(cluster, hub_id=config.hub_id, grace=config.disconnect_grace)
-
-
 @asynccontextmanager
 async def open_hub(
     *,
@@ -332,7 +314,6 @@ async def open_hub(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     admin_file: str | os.PathLike[str] | None = None,
-    cluster: ClusterConfig | None = None,
 ) -> AsyncIterator[Hub]:
     """Run a hub for the duration of the block (arguments as :func:`serve_hub`)."""
     with collapse_exception_groups():
@@ -349,7 +330,6 @@ async def open_hub(
                     tls_cert=tls_cert,
                     tls_key=tls_key,
                     admin_file=admin_file,
-                    cluster=cluster,
                 )
             )
             try:

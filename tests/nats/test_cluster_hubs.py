@@ -22,8 +22,8 @@ import pytest
 import trio
 import trio_websocket
 
-from artcafe_trio import CloseCode, HubConfig, Registry, open_hub
-from artcafe_trio.cluster import ClusterConfig, NatsBackplane
+from artcafe_trio import CloseCode, HubConfig, Registry
+from artcafe_trio.cluster import ClusterConfig, NatsBackplane, open_cluster_hub
 from artcafe_trio.protocol import (
     Auth,
     Challenge,
@@ -110,7 +110,7 @@ async def three_hubs(nodes: Sequence[NatsNode]) -> AsyncIterator[Cluster]:
             for name, node, registry in zip("abc", nodes, registries, strict=True):
                 config = HubConfig(hub_id=f"hub-{name}", disconnect_grace=GRACE, close_timeout=0.5)
                 hub = await stack.enter_async_context(
-                    open_hub(registry=registry, port=None, config=config,
+                    open_cluster_hub(registry=registry, port=None, config=config,
                              cluster=cluster_config(node, bucket))
                 )  # fmt: skip
                 hubs[name] = TestHub(hub)
@@ -274,13 +274,13 @@ async def test_a_hub_stopped_gracefully_hands_over_at_once(nats_cluster: list[Na
         config_a = HubConfig(hub_id="hub-a", disconnect_grace=GRACE, close_timeout=0.5)
         config_b = HubConfig(hub_id="hub-b", disconnect_grace=GRACE, close_timeout=0.5)
         async with (
-            open_hub(registry=reg_a, port=None, config=config_a,
+            open_cluster_hub(registry=reg_a, port=None, config=config_a,
                      cluster=cluster_config(nats_cluster[0], bucket)) as hub_a,
             trio.open_nursery() as nursery,
         ):  # fmt: skip
             a = TestHub(hub_a)
             with trio.CancelScope() as b_scope:
-                async with open_hub(registry=reg_b, port=None, config=config_b,
+                async with open_cluster_hub(registry=reg_b, port=None, config=config_b,
                                     cluster=cluster_config(nats_cluster[1], bucket)) as hub_b:  # fmt: skip
                     b = TestHub(hub_b)
                     watcher_key = a.register("t1", "watcher")
@@ -344,7 +344,7 @@ async def test_a_killed_hub_s_agents_go_offline_hub_lost_unless_they_moved(
             registry = Registry.open(":memory:")
             config = HubConfig(hub_id="hub-a", disconnect_grace=GRACE, close_timeout=0.5)
             async with (
-                open_hub(registry=registry, port=None, config=config,
+                open_cluster_hub(registry=registry, port=None, config=config,
                          cluster=cluster_config(nats_cluster[0], bucket)) as hub_a,
                 trio.open_nursery() as nursery,
             ):  # fmt: skip
