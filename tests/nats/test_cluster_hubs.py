@@ -28,6 +28,7 @@ from artcafe_trio.protocol import (
     Auth,
     Challenge,
     Leave,
+    Message,
     PresenceEvent,
     PresenceQuery,
     PresenceRecord,
@@ -75,12 +76,24 @@ class Cluster:
         assert isinstance(backplane, NatsBackplane)
         return backplane
 
-    async def settle(self) -> None:
-        """Every hub's interest is on NATS (and has crossed the NATS routes)."""
-        for name in self.hubs:
-            while not self.backplane(name).interest_settled:
-                await trio.sleep(0.01)
-        await trio.sleep(0.2)
+    async def settle(self, publisher: RawClient, receivers: Sequence[RawClient]) -> None:
+        """Every receiver's patterns are known on the publisher's NATS node.
+
+        Each receiver subscribes one more pattern, ``probe.<n>``, after its real ones;
+        interest crosses NATS in order, so once a probe published by ``publisher``
+        reaches it, its earlier patterns have too. The probes are then drained."""
+        for n, receiver in enumerate(receivers):
+            await receiver.subscribe(f"probe.{n}")
+        for n, receiver in enumerate(receivers):
+            arrived = False
+            while not arrived:
+                await publisher.send(Publish(subject=f"probe.{n}", data={}))
+                with trio.move_on_after(0.1):
+                    while not arrived:
+                        frame = await receiver.recv()
+                        arrived = isinstance(frame, Message) and frame.subject == f"probe.{n}"
+        for client in (publisher, *receivers):
+            await nothing_more(client, 0.1)  # the probes (some clients match probe.>)
 
 
 async def authenticate(client: RawClient, agent: str, tenant: str, key: PrivateKey) -> None:
@@ -164,7 +177,8 @@ async def test_messages_cross_hubs_once_with_every_wildcard_form(
             other = await cluster.connect("c", "c1", tenant="t2")  # the same id, another tenant
             await other.subscribe(">")
             publisher = await cluster.connect("b", "pub")
-            await cluster.settle()
+            await cluster.settle(publisher, [a1, b1, c1])
+            await cluster.settle(await cluster.connect("b", "pub", tenant="t2"), [other])
 
             await publisher.send(Publish(subject="jobs.new", data={"n": 1}, id="p1"))
             confirmed = await publisher.recv_type(Published)
@@ -197,7 +211,7 @@ async def test_request_reply_across_hubs(nats_cluster: list[NatsNode]) -> None:
             server_c = await cluster.connect("c", "srv-c")
             await server_c.subscribe("svc.*")
             requester = await cluster.connect("a", "req")
-            await cluster.settle()
+            await cluster.settle(requester, [server_b, server_c])
             assert requester.welcome is not None
             reply_to = f"$reply.{requester.welcome.session_id}.1"
             await requester.send(
@@ -248,6 +262,7 @@ async def test_presence_is_one_table_and_one_event_per_transition(
             assert await x.close_code() == CloseCode.REPLACED
             took_over = time.monotonic() - t0
             assert took_over < 1.0
+            print(f"take-over closed the old session {took_over:.3f} s after the new auth began")
             for hub in "abc":
                 assert await nothing_more(watchers[hub], 0.3) == []
                 record = (await query(watchers[hub]))["x"]
@@ -299,7 +314,9 @@ async def test_a_hub_stopped_gracefully_hands_over_at_once(nats_cluster: list[Na
             # Marked offline by its own hub as on a single hub, before the lease TTL;
             # the deleted lease leaves the reaper nothing to do.
             assert await presence_events(watcher, 1) == [("y", "offline", "disconnected")]
-            assert trio.current_time() - stopped < LEASE_TTL
+            handed_over = trio.current_time() - stopped
+            assert handed_over < LEASE_TTL
+            print(f"graceful stop: offline (disconnected) seen on another hub {handed_over:.3f} s")
             assert await nothing_more(watcher, LEASE_TTL + GRACE) == []
             nursery.cancel_scope.cancel()
 
