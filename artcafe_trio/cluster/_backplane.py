@@ -202,7 +202,12 @@ class NatsBackplane:
         key = (claim.tenant_id, claim.agent_id)
         try:
             with trio.fail_after(self.config.claim_timeout):
-                written = await store.claim(claim.tenant_id, claim.agent_id, claim.session_id)
+                assert self._peer is not None
+                capabilities, metadata = self._peer.describe_session(claim.session_id)
+                written = await store.claim(
+                    claim.tenant_id, claim.agent_id, claim.session_id,
+                    capabilities=capabilities, metadata=metadata,
+                )  # fmt: skip
         except (NatsError, OSError, ClusterContention, trio.TooSlowError) as exc:
             log.error("could not claim %s/%s in the cluster: %r", *key, exc)
             return  # served locally; the cluster view of this agent is stale
@@ -337,7 +342,8 @@ class NatsBackplane:
         update = PresenceUpdate(
             tenant_id=claim.tenant_id, agent_id=claim.agent_id, status=claim.status,
             reason=claim.reason, time=claim.since, session_id=claim.session_id,
-            hub_id=claim.hub, local=False,
+            hub_id=claim.hub, capabilities=claim.capabilities, metadata=claim.metadata,
+            local=False,
         )  # fmt: skip
         peer.presence_observed(update)
 

@@ -117,6 +117,12 @@ class _Assembly:
     def presence_observed(self, update: PresenceUpdate) -> None:
         self.presence.observe(update)
 
+    def describe_session(self, session_id: str) -> tuple[tuple[str, ...], dict[str, Any]]:
+        session = self.directory.find(session_id)
+        if session is None:
+            return (), {}
+        return session.capabilities, session.metadata
+
     # --- running ----------------------------------------------------------------------
 
     async def start(self, nursery: trio.Nursery) -> None:

@@ -64,11 +64,11 @@ class Cluster:
                 hub.registry.add_key(tenant, agent, key.public_key)
         return self.keys[tenant, agent]
 
-    async def connect(self, hub: str, agent: str, tenant: str = "t1") -> RawClient:
+    async def connect(self, hub: str, agent: str, tenant: str = "t1", **fields: Any) -> RawClient:
         target = self.hubs[hub]
         resource = f"/api/v1/ws/agent/{agent}?tenant_id={tenant}"
         client = RawClient(await target.dial(self.nursery, resource))
-        await authenticate(client, agent, tenant, self.key(tenant, agent))
+        await authenticate(client, agent, tenant, self.key(tenant, agent), **fields)
         return client
 
     def backplane(self, hub: str) -> NatsBackplane:
@@ -96,13 +96,15 @@ class Cluster:
             await nothing_more(client, 0.1)  # the probes (some clients match probe.>)
 
 
-async def authenticate(client: RawClient, agent: str, tenant: str, key: PrivateKey) -> None:
+async def authenticate(
+    client: RawClient, agent: str, tenant: str, key: PrivateKey, **fields: Any
+) -> None:
     challenge = await client.recv()
     assert isinstance(challenge, Challenge)
     signature = key.sign_auth(tenant_id=tenant, agent_id=agent, nonce=challenge.nonce)
     await client.send(
         Auth(agent_id=agent, tenant_id=tenant, algorithm=key.algorithm, signature=signature,
-             heartbeat_interval=10.0, heartbeat_timeout_multiplier=3.0)
+             heartbeat_interval=10.0, heartbeat_timeout_multiplier=3.0, **fields)
     )  # fmt: skip
     welcome = await client.recv()
     assert isinstance(welcome, Welcome), welcome
@@ -250,15 +252,18 @@ async def test_presence_is_one_table_and_one_event_per_transition(
                     }:  # fmt: skip
                         await trio.sleep(0.05)
 
-            x = await cluster.connect("a", "x")
+            x = await cluster.connect("a", "x", capabilities=("gpu",), metadata={"v": 1})
             for hub in "abc":
                 assert await presence_events(watchers[hub], 1) == [("x", "online", "connected")]
             for hub in "abc":
-                assert (await query(watchers[hub]))["x"].status == "online"
+                record = (await query(watchers[hub]))["x"]
+                assert (record.status, record.capabilities, record.metadata) == (
+                    "online", ("gpu",), {"v": 1},
+                )  # fmt: skip
 
             # The same agent connects to hub B: A's session is replaced, no flap.
             t0 = time.monotonic()
-            x_on_b = await cluster.connect("b", "x")
+            x_on_b = await cluster.connect("b", "x", capabilities=("gpu", "tpu"))
             assert await x.close_code() == CloseCode.REPLACED
             took_over = time.monotonic() - t0
             assert took_over < 1.0
@@ -269,6 +274,7 @@ async def test_presence_is_one_table_and_one_event_per_transition(
                 assert record.status == "online"
                 assert x_on_b.welcome is not None
                 assert record.session_id == x_on_b.welcome.session_id
+                assert (record.capabilities, record.metadata) == (("gpu", "tpu"), {})
 
             await x_on_b.send(Leave())
             assert await x_on_b.close_code() == CloseCode.NORMAL
