@@ -337,7 +337,7 @@ def _add_hub(commands: Any) -> None:
     hub.add_argument(
         "--nats-lease-ttl",
         type=_positive_float,
-        default=5.0,
+        default=10.0,
         metavar="S",
         help="the hub's lease TTL in the cluster, s: a dead hub is noticed within it",
     )

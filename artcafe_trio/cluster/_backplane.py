@@ -105,9 +105,16 @@ class NatsBackplane:
             collections.OrderedDict()
         )
         self._release_wake = _Wakeup()
+        #: Agents whose claim is being retried (by session id), and an offline
+        #: announced meanwhile (its reason): written once the claim lands.
+        self._pending_claims: dict[_Key, str] = {}
+        self._offline_while_pending: dict[_Key, str] = {}
+        self._nursery: trio.Nursery | None = None
         #: True while the lease could not be refreshed for a TTL (see ``hold_lease``).
         self.fenced = False
         self.routes_dropped = 0  # arriving copies already seen (overlaps, re-sends)
+        self.routes_unsent = 0  # publishes NATS refused (local delivery only)
+        self.routes_unconfirmed = 0  # publishes not flushed within flush_timeout
 
     # --- Backplane -------------------------------------------------------------------
 
@@ -153,6 +160,7 @@ class NatsBackplane:
                 try:
                     with tasks:
                         async with trio.open_nursery() as nursery:
+                            self._nursery = nursery
                             await nursery.start(self._hold_lease, store)
                             leased = True
                             await nursery.start(self._watch_claims, store)
@@ -188,11 +196,17 @@ class NatsBackplane:
         if nc is None:
             raise RuntimeError("the backplane is not running")
         payload, headers = envelope.to_nats()
-        await nc.publish(nats_subject(route.tenant_id, route.subject), payload, headers=headers)
-        with trio.move_on_after(self.config.flush_timeout) as scope:
-            await nc.flush()
+        try:
+            await nc.publish(nats_subject(route.tenant_id, route.subject), payload, headers=headers)
+            with trio.move_on_after(self.config.flush_timeout) as scope:
+                await nc.flush()
+        except NatsError as exc:  # the reconnect buffer is full, or the client closed
+            log.error("a publish reached local agents only: NATS refused it (%r)", exc)
+            self.routes_unsent += 1
+            return None
         if scope.cancelled_caught:
             log.error("NATS did not confirm a publish within %gs", self.config.flush_timeout)
+            self.routes_unconfirmed += 1
         return None
 
     async def claim_session(self, claim: SessionClaim) -> None:
@@ -200,25 +214,80 @@ class NatsBackplane:
         if store is None:
             raise RuntimeError("the backplane is not running")
         key = (claim.tenant_id, claim.agent_id)
+        written = await self._try_claim(store, claim)
+        if written is None:
+            # Served locally meanwhile (the cluster view of it is stale); retried.
+            log.error("could not claim %s/%s in the cluster; retrying", *key)
+            self._pending_claims[key] = claim.session_id
+            assert self._nursery is not None
+            self._nursery.start_soon(self._retry_claim, store, claim)
+            return
+        self._pending_claims.pop(key, None)  # an older session's retry stops
+        self._offline_while_pending.pop(key, None)
+        self._keep(key, written)
+
+    async def _try_claim(self, store: ClusterStore, claim: SessionClaim) -> PresenceClaim | None:
+        """One bounded claim attempt (``None``: it failed, or the session is gone)."""
+        assert self._peer is not None
+        described = self._peer.describe_session(claim.session_id)
+        if described is None:
+            return None
+        capabilities, metadata = described
         try:
             with trio.fail_after(self.config.claim_timeout):
-                assert self._peer is not None
-                capabilities, metadata = self._peer.describe_session(claim.session_id)
-                written = await store.claim(
+                return await store.claim(
                     claim.tenant_id, claim.agent_id, claim.session_id,
                     capabilities=capabilities, metadata=metadata,
                 )  # fmt: skip
         except (NatsError, OSError, ClusterContention, trio.TooSlowError) as exc:
-            log.error("could not claim %s/%s in the cluster: %r", *key, exc)
-            return  # served locally; the cluster view of this agent is stale
+            log.warning("claim of %s/%s failed: %r", claim.tenant_id, claim.agent_id, exc)
+            return None
+
+    def _keep(self, key: _Key, written: PresenceClaim) -> None:
         kept = self._claims.get(key)
         if kept is None or written.epoch > kept.epoch:
             self._claims[key] = written
+
+    async def _retry_claim(self, store: ClusterStore, claim: SessionClaim) -> None:
+        """Claim again (backing off) while the session lives. A claim that lands after
+        its session ended — or an earlier attempt that landed late — is released."""
+        key = (claim.tenant_id, claim.agent_id)
+        assert self._peer is not None
+        delay = 0.5
+        written: PresenceClaim | None = None
+        while self._pending_claims.get(key) == claim.session_id:
+            await trio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            if self._peer.describe_session(claim.session_id) is None:
+                try:
+                    current = await store.get(*key)
+                except NatsError:
+                    continue
+                if current is not None and current.session_id == claim.session_id:
+                    written = current  # an earlier attempt landed after all
+                break
+            written = await self._try_claim(store, claim)
+            if written is not None:
+                break
+        if self._pending_claims.get(key) != claim.session_id:
+            return  # a newer local session claims now
+        del self._pending_claims[key]
+        reason = self._offline_while_pending.pop(key, None)
+        if written is None:
+            return
+        if reason is None and self._peer.describe_session(claim.session_id) is not None:
+            self._keep(key, written)
+            log.warning("claimed %s/%s in the cluster after a retry", *key)
+        else:
+            self._releases[key] = (written, reason or "disconnected")
+            self._release_wake.set()
 
     def announce_presence(self, update: PresenceUpdate) -> None:
         if update.status != "offline":
             return  # online was written by the session's claim
         key = (update.tenant_id, update.agent_id)
+        if key in self._pending_claims:
+            self._offline_while_pending[key] = update.reason
         claim = self._claims.pop(key, None)
         if claim is None:
             return  # never claimed here, or taken over by another hub

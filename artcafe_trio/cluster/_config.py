@@ -49,7 +49,7 @@ class ClusterConfig:
     """
 
     servers: tuple[str, ...] = attrs.field(converter=_servers)
-    lease_ttl: float = attrs.field(default=5.0, validator=_positive)
+    lease_ttl: float = attrs.field(default=10.0, validator=_positive)
     bucket: str = "artcafe_cluster"
     replicas: int = 3
     flush_timeout: float = attrs.field(default=2.0, validator=_positive)

@@ -113,9 +113,9 @@ class BackplanePeer(Protocol):
     def presence_observed(self, update: PresenceUpdate) -> None:
         """Another hub's agent changed presence (``update.local`` is false)."""
 
-    def describe_session(self, session_id: str) -> tuple[tuple[str, ...], dict[str, Any]]:
-        """The capabilities and metadata a live local session declared (``((), {})``
-        when there is none), for a claim that shows them on every hub."""
+    def describe_session(self, session_id: str) -> tuple[tuple[str, ...], dict[str, Any]] | None:
+        """The capabilities and metadata a local session declared, for a claim that
+        shows them on every hub; ``None`` when the session is gone."""
 
 
 class Backplane(Protocol):

@@ -117,10 +117,10 @@ class _Assembly:
     def presence_observed(self, update: PresenceUpdate) -> None:
         self.presence.observe(update)
 
-    def describe_session(self, session_id: str) -> tuple[tuple[str, ...], dict[str, Any]]:
+    def describe_session(self, session_id: str) -> tuple[tuple[str, ...], dict[str, Any]] | None:
         session = self.directory.find(session_id)
         if session is None:
-            return (), {}
+            return None
         return session.capabilities, session.metadata
 
     # --- running ----------------------------------------------------------------------

@@ -423,3 +423,57 @@ def test_the_hub_command_wants_a_hub_id_with_nats(
     code = main(["hub", "--db", str(tmp_path / "x.db"), "--nats", "nats://127.0.0.1:1"])
     assert code != 0
     assert "--nats needs --hub-id" in capsys.readouterr().err
+
+
+async def test_a_nats_node_killed_under_a_hub(own_nats_cluster: list[NatsNode]) -> None:
+    """The hub reconnects to another node: routing and presence go on, nobody is
+    reported offline (the lease TTL outlasts the bucket's leader election)."""
+    bucket = f"hubs_{secrets.token_hex(4)}"
+    urls = [node.url for node in own_nats_cluster]
+    registries = [Registry.open(":memory:") for _ in range(2)]
+    with trio.fail_after(40):
+        async with AsyncExitStack() as stack:
+            hubs = {}
+            for name, registry in zip("ab", registries, strict=True):
+                config = HubConfig(hub_id=f"hub-{name}", disconnect_grace=3.0, close_timeout=0.5)
+                cluster = ClusterConfig(servers=urls, lease_ttl=5.0, bucket=bucket)
+                opened = open_cluster_hub(
+                    registry=registry, port=None, config=config, cluster=cluster
+                )
+                hubs[name] = TestHub(await stack.enter_async_context(opened))
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            c = Cluster(hubs, nursery)
+            watcher = await c.connect("a", "watcher")
+            await watcher.subscribe("$presence.*")
+            await watcher.subscribe("jobs.*")
+            worker = await c.connect("b", "worker")
+            assert await presence_events(watcher, 1) == [("worker", "online", "connected")]
+            await c.settle(worker, [watcher])
+            nc = c.backplane("a")._nc
+            assert nc is not None
+            server = nc.connected_server
+            [victim] = [n for n in own_nats_cluster if server == f"127.0.0.1:{n.port}"]
+            reconnects = nc.reconnects
+            await trio.to_thread.run_sync(victim.kill)
+            killed = trio.current_time()
+            while nc.reconnects == reconnects or not nc.is_connected:
+                await trio.sleep(0.05)
+            print(f"hub-a reconnected {trio.current_time() - killed:.2f} s after its node died")
+            await c.settle(worker, [watcher])  # routes again (the subscriptions were re-sent)
+            await worker.send(Publish(subject="jobs.one", data={"n": 1}, id="j1"))
+            await worker.recv_type(Published)
+            [got] = await watcher.messages(1)
+            assert (got.subject, got.data) == ("jobs.one", {"n": 1})
+            # Presence still flows through the bucket; nobody went offline meanwhile.
+            late = await c.connect("b", "late")
+            assert await presence_events(watcher, 1) == [("late", "online", "connected")]
+            print(f"presence seen again {trio.current_time() - killed:.2f} s after the kill")
+            assert await nothing_more(watcher, 1.0) == []  # no hub_lost, no flap
+            table = await query(watcher)
+            assert {agent: r.status for agent, r in table.items()} == {
+                "watcher": "online", "worker": "online", "late": "online",
+            }  # fmt: skip
+            assert late.welcome is not None
+            nursery.cancel_scope.cancel()
+    for registry in registries:
+        registry.close()
