@@ -11,7 +11,7 @@ the pieces of this package:
   here, goes through one :class:`RecentIds` filter, so a hub gets each publish once
   and a re-send through another hub after a failover is recognised. Answers to
   requests travel on ``ac.<tenant>.$reply.…``, which every hub subscribes to once.
-- **presence**: a session's claim is a compare-and-set of its agent's key at
+- **presence** (:mod:`._claims`): a session's claim is a compare-and-set of its agent's key at
   ``epoch + 1`` (the claim kept); an offline transition queues a release at the
   kept epoch (a stale epoch writes nothing: no flap). Every hub watches every
   claim: another hub's change is ``peer.presence_observed`` (so each hub shows each
@@ -192,10 +192,12 @@ class NatsBackplane:
         self, store: ClusterStore, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Hold the lease; a lease left by this hub's previous run (killed) is waited
-        out for one TTL, then the id is taken as another live hub's: an error."""
+        out (up to 2 × TTL + 2 s), then the id is taken as another live hub's: an error."""
         ttl = self.config.lease_ttl
         lease = HubLease(self.hub_id, started=self._wall_clock())
-        deadline = trio.current_time() + ttl + 1.0
+        # The server removes an expired lease a little after its TTL (up to ~1.5 s
+        # late measured with 1 s): wait two TTLs and 2 s before taking it as alive.
+        deadline = trio.current_time() + 2 * ttl + 2.0
         while True:
             try:
                 await store.hold_lease(

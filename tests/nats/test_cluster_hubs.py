@@ -24,6 +24,9 @@ import trio_websocket
 
 from artcafe_trio import CloseCode, HubConfig, Registry
 from artcafe_trio.cluster import ClusterConfig, NatsBackplane, open_cluster_hub
+from artcafe_trio.cluster._records import HubLease, lease_key
+from artcafe_trio.cluster._store import open_cluster_store
+from artcafe_trio.nats import open_nats
 from artcafe_trio.protocol import (
     Auth,
     Challenge,
@@ -477,3 +480,32 @@ async def test_a_nats_node_killed_under_a_hub(own_nats_cluster: list[NatsNode]) 
             nursery.cancel_scope.cancel()
     for registry in registries:
         registry.close()
+
+
+async def test_a_hub_restarted_after_a_crash_waits_for_its_lease_and_clears_its_claims(
+    nats_cluster: list[NatsNode],
+) -> None:
+    """What a SIGKILLed hub leaves behind — its lease (until the TTL) and its agents'
+    claims online — does not outlive its restart under the same id."""
+    bucket = f"hubs_{secrets.token_hex(4)}"
+    with trio.fail_after(20), Registry.open(":memory:") as registry:
+        async with open_nats(nats_cluster[0].url) as nc:
+            store = await open_cluster_store(nc, "hub-r", bucket=bucket)
+            await store.kv.create(
+                lease_key("hub-r"), HubLease("hub-r").encode(), ttl=LEASE_TTL
+            )  # the crashed run's lease, no longer refreshed
+            left = await store.claim("t1", "ghost", "s-old")
+            assert left.status == "online"
+            began = trio.current_time()
+            config = HubConfig(hub_id="hub-r", disconnect_grace=GRACE, close_timeout=0.5)
+            async with open_cluster_hub(
+                registry=registry, port=None, config=config,
+                cluster=cluster_config(nats_cluster[1], bucket),
+            ):  # fmt: skip
+                waited = trio.current_time() - began
+                assert 0.3 < waited < LEASE_TTL + 3.0, waited  # the old lease expired first
+                while (claim := await store.get("t1", "ghost")) is None or claim.status == "online":
+                    await trio.sleep(0.05)
+                assert (claim.hub, claim.reason, claim.epoch) == ("hub-r", "hub_lost", 1)
+                entry = await store.kv.entry(lease_key("hub-r"))
+                assert entry is not None and HubLease.decode(entry.value).hub == "hub-r"
