@@ -355,57 +355,102 @@ def start_hub_process(db: Path, node: NatsNode, bucket: str) -> tuple[subprocess
     return proc, line.split()[-1]
 
 
-async def test_a_killed_hub_s_agents_go_offline_hub_lost_unless_they_moved(
-    nats_cluster: list[NatsNode], tmp_path: Path
-) -> None:
+@asynccontextmanager
+async def hub_process_and_hub_a(
+    nodes: list[NatsNode], tmp_path: Path, agents: Sequence[str]
+) -> AsyncIterator[tuple[subprocess.Popen[str], str, TestHub, dict[str, PrivateKey]]]:
+    """A real ``artcafe-trio hub`` (hub-k, on node 3) and hub-a in this process (node
+    1), sharing a bucket; ``agents`` registered on both."""
     bucket = f"hubs_{secrets.token_hex(4)}"
     db = tmp_path / "k.db"
-    keys = {agent: generate_private_key("ed25519") for agent in ("stays", "moves")}
+    keys = {agent: generate_private_key("ed25519") for agent in agents}
     with Registry.open(db) as registry:
         for agent, key in keys.items():
             registry.add_key("t1", agent, key.public_key)
-    proc, url = await trio.to_thread.run_sync(start_hub_process, db, nats_cluster[2], bucket)
+    proc, url = await trio.to_thread.run_sync(start_hub_process, db, nodes[2], bucket)
     try:
-        with trio.fail_after(25):
-            registry = Registry.open(":memory:")
+        with Registry.open(":memory:") as registry:
+            for agent, key in keys.items():
+                registry.add_key("t1", agent, key.public_key)
             config = HubConfig(hub_id="hub-a", disconnect_grace=GRACE, close_timeout=0.5)
-            async with (
-                open_cluster_hub(registry=registry, port=None, config=config,
-                         cluster=cluster_config(nats_cluster[0], bucket)) as hub_a,
-                trio.open_nursery() as nursery,
-            ):  # fmt: skip
-                a = TestHub(hub_a)
-                for agent, key in keys.items():
-                    registry.add_key("t1", agent, key.public_key)
-                watcher_key = a.register("t1", "watcher")
-                watcher = RawClient(await a.dial(nursery, "/api/v1/ws/agent/watcher?tenant_id=t1"))
-                await authenticate(watcher, "watcher", "t1", watcher_key)
-                await watcher.subscribe("$presence.*")
-                for agent, key in keys.items():
-                    await real_connect(url, nursery, agent, key)
-                assert sorted(await presence_events(watcher, 2)) == [
-                    ("moves", "online", "connected"),
-                    ("stays", "online", "connected"),
-                ]
-                proc.send_signal(signal.SIGKILL)
-                killed = trio.current_time()
-                moved = RawClient(await a.dial(nursery, "/api/v1/ws/agent/moves?tenant_id=t1"))
-                await authenticate(moved, "moves", "t1", keys["moves"])
-                [event] = await presence_events(watcher, 1)
-                detected = trio.current_time() - killed
-                assert event == ("stays", "offline", "hub_lost")
-                assert detected <= LEASE_TTL + GRACE + 1.0, detected
-                print(f"hub_lost reported {detected:.2f} s after SIGKILL")
-                assert await nothing_more(watcher, 0.5) == []  # "moves" never flapped
-                table = await query(watcher)
-                assert (table["stays"].status, table["stays"].reason) == ("offline", "hub_lost")
-                assert table["moves"].status == "online"
-                nursery.cancel_scope.cancel()
-            registry.close()
+            async with open_cluster_hub(
+                registry=registry, port=None, config=config,
+                cluster=cluster_config(nodes[0], bucket),
+            ) as hub_a:  # fmt: skip
+                yield proc, url, TestHub(hub_a), keys
     finally:
         if proc.poll() is None:
             proc.kill()
         await trio.to_thread.run_sync(proc.wait)
+
+
+async def presence_watcher(hub: TestHub, nursery: trio.Nursery) -> RawClient:
+    key = hub.register("t1", "watcher")
+    watcher = RawClient(await hub.dial(nursery, "/api/v1/ws/agent/watcher?tenant_id=t1"))
+    await authenticate(watcher, "watcher", "t1", key)
+    await watcher.subscribe("$presence.*")
+    return watcher
+
+
+async def test_a_killed_hub_s_agents_go_offline_hub_lost_unless_they_moved(
+    nats_cluster: list[NatsNode], tmp_path: Path
+) -> None:
+    stays = [f"stays-{i}" for i in range(20)]
+    moves = [f"moves-{i}" for i in range(20)]
+    async with (
+        hub_process_and_hub_a(nats_cluster, tmp_path, stays + moves) as (proc, url, a, keys),
+        trio.open_nursery() as nursery,
+    ):
+        with trio.fail_after(30):
+            watcher = await presence_watcher(a, nursery)
+            for agent, key in keys.items():
+                await real_connect(url, nursery, agent, key)
+            online = await presence_events(watcher, len(keys))
+            assert sorted(online) == sorted((agent, "online", "connected") for agent in keys)
+            proc.send_signal(signal.SIGKILL)
+            killed = trio.current_time()
+            for agent in moves:  # they reconnect to hub A within the grace
+                moved = RawClient(await a.dial(nursery, f"/api/v1/ws/agent/{agent}?tenant_id=t1"))
+                await authenticate(moved, agent, "t1", keys[agent])
+            events = await presence_events(watcher, len(stays))
+            detected = trio.current_time() - killed
+            assert sorted(events) == sorted((agent, "offline", "hub_lost") for agent in stays)
+            assert detected <= LEASE_TTL + GRACE + 1.0, detected
+            print(f"hub_lost reported for {len(stays)} agents {detected:.2f} s after SIGKILL")
+            assert await nothing_more(watcher, 0.5) == []  # the moved agents never flapped
+            table = await query(watcher)
+            assert {table[agent].reason for agent in stays} == {"hub_lost"}
+            assert {table[agent].status for agent in moves} == {"online"}
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_frozen_hub_is_reaped_and_closes_its_sessions_when_it_thaws(
+    nats_cluster: list[NatsNode], tmp_path: Path
+) -> None:
+    """SIGSTOP: sockets stay open, the lease lapses, a reaper reports ``hub_lost``
+    once; on SIGCONT the hub sees its agents reaped and closes their sessions (so
+    they reconnect and claim again) without reporting anything itself."""
+    async with (
+        hub_process_and_hub_a(nats_cluster, tmp_path, ["frozen"]) as (proc, url, a, keys),
+        trio.open_nursery() as nursery,
+    ):
+        with trio.fail_after(30):
+            watcher = await presence_watcher(a, nursery)
+            frozen = await real_connect(url, nursery, "frozen", keys["frozen"])
+            assert await presence_events(watcher, 1) == [("frozen", "online", "connected")]
+            proc.send_signal(signal.SIGSTOP)
+            stopped = trio.current_time()
+            assert await presence_events(watcher, 1) == [("frozen", "offline", "hub_lost")]
+            detected = trio.current_time() - stopped
+            assert detected <= LEASE_TTL + GRACE + 1.0, detected
+            proc.send_signal(signal.SIGCONT)
+            thawed = trio.current_time()
+            assert await frozen.close_code() == CloseCode.REPLACED
+            print(f"frozen hub: hub_lost after {detected:.2f} s; its session closed "
+                  f"{trio.current_time() - thawed:.2f} s after SIGCONT")  # fmt: skip
+            assert await nothing_more(watcher, 1.0) == []  # no flap back online
+            assert (await query(watcher))["frozen"].reason == "hub_lost"
+            nursery.cancel_scope.cancel()
 
 
 def test_cluster_config_parses_a_server_list() -> None:
