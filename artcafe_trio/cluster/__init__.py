@@ -7,7 +7,8 @@
   them; :mod:`._store`: those rules applied with compare-and-set, the hub lease;
   :mod:`._reaper`: a lost hub's agents marked offline by one surviving hub;
   :mod:`._routes`: subjects, envelopes, the recent-id filter;
-  :mod:`._credentials`: credentials in the bucket (not wired into the hub yet).
+  :mod:`._credentials`: credentials in the bucket (``publish_agent``,
+  ``remove_agent``), served by every hub with ``ClusterConfig(shared_credentials=True)``.
 
 See ``docs/cluster.md`` for what is guaranteed and what is missing.
 """
@@ -16,6 +17,14 @@ from __future__ import annotations
 
 from ._backplane import NatsBackplane
 from ._config import ClusterConfig
+from ._credentials import publish_agent, remove_agent
 from ._serve import open_cluster_hub, serve_cluster_hub
 
-__all__ = ["ClusterConfig", "NatsBackplane", "open_cluster_hub", "serve_cluster_hub"]
+__all__ = [
+    "ClusterConfig",
+    "NatsBackplane",
+    "open_cluster_hub",
+    "publish_agent",
+    "remove_agent",
+    "serve_cluster_hub",
+]

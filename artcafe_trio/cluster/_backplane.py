@@ -34,8 +34,10 @@ import trio
 
 from ..hub._backplane import BackplanePeer, PresenceUpdate, Route, SessionClaim
 from ..nats import KeyExistsError, NatsClient, NatsError, Subscription, open_nats
+from ..protocol._keys import PublicKey
 from ._claims import ClaimKeeper, _Wakeup
 from ._config import ClusterConfig
+from ._credentials import CredentialsMirror
 from ._reaper import run_reaper
 from ._records import HubLease, PresenceClaim
 from ._routes import RecentIds, RouteEnvelope, nats_subject, split_nats_subject
@@ -136,6 +138,8 @@ class NatsBackplane:
                             leased = True
                             await nursery.start(self._presence.watch, store)
                             await nursery.start(self._reap, store)
+                            if cfg.shared_credentials:
+                                await self._share_credentials(store, nursery)
                             replies = await nc.subscribe(REPLY_SUBJECT)
                             nursery.start_soon(self._drain, replies)
                             nursery.start_soon(self._apply_interest, nc, nursery)
@@ -261,6 +265,18 @@ class NatsBackplane:
                 env.reply_to, env.publish_id,
             )  # fmt: skip
             self._peer.route_arrived(route)
+
+    async def _share_credentials(self, store: ClusterStore, nursery: trio.Nursery) -> None:
+        """Mirror the bucket's credentials and have the hub authenticate from them."""
+        mirror = CredentialsMirror(store.kv)
+        await nursery.start(mirror.run)
+
+        async def load() -> tuple[object, dict[tuple[str, str], tuple[PublicKey, ...]]]:
+            await trio.lowlevel.checkpoint()
+            return mirror.revision, mirror.credentials()
+
+        assert self._peer is not None
+        self._peer.use_credentials(load)
 
     async def _reap(
         self, store: ClusterStore, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

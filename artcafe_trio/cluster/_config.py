@@ -45,6 +45,10 @@ class ClusterConfig:
         stop_timeout: the bound on the graceful handover at shutdown.
         dedupe_window: how long a routed publish id is remembered, s.
         dedupe_size: how many routed publish ids are remembered at most.
+        shared_credentials: authenticate from the keys in the cluster's bucket
+            (``publish_agent``/``remove_agent``), the same on every hub, instead of
+            this hub's registry; a key removed or an agent disabled there closes its
+            sessions on every hub (within the registry poll interval).
         user, password, token, tls: NATS credentials and TLS context.
     """
 
@@ -57,6 +61,7 @@ class ClusterConfig:
     stop_timeout: float = attrs.field(default=5.0, validator=_positive)
     dedupe_window: float = attrs.field(default=600.0, validator=_positive)
     dedupe_size: int = 65536
+    shared_credentials: bool = False
     user: str | None = None
     password: str | None = attrs.field(default=None, repr=False)
     token: str | None = attrs.field(default=None, repr=False)

@@ -14,7 +14,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -117,6 +117,11 @@ class _Assembly:
     def presence_observed(self, update: PresenceUpdate) -> None:
         self.presence.observe(update)
 
+    def use_credentials(
+        self, load: Callable[[], Awaitable[tuple[object, dict[tuple[str, str], Any]]]]
+    ) -> None:
+        self.keys.use_source(load)
+
     def describe_session(self, session_id: str) -> tuple[tuple[str, ...], dict[str, Any]] | None:
         session = self.directory.find(session_id)
         if session is None:
@@ -137,6 +142,8 @@ class _Assembly:
         nursery.start_soon(self.keys.run)
         await nursery.start(self._run_backplane)
         self.backplane_scope.shield = True  # cancelled after shutdown() (_serve_hub)
+        if self.keys.source is not None:  # the backplane brought the keys: load them now
+            await self.keys.reload()
 
     async def _run_backplane(self, task_status: trio.TaskStatus[None]) -> None:
         with self.backplane_scope:

@@ -18,12 +18,13 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio_websocket
 
 from artcafe_trio import CloseCode, HubConfig, Registry
-from artcafe_trio.cluster import ClusterConfig, NatsBackplane, open_cluster_hub
+from artcafe_trio.cluster import ClusterConfig, NatsBackplane, open_cluster_hub, publish_agent
 from artcafe_trio.cluster._records import HubLease, lease_key
 from artcafe_trio.cluster._store import open_cluster_store
 from artcafe_trio.nats import open_nats
@@ -554,3 +555,46 @@ async def test_a_hub_restarted_after_a_crash_waits_for_its_lease_and_clears_its_
                 assert (claim.hub, claim.reason, claim.epoch) == ("hub-r", "hub_lost", 1)
                 entry = await store.kv.entry(lease_key("hub-r"))
                 assert entry is not None and HubLease.decode(entry.value).hub == "hub-r"
+
+
+async def test_shared_credentials_admit_and_revoke_on_every_hub(
+    nats_cluster: list[NatsNode],
+) -> None:
+    """With ``shared_credentials`` the hubs authenticate from the bucket (their own
+    registries are empty): a key published once admits the agent on every hub, and
+    disabling it closes the agent's session wherever it is, within a second."""
+    bucket = f"hubs_{secrets.token_hex(4)}"
+    key = generate_private_key("ed25519")
+    with (
+        trio.fail_after(20),
+        Registry.open(":memory:") as reg_a,
+        Registry.open(":memory:") as reg_b,
+    ):
+        async with open_nats(nats_cluster[0].url) as nc, AsyncExitStack() as stack:
+            kv = (await open_cluster_store(nc, "cli", bucket=bucket)).kv
+            await publish_agent(kv, "t1", "x", (key.public_key,))
+            hubs = {}
+            for name, registry, node in (
+                ("a", reg_a, nats_cluster[0]),
+                ("b", reg_b, nats_cluster[1]),
+            ):
+                config = HubConfig(hub_id=f"hub-{name}", disconnect_grace=GRACE, close_timeout=0.5)
+                cluster = attrs.evolve(cluster_config(node, bucket), shared_credentials=True)
+                opened = open_cluster_hub(
+                    registry=registry, port=None, config=config, cluster=cluster
+                )
+                hubs[name] = TestHub(await stack.enter_async_context(opened))
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            on_a = RawClient(await hubs["a"].dial(nursery, "/api/v1/ws/agent/x?tenant_id=t1"))
+            await authenticate(on_a, "x", "t1", key)
+            await on_a.send(Leave())
+            assert await on_a.close_code() == CloseCode.NORMAL
+            on_b = RawClient(await hubs["b"].dial(nursery, "/api/v1/ws/agent/x?tenant_id=t1"))
+            await authenticate(on_b, "x", "t1", key)
+            await publish_agent(kv, "t1", "x", (key.public_key,), disabled=True)
+            disabled = trio.current_time()
+            assert await on_b.close_code() == CloseCode.KEY_REVOKED
+            revoked = trio.current_time() - disabled
+            assert revoked < 1.0, revoked
+            print(f"a disabled agent's session closed {revoked:.2f} s after the bucket write")
+            nursery.cancel_scope.cancel()
