@@ -159,7 +159,7 @@ def _cluster_config(args: argparse.Namespace) -> Any:
     try:
         return ClusterConfig(
             servers=args.nats, lease_ttl=args.nats_lease_ttl, replicas=args.nats_replicas,
-            bucket=args.nats_bucket,
+            bucket=args.nats_bucket, shared_credentials=args.nats_shared_credentials,
         )  # fmt: skip
     except ValueError as exc:
         raise CliError(f"--nats: {exc}") from None

@@ -348,6 +348,12 @@ def _add_hub(commands: Any) -> None:
         help="the cluster's key-value bucket (the same on every hub of one cluster)",
     )
     hub.add_argument(
+        "--nats-shared-credentials",
+        action="store_true",
+        help="authenticate from the agents' keys in the cluster's bucket (the same on"
+        " every hub) instead of --db's",
+    )
+    hub.add_argument(
         "--nats-replicas",
         type=_positive_int,
         default=3,

@@ -343,11 +343,14 @@ async def real_connect(url: str, nursery: trio.Nursery, agent: str, key: Private
     return client
 
 
-def start_hub_process(db: Path, node: NatsNode, bucket: str) -> tuple[subprocess.Popen[str], str]:
+def start_hub_process(
+    db: Path, node: NatsNode, bucket: str, *extra: str
+) -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; from artcafe_trio.cli import main; sys.exit(main())", "hub", "--db", str(db), "--port", "0",
          "--nats", node.url, "--hub-id", "hub-k", "--nats-lease-ttl", str(LEASE_TTL),
-         "--disconnect-grace", str(GRACE), "--log-level", "warning", "--nats-bucket", bucket],
+         "--disconnect-grace", str(GRACE), "--log-level", "warning", "--nats-bucket", bucket,
+         *extra],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )  # fmt: skip
     assert proc.stdout is not None
@@ -598,3 +601,27 @@ async def test_shared_credentials_admit_and_revoke_on_every_hub(
             assert revoked < 1.0, revoked
             print(f"a disabled agent's session closed {revoked:.2f} s after the bucket write")
             nursery.cancel_scope.cancel()
+
+
+async def test_the_hub_command_serves_the_bucket_s_credentials(
+    nats_cluster: list[NatsNode], tmp_path: Path
+) -> None:
+    bucket = f"hubs_{secrets.token_hex(4)}"
+    key = generate_private_key("ed25519")
+    async with open_nats(nats_cluster[0].url) as nc:
+        kv = (await open_cluster_store(nc, "cli", bucket=bucket)).kv
+        await publish_agent(kv, "t1", "x", (key.public_key,))
+        proc, url = await trio.to_thread.run_sync(
+            start_hub_process, tmp_path / "empty.db", nats_cluster[2], bucket,
+            "--nats-shared-credentials",
+        )  # fmt: skip
+        try:
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    client = await real_connect(url, nursery, "x", key)  # not in empty.db
+                    assert client.welcome is not None
+                    assert client.welcome.hub_id == "hub-k"
+                    nursery.cancel_scope.cancel()
+        finally:
+            proc.terminate()
+            await trio.to_thread.run_sync(proc.wait)
