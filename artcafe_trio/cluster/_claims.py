@@ -67,6 +67,8 @@ class ClaimKeeper:
         #: announced meanwhile (its reason): written once the claim lands.
         self._pending_claims: dict[_Key, str] = {}
         self._offline_while_pending: dict[_Key, str] = {}
+        #: The newest claim the watch delivered per agent (one per agent of the cluster).
+        self._latest: dict[_Key, PresenceClaim] = {}
 
     def bind(self, peer: BackplanePeer, store: ClusterStore, nursery: trio.Nursery) -> None:
         self._peer, self._store, self._nursery = peer, store, nursery
@@ -106,6 +108,14 @@ class ClaimKeeper:
             return None
 
     def _keep(self, key: _Key, written: PresenceClaim) -> None:
+        latest = self._latest.get(key)
+        if latest is not None and latest.epoch > written.epoch and latest.hub != self.hub_id:
+            # Another hub claimed the agent while our claim was being acknowledged.
+            assert self._peer is not None
+            self._peer.session_claimed(
+                SessionClaim(latest.tenant_id, latest.agent_id, latest.session_id or "", latest.hub)
+            )
+            return
         kept = self._claims.get(key)
         if kept is None or written.epoch > kept.epoch:
             self._claims[key] = written
@@ -184,6 +194,7 @@ class ClaimKeeper:
     def _claim_changed(self, key: _Key, claim: PresenceClaim, *, initial: bool) -> None:
         peer = self._peer
         assert peer is not None
+        self._latest[key] = claim
         mine = claim.hub == self.hub_id
         if mine and claim.reason != HUB_LOST:
             if initial and claim.status == "online" and key not in self._claims:
