@@ -154,12 +154,21 @@ def _cluster_config(args: argparse.Namespace) -> Any:
     """``--nats`` and its options as a ``ClusterConfig``, or ``None`` (a hub alone)."""
     if args.nats is None:
         return None
+    import ssl
+
     from artcafe_trio.cluster import ClusterConfig
 
+    tls = None
+    if args.nats_ca is not None:
+        try:
+            tls = ssl.create_default_context(cafile=args.nats_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise CliError(f"--nats-ca {args.nats_ca}: {exc}") from None
     try:
         return ClusterConfig(
             servers=args.nats, lease_ttl=args.nats_lease_ttl, replicas=args.nats_replicas,
             bucket=args.nats_bucket, shared_credentials=args.nats_shared_credentials,
+            tls=tls,
         )  # fmt: skip
     except ValueError as exc:
         raise CliError(f"--nats: {exc}") from None

@@ -348,6 +348,12 @@ def _add_hub(commands: Any) -> None:
         help="the cluster's key-value bucket (the same on every hub of one cluster)",
     )
     hub.add_argument(
+        "--nats-ca",
+        metavar="PEM",
+        help="CA bundle to verify tls:// NATS servers (default: system CAs; NATS user,"
+        " password or token go in the URLs: nats://user:pass@host:4222)",
+    )
+    hub.add_argument(
         "--nats-shared-credentials",
         action="store_true",
         help="authenticate from the agents' keys in the cluster's bucket (the same on"

@@ -625,3 +625,27 @@ async def test_the_hub_command_serves_the_bucket_s_credentials(
         finally:
             proc.terminate()
             await trio.to_thread.run_sync(proc.wait)
+
+
+def test_the_hub_command_s_nats_options_make_the_cluster_config(tmp_path: Path) -> None:
+    import ssl
+
+    import trustme
+
+    from artcafe_trio.cli._hubcmd import CliError, _cluster_config
+    from artcafe_trio.cli._parser import build_parser
+
+    ca = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca))
+    args = build_parser().parse_args(
+        ["hub", "--nats", "tls://u:p@n1:4222,tls://n2:4222", "--hub-id", "h1",
+         "--nats-ca", str(ca), "--nats-lease-ttl", "3", "--nats-bucket", "b1",
+         "--nats-replicas", "1", "--nats-shared-credentials"]
+    )  # fmt: skip
+    config = _cluster_config(args)
+    assert config.servers == ("tls://u:p@n1:4222", "tls://n2:4222")
+    assert (config.lease_ttl, config.bucket, config.replicas) == (3.0, "b1", 1)
+    assert config.shared_credentials and isinstance(config.tls, ssl.SSLContext)
+    args.nats_ca = str(tmp_path / "missing.pem")
+    with pytest.raises(CliError, match="--nats-ca"):
+        _cluster_config(args)
