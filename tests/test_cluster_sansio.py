@@ -152,3 +152,22 @@ def test_a_resent_publish_has_the_same_key_on_every_hub() -> None:
     assert anonymous.dedupe_key("acme") == "hub-a-8"
     payload, headers = first.to_nats()
     assert RouteEnvelope.from_nats(payload, headers) == first
+
+
+def test_recent_ids_remember_the_first_message_id_of_a_key() -> None:
+    seen = RecentIds(window=10.0, size=8)
+    assert seen.earlier("t/a/p1", 0.0, "hub-a-1") is None
+    assert seen.earlier("t/a/p1", 1.0, "hub-b-7") == "hub-a-1"  # a re-send elsewhere
+    assert seen.earlier("t/a/p1", 10.0, "hub-b-8") is None  # forgotten after the window
+    assert seen.earlier("t/a/p1", 11.0, "hub-c-1") == "hub-b-8"
+
+
+def test_a_claim_carries_the_agent_s_capabilities_and_metadata() -> None:
+    claim = next_claim(
+        None, tenant_id="acme", agent_id="w1", hub="a", session_id="s-1", now=5.0,
+        capabilities=("gpu",), metadata={"zone": "eu"},
+    )  # fmt: skip
+    assert PresenceClaim.decode(claim.encode()) == claim
+    assert claim.capabilities == ("gpu",) and claim.metadata == {"zone": "eu"}
+    with pytest.raises(ValueError, match="capabilities"):
+        PresenceClaim.decode(claim.encode().replace(b'["gpu"]', b'"gpu"'))

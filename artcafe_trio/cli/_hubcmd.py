@@ -150,11 +150,40 @@ def _webhook_configs(args: argparse.Namespace) -> list[Any]:
     return configs
 
 
+def _cluster_config(args: argparse.Namespace) -> Any:
+    """``--nats`` and its options as a ``ClusterConfig``, or ``None`` (a hub alone)."""
+    if args.nats is None:
+        return None
+    import ssl
+
+    from artcafe_trio.cluster import ClusterConfig
+
+    tls = None
+    if args.nats_ca is not None:
+        try:
+            tls = ssl.create_default_context(cafile=args.nats_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise CliError(f"--nats-ca {args.nats_ca}: {exc}") from None
+    try:
+        return ClusterConfig(
+            servers=args.nats, lease_ttl=args.nats_lease_ttl, replicas=args.nats_replicas,
+            bucket=args.nats_bucket, shared_credentials=args.nats_shared_credentials,
+            tls=tls,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise CliError(f"--nats: {exc}") from None
+
+
 def _cmd_hub(args: argparse.Namespace) -> int:
     if args.tls_key is not None and args.tls_cert is None:
         raise CliError("--tls-key needs --tls-cert")
     args.webhooks = _webhook_configs(args)
     config_kwargs = _hub_config_kwargs(args)
+    if args.nats is not None and args.hub_id is None:
+        raise CliError("--nats needs --hub-id (a stable, unique name for this hub)")
+    if args.hub_id is not None:
+        config_kwargs["hub_id"] = args.hub_id
+    args.cluster = _cluster_config(args)
     start_metrics = None
     if args.metrics_port is not None:
         start_metrics = _load_metrics()
@@ -199,9 +228,14 @@ async def _run_hub(
         collapse_exception_groups(),
     ):
         async with trio.open_nursery() as nursery:
+            serve: Callable[..., Any] = serve_hub
+            if args.cluster is not None:
+                from artcafe_trio.cluster import serve_cluster_hub
+
+                serve = functools.partial(serve_cluster_hub, cluster=args.cluster)
             hub: Hub = await nursery.start(
                 functools.partial(
-                    serve_hub,
+                    serve,
                     db=db,
                     host=args.host,
                     port=args.port,

@@ -321,6 +321,51 @@ def _add_hub(commands: Any) -> None:
         "S",
         "seconds after its last refusal an address is forgiven",
     )
+    # cluster mode (docs/cluster.md)
+    hub.add_argument(
+        "--nats",
+        metavar="URLS",
+        help="join a cluster of hubs over these NATS servers (comma-separated"
+        " nats://host:port; default: a hub alone)",
+    )
+    hub.add_argument(
+        "--hub-id",
+        metavar="NAME",
+        help="this hub's id, unique in the cluster and stable across restarts"
+        " (default: a random one; needed with --nats)",
+    )
+    hub.add_argument(
+        "--nats-lease-ttl",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="the hub's lease TTL in the cluster, s: a dead hub is noticed within it",
+    )
+    hub.add_argument(
+        "--nats-bucket",
+        default="artcafe_cluster",
+        metavar="NAME",
+        help="the cluster's key-value bucket (the same on every hub of one cluster)",
+    )
+    hub.add_argument(
+        "--nats-ca",
+        metavar="PEM",
+        help="CA bundle to verify tls:// NATS servers (default: system CAs; NATS user,"
+        " password or token go in the URLs: nats://user:pass@host:4222)",
+    )
+    hub.add_argument(
+        "--nats-shared-credentials",
+        action="store_true",
+        help="authenticate from the agents' keys in the cluster's bucket (the same on"
+        " every hub) instead of --db's",
+    )
+    hub.add_argument(
+        "--nats-replicas",
+        type=_positive_int,
+        default=3,
+        metavar="N",
+        help="replicas of the cluster's key-value bucket (1 on a single NATS node)",
+    )
     hub.add_argument(
         "--metrics-port",
         type=_port,

@@ -1,13 +1,30 @@
-"""Building blocks of a cluster of hubs over NATS (issue 13), not yet wired into the hub.
+"""A cluster of hubs over NATS (issue 13): :func:`serve_cluster_hub`/:func:`open_cluster_hub`.
 
-- :mod:`._records` (sans-IO): the values kept in the cluster's JetStream key-value
-  bucket (one presence claim per agent, one lease per hub) and the pure rules that
-  move them (claim with epoch + 1, release only by the owner, reap a lost hub).
-- :mod:`._store`: those rules applied to a real bucket with compare-and-set, a hub
-  lease kept alive under its TTL, lease expiry watching, reaper election.
+- :class:`ClusterConfig`: how a hub joins (NATS servers, lease TTL, bucket).
+- :class:`NatsBackplane` (:mod:`._backplane`): the hub's backplane over NATS — routes
+  on core NATS, presence claims and hub leases in a JetStream key-value bucket.
+- :mod:`._records` (sans-IO): the values kept in the bucket and the rules that move
+  them; :mod:`._store`: those rules applied with compare-and-set, the hub lease;
+  :mod:`._reaper`: a lost hub's agents marked offline by one surviving hub;
+  :mod:`._routes`: subjects, envelopes, the recent-id filter;
+  :mod:`._credentials`: credentials in the bucket (``publish_agent``,
+  ``remove_agent``), served by every hub with ``ClusterConfig(shared_credentials=True)``.
 
-The hub does not use them yet: a ``NatsBackplane`` behind the hub's backplane seam
-will. See ``docs/cluster.md`` for what exists and what does not.
+See ``docs/cluster.md`` for what is guaranteed and what is missing.
 """
 
 from __future__ import annotations
+
+from ._backplane import NatsBackplane
+from ._config import ClusterConfig
+from ._credentials import publish_agent, remove_agent
+from ._serve import open_cluster_hub, serve_cluster_hub
+
+__all__ = [
+    "ClusterConfig",
+    "NatsBackplane",
+    "open_cluster_hub",
+    "publish_agent",
+    "remove_agent",
+    "serve_cluster_hub",
+]

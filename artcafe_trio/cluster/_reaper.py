@@ -18,13 +18,16 @@ from collections.abc import Callable
 
 import trio
 
-from ..nats import KvOp
-from ._records import HUB_LOST, PRESENCE_PREFIX, PresenceClaim, parse_presence_key
+from ..nats import KvOp, NatsError
+from ._records import HUB_LOST, PRESENCE_PREFIX, PresenceClaim, lease_key, parse_presence_key
 from ._store import ClusterStore
 
 __all__ = ["run_reaper", "watch_ownership"]
 
 log = logging.getLogger("artcafe_trio.cluster")
+
+#: Attempts at reaping one lost lease while NATS errors (1 s apart).
+REAP_ATTEMPTS = 5
 
 
 async def run_reaper(
@@ -56,12 +59,31 @@ async def _reap_after(
     reaper_ttl: float,
     on_reaped: Callable[[str, list[PresenceClaim]], None],
 ) -> None:
+    """After ``wait``, unless the hub's lease is back (its refreshes resumed within the
+    grace: a NATS outage, not a dead hub), race for the reaper key and reap. NATS
+    errors (an election in the bucket) are retried a few times, then logged."""
     await trio.sleep(wait)
-    if not await store.elect_reaper(hub, revision, ttl=reaper_ttl):
-        return  # another hub reaps this lease
-    reaped = await store.reap(hub)
-    log.warning("hub %s lost: %d agent(s) marked offline (hub_lost)", hub, len(reaped))
-    on_reaped(hub, reaped)
+    for attempt in range(REAP_ATTEMPTS):
+        try:
+            if wait and await _lease_is_back(store, hub, revision):
+                log.warning("hub %s's lease came back within the grace: not reaped", hub)
+                return
+            if not await store.elect_reaper(hub, revision, ttl=reaper_ttl):
+                return  # another hub reaps this lease
+            reaped = await store.reap(hub)
+        except NatsError as exc:
+            log.warning("reaping hub %s failed (%r), attempt %d", hub, exc, attempt + 1)
+            await trio.sleep(1.0)
+            continue
+        log.warning("hub %s lost: %d agent(s) marked offline (hub_lost)", hub, len(reaped))
+        on_reaped(hub, reaped)
+        return
+    log.error("hub %s could not be reaped: its agents stay as they are", hub)
+
+
+async def _lease_is_back(store: ClusterStore, hub: str, revision: int) -> bool:
+    entry = await store.kv.entry(lease_key(hub))
+    return entry is not None and entry.op is KvOp.PUT and entry.revision > revision
 
 
 async def watch_ownership(

@@ -88,9 +88,14 @@ class PresenceClaim:
     reason: str
     since: float  # Unix time of the last change
     session_id: str | None = None
+    #: What the agent declared at its last authentication (shown by every hub).
+    capabilities: tuple[str, ...] = ()
+    metadata: dict[str, Any] = attrs.field(factory=dict)
 
     def encode(self) -> bytes:
-        return json.dumps(attrs.asdict(self), separators=(",", ":")).encode()
+        obj = attrs.asdict(self)
+        obj["capabilities"] = list(self.capabilities)
+        return json.dumps(obj, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> PresenceClaim:
@@ -105,6 +110,12 @@ class PresenceClaim:
             raise ValueError("since must be a number")
         if session is not None and not isinstance(session, str):
             raise ValueError("session_id must be a string or null")
+        capabilities = obj.get("capabilities", [])
+        if not isinstance(capabilities, list) or not all(isinstance(c, str) for c in capabilities):
+            raise ValueError("capabilities must be a list of strings")
+        metadata = obj.get("metadata", {})
+        if not isinstance(metadata, dict):
+            raise ValueError("metadata must be an object")
         status = _as_str(obj, "status")
         if status not in ("online", "offline"):
             raise ValueError(f"unknown status {status!r}")
@@ -117,6 +128,8 @@ class PresenceClaim:
             reason=_as_str(obj, "reason"),
             since=float(since),
             session_id=session,
+            capabilities=tuple(capabilities),
+            metadata=metadata,
         )
 
 
@@ -158,6 +171,8 @@ def next_claim(
     hub: str,
     session_id: str,
     now: float,
+    capabilities: tuple[str, ...] = (),
+    metadata: dict[str, Any] | None = None,
 ) -> PresenceClaim:
     """The claim a hub writes when ``session_id`` of the agent authenticates on it:
     online, owned by ``hub``, at the next epoch. ``since`` keeps the moment the agent
@@ -173,6 +188,8 @@ def next_claim(
         reason="connected",
         since=current.since if already_online and current is not None else now,
         session_id=session_id,
+        capabilities=capabilities,
+        metadata=dict(metadata or {}),
     )
 
 

@@ -176,21 +176,27 @@ class RecentIds:
             raise ValueError("window must be > 0")
         self._size = size
         self._window = window
-        self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._seen: collections.OrderedDict[str, tuple[float, str]] = collections.OrderedDict()
 
     def first_time(self, key: str, now: float) -> bool:
+        return self.earlier(key, now, key) is None
+
+    def earlier(self, key: str, now: float, message_id: str) -> str | None:
+        """The message id ``key`` was first seen with, or ``None`` (and ``key`` is
+        remembered with ``message_id``) when it is new."""
         seen = self._seen
         while seen:
-            oldest, when = next(iter(seen.items()))
+            oldest, (when, _id) = next(iter(seen.items()))
             if now - when < self._window:
                 break
             del seen[oldest]
-        if key in seen:
-            return False
-        seen[key] = now
+        first = seen.get(key)
+        if first is not None:
+            return first[1]
+        seen[key] = (now, message_id)
         if len(seen) > self._size:
             seen.popitem(last=False)
-        return True
+        return None
 
     def __len__(self) -> int:
         return len(self._seen)

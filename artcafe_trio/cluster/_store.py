@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import attrs
 import trio
@@ -113,7 +114,15 @@ class ClusterStore:
             return new
         raise ClusterContention(f"{key} changed under {MAX_CAS_ATTEMPTS} writes in a row")
 
-    async def claim(self, tenant_id: str, agent_id: str, session_id: str) -> PresenceClaim:
+    async def claim(
+        self,
+        tenant_id: str,
+        agent_id: str,
+        session_id: str,
+        *,
+        capabilities: tuple[str, ...] = (),
+        metadata: dict[str, Any] | None = None,
+    ) -> PresenceClaim:
         """Make this hub the owner of the agent at the next epoch (a take-over when
         another hub owned it: that hub sees the key change and closes its session)."""
         now = self._wall_clock()
@@ -121,7 +130,7 @@ class ClusterStore:
             presence_key(tenant_id, agent_id),
             lambda current: next_claim(
                 current, tenant_id=tenant_id, agent_id=agent_id, hub=self.hub_id,
-                session_id=session_id, now=now,
+                session_id=session_id, now=now, capabilities=capabilities, metadata=metadata,
             ),
         )  # fmt: skip
         assert written is not None  # next_claim always writes

@@ -26,6 +26,7 @@ behaviour is exactly that of a hub without a backplane).
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import attrs
@@ -112,6 +113,17 @@ class BackplanePeer(Protocol):
 
     def presence_observed(self, update: PresenceUpdate) -> None:
         """Another hub's agent changed presence (``update.local`` is false)."""
+
+    def use_credentials(
+        self, load: Callable[[], Awaitable[tuple[object, dict[tuple[str, str], Any]]]]
+    ) -> None:
+        """Authenticate from ``load`` (``() -> (revision, {(tenant, agent): keys})``,
+        polled like the registry) instead of the registry: a cluster's shared keys.
+        Sessions whose key it no longer holds are closed (4005)."""
+
+    def describe_session(self, session_id: str) -> tuple[tuple[str, ...], dict[str, Any]] | None:
+        """The capabilities and metadata a local session declared, for a claim that
+        shows them on every hub; ``None`` when the session is gone."""
 
 
 class Backplane(Protocol):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import trio
@@ -24,6 +24,10 @@ __all__ = ["CredentialSource", "PresenceWriter", "RegistryWatch", "registry_call
 log = logging.getLogger("artcafe_trio.hub")
 
 T = TypeVar("T")
+
+CredentialTable = dict[tuple[str, str], tuple[PublicKey, ...]]
+#: Loads ``(revision, credentials)`` from somewhere other than the registry.
+CredentialLoader = Callable[[], Awaitable[tuple[object, CredentialTable]]]
 
 
 async def registry_call(registry: Registry, fn: Callable[..., T], *args: Any) -> T:
@@ -65,7 +69,10 @@ class RegistryWatch:
         self.generation = 0  # bumped each time keys are loaded
         self.lost: str | None = None
         self.on_back: Callable[[], None] = lambda: None
-        self._revision = -1
+        self._revision: object = -1
+        #: Where the keys come from instead of the registry, when set: an async
+        #: ``() -> (revision, credentials)`` (a cluster's shared key-value mirror).
+        self.source: CredentialLoader | None = None
         self._lock = trio.Lock()
         self._lost_logged = -math.inf
 
@@ -76,10 +83,16 @@ class RegistryWatch:
         so a check that sees "no change" already has them.
         """
         async with self._lock:
-            revision = await registry_call(self.registry, self.registry.revision)
-            if revision == self._revision:
-                return False
-            credentials = await registry_call(self.registry, self.registry.all_credentials)
+            revision: object
+            if self.source is not None:
+                revision, credentials = await self.source()
+                if revision == self._revision:
+                    return False
+            else:
+                revision = await registry_call(self.registry, self.registry.revision)
+                if revision == self._revision:
+                    return False
+                credentials = await registry_call(self.registry, self.registry.all_credentials)
             self.credentials = credentials
             self.tenants = frozenset(tenant for tenant, _ in credentials)
             self._revision = revision
@@ -90,6 +103,11 @@ class RegistryWatch:
                 log.warning("%r: key removed or agent disabled, closing", session)
                 session.close(CloseCode.KEY_REVOKED, "key removed or agent disabled")
         return True
+
+    def use_source(self, source: CredentialLoader) -> None:
+        """Serve with the keys of ``source`` from now on (loaded at the next reload)."""
+        self.source = source
+        self._revision = object()  # whatever it reports first is a change
 
     async def reload_safely(self) -> bool:
         try:

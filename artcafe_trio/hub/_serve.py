@@ -14,7 +14,7 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -56,6 +56,8 @@ class _Assembly:
         self.stats = stats = HubStats()
         self.events = events = HubEvents()
         self.timers = DeadlineQueue()
+        # The backplane outlives the shutdown's handover (shielded once started).
+        self.backplane_scope = trio.CancelScope()
         self.connections = Connections()
         self.directory = SessionDirectory(events, stats, wall_clock)
         self.router = Router(config, stats, self.directory, backplane, wall_clock)
@@ -115,6 +117,17 @@ class _Assembly:
     def presence_observed(self, update: PresenceUpdate) -> None:
         self.presence.observe(update)
 
+    def use_credentials(
+        self, load: Callable[[], Awaitable[tuple[object, dict[tuple[str, str], Any]]]]
+    ) -> None:
+        self.keys.use_source(load)
+
+    def describe_session(self, session_id: str) -> tuple[tuple[str, ...], dict[str, Any]] | None:
+        session = self.directory.find(session_id)
+        if session is None:
+            return None
+        return session.capabilities, session.metadata
+
     # --- running ----------------------------------------------------------------------
 
     async def start(self, nursery: trio.Nursery) -> None:
@@ -127,7 +140,14 @@ class _Assembly:
         self.writer.pending.extend(self.presence.load(rows, self.wall_clock()))
         nursery.start_soon(self.timers.run)
         nursery.start_soon(self.keys.run)
-        await nursery.start(self.backplane.run, self)
+        await nursery.start(self._run_backplane)
+        self.backplane_scope.shield = True  # cancelled after shutdown() (_serve_hub)
+        if self.keys.source is not None:  # the backplane brought the keys: load them now
+            await self.keys.reload()
+
+    async def _run_backplane(self, task_status: trio.TaskStatus[None]) -> None:
+        with self.backplane_scope:
+            await self.backplane.run(self, task_status=task_status)
 
     async def shutdown(self) -> None:
         """Close every session with 1012 and flush presence to the registry."""
@@ -250,29 +270,49 @@ async def _serve_hub(
     try:
         with collapse_exception_groups():
             async with trio.open_nursery() as nursery:
-                await parts.start(nursery)
-                await nursery.start(run_connections)
-                await parts.writer.flush()  # an outage the previous hub left behind
-                nursery.start_soon(parts.writer.run)
                 try:
-                    if admin_file is not None:
-                        await trio.to_thread.run_sync(_write_admin_file, admin_file, hub)
-                    log.info("hub %s serving at %s", hub.config.hub_id, hub.url or "memory")
-                    task_status.started(hub)
-                    await trio.sleep_forever()
+                    await _run_assembly(
+                        parts, nursery, run_connections, connections_scope, admin_file,
+                        task_status,
+                    )  # fmt: skip
                 finally:
-                    try:
-                        with trio.CancelScope(shield=True):
-                            await parts.shutdown()
-                    finally:
-                        connections_scope.cancel()
-                        if admin_file is not None:
-                            with trio.CancelScope(shield=True):
-                                await trio.to_thread.run_sync(_remove_admin_file, admin_file, hub)
+                    # After the shutdown: the backplane hands over (releases, lease).
+                    parts.backplane_scope.cancel()
     finally:
         if own_registry:
             with trio.CancelScope(shield=True):
                 await _close_registry(registry)
+
+
+async def _run_assembly(
+    parts: _Assembly,
+    nursery: trio.Nursery,
+    run_connections: Callable[..., Any],
+    connections_scope: trio.CancelScope,
+    admin_file: str | os.PathLike[str] | None,
+    task_status: trio.TaskStatus[Hub],
+) -> None:
+    """Start the components and the connections, serve until cancelled, shut down."""
+    hub = parts.hub
+    await parts.start(nursery)
+    await nursery.start(run_connections)
+    await parts.writer.flush()  # an outage the previous hub left behind
+    nursery.start_soon(parts.writer.run)
+    try:
+        if admin_file is not None:
+            await trio.to_thread.run_sync(_write_admin_file, admin_file, hub)
+        log.info("hub %s serving at %s", hub.config.hub_id, hub.url or "memory")
+        task_status.started(hub)
+        await trio.sleep_forever()
+    finally:
+        try:
+            with trio.CancelScope(shield=True):
+                await parts.shutdown()
+        finally:
+            connections_scope.cancel()
+            if admin_file is not None:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(_remove_admin_file, admin_file, hub)
 
 
 @asynccontextmanager

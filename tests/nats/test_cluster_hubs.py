@@ -1,0 +1,651 @@
+"""Three hubs over a real 3-node NATS cluster behave as one hub.
+
+Hubs run in this trio process (in-memory agent connections), each on its own NATS
+node and its own registry; the hub killed abruptly is a real ``artcafe-trio hub``
+process (SIGKILL is the point there). Real clock (NATS is involved), short TTLs.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio_websocket
+
+from artcafe_trio import CloseCode, HubConfig, Registry
+from artcafe_trio.cluster import ClusterConfig, NatsBackplane, open_cluster_hub, publish_agent
+from artcafe_trio.cluster._records import HubLease, lease_key
+from artcafe_trio.cluster._store import open_cluster_store
+from artcafe_trio.nats import open_nats
+from artcafe_trio.protocol import (
+    Auth,
+    Challenge,
+    Leave,
+    Message,
+    PresenceEvent,
+    PresenceQuery,
+    PresenceRecord,
+    PresenceState,
+    Publish,
+    Published,
+    Welcome,
+)
+from artcafe_trio.protocol._keys import PrivateKey, generate_private_key
+from artcafe_trio.testing import TestHub
+
+from ..conftest import RawClient
+from .servers import NatsNode
+
+pytestmark = pytest.mark.timeout(60)
+
+LEASE_TTL = 1.0
+GRACE = 0.5
+
+
+class Cluster:
+    """Three hubs (``a``, ``b``, ``c``), each with its own registry, one agent key each."""
+
+    def __init__(self, hubs: dict[str, TestHub], nursery: trio.Nursery) -> None:
+        self.hubs = hubs
+        self.nursery = nursery
+        self.keys: dict[tuple[str, str], PrivateKey] = {}
+
+    def key(self, tenant: str, agent: str) -> PrivateKey:
+        if (tenant, agent) not in self.keys:
+            key = self.keys[tenant, agent] = generate_private_key("ed25519")
+            for hub in self.hubs.values():
+                hub.registry.add_key(tenant, agent, key.public_key)
+        return self.keys[tenant, agent]
+
+    async def connect(self, hub: str, agent: str, tenant: str = "t1", **fields: Any) -> RawClient:
+        target = self.hubs[hub]
+        resource = f"/api/v1/ws/agent/{agent}?tenant_id={tenant}"
+        client = RawClient(await target.dial(self.nursery, resource))
+        await authenticate(client, agent, tenant, self.key(tenant, agent), **fields)
+        return client
+
+    def backplane(self, hub: str) -> NatsBackplane:
+        backplane = self.hubs[hub].hub._backplane  # type: ignore[attr-defined]
+        assert isinstance(backplane, NatsBackplane)
+        return backplane
+
+    async def settle(self, publisher: RawClient, receivers: Sequence[RawClient]) -> None:
+        """Every receiver's patterns are known on the publisher's NATS node.
+
+        Each receiver subscribes one more pattern, ``probe.<n>``, after its real ones;
+        interest crosses NATS in order, so once a probe published by ``publisher``
+        reaches it, its earlier patterns have too. The probes are then drained."""
+        for n, receiver in enumerate(receivers):
+            await receiver.subscribe(f"probe.{n}")
+        for n, receiver in enumerate(receivers):
+            arrived = False
+            while not arrived:
+                await publisher.send(Publish(subject=f"probe.{n}", data={}))
+                with trio.move_on_after(0.1):
+                    while not arrived:
+                        frame = await receiver.recv()
+                        arrived = isinstance(frame, Message) and frame.subject == f"probe.{n}"
+        for client in (publisher, *receivers):
+            await nothing_more(client, 0.1)  # the probes (some clients match probe.>)
+
+
+async def authenticate(
+    client: RawClient, agent: str, tenant: str, key: PrivateKey, **fields: Any
+) -> None:
+    challenge = await client.recv()
+    assert isinstance(challenge, Challenge)
+    signature = key.sign_auth(tenant_id=tenant, agent_id=agent, nonce=challenge.nonce)
+    await client.send(
+        Auth(agent_id=agent, tenant_id=tenant, algorithm=key.algorithm, signature=signature,
+             heartbeat_interval=10.0, heartbeat_timeout_multiplier=3.0, **fields)
+    )  # fmt: skip
+    welcome = await client.recv()
+    assert isinstance(welcome, Welcome), welcome
+    client.welcome = welcome
+
+
+def cluster_config(node: NatsNode, bucket: str) -> ClusterConfig:
+    return ClusterConfig(servers=[node.url], lease_ttl=LEASE_TTL, bucket=bucket, replicas=3)
+
+
+@asynccontextmanager
+async def three_hubs(nodes: Sequence[NatsNode]) -> AsyncIterator[Cluster]:
+    bucket = f"hubs_{secrets.token_hex(4)}"
+    registries = [Registry.open(":memory:") for _ in nodes]
+    try:
+        async with AsyncExitStack() as stack:
+            hubs: dict[str, TestHub] = {}
+            for name, node, registry in zip("abc", nodes, registries, strict=True):
+                config = HubConfig(hub_id=f"hub-{name}", disconnect_grace=GRACE, close_timeout=0.5)
+                hub = await stack.enter_async_context(
+                    open_cluster_hub(registry=registry, port=None, config=config,
+                             cluster=cluster_config(node, bucket))
+                )  # fmt: skip
+                hubs[name] = TestHub(hub)
+            async with trio.open_nursery() as nursery:
+                yield Cluster(hubs, nursery)
+                nursery.cancel_scope.cancel()
+    finally:
+        for registry in registries:
+            registry.close()
+
+
+async def nothing_more(client: RawClient, wait: float = 0.3) -> list[Any]:
+    """Frames (other than acks) that arrive within ``wait``: expected to be none."""
+    extra = []
+    with trio.move_on_after(wait):
+        while True:
+            frame = await client.recv()
+            if not isinstance(frame, Published):
+                extra.append(frame)
+    return extra
+
+
+async def presence_events(client: RawClient, count: int) -> list[tuple[str, str, str]]:
+    events = []
+    for message in await client.messages(count):
+        event = PresenceEvent.from_data(message.data)
+        events.append((event.agent_id, event.status, event.reason))
+    return events
+
+
+async def query(client: RawClient) -> dict[str, PresenceRecord]:
+    frame_id = client.next_id()
+    await client.send(PresenceQuery(id=frame_id))
+    state = await client.recv_type(PresenceState)
+    assert state.id == frame_id
+    return {record.agent_id: record for record in state.agents}
+
+
+async def test_messages_cross_hubs_once_with_every_wildcard_form(
+    nats_cluster: list[NatsNode],
+) -> None:
+    with trio.fail_after(20):
+        async with three_hubs(nats_cluster) as cluster:
+            a1 = await cluster.connect("a", "a1")
+            await a1.subscribe("jobs.*")
+            await a1.subscribe("jobs.>")  # overlapping: still one delivery
+            b1 = await cluster.connect("b", "b1")
+            await b1.subscribe("jobs.new")
+            c1 = await cluster.connect("c", "c1")
+            await c1.subscribe(">")
+            other = await cluster.connect("c", "c1", tenant="t2")  # the same id, another tenant
+            await other.subscribe(">")
+            publisher = await cluster.connect("b", "pub")
+            await cluster.settle(publisher, [a1, b1, c1])
+            await cluster.settle(await cluster.connect("b", "pub", tenant="t2"), [other])
+
+            await publisher.send(Publish(subject="jobs.new", data={"n": 1}, id="p1"))
+            confirmed = await publisher.recv_type(Published)
+            for client in (a1, b1, c1):
+                [got] = await client.messages(1)
+                assert (got.subject, got.data, got.sender) == ("jobs.new", {"n": 1}, "pub")
+                assert got.message_id == confirmed.message_id
+            await publisher.send(Publish(subject="jobs.x.y", data={"n": 2}, id="p2"))
+            for client in (a1, c1):  # jobs.> and >, not jobs.new nor jobs.*
+                [got] = await client.messages(1)
+                assert (got.subject, got.data) == ("jobs.x.y", {"n": 2})
+            for client in (a1, b1, c1, other, publisher):
+                assert await nothing_more(client) == []  # once each; t2 saw nothing
+
+            # A re-send of p1 (as after a failover) through hub C: a duplicate, not
+            # delivered again anywhere.
+            moved = await cluster.connect("c", "pub")
+            await moved.send(Publish(subject="jobs.new", data={"n": 1}, id="p1"))
+            again = await moved.recv_type(Published)
+            assert again.duplicate and again.message_id == confirmed.message_id
+            for client in (a1, b1, c1, other):
+                assert await nothing_more(client, 0.2) == []
+
+
+async def test_request_reply_across_hubs(nats_cluster: list[NatsNode]) -> None:
+    with trio.fail_after(20):
+        async with three_hubs(nats_cluster) as cluster:
+            server_b = await cluster.connect("b", "srv-b")
+            await server_b.subscribe("svc.echo")
+            server_c = await cluster.connect("c", "srv-c")
+            await server_c.subscribe("svc.*")
+            requester = await cluster.connect("a", "req")
+            await cluster.settle(requester, [server_b, server_c])
+            assert requester.welcome is not None
+            reply_to = f"$reply.{requester.welcome.session_id}.1"
+            await requester.send(
+                Publish(subject="svc.echo", data={"q": 1}, reply_to=reply_to, id="q1")
+            )
+            [request_b] = await server_b.messages(1)
+            [request_c] = await server_c.messages(1)
+            assert request_b.reply_to == request_c.reply_to == reply_to
+            await server_b.send(Publish(subject=reply_to, data={"a": "b"}, id="r1"))
+            assert not (await server_b.recv_type(Published)).duplicate
+            [answer] = await requester.messages(1)
+            assert (answer.subject, answer.data, answer.sender) == (reply_to, {"a": "b"}, "srv-b")
+            # The first answer closed the request on every hub: a second one is refused.
+            await trio.sleep(0.2)
+            await server_c.send(Publish(subject=reply_to, data={"a": "c"}, id="r2"))
+            refused = await server_c.recv()
+            assert getattr(refused, "code", None) == "reply_not_expected"
+            assert await nothing_more(requester) == []
+
+
+async def test_presence_is_one_table_and_one_event_per_transition(
+    nats_cluster: list[NatsNode],
+) -> None:
+    with trio.fail_after(20):
+        async with three_hubs(nats_cluster) as cluster:
+            watchers = {}
+            for hub in "abc":
+                watchers[hub] = await cluster.connect(hub, f"watch-{hub}")
+                await watchers[hub].subscribe("$presence.x")
+            # On every hub, the table holds every watcher.
+            for hub in "abc":
+                with trio.fail_after(2):
+                    while {"watch-a", "watch-b", "watch-c"} - {
+                        agent for agent, r in (await query(watchers[hub])).items()
+                        if r.status == "online"
+                    }:  # fmt: skip
+                        await trio.sleep(0.05)
+
+            x = await cluster.connect("a", "x", capabilities=("gpu",), metadata={"v": 1})
+            for hub in "abc":
+                assert await presence_events(watchers[hub], 1) == [("x", "online", "connected")]
+            for hub in "abc":
+                record = (await query(watchers[hub]))["x"]
+                assert (record.status, record.capabilities, record.metadata) == (
+                    "online", ("gpu",), {"v": 1},
+                )  # fmt: skip
+
+            # The same agent connects to hub B: A's session is replaced, no flap.
+            t0 = time.monotonic()
+            x_on_b = await cluster.connect("b", "x", capabilities=("gpu", "tpu"))
+            assert await x.close_code() == CloseCode.REPLACED
+            took_over = time.monotonic() - t0
+            assert took_over < 1.0
+            print(f"take-over closed the old session {took_over:.3f} s after the new auth began")
+            for hub in "abc":
+                assert await nothing_more(watchers[hub], 0.3) == []
+                record = (await query(watchers[hub]))["x"]
+                assert record.status == "online"
+                assert x_on_b.welcome is not None
+                assert record.session_id == x_on_b.welcome.session_id
+                assert (record.capabilities, record.metadata) == (("gpu", "tpu"), {})
+
+            await x_on_b.send(Leave())
+            assert await x_on_b.close_code() == CloseCode.NORMAL
+            for hub in "abc":
+                assert await presence_events(watchers[hub], 1) == [("x", "offline", "left")]
+            for hub in "abc":
+                assert await nothing_more(watchers[hub], 0.2) == []
+                assert (await query(watchers[hub]))["x"].status == "offline"
+
+
+async def test_a_hub_stopped_gracefully_hands_over_at_once(nats_cluster: list[NatsNode]) -> None:
+    bucket = f"hubs_{secrets.token_hex(4)}"
+    with (
+        trio.fail_after(20),
+        Registry.open(":memory:") as reg_a,
+        Registry.open(":memory:") as reg_b,
+    ):
+        config_a = HubConfig(hub_id="hub-a", disconnect_grace=GRACE, close_timeout=0.5)
+        config_b = HubConfig(hub_id="hub-b", disconnect_grace=GRACE, close_timeout=0.5)
+        async with (
+            open_cluster_hub(registry=reg_a, port=None, config=config_a,
+                     cluster=cluster_config(nats_cluster[0], bucket)) as hub_a,
+            trio.open_nursery() as nursery,
+        ):  # fmt: skip
+            a = TestHub(hub_a)
+            with trio.CancelScope() as b_scope:
+                async with open_cluster_hub(registry=reg_b, port=None, config=config_b,
+                                    cluster=cluster_config(nats_cluster[1], bucket)) as hub_b:  # fmt: skip
+                    b = TestHub(hub_b)
+                    watcher_key = a.register("t1", "watcher")
+                    watcher = RawClient(
+                        await a.dial(nursery, "/api/v1/ws/agent/watcher?tenant_id=t1")
+                    )
+                    await authenticate(watcher, "watcher", "t1", watcher_key)
+                    await watcher.subscribe("$presence.y")
+                    y_key = b.register("t1", "y")
+                    y = RawClient(await b.dial(nursery, "/api/v1/ws/agent/y?tenant_id=t1"))
+                    await authenticate(y, "y", "t1", y_key)
+                    assert await presence_events(watcher, 1) == [("y", "online", "connected")]
+                    stopped = trio.current_time()
+                    b_scope.cancel()
+            assert await y.close_code() == CloseCode.SERVICE_RESTART
+            # Marked offline by its own hub as on a single hub, before the lease TTL;
+            # the deleted lease leaves the reaper nothing to do.
+            assert await presence_events(watcher, 1) == [("y", "offline", "disconnected")]
+            handed_over = trio.current_time() - stopped
+            assert handed_over < LEASE_TTL
+            print(f"graceful stop: offline (disconnected) seen on another hub {handed_over:.3f} s")
+            assert await nothing_more(watcher, LEASE_TTL + GRACE) == []
+            nursery.cancel_scope.cancel()
+
+
+# --- a hub killed: a real process --------------------------------------------------
+
+
+async def real_connect(url: str, nursery: trio.Nursery, agent: str, key: PrivateKey) -> RawClient:
+    ws = await trio_websocket.connect_websocket_url(
+        nursery, f"{url}/api/v1/ws/agent/{agent}?tenant_id=t1"
+    )
+    client = RawClient(ws)
+    await authenticate(client, agent, "t1", key)
+    return client
+
+
+def start_hub_process(
+    db: Path, node: NatsNode, bucket: str, *extra: str
+) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from artcafe_trio.cli import main; sys.exit(main())", "hub", "--db", str(db), "--port", "0",
+         "--nats", node.url, "--hub-id", "hub-k", "--nats-lease-ttl", str(LEASE_TTL),
+         "--disconnect-grace", str(GRACE), "--log-level", "warning", "--nats-bucket", bucket,
+         *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = proc.stdout.readline()  # "hub listening on ws://127.0.0.1:PORT"
+    assert line.startswith("hub listening on "), line
+    return proc, line.split()[-1]
+
+
+@asynccontextmanager
+async def hub_process_and_hub_a(
+    nodes: list[NatsNode], tmp_path: Path, agents: Sequence[str]
+) -> AsyncIterator[tuple[subprocess.Popen[str], str, TestHub, dict[str, PrivateKey]]]:
+    """A real ``artcafe-trio hub`` (hub-k, on node 3) and hub-a in this process (node
+    1), sharing a bucket; ``agents`` registered on both."""
+    bucket = f"hubs_{secrets.token_hex(4)}"
+    db = tmp_path / "k.db"
+    keys = {agent: generate_private_key("ed25519") for agent in agents}
+    with Registry.open(db) as registry:
+        for agent, key in keys.items():
+            registry.add_key("t1", agent, key.public_key)
+    proc, url = await trio.to_thread.run_sync(start_hub_process, db, nodes[2], bucket)
+    try:
+        with Registry.open(":memory:") as registry:
+            for agent, key in keys.items():
+                registry.add_key("t1", agent, key.public_key)
+            config = HubConfig(hub_id="hub-a", disconnect_grace=GRACE, close_timeout=0.5)
+            async with open_cluster_hub(
+                registry=registry, port=None, config=config,
+                cluster=cluster_config(nodes[0], bucket),
+            ) as hub_a:  # fmt: skip
+                yield proc, url, TestHub(hub_a), keys
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        await trio.to_thread.run_sync(proc.wait)
+
+
+async def presence_watcher(hub: TestHub, nursery: trio.Nursery) -> RawClient:
+    key = hub.register("t1", "watcher")
+    watcher = RawClient(await hub.dial(nursery, "/api/v1/ws/agent/watcher?tenant_id=t1"))
+    await authenticate(watcher, "watcher", "t1", key)
+    await watcher.subscribe("$presence.*")
+    return watcher
+
+
+async def test_a_killed_hub_s_agents_go_offline_hub_lost_unless_they_moved(
+    nats_cluster: list[NatsNode], tmp_path: Path
+) -> None:
+    stays = [f"stays-{i}" for i in range(20)]
+    moves = [f"moves-{i}" for i in range(20)]
+    async with (
+        hub_process_and_hub_a(nats_cluster, tmp_path, stays + moves) as (proc, url, a, keys),
+        trio.open_nursery() as nursery,
+    ):
+        with trio.fail_after(30):
+            watcher = await presence_watcher(a, nursery)
+            for agent, key in keys.items():
+                await real_connect(url, nursery, agent, key)
+            online = await presence_events(watcher, len(keys))
+            assert sorted(online) == sorted((agent, "online", "connected") for agent in keys)
+            proc.send_signal(signal.SIGKILL)
+            killed = trio.current_time()
+            for agent in moves:  # they reconnect to hub A within the grace
+                moved = RawClient(await a.dial(nursery, f"/api/v1/ws/agent/{agent}?tenant_id=t1"))
+                await authenticate(moved, agent, "t1", keys[agent])
+            events = await presence_events(watcher, len(stays))
+            detected = trio.current_time() - killed
+            assert sorted(events) == sorted((agent, "offline", "hub_lost") for agent in stays)
+            assert detected <= LEASE_TTL + GRACE + 1.0, detected
+            print(f"hub_lost reported for {len(stays)} agents {detected:.2f} s after SIGKILL")
+            assert await nothing_more(watcher, 0.5) == []  # the moved agents never flapped
+            table = await query(watcher)
+            assert {table[agent].reason for agent in stays} == {"hub_lost"}
+            assert {table[agent].status for agent in moves} == {"online"}
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_frozen_hub_is_reaped_and_closes_its_sessions_when_it_thaws(
+    nats_cluster: list[NatsNode], tmp_path: Path
+) -> None:
+    """SIGSTOP: sockets stay open, the lease lapses, a reaper reports ``hub_lost``
+    once; on SIGCONT the hub sees its agents reaped and closes their sessions (so
+    they reconnect and claim again) without reporting anything itself."""
+    async with (
+        hub_process_and_hub_a(nats_cluster, tmp_path, ["frozen"]) as (proc, url, a, keys),
+        trio.open_nursery() as nursery,
+    ):
+        with trio.fail_after(30):
+            watcher = await presence_watcher(a, nursery)
+            frozen = await real_connect(url, nursery, "frozen", keys["frozen"])
+            assert await presence_events(watcher, 1) == [("frozen", "online", "connected")]
+            proc.send_signal(signal.SIGSTOP)
+            stopped = trio.current_time()
+            assert await presence_events(watcher, 1) == [("frozen", "offline", "hub_lost")]
+            detected = trio.current_time() - stopped
+            assert detected <= LEASE_TTL + GRACE + 1.0, detected
+            proc.send_signal(signal.SIGCONT)
+            thawed = trio.current_time()
+            assert await frozen.close_code() == CloseCode.REPLACED
+            print(f"frozen hub: hub_lost after {detected:.2f} s; its session closed "
+                  f"{trio.current_time() - thawed:.2f} s after SIGCONT")  # fmt: skip
+            assert await nothing_more(watcher, 1.0) == []  # no flap back online
+            assert (await query(watcher))["frozen"].reason == "hub_lost"
+            nursery.cancel_scope.cancel()
+
+
+def test_cluster_config_parses_a_server_list() -> None:
+    config = ClusterConfig(servers="nats://a:4222, nats://b:4222")
+    assert config.servers == ("nats://a:4222", "nats://b:4222")
+    with pytest.raises(ValueError, match="at least one"):
+        ClusterConfig(servers=" , ")
+    with pytest.raises(ValueError, match="lease_ttl"):
+        ClusterConfig(servers="nats://a:4222", lease_ttl=0)
+    assert json.dumps(list(config.servers))
+
+
+def test_the_hub_command_wants_a_hub_id_with_nats(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from artcafe_trio.cli import main
+
+    code = main(["hub", "--db", str(tmp_path / "x.db"), "--nats", "nats://127.0.0.1:1"])
+    assert code != 0
+    assert "--nats needs --hub-id" in capsys.readouterr().err
+
+
+async def test_a_nats_node_killed_under_a_hub(own_nats_cluster: list[NatsNode]) -> None:
+    """The hub reconnects to another node: routing and presence go on, nobody is
+    reported offline (the lease TTL outlasts the bucket's leader election)."""
+    bucket = f"hubs_{secrets.token_hex(4)}"
+    urls = [node.url for node in own_nats_cluster]
+    registries = [Registry.open(":memory:") for _ in range(2)]
+    with trio.fail_after(40):
+        async with AsyncExitStack() as stack:
+            hubs = {}
+            for name, registry in zip("ab", registries, strict=True):
+                config = HubConfig(hub_id=f"hub-{name}", disconnect_grace=3.0, close_timeout=0.5)
+                cluster = ClusterConfig(servers=urls, lease_ttl=5.0, bucket=bucket)
+                opened = open_cluster_hub(
+                    registry=registry, port=None, config=config, cluster=cluster
+                )
+                hubs[name] = TestHub(await stack.enter_async_context(opened))
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            c = Cluster(hubs, nursery)
+            watcher = await c.connect("a", "watcher")
+            await watcher.subscribe("$presence.*")
+            await watcher.subscribe("jobs.*")
+            worker = await c.connect("b", "worker")
+            assert await presence_events(watcher, 1) == [("worker", "online", "connected")]
+            await c.settle(worker, [watcher])
+            nc = c.backplane("a")._nc
+            assert nc is not None
+            server = nc.connected_server
+            [victim] = [n for n in own_nats_cluster if server == f"127.0.0.1:{n.port}"]
+            reconnects = nc.reconnects
+            await trio.to_thread.run_sync(victim.kill)
+            killed = trio.current_time()
+            while nc.reconnects == reconnects or not nc.is_connected:
+                await trio.sleep(0.05)
+            print(f"hub-a reconnected {trio.current_time() - killed:.2f} s after its node died")
+            await c.settle(worker, [watcher])  # routes again (the subscriptions were re-sent)
+            await worker.send(Publish(subject="jobs.one", data={"n": 1}, id="j1"))
+            await worker.recv_type(Published)
+            [got] = await watcher.messages(1)
+            assert (got.subject, got.data) == ("jobs.one", {"n": 1})
+            # Presence still flows through the bucket; nobody went offline meanwhile.
+            late = await c.connect("b", "late")
+            assert await presence_events(watcher, 1) == [("late", "online", "connected")]
+            print(f"presence seen again {trio.current_time() - killed:.2f} s after the kill")
+            assert await nothing_more(watcher, 1.0) == []  # no hub_lost, no flap
+            table = await query(watcher)
+            assert {agent: r.status for agent, r in table.items()} == {
+                "watcher": "online", "worker": "online", "late": "online",
+            }  # fmt: skip
+            assert late.welcome is not None
+            nursery.cancel_scope.cancel()
+    for registry in registries:
+        registry.close()
+
+
+async def test_a_hub_restarted_after_a_crash_waits_for_its_lease_and_clears_its_claims(
+    nats_cluster: list[NatsNode],
+) -> None:
+    """What a SIGKILLed hub leaves behind — its lease (until the TTL) and its agents'
+    claims online — does not outlive its restart under the same id."""
+    bucket = f"hubs_{secrets.token_hex(4)}"
+    with trio.fail_after(20), Registry.open(":memory:") as registry:
+        async with open_nats(nats_cluster[0].url) as nc:
+            store = await open_cluster_store(nc, "hub-r", bucket=bucket)
+            await store.kv.create(
+                lease_key("hub-r"), HubLease("hub-r").encode(), ttl=LEASE_TTL
+            )  # the crashed run's lease, no longer refreshed
+            left = await store.claim("t1", "ghost", "s-old")
+            assert left.status == "online"
+            began = trio.current_time()
+            config = HubConfig(hub_id="hub-r", disconnect_grace=GRACE, close_timeout=0.5)
+            async with open_cluster_hub(
+                registry=registry, port=None, config=config,
+                cluster=cluster_config(nats_cluster[1], bucket),
+            ):  # fmt: skip
+                waited = trio.current_time() - began
+                assert 0.3 < waited < LEASE_TTL + 3.0, waited  # the old lease expired first
+                while (claim := await store.get("t1", "ghost")) is None or claim.status == "online":
+                    await trio.sleep(0.05)
+                assert (claim.hub, claim.reason, claim.epoch) == ("hub-r", "hub_lost", 1)
+                entry = await store.kv.entry(lease_key("hub-r"))
+                assert entry is not None and HubLease.decode(entry.value).hub == "hub-r"
+
+
+async def test_shared_credentials_admit_and_revoke_on_every_hub(
+    nats_cluster: list[NatsNode],
+) -> None:
+    """With ``shared_credentials`` the hubs authenticate from the bucket (their own
+    registries are empty): a key published once admits the agent on every hub, and
+    disabling it closes the agent's session wherever it is, within a second."""
+    bucket = f"hubs_{secrets.token_hex(4)}"
+    key = generate_private_key("ed25519")
+    with (
+        trio.fail_after(20),
+        Registry.open(":memory:") as reg_a,
+        Registry.open(":memory:") as reg_b,
+    ):
+        async with open_nats(nats_cluster[0].url) as nc, AsyncExitStack() as stack:
+            kv = (await open_cluster_store(nc, "cli", bucket=bucket)).kv
+            await publish_agent(kv, "t1", "x", (key.public_key,))
+            hubs = {}
+            for name, registry, node in (
+                ("a", reg_a, nats_cluster[0]),
+                ("b", reg_b, nats_cluster[1]),
+            ):
+                config = HubConfig(hub_id=f"hub-{name}", disconnect_grace=GRACE, close_timeout=0.5)
+                cluster = attrs.evolve(cluster_config(node, bucket), shared_credentials=True)
+                opened = open_cluster_hub(
+                    registry=registry, port=None, config=config, cluster=cluster
+                )
+                hubs[name] = TestHub(await stack.enter_async_context(opened))
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            on_a = RawClient(await hubs["a"].dial(nursery, "/api/v1/ws/agent/x?tenant_id=t1"))
+            await authenticate(on_a, "x", "t1", key)
+            await on_a.send(Leave())
+            assert await on_a.close_code() == CloseCode.NORMAL
+            on_b = RawClient(await hubs["b"].dial(nursery, "/api/v1/ws/agent/x?tenant_id=t1"))
+            await authenticate(on_b, "x", "t1", key)
+            await publish_agent(kv, "t1", "x", (key.public_key,), disabled=True)
+            disabled = trio.current_time()
+            assert await on_b.close_code() == CloseCode.KEY_REVOKED
+            revoked = trio.current_time() - disabled
+            assert revoked < 1.0, revoked
+            print(f"a disabled agent's session closed {revoked:.2f} s after the bucket write")
+            nursery.cancel_scope.cancel()
+
+
+async def test_the_hub_command_serves_the_bucket_s_credentials(
+    nats_cluster: list[NatsNode], tmp_path: Path
+) -> None:
+    bucket = f"hubs_{secrets.token_hex(4)}"
+    key = generate_private_key("ed25519")
+    async with open_nats(nats_cluster[0].url) as nc:
+        kv = (await open_cluster_store(nc, "cli", bucket=bucket)).kv
+        await publish_agent(kv, "t1", "x", (key.public_key,))
+        proc, url = await trio.to_thread.run_sync(
+            start_hub_process, tmp_path / "empty.db", nats_cluster[2], bucket,
+            "--nats-shared-credentials",
+        )  # fmt: skip
+        try:
+            with trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    client = await real_connect(url, nursery, "x", key)  # not in empty.db
+                    assert client.welcome is not None
+                    assert client.welcome.hub_id == "hub-k"
+                    nursery.cancel_scope.cancel()
+        finally:
+            proc.terminate()
+            await trio.to_thread.run_sync(proc.wait)
+
+
+def test_the_hub_command_s_nats_options_make_the_cluster_config(tmp_path: Path) -> None:
+    import ssl
+
+    import trustme
+
+    from artcafe_trio.cli._hubcmd import CliError, _cluster_config
+    from artcafe_trio.cli._parser import build_parser
+
+    ca = tmp_path / "ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(ca))
+    args = build_parser().parse_args(
+        ["hub", "--nats", "tls://u:p@n1:4222,tls://n2:4222", "--hub-id", "h1",
+         "--nats-ca", str(ca), "--nats-lease-ttl", "3", "--nats-bucket", "b1",
+         "--nats-replicas", "1", "--nats-shared-credentials"]
+    )  # fmt: skip
+    config = _cluster_config(args)
+    assert config.servers == ("tls://u:p@n1:4222", "tls://n2:4222")
+    assert (config.lease_ttl, config.bucket, config.replicas) == (3.0, "b1", 1)
+    assert config.shared_credentials and isinstance(config.tls, ssl.SSLContext)
+    args.nats_ca = str(tmp_path / "missing.pem")
+    with pytest.raises(CliError, match="--nats-ca"):
+        _cluster_config(args)
