@@ -41,7 +41,7 @@ import trio
 from .._util import collapse_exception_groups
 from ..protocol._backoff import Backoff
 from ..protocol._keys import PrivateKey, load_private_key
-from ._config import DEFAULT_URL, AgentConfig
+from ._config import DEFAULT_URL, AgentConfig, hub_urls
 from ._facade import Agent, short_traceback
 from ._health import AgentHealth
 from ._subscriptions import Handler
@@ -50,7 +50,7 @@ from ._transport import (
     Dialer,
     DialerTransport,
     Transport,
-    WebSocketTransport,
+    Transports,
 )
 
 __all__ = [
@@ -105,7 +105,7 @@ def build_agent(
     private_key_path: str | os.PathLike[str] | None = None,
     private_key: PrivateKey | None = None,
     private_key_password: str | bytes | None = None,
-    url: str | None = None,
+    url: str | Sequence[str] | None = None,
     heartbeat_interval: float | None = 30.0,
     heartbeat_timeout_multiplier: float = 3.0,
     auto_reconnect: bool = True,
@@ -124,7 +124,7 @@ def build_agent(
     max_pending_publishes: int = 10_000,
     raise_handler_errors: bool = False,
     dial: Dialer | None = None,
-    transport: Transport | None = None,
+    transport: Transport | Mapping[str, Transport] | None = None,
     wall_clock: Callable[[], float] = time.time,
 ) -> Agent:
     """Validate ``open_agent``'s arguments and create the (not yet running) :class:`Agent`.
@@ -140,15 +140,22 @@ def build_agent(
     if private_key is None:
         assert private_key_path is not None
         private_key = load_private_key(private_key_path, private_key_password)
-    url = url or os.environ.get("ARTCAFE_URL") or DEFAULT_URL
-    if transport is None:
-        transport = (
-            DialerTransport(dial) if dial is not None else WebSocketTransport(url, ssl_context)
-        )
+    urls = hub_urls(url or os.environ.get("ARTCAFE_URL") or DEFAULT_URL)
+    if isinstance(transport, Mapping):
+        transports = Transports.mapping(transport)
+        missing = [u for u in urls if transports.get(u) is None]
+        if missing:
+            raise ValueError(f"no transport for the hub url(s) {', '.join(missing)}")
+    elif transport is not None:
+        transports = Transports.one(transport)
+    elif dial is not None:
+        transports = Transports.one(DialerTransport(dial))
+    else:
+        transports = Transports.websocket(ssl_context)
     config = AgentConfig(
         agent_id=agent_id,
         tenant_id=_resolve_tenant(organization_id, tenant_id),
-        url=url,
+        urls=urls,
         heartbeat_interval=heartbeat_interval,
         heartbeat_timeout_multiplier=heartbeat_timeout_multiplier,
         heartbeat_jitter=heartbeat_jitter,
@@ -165,7 +172,7 @@ def build_agent(
         raise_handler_errors=raise_handler_errors,
     )
     return Agent._create(
-        config, private_key, transport, rng=rng or random.Random(), wall_clock=wall_clock
+        config, private_key, transports, rng=rng or random.Random(), wall_clock=wall_clock
     )
 
 
@@ -177,7 +184,7 @@ async def _build_off_the_loop(
     private_key_path: str | os.PathLike[str] | None = None,
     private_key: PrivateKey | None = None,
     private_key_password: str | bytes | None = None,
-    url: str | None = None,
+    url: str | Sequence[str] | None = None,
     heartbeat_interval: float | None = 30.0,
     heartbeat_timeout_multiplier: float = 3.0,
     auto_reconnect: bool = True,
@@ -196,7 +203,7 @@ async def _build_off_the_loop(
     max_pending_publishes: int = 10_000,
     raise_handler_errors: bool = False,
     dial: Dialer | None = None,
-    transport: Transport | None = None,
+    transport: Transport | Mapping[str, Transport] | None = None,
     wall_clock: Callable[[], float] = time.time,
 ) -> Agent:
     """:func:`build_agent`, with ``private_key_path`` loaded (the KDF of an encrypted
@@ -247,7 +254,7 @@ async def open_agent(
     private_key_path: str | os.PathLike[str] | None = None,
     private_key: PrivateKey | None = None,
     private_key_password: str | bytes | None = None,
-    url: str | None = None,
+    url: str | Sequence[str] | None = None,
     heartbeat_interval: float | None = 30.0,
     heartbeat_timeout_multiplier: float = 3.0,
     auto_reconnect: bool = True,
@@ -266,7 +273,7 @@ async def open_agent(
     max_pending_publishes: int = 10_000,
     raise_handler_errors: bool = False,
     dial: Dialer | None = None,
-    transport: Transport | None = None,
+    transport: Transport | Mapping[str, Transport] | None = None,
     wall_clock: Callable[[], float] = time.time,
     stop_on_signals: bool = False,
 ) -> AsyncIterator[Agent]:
@@ -274,10 +281,13 @@ async def open_agent(
 
     - ``agent_id``, ``organization_id`` (alias ``tenant_id``): who the agent is.
     - ``private_key_path`` (+ ``private_key_password``) or ``private_key``: its key.
-    - ``url``: the hub's base URL (default ``$ARTCAFE_URL`` or ``ws://127.0.0.1:8765``);
-      ``ssl_context`` for ``wss://``. ``transport`` (a :class:`Transport`) or ``dial``
-      (``await dial(nursery, resource)`` returning a WebSocket) replaces how the agent
-      reaches the hub (the test kit's in-memory hub).
+    - ``url``: the hub's base URL, or a sequence of them (several hubs of a cluster;
+      default ``$ARTCAFE_URL``, comma-separated, or ``ws://127.0.0.1:8765``); the agent
+      fails over through them, and through the URLs the hubs advertise in their
+      ``welcome`` (see "Several hub URLs" in ``docs/concepts.md``). ``ssl_context`` for
+      ``wss://``. ``transport`` (a :class:`Transport`, or a mapping URL → transport) or
+      ``dial`` (``await dial(nursery, resource)`` returning a WebSocket) replaces how
+      the agent reaches the hub (the test kit's in-memory hub).
     - ``heartbeat_interval`` (``None``: no heartbeats), ``heartbeat_timeout_multiplier``:
       the hub-ACK watchdog fires after interval x multiplier without an ACK;
       ``heartbeat_jitter``: a random phase for the second heartbeat and +/-10 %
@@ -301,7 +311,8 @@ async def open_agent(
     :class:`ReconnectFailed` when the attempts run out (or
     :class:`ConnectionLost` at once with ``auto_reconnect=False``). A refused
     key raises :class:`AuthenticationError`, and a ``permanent`` :class:`ConnectFailed`
-    (a TLS handshake with a plain hub, an HTTP 404...) raises, at once: never retried.
+    (a TLS handshake with a plain hub, an HTTP 404...) raises, at once: never retried
+    (with several URLs: that URL is dropped, and this raises once every URL is).
     Leaving the block stops gracefully: handlers finish, publishes flush, the
     agent sends ``leave``. To run an agent in your own nursery, see :func:`run_agent`.
     """
@@ -369,7 +380,7 @@ async def run_agent(
     private_key_path: str | os.PathLike[str] | None = None,
     private_key: PrivateKey | None = None,
     private_key_password: str | bytes | None = None,
-    url: str | None = None,
+    url: str | Sequence[str] | None = None,
     heartbeat_interval: float | None = 30.0,
     heartbeat_timeout_multiplier: float = 3.0,
     auto_reconnect: bool = True,
@@ -388,7 +399,7 @@ async def run_agent(
     max_pending_publishes: int = 10_000,
     raise_handler_errors: bool = False,
     dial: Dialer | None = None,
-    transport: Transport | None = None,
+    transport: Transport | Mapping[str, Transport] | None = None,
     wall_clock: Callable[[], float] = time.time,
     task_status: trio.TaskStatus[Agent] = trio.TASK_STATUS_IGNORED,
 ) -> None:

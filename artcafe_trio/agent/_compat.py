@@ -45,7 +45,7 @@ class HeartbeatAgent:
         agent_id: str,
         private_key_path: str | os.PathLike[str] | None = None,
         organization_id: str | None = None,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         heartbeat_interval: float = 30.0,
         heartbeat_timeout_multiplier: float = 3.0,
         auto_reconnect: bool = True,
@@ -68,7 +68,7 @@ class HeartbeatAgent:
         max_pending_publishes: int = 10_000,
         raise_handler_errors: bool = False,
         dial: Dialer | None = None,
-        transport: Transport | None = None,
+        transport: Transport | Mapping[str, Transport] | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.agent_id = agent_id
@@ -191,7 +191,7 @@ class SimpleAgent(HeartbeatAgent):
         agent_id: str,
         private_key_path: str | os.PathLike[str] | None = None,
         organization_id: str | None = None,
-        url: str | None = None,
+        url: str | Sequence[str] | None = None,
         auto_reconnect: bool = True,
         *,
         tenant_id: str | None = None,
@@ -212,7 +212,7 @@ class SimpleAgent(HeartbeatAgent):
         max_pending_publishes: int = 10_000,
         raise_handler_errors: bool = False,
         dial: Dialer | None = None,
-        transport: Transport | None = None,
+        transport: Transport | Mapping[str, Transport] | None = None,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         super().__init__(

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import attrs
 
 from ..protocol._backoff import Backoff
 from ..protocol._heartbeats import MAX_HEARTBEAT_JITTER
 
-__all__ = ["DEFAULT_URL", "AgentConfig"]
+__all__ = ["DEFAULT_URL", "MAX_URLS", "AgentConfig", "check_url", "hub_urls"]
 
 DEFAULT_URL = "ws://127.0.0.1:8765"
+MAX_URLS = 16
+"""The most hub URLs an agent fails over through: the configured ones first, then
+those the hubs advertise (``welcome.connect_urls``) up to this bound."""
 
 
 def _positive_or_none(_: object, attribute: attrs.Attribute[Any], value: float | None) -> None:
@@ -38,8 +41,36 @@ def _at_least_one(_: object, attribute: attrs.Attribute[Any], value: int) -> Non
         raise ValueError(f"{attribute.name} must be >= 1")
 
 
-def _strip_slash(url: str) -> str:
+def check_url(url: object) -> str:
+    """``url`` without its trailing ``/``; ValueError unless it is ``ws://host[:port]``
+    or ``wss://host[:port]`` (with an optional path)."""
+    if not isinstance(url, str):
+        raise ValueError(f"a hub url must be a string, got {url!r}")
+    try:
+        split = urlsplit(url)
+        split.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise ValueError(f"bad hub url {url!r}: {exc}") from None
+    if split.scheme not in ("ws", "wss") or not split.hostname:
+        raise ValueError(f"hub url must look like ws://host:port or wss://host:port, got {url!r}")
     return url.rstrip("/")
+
+
+def hub_urls(value: str | Sequence[str]) -> tuple[str, ...]:
+    """One URL, or a sequence of them (comma-separated in one string also works):
+    checked, de-duplicated, in order."""
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    urls: list[str] = []
+    for url in value:
+        checked = check_url(url)
+        if checked not in urls:
+            urls.append(checked)
+    if not urls:
+        raise ValueError("give at least one hub url")
+    if len(urls) > MAX_URLS:
+        raise ValueError(f"give at most {MAX_URLS} hub urls, got {len(urls)}")
+    return tuple(urls)
 
 
 def _strings(values: Iterable[str]) -> tuple[str, ...]:
@@ -52,7 +83,7 @@ class AgentConfig:
 
     agent_id: str
     tenant_id: str
-    url: str = attrs.field(default=DEFAULT_URL, converter=_strip_slash)
+    urls: tuple[str, ...] = attrs.field(default=(DEFAULT_URL,), converter=hub_urls)
     heartbeat_interval: float | None = attrs.field(default=30.0, validator=_positive_or_none)
     heartbeat_timeout_multiplier: float = attrs.field(default=3.0, validator=_multiplier)
     heartbeat_jitter: float = attrs.field(default=0.1, validator=_jitter)
@@ -67,6 +98,11 @@ class AgentConfig:
     max_pending_messages: int = 10_000
     max_pending_publishes: int = 10_000
     raise_handler_errors: bool = False
+
+    @property
+    def url(self) -> str:
+        """The first configured hub URL."""
+        return self.urls[0]
 
     @property
     def resource(self) -> str:

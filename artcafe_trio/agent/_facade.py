@@ -24,7 +24,7 @@ from ._lifecycle import Lifecycle
 from ._outbox import Outbox, Pending, Reply
 from ._subscriptions import Handler, HandlerT, Subscriptions
 from ._supervisor import Supervisor
-from ._transport import Transport
+from ._transport import Transports
 
 __all__ = ["Agent", "short_traceback"]
 
@@ -52,20 +52,20 @@ class Agent:
         cls,
         config: AgentConfig,
         private_key: PrivateKey,
-        transport: Transport,
+        transports: Transports,
         *,
         rng: random.Random,
         wall_clock: Callable[[], float],
     ) -> Agent:
         self = cls.__new__(cls)
-        self._setup(config, private_key, transport, rng=rng, wall_clock=wall_clock)
+        self._setup(config, private_key, transports, rng=rng, wall_clock=wall_clock)
         return self
 
     def _setup(
         self,
         config: AgentConfig,
         private_key: PrivateKey,
-        transport: Transport,
+        transports: Transports,
         *,
         rng: random.Random,
         wall_clock: Callable[[], float],
@@ -98,7 +98,7 @@ class Agent:
             metadata=dict(config.metadata),
         )
         self._sup = Supervisor(
-            config, credentials, transport, ids=ids, outbox=self._outbox,
+            config, credentials, transports, ids=ids, outbox=self._outbox,
             subscriptions=self._subs, stats=self._stats, rng=rng,
         )  # fmt: skip
         self._life = Lifecycle(self._sup, self._subs, self._outbox)

@@ -48,6 +48,7 @@ class AgentHealth:
     handler_errors: int
     heartbeat_interval: float | None
     heartbeat_timeout: float | None
+    url: str | None = None  # the hub URL of the current connection
 
 
 AgentHealth.__module__ = AgentState.__module__ = "artcafe_trio"
@@ -66,6 +67,7 @@ class Link:
     session_id: str
     heartbeat_interval: float | None
     heartbeat_timeout: float | None
+    url: str
 
 
 class HealthStats:
@@ -127,4 +129,5 @@ class HealthStats:
             handler_errors=self.handler_errors,
             heartbeat_interval=link.heartbeat_interval if link else None,
             heartbeat_timeout=timeout,
+            url=link.url if link else None,
         )

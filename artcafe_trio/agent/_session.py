@@ -88,15 +88,17 @@ class Session:
         client: ClientConnection,
         scope: trio.CancelScope,
         supervisor: Supervisor,
+        url: str,
     ) -> None:
         assert client.welcome is not None
+        self.url = url
         self.ws = ws
         self.client = client
         self.scope = scope
         self.welcome: Welcome = client.welcome
         self.session_id = self.welcome.session_id
         self.link = Link(
-            self.session_id, self.welcome.heartbeat_interval, self.welcome.heartbeat_timeout
+            self.session_id, self.welcome.heartbeat_interval, self.welcome.heartbeat_timeout, url
         )
         self.proved_healthy = False
         self.lost = trio.Event()

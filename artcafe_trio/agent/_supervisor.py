@@ -1,5 +1,12 @@
 """The connection supervisor: dial → handshake → serve → back off → retry.
 
+With several hub URLs (configured, then advertised by the hubs' ``welcome``), one
+*attempt* is a round: each URL still in use tried once, in order, starting from the
+one that last connected, until one connects. The backoff sleeps between rounds, and
+``max_reconnect_attempts`` counts rounds (one URL: one round is one connection
+attempt, as before). A permanent failure of one URL (HTTP 404, a TLS problem) drops
+that URL; it ends the agent only when no URL is left.
+
 It owns the agent's :class:`AgentState` (one method changes it), the current
 :class:`Session`, and the ACK watchdog: the connection nursery's cancel-scope deadline,
 moved by every heartbeat ACK. A connection ends with the error that ended it:
@@ -40,7 +47,8 @@ from ._health import AgentState, HealthStats
 from ._outbox import Outbox
 from ._session import Session, lost
 from ._subscriptions import Subscriptions
-from ._transport import MAX_RECEIVE_BYTES, Transport
+from ._transport import MAX_RECEIVE_BYTES, Transports
+from ._urls import HubUrls
 
 __all__ = ["Supervisor"]
 
@@ -62,7 +70,7 @@ class Supervisor:
         self,
         config: AgentConfig,
         credentials: AgentCredentials,
-        transport: Transport,
+        transports: Transports,
         *,
         ids: IdAllocator,
         outbox: Outbox,
@@ -72,7 +80,6 @@ class Supervisor:
     ) -> None:
         self.config = config
         self.credentials = credentials
-        self.transport = transport
         self.ids = ids
         self.outbox = outbox
         self.subscriptions = subscriptions
@@ -85,6 +92,7 @@ class Supervisor:
         self.connected = trio.Event()
         self.ever_connected = trio.Event()
         self._last_proved_healthy = False
+        self.urls = HubUrls(config.urls, transports)
 
     def set_state(self, state: AgentState) -> None:
         """The one place the agent's state changes."""
@@ -127,12 +135,7 @@ class Supervisor:
         while True:
             if self.ever_connected.is_set():
                 self.set_state(AgentState.RECONNECTING)
-            try:
-                await self._run_connection()
-            except AuthenticationError:
-                raise
-            except _CONNECTION_ERRORS as exc:
-                cause: BaseException = exc
+            cause = await self._round()
             if self.closing:
                 return
             if isinstance(cause, SessionReplaced):
@@ -144,9 +147,6 @@ class Supervisor:
                     config.agent_id,
                 )
                 raise cause
-            if isinstance(cause, ConnectFailed) and cause.permanent:
-                self.set_state(AgentState.CLOSED)
-                raise cause  # it would fail the same way again: never retried
             if self._last_proved_healthy:
                 self._last_proved_healthy = False
                 stats.failures = 0
@@ -189,16 +189,57 @@ class Supervisor:
             delay,
         )
 
+    async def _round(self) -> BaseException:
+        """One attempt (see the module docstring): what ended the connection, or the
+        last failure. Raises what no URL left can get past."""
+        cause: BaseException | None = None
+        for url in self.urls.round():
+            try:
+                await self._run_connection(url)
+            except AuthenticationError as exc:
+                if exc.code != "hub_certificate_invalid":
+                    raise  # the hubs refused the key: no other hub takes it
+                cause = exc
+            except _CONNECTION_ERRORS as exc:
+                cause = exc
+            assert cause is not None
+            if self.closing:
+                return cause
+            if isinstance(cause, AuthenticationError) or (
+                isinstance(cause, ConnectFailed) and cause.permanent
+            ):
+                self._drop(url, cause)  # it would fail the same way again
+                continue
+            if isinstance(cause, ConnectFailed):
+                continue  # the next URL, in this round
+            return cause  # connected, then lost: the round ends
+        assert cause is not None  # a round has at least one URL
+        return cause
+
+    def _drop(self, url: str, cause: BaseException) -> None:
+        self.urls.dropped.add(url)
+        if not self.urls.round():
+            self.set_state(AgentState.CLOSED)
+            raise cause  # the last URL failed permanently: never retried
+        config = self.config
+        log.error(
+            "%s/%s: %s; not trying %s again",
+            config.tenant_id,
+            config.agent_id,
+            printable(str(cause), 500),
+            url,
+        )
+
     # --- one connection ------------------------------------------------------------
 
-    async def _run_connection(self) -> None:
-        """One connection from dial to loss. Always raises what ended it."""
+    async def _run_connection(self, url: str) -> None:
+        """One connection to ``url`` from dial to loss. Always raises what ended it."""
         box: list[Session] = []
         try:
-            await self._connection_nursery(box)
+            await self._connection_nursery(url, box)
         except _CONNECTION_ERRORS as exc:
             if not box:  # no welcome: this attempt failed, nothing was lost
-                raise connect_failed(exc, self.config.url) from exc
+                raise connect_failed(exc, url) from exc
             raise
         session = box[0]
         # The nursery ended without an error: its cancel scope was cancelled.
@@ -208,13 +249,14 @@ class Supervisor:
             raise HeartbeatTimeout(timeout)
         raise ConnectionLost("connection closed")
 
-    async def _connection_nursery(self, box: list[Session]) -> None:
+    async def _connection_nursery(self, url: str, box: list[Session]) -> None:
         """Dial, handshake and serve one connection; ``box`` gets it once welcomed."""
         config = self.config
         with collapse_exception_groups():
             async with trio.open_nursery() as nursery:
                 with trio.move_on_after(config.connect_timeout) as connect_scope:
-                    ws = await self.transport.connect(nursery, config.resource)
+                    transport = self.urls.transport(url)
+                    ws = await transport.connect(nursery, config.resource)
                     try:
                         client = await self._handshake(ws)
                     except BaseException:
@@ -223,13 +265,14 @@ class Supervisor:
                         raise
                 if connect_scope.cancelled_caught:
                     raise ConnectTimeout(
-                        f"cannot connect to {config.url}: no welcome from the hub within "
+                        f"cannot connect to {url}: no welcome from the hub within "
                         f"{config.connect_timeout:g} s",
-                        url=config.url,
+                        url=url,
                         timeout=config.connect_timeout,
                     )
-                session = Session(ws, client, nursery.cancel_scope, self)
+                session = Session(ws, client, nursery.cancel_scope, self, url)
                 box.append(session)
+                self.urls.connected(url, client.connect_urls)
                 try:
                     await self._serve(nursery, session)
                 finally:
@@ -295,7 +338,7 @@ class Supervisor:
         self.ever_connected.set()
         if reconnected:
             stats.total_reconnects += 1
-        self._log_connected(session, attempts, reconnected)
+        _log_connected(self.config, session, attempts, reconnected)
         if reconnected:
             for callback in list(self.on_reconnect):
                 what = f"on_reconnect callback {callback!r}"
@@ -305,26 +348,6 @@ class Supervisor:
             await session.heartbeat(interval, config.heartbeat_jitter, self.rng)
         else:
             await trio.sleep_forever()
-
-    def _log_connected(self, session: Session, attempts: int, reconnected: bool) -> None:
-        config = self.config
-        if attempts:  # the failures were warnings: so is the recovery
-            log.warning(
-                "%s/%s %s after %d attempt%s (session %s)",
-                config.tenant_id,
-                config.agent_id,
-                "reconnected" if reconnected else "connected",
-                attempts,
-                "" if attempts == 1 else "s",
-                session.session_id,
-            )
-        else:
-            log.info(
-                "%s/%s connected (session %s)",
-                config.tenant_id,
-                config.agent_id,
-                session.session_id,
-            )
 
     async def leave(self) -> None:
         """Send ``leave`` and close with 1000 (the hub then reports ``left``)."""
@@ -344,3 +367,23 @@ class Supervisor:
 
 def _watchdog_fired(session: Session) -> bool:
     return trio.current_time() >= session.scope.deadline
+
+
+def _log_connected(config: AgentConfig, session: Session, attempts: int, reconnected: bool) -> None:
+    if attempts:  # the failures were warnings: so is the recovery
+        log.warning(
+            "%s/%s %s after %d attempt%s (session %s)",
+            config.tenant_id,
+            config.agent_id,
+            "reconnected" if reconnected else "connected",
+            attempts,
+            "" if attempts == 1 else "s",
+            session.session_id,
+        )
+    else:
+        log.info(
+            "%s/%s connected (session %s)",
+            config.tenant_id,
+            config.agent_id,
+            session.session_id,
+        )

@@ -11,7 +11,7 @@ in the nursery it is given. :class:`WebSocketTransport` dials TCP (and TLS for
 from __future__ import annotations
 
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol, TypeAlias, cast
 from urllib.parse import urlsplit
 
@@ -27,6 +27,7 @@ __all__ = [
     "DialerTransport",
     "MemoryTransport",
     "Transport",
+    "Transports",
     "WebSocketTransport",
     "wrap_client_stream",
 ]
@@ -195,3 +196,36 @@ class DialerTransport:
     @trio.lowlevel.disable_ki_protection
     async def connect(self, nursery: trio.Nursery, resource: str) -> WebSocketConnection:
         return await self.dial(nursery, resource)
+
+
+class Transports:
+    """Which :class:`Transport` reaches each hub URL of an agent.
+
+    ``by_url``: the agent dials each URL itself (the default WebSocket transports, or a
+    mapping URL → transport), so URLs advertised by the hubs can be used too; otherwise
+    (one ``transport`` or ``dial`` for every URL) advertised URLs are ignored.
+    """
+
+    def __init__(self, make: Callable[[str], Transport | None], *, by_url: bool) -> None:
+        self._make = make
+        self.by_url = by_url
+        self._made: dict[str, Transport | None] = {}
+
+    @classmethod
+    def one(cls, transport: Transport) -> Transports:
+        return cls(lambda url: transport, by_url=False)
+
+    @classmethod
+    def mapping(cls, transports: Mapping[str, Transport]) -> Transports:
+        table = {url.rstrip("/"): transport for url, transport in transports.items()}
+        return cls(table.get, by_url=True)
+
+    @classmethod
+    def websocket(cls, ssl_context: ssl.SSLContext | None) -> Transports:
+        return cls(lambda url: WebSocketTransport(url, ssl_context), by_url=True)
+
+    def get(self, url: str) -> Transport | None:
+        """The transport to ``url`` (made once), or None when none reaches it."""
+        if url not in self._made:
+            self._made[url] = self._make(url)
+        return self._made[url]

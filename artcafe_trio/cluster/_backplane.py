@@ -86,6 +86,11 @@ class NatsBackplane:
         self.routes_dropped = 0  # arriving copies already seen (overlaps, re-sends)
         self.routes_unsent = 0  # publishes NATS refused (local delivery only)
         self.routes_unconfirmed = 0  # publishes not flushed within flush_timeout
+        self._started = wall_clock()
+        advertised = config.advertise_url
+        self._own_urls: tuple[str, ...] = (advertised.rstrip("/"),) if advertised else ()
+        #: hub id -> the agent URLs in its live lease (not this hub's, not draining ones).
+        self._hub_urls: dict[str, tuple[str, ...]] = {}
 
     # --- Backplane -------------------------------------------------------------------
 
@@ -138,6 +143,7 @@ class NatsBackplane:
                             leased = True
                             await nursery.start(self._presence.watch, store)
                             await nursery.start(self._reap, store)
+                            await nursery.start(self._watch_hubs, store)
                             if cfg.shared_credentials:
                                 await self._share_credentials(store, nursery)
                             replies = await nc.subscribe(REPLY_SUBJECT)
@@ -156,6 +162,18 @@ class NatsBackplane:
 
     async def claim_session(self, claim: SessionClaim) -> None:
         await self._presence.claim_session(claim)
+
+    def connect_urls(self) -> tuple[str, ...]:
+        urls: list[str] = []
+        for hub in sorted(self._hub_urls):
+            urls.extend(url for url in self._hub_urls[hub] if url not in urls)
+        return tuple(urls)
+
+    def advertise(self, url: str) -> None:
+        """The URL the hub listens on, for its lease, unless ``advertise_url`` is set
+        (written with the next refresh of the lease, within ``lease_ttl / 3``)."""
+        if not self._own_urls:
+            self._own_urls = (url.rstrip("/"),)
 
     def announce_presence(self, update: PresenceUpdate) -> None:
         self._presence.announce_presence(update)
@@ -198,7 +216,10 @@ class NatsBackplane:
         """Hold the lease; a lease left by this hub's previous run (killed) is waited
         out (up to 2 × TTL + 2 s), then the id is taken as another live hub's: an error."""
         ttl = self.config.lease_ttl
-        lease = HubLease(self.hub_id, started=self._wall_clock())
+
+        def lease() -> HubLease:
+            return HubLease(self.hub_id, urls=self._own_urls, started=self._started)
+
         # The server removes an expired lease a little after its TTL (up to ~1.5 s
         # late measured with 1 s): wait two TTLs and 2 s before taking it as alive.
         deadline = trio.current_time() + 2 * ttl + 2.0
@@ -277,6 +298,20 @@ class NatsBackplane:
 
         assert self._peer is not None
         self._peer.use_credentials(load)
+
+    async def _watch_hubs(
+        self, store: ClusterStore, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep the other live hubs' URLs (for :meth:`connect_urls`) from their leases."""
+        async with store.watch_leases() as leases:
+            task_status.started()
+            async for change in leases:
+                if change.hub == self.hub_id:
+                    continue
+                if change.alive and change.lease is not None and not change.lease.draining:
+                    self._hub_urls[change.hub] = change.lease.urls
+                else:
+                    self._hub_urls.pop(change.hub, None)
 
     async def _reap(
         self, store: ClusterStore, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -18,6 +18,13 @@ def _servers(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return servers
 
 
+def _advertise(_inst: object, attribute: attrs.Attribute[str | None], value: str | None) -> None:
+    if value is not None and (
+        not value.startswith(("ws://", "wss://")) or not value.split("://", 1)[1].strip("/")
+    ):
+        raise ValueError(f"advertise_url must be a ws:// or wss:// URL, not {value!r}")
+
+
 def _positive(_inst: object, attribute: attrs.Attribute[float], value: float) -> None:
     if not value > 0:
         raise ValueError(f"{attribute.name} must be > 0, not {value!r}")
@@ -49,6 +56,9 @@ class ClusterConfig:
             (``publish_agent``/``remove_agent``), the same on every hub, instead of
             this hub's registry; a key removed or an agent disabled there closes its
             sessions on every hub (within the registry poll interval).
+        advertise_url: the URL agents should use to reach this hub (``ws://`` or
+            ``wss://``), advertised to agents of the other hubs in their ``welcome``
+            (``connect_urls``); default: the URL the hub listens on.
         user, password, token, tls: NATS credentials and TLS context.
     """
 
@@ -62,6 +72,7 @@ class ClusterConfig:
     dedupe_window: float = attrs.field(default=600.0, validator=_positive)
     dedupe_size: int = 65536
     shared_credentials: bool = False
+    advertise_url: str | None = attrs.field(default=None, validator=_advertise)
     user: str | None = None
     password: str | None = attrs.field(default=None, repr=False)
     token: str | None = attrs.field(default=None, repr=False)

@@ -49,11 +49,17 @@ async def serve_cluster_hub(
     the cluster, the hub's lease deleted (see ``docs/cluster.md``)."""
     config = config or HubConfig()
     backplane = NatsBackplane(cluster, hub_id=config.hub_id, grace=config.disconnect_grace)
-    await _serve_hub(
-        registry=registry, db=db, host=host, port=port, config=config,
+    serve = functools.partial(
+        _serve_hub, registry=registry, db=db, host=host, port=port, config=config,
         ssl_context=ssl_context, tls_cert=tls_cert, tls_key=tls_key,
-        admin_file=admin_file, backplane=backplane, task_status=task_status,
+        admin_file=admin_file, backplane=backplane,
     )  # fmt: skip
+    with collapse_exception_groups():
+        async with trio.open_nursery() as nursery:
+            hub: Hub = await nursery.start(serve)
+            if hub.url is not None:
+                backplane.advertise(hub.url)  # the lease's URL (unless advertise_url)
+            task_status.started(hub)
 
 
 @asynccontextmanager

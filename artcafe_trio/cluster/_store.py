@@ -198,14 +198,16 @@ class ClusterStore:
 
     async def hold_lease(
         self,
-        lease: HubLease,
+        lease: HubLease | Callable[[], HubLease],
         *,
         ttl: float,
         on_fenced: Callable[[bool], None] | None = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Write this hub's lease with ``ttl`` and refresh it every ``ttl / 3`` until
-        cancelled; ``task_status.started`` gets the first revision.
+        cancelled; ``task_status.started`` gets the first revision. ``lease`` may be a
+        function: each refresh then writes what it returns (the hub's URLs, known once
+        it listens).
 
         Each refresh is bounded by ``ttl / 3``. When no refresh has succeeded for
         ``ttl`` (NATS unreachable, quorum lost, this process frozen) the lease may
@@ -215,7 +217,8 @@ class ClusterStore:
         A lease another process wrote under this hub's id is taken back, loudly.
         """
         key = lease_key(self.hub_id)
-        value = lease.encode()
+        current = lease if callable(lease) else (lambda: lease)
+        value = current().encode()
         try:
             revision = await self.kv.create(key, value, ttl=ttl)
         except KeyExistsError:
@@ -226,6 +229,7 @@ class ClusterStore:
         fenced = False
         while True:
             await trio.sleep(ttl / 3)
+            value = current().encode()
             refreshed: int | None = None
             with trio.move_on_after(ttl / 3):
                 try:

@@ -152,6 +152,10 @@ class Backplane(Protocol):
     def announce_presence(self, update: PresenceUpdate) -> None:
         """Share a local presence transition (queued, in order per agent). Must not block."""
 
+    def connect_urls(self) -> tuple[str, ...]:
+        """The other live hubs' agent URLs, advertised in every agent's ``welcome`` so it
+        can fail over to them. Cheap and synchronous (called once per connection)."""
+
 
 class LocalBackplane:
     """A hub alone: nothing to share, so every method does nothing."""
@@ -172,3 +176,6 @@ class LocalBackplane:
 
     def announce_presence(self, update: PresenceUpdate) -> None:
         pass
+
+    def connect_urls(self) -> tuple[str, ...]:
+        return ()

@@ -219,6 +219,10 @@ class Hub:
     def _publish_bucket(self, tenant_id: str, agent_id: str) -> TokenBucket:
         return self._buckets.bucket(tenant_id, agent_id)
 
+    def _connect_urls(self) -> tuple[str, ...]:
+        """The other hubs' URLs for a welcome (the backplane's live view)."""
+        return self._backplane.connect_urls()
+
     def _heartbeat_timed_out(self, session: _Session) -> None:
         self._presence.heartbeat_timed_out(session)
 

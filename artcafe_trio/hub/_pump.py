@@ -89,6 +89,7 @@ class HubSide(Protocol):
     def _connection_opened(self) -> None: ...
     def _connection_closed(self) -> None: ...
     def _publish_bucket(self, tenant_id: str, agent_id: str) -> TokenBucket: ...
+    def _connect_urls(self) -> tuple[str, ...]: ...
     async def _attach(self, session: _Session) -> None: ...
     def _detach(self, session: _Session) -> None: ...
     def _handle_subscribe(self, session: _Session, frame: Subscribe) -> None: ...
@@ -306,13 +307,20 @@ async def _handshake(
         await _refuse(hub, ws, conn, remote, outcome)
         return None
     claim = conn.claim
+    connect_urls: tuple[str, ...] = ()
     if isinstance(claim, Auth):
         tenant, agent = claim.tenant_id, claim.agent_id
+        connect_urls = hub._connect_urls()  # where the agent may fail over
     else:
         tenant, agent = "*", ADMIN_AGENT_ID
     bucket = hub._publish_bucket(tenant, agent)
     session_id = "s-" + secrets.token_hex(8)
-    welcome = conn.accept(session_id=session_id, hub_time=hub._wall_clock(), bucket=bucket)
+    welcome = conn.accept(
+        session_id=session_id,
+        hub_time=hub._wall_clock(),
+        bucket=bucket,
+        connect_urls=connect_urls,
+    )
     session = _Session(hub, ws, conn, remote=remote, key=outcome.key, bucket=bucket)
     session.outbox.reply(welcome)
     return session

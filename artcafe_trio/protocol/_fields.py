@@ -106,6 +106,22 @@ def _k_strings(name: str, value: object, frame_id: str | None) -> tuple[str, ...
     return tuple(value)
 
 
+MAX_CONNECT_URLS = 64
+MAX_URL_LENGTH = 2048
+
+
+def _k_urls(name: str, value: object, frame_id: str | None) -> tuple[str, ...]:
+    urls = _k_strings(name, value, frame_id)
+    if len(urls) > MAX_CONNECT_URLS or any(len(url) > MAX_URL_LENGTH for url in urls):
+        raise RemoteProtocolError(
+            "invalid_field",
+            f"field {name!r} allows at most {MAX_CONNECT_URLS} strings of at most "
+            f"{MAX_URL_LENGTH} characters",
+            frame_id=frame_id,
+        )
+    return urls
+
+
 MAX_METADATA_BYTES = 8192
 MAX_METADATA_DEPTH = 16
 MAX_CAPABILITIES = 64

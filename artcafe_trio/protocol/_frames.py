@@ -35,6 +35,7 @@ from ._fields import (
     _k_str,
     _k_strings,
     _k_subject,
+    _k_urls,
     _kind,
     _reject_constant,
     _to_object,
@@ -119,7 +120,11 @@ class Auth(Frame):
 
 @attrs.frozen(kw_only=True)
 class Welcome(Frame):
-    """Hub → agent: authenticated. Heartbeat values are the effective (clamped) ones."""
+    """Hub → agent: authenticated. Heartbeat values are the effective (clamped) ones.
+
+    ``connect_urls``: the ws:// or wss:// URLs of the cluster's other hubs (like NATS's
+    ``connect_urls``), where the agent may fail over; ``None`` (absent) for a single hub.
+    """
 
     type: ClassVar[str] = "welcome"
     session_id: str = _field(_k_str)
@@ -131,6 +136,7 @@ class Welcome(Frame):
     heartbeat_timeout: float | None = _field(_k_number, optional=True)
     max_frame_bytes: int = _field(_k_int, default=DEFAULT_MAX_FRAME_BYTES)
     protocol: int = _field(_k_int, default=PROTOCOL_VERSION)
+    connect_urls: tuple[str, ...] | None = _field(_k_urls, optional=True)
 
 
 @attrs.frozen(kw_only=True)

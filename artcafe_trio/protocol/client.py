@@ -379,6 +379,11 @@ class ClientConnection:
     def max_frame_bytes(self) -> int | None:
         return None if self.welcome is None else self.welcome.max_frame_bytes
 
+    @property
+    def connect_urls(self) -> tuple[str, ...]:
+        """The other hubs' URLs the welcome advertised (``()``: none, or no welcome yet)."""
+        return () if self.welcome is None else self.welcome.connect_urls or ()
+
     # --- handshake -----------------------------------------------------------------
 
     def auth(self) -> str:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Sequence
 from typing import Protocol, TypeAlias
 
 import attrs
@@ -379,9 +380,17 @@ class ServerConnection:
         )
         return encode(expired)
 
-    def accept(self, *, session_id: str, hub_time: float, bucket: RateLimiter | None = None) -> str:
+    def accept(
+        self,
+        *,
+        session_id: str,
+        hub_time: float,
+        bucket: RateLimiter | None = None,
+        connect_urls: Sequence[str] = (),
+    ) -> str:
         """The claim verified: AUTHENTICATING → OPEN; the welcome frame (heartbeat
-        settings clamped to the limits). ``bucket`` limits this connection's publishes."""
+        settings clamped to the limits). ``bucket`` limits this connection's publishes;
+        ``connect_urls`` (the cluster's other hubs) go into the welcome when not empty."""
         self._expect(ConnectionState.AUTHENTICATING, "accept")
         claim = self.claim
         limits = self.limits
@@ -412,6 +421,7 @@ class ServerConnection:
             heartbeat_interval=self.heartbeat_interval,
             heartbeat_timeout=self.heartbeat_timeout,
             max_frame_bytes=limits.max_frame_bytes,
+            connect_urls=tuple(connect_urls) or None,
         )
         return encode(welcome)
 
