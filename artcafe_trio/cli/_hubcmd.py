@@ -153,6 +153,8 @@ def _webhook_configs(args: argparse.Namespace) -> list[Any]:
 def _cluster_config(args: argparse.Namespace) -> Any:
     """``--nats`` and its options as a ``ClusterConfig``, or ``None`` (a hub alone)."""
     if args.nats is None:
+        if getattr(args, "advertise_url", None) is not None:
+            raise CliError("--advertise-url needs --nats (it is for a cluster of hubs)")
         return None
     import ssl
 
@@ -164,11 +166,14 @@ def _cluster_config(args: argparse.Namespace) -> Any:
             tls = ssl.create_default_context(cafile=args.nats_ca)
         except (OSError, ssl.SSLError) as exc:
             raise CliError(f"--nats-ca {args.nats_ca}: {exc}") from None
+    advertise = getattr(args, "advertise_url", None)
+    if advertise is not None and not advertise.startswith(("ws://", "wss://")):
+        raise CliError(f"--advertise-url must be a ws:// or wss:// URL, not {advertise!r}")
     try:
         return ClusterConfig(
             servers=args.nats, lease_ttl=args.nats_lease_ttl, replicas=args.nats_replicas,
             bucket=args.nats_bucket, shared_credentials=args.nats_shared_credentials,
-            tls=tls,
+            tls=tls, advertise_url=advertise,
         )  # fmt: skip
     except ValueError as exc:
         raise CliError(f"--nats: {exc}") from None

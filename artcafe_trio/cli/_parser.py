@@ -354,6 +354,12 @@ def _add_hub(commands: Any) -> None:
         " password or token go in the URLs: nats://user:pass@host:4222)",
     )
     hub.add_argument(
+        "--advertise-url",
+        metavar="URL",
+        help="the ws:// or wss:// URL agents should use to reach this hub, advertised"
+        " to the other hubs' agents for failover (default: the listening URL)",
+    )
+    hub.add_argument(
         "--nats-shared-credentials",
         action="store_true",
         help="authenticate from the agents' keys in the cluster's bucket (the same on"

@@ -7,6 +7,7 @@ process (SIGKILL is the point there). Real clock (NATS is involved), short TTLs.
 
 from __future__ import annotations
 
+import functools
 import json
 import secrets
 import signal
@@ -649,3 +650,106 @@ def test_the_hub_command_s_nats_options_make_the_cluster_config(tmp_path: Path) 
     args.nats_ca = str(tmp_path / "missing.pem")
     with pytest.raises(CliError, match="--nats-ca"):
         _cluster_config(args)
+
+
+def test_the_hub_command_s_advertise_url_goes_into_the_cluster_config() -> None:
+    from artcafe_trio.cli._hubcmd import CliError, _cluster_config
+    from artcafe_trio.cli._parser import build_parser
+
+    def parse(*extra: str) -> Any:
+        return build_parser().parse_args(["hub", "--hub-id", "h1", *extra])
+
+    args = parse("--nats", "nats://n1:4222", "--advertise-url", "wss://hub1.example:443")
+    config = _cluster_config(args)
+    assert config is not None and config.advertise_url == "wss://hub1.example:443"
+    with pytest.raises(CliError, match="--advertise-url must be"):
+        _cluster_config(parse("--nats", "nats://n1:4222", "--advertise-url", "http://x"))
+    with pytest.raises(CliError, match="--advertise-url needs --nats"):
+        _cluster_config(parse("--advertise-url", "ws://x:1"))
+
+
+async def test_an_agent_given_one_hub_learns_the_others_and_fails_over_to_them(
+    nats_cluster: list[NatsNode],
+) -> None:
+    bucket = f"hubs_{secrets.token_hex(4)}"
+    url_a, url_b = "ws://hub-a.test:8765", "ws://hub-b.test:8765"
+    key = generate_private_key("ed25519")
+    with (
+        trio.fail_after(30),
+        Registry.open(":memory:") as reg_a,
+        Registry.open(":memory:") as reg_b,
+    ):
+        for registry in (reg_a, reg_b):
+            registry.add_key("t1", "mover", key.public_key)
+        config_a = HubConfig(hub_id="hub-a", disconnect_grace=GRACE, close_timeout=0.5)
+        config_b = HubConfig(hub_id="hub-b", disconnect_grace=GRACE, close_timeout=0.5)
+        cluster_a = attrs.evolve(cluster_config(nats_cluster[0], bucket), advertise_url=url_a)
+        cluster_b = attrs.evolve(cluster_config(nats_cluster[1], bucket), advertise_url=url_b)
+        async with open_cluster_hub(
+            registry=reg_b, port=None, config=config_b, cluster=cluster_b
+        ) as hub_b:
+            b = TestHub(hub_b)
+            with trio.CancelScope() as a_scope:
+                async with open_cluster_hub(
+                    registry=reg_a, port=None, config=config_a, cluster=cluster_a
+                ) as hub_a:
+                    a = TestHub(hub_a)
+                    backplane_a = hub_a._backplane  # type: ignore[attr-defined]
+                    assert isinstance(backplane_a, NatsBackplane)
+                    while backplane_a.connect_urls() != (url_b,):  # B's lease, watched
+                        await trio.sleep(0.05)
+                    transports = {url_a: a.transport, url_b: b.transport}
+                    async with trio.open_nursery() as nursery:
+                        agent = await nursery.start(
+                            functools.partial(
+                                run_agent_until_stopped, key=key, url=url_a, transports=transports
+                            )
+                        )
+                        assert agent.health().url == url_a
+                        assert agent._sup.urls.all == (url_a, url_b)  # from A's welcome
+                        a_scope.cancel()  # A stops: its agents are closed with 1012
+                        with trio.fail_after(10):
+                            while agent.health().url != url_b or not agent.health().connected:
+                                await trio.sleep(0.05)
+                        await agent.publish("moved", {"to": "b"})
+                        agent.stop()
+
+
+async def run_agent_until_stopped(
+    *, key: PrivateKey, url: str, transports: dict[str, Any], task_status: Any
+) -> None:
+    from artcafe_trio import run_agent
+
+    await run_agent(
+        agent_id="mover", tenant_id="t1", private_key=key, url=url, transport=transports,
+        task_status=task_status,
+    )  # fmt: skip
+
+
+async def test_a_listening_hub_advertises_its_url_without_advertise_url(
+    nats_cluster: list[NatsNode],
+) -> None:
+    bucket = f"hubs_{secrets.token_hex(4)}"
+    with (
+        trio.fail_after(20),
+        Registry.open(":memory:") as reg_a,
+        Registry.open(":memory:") as reg_b,
+    ):
+        async with (
+            open_cluster_hub(
+                registry=reg_a, host="127.0.0.1", port=0, config=HubConfig(hub_id="hub-a"),
+                cluster=cluster_config(nats_cluster[0], bucket),
+            ) as hub_a,
+            open_cluster_hub(
+                registry=reg_b, port=None, config=HubConfig(hub_id="hub-b"),
+                cluster=cluster_config(nats_cluster[1], bucket),
+            ) as hub_b,
+        ):  # fmt: skip
+            assert hub_a.url is not None and hub_a.url.startswith("ws://127.0.0.1:")
+            backplane_b = hub_b._backplane  # type: ignore[attr-defined]
+            assert isinstance(backplane_b, NatsBackplane)
+            with trio.fail_after(LEASE_TTL * 2):  # written with A's next lease refresh
+                while backplane_b.connect_urls() != (hub_a.url,):
+                    await trio.sleep(0.05)
+            backplane_a = hub_a._backplane  # type: ignore[attr-defined]
+            assert backplane_a.connect_urls() == ()  # B listens nowhere: nothing to advertise
