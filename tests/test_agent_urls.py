@@ -11,6 +11,7 @@ import json
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 import pytest
 import trio
@@ -284,3 +285,26 @@ async def test_one_transport_for_every_url_ignores_advertised_urls(
         ) as agent:
             agent._sup.urls.connected("ws://127.0.0.1:8765", ("ws://b:2",))
             assert agent._sup.urls.all == ("ws://127.0.0.1:8765",)
+
+
+def test_the_server_connection_puts_connect_urls_in_the_welcome_only_when_given() -> None:
+    from artcafe_trio.protocol.server import AuthRequested
+
+    from .test_server_connection import auth, fresh
+
+    def welcome(**accept: Any) -> dict[str, Any]:
+        conn = fresh()
+        assert isinstance(conn.receive_auth(encode(auth()), 101.0), AuthRequested)
+        result: dict[str, Any] = json.loads(conn.accept(session_id="s", hub_time=1.0, **accept))
+        return result
+
+    assert "connect_urls" not in welcome()
+    assert "connect_urls" not in welcome(connect_urls=())
+    assert welcome(connect_urls=["ws://b:2"])["connect_urls"] == ["ws://b:2"]
+
+
+def test_the_client_connection_exposes_the_advertised_urls() -> None:
+    from .test_client_connection import open_conn
+
+    assert open_conn().connect_urls == ()
+    assert open_conn(connect_urls=["ws://b:2", "ws://c:3"]).connect_urls == ("ws://b:2", "ws://c:3")
