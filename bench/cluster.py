@@ -12,7 +12,7 @@ grace 1 s). The agents (``open_agent``) run in this process. Cases:
    Messages per second from the first publish to the last receipt.
 2. CPU per routed message over case 1: each hub process's time on CPU (``schedstat``,
    ns; utime + stime of ``/proc/<pid>/stat`` as a fallback) / M, for the origin hub and
-   each remote hub, and the 3 nats-server nodes together.
+   each remote hub, the 3 nats-server nodes together, and this process (the agents).
 3. Delivery latency, sequential: one publish at a time on hub 1, the time until a
    subscriber on hub 1 (same hub) and on hubs 2 and 3 (cross-hub) has it; p50 / p99
    and the cross / same ratio of the same round.
@@ -57,6 +57,7 @@ from peers import (  # bench/ is not a package: peers.py is a sibling
     fmt_summary,
     hub_command,
     nats_server_binary,
+    own_cpu,
     percentile,
     progress,
     raise_nofile,
@@ -80,6 +81,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "origin_cpu_us_per_msg": ("origin hub's CPU per message", "µs"),
     "remote_cpu_us_per_msg": ("each remote hub's CPU per message (mean)", "µs"),
     "nats_cpu_us_per_msg": ("3 nats-server nodes' CPU per message", "µs"),
+    "agents_cpu_us_per_msg": ("the agents' process's CPU per message (all 4 agents)", "µs"),
     "same_p50_ms": ("same-hub delivery latency p50", "ms"),
     "same_p99_ms": ("same-hub delivery latency p99", "ms"),
     "cross_p50_ms": ("cross-hub delivery latency p50", "ms"),
@@ -377,18 +379,19 @@ class Bench:
             npids = [child.pid for child, _ in self.nats]
             cpu0 = [cpu_seconds(p) for p in pids]
             ncpu0 = sum(cpu_seconds(p) for p in npids)
-            t0 = time.perf_counter()
+            t0, own0 = time.perf_counter(), own_cpu()
             for i in range(n):
                 await pub.publish(SUBJECT, {"seq": i, "kind": "bench", "body": "x" * 64})
             with trio.fail_after(120):
                 await done.wait()
-            elapsed = time.perf_counter() - t0
+            elapsed, own = time.perf_counter() - t0, own_cpu() - own0
             cpu = [cpu_seconds(p) - c for p, c in zip(pids, cpu0, strict=True)]
             ncpu = sum(cpu_seconds(p) for p in npids) - ncpu0
         row = {
             "throughput_msg_s": n / elapsed,
             "hubs_cpu_us_per_msg": 1e6 * sum(cpu) / n,
             "origin_cpu_us_per_msg": 1e6 * cpu[0] / n,
+            "agents_cpu_us_per_msg": 1e6 * own / n,
         }
         if len(cpu) > 1:
             row["remote_cpu_us_per_msg"] = 1e6 * sum(cpu[1:]) / (len(cpu) - 1) / n
