@@ -79,10 +79,12 @@ METRICS: dict[str, tuple[str, str]] = {
     "throughput_vs_standalone": ("throughput / standalone hub (same round)", "ratio"),
     "hubs_cpu_us_per_msg": ("all hubs' CPU per published message", "µs"),
     "origin_cpu_us_per_msg": ("origin hub's CPU per message", "µs"),
+    "origin_cpu_vs_standalone": ("origin hub's CPU / standalone hub's (same round)", "ratio"),
     "remote_cpu_us_per_msg": ("each remote hub's CPU per message (mean)", "µs"),
     "nats_cpu_us_per_msg": ("3 nats-server nodes' CPU per message", "µs"),
     "agents_cpu_us_per_msg": ("the agents' process's CPU per message (all 4 agents)", "µs"),
     "same_p50_ms": ("same-hub delivery latency p50", "ms"),
+    "same_p50_vs_standalone": ("same-hub p50 / standalone hub's p50 (same round)", "ratio"),
     "same_p99_ms": ("same-hub delivery latency p99", "ms"),
     "cross_p50_ms": ("cross-hub delivery latency p50", "ms"),
     "cross_p99_ms": ("cross-hub delivery latency p99", "ms"),
@@ -92,6 +94,9 @@ METRICS: dict[str, tuple[str, str]] = {
     "detect_last_s": ("hub killed -> last of K hub_lost", "s"),
     "detect_over_bound": ("last hub_lost / (lease TTL + grace)", "ratio"),
 }
+
+#: The metrics derived from others (per round), never measured directly.
+RATIOS = frozenset(k for k, (_, unit) in METRICS.items() if unit == "ratio")
 
 MODES: dict[str, dict[str, Any]] = {
     "quick": {"rounds": 3, "messages": 3000, "lat_count": 300, "victims": 20},
@@ -114,11 +119,18 @@ def round_order(rnd: int, configs: Sequence[str] = CONFIGS) -> list[str]:
     return [*configs[shift:], *configs[:shift]]
 
 
-def derived(row: dict[str, float], standalone_tp: float | None, bound: float) -> dict[str, float]:
-    """The per-round ratios of one configuration's row."""
+def derived(
+    row: dict[str, float], standalone: dict[str, float] | None, bound: float
+) -> dict[str, float]:
+    """The per-round ratios of one configuration's row (``standalone``: that round's)."""
     out: dict[str, float] = {}
-    if standalone_tp:
-        out["throughput_vs_standalone"] = row["throughput_msg_s"] / standalone_tp
+    for key, name in (
+        ("throughput_msg_s", "throughput_vs_standalone"),
+        ("origin_cpu_us_per_msg", "origin_cpu_vs_standalone"),
+        ("same_p50_ms", "same_p50_vs_standalone"),
+    ):
+        if standalone and standalone.get(key) and key in row:
+            out[name] = row[key] / standalone[key]
     for q in ("p50", "p99"):
         same, cross = row.get(f"same_{q}_ms"), row.get(f"cross_{q}_ms")
         if same and cross is not None:
@@ -126,6 +138,18 @@ def derived(row: dict[str, float], standalone_tp: float | None, bound: float) ->
     if "detect_last_s" in row:
         out["detect_over_bound"] = row["detect_last_s"] / bound
     return out
+
+
+def collect(raw: list[dict[str, Any]], bound: float) -> dict[str, dict[str, list[float]]]:
+    """Per metric and configuration, the values of every round (ratios derived here)."""
+    standalone = {row["round"]: row for row in raw if row["config"] == STANDALONE}
+    per_round: dict[str, dict[str, list[float]]] = {}
+    for row in sorted(raw, key=lambda r: r["round"]):
+        measured = {k: v for k, v in row.items() if k in METRICS and k not in RATIOS}
+        measured.update(derived(measured, standalone.get(row["round"]), bound))
+        for key, value in measured.items():
+            per_round.setdefault(key, {}).setdefault(row["config"], []).append(value)
+    return per_round
 
 
 def summary_table(per_round: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
@@ -505,24 +529,31 @@ class Bench:
                 row.update(await self.detection(hubs))
         return row
 
-    async def rounds(self) -> tuple[dict[str, dict[str, list[float]]], list[Any]]:
+    async def rounds(self) -> list[dict[str, Any]]:
         conf = self.conf
-        per_round: dict[str, dict[str, list[float]]] = {}
-        raw: list[Any] = []
-        bound = conf["lease_ttl"] + conf["grace"]
+        raw: list[dict[str, Any]] = []
         for rnd in range(conf["rounds"]):
-            rows: dict[str, dict[str, float]] = {}
             for config in round_order(rnd):
                 progress(f"round {rnd + 1}/{conf['rounds']}: {config}")
-                rows[config] = await self.run_config(config)
-                progress("  " + ", ".join(f"{k} {fmt(v)}" for k, v in rows[config].items()))
-            standalone_tp = rows[STANDALONE]["throughput_msg_s"]
-            for config, row in rows.items():
-                row.update(derived(row, standalone_tp, bound))
-                for key, value in row.items():
-                    per_round.setdefault(key, {}).setdefault(config, []).append(value)
+                row = await self.run_config(config)
+                progress("  " + ", ".join(f"{k} {fmt(v)}" for k, v in row.items()))
                 raw.append({"round": rnd + 1, "config": config, **row})
-        return per_round, raw
+        return raw
+
+
+def summarize_run(result: dict[str, Any]) -> dict[str, Any]:
+    """``per_round``, ``summary`` and ``ratios`` of a run, from its ``rounds_raw``."""
+    conf = result["settings"]
+    per_round = collect(result["rounds_raw"], conf["lease_ttl"] + conf["grace"])
+    tp = per_round.get("throughput_msg_s", {})
+    return {
+        **result,
+        "per_round": per_round,
+        "summary": summary_table(per_round),
+        "ratios": {
+            "throughput_3_over_1_hub": round_ratios(tp.get("3 hubs", []), tp.get("1 hub", []))
+        },
+    }
 
 
 async def orchestrate(conf: dict[str, Any], keep: bool) -> dict[str, Any]:
@@ -566,7 +597,7 @@ async def measure(conf: dict[str, Any], keep: bool) -> dict[str, Any]:
         progress("starting a 3-node nats-server cluster")
         async with nats_cluster(workdir, bench.logs) as nodes:
             bench.nats = nodes
-            per_round, raw = await bench.rounds()
+            raw = await bench.rounds()
     except BaseException:
         keep = True  # the logs of the failed run
         raise
@@ -577,24 +608,19 @@ async def measure(conf: dict[str, Any], keep: bool) -> dict[str, Any]:
             shutil.rmtree(workdir, ignore_errors=True)
     from peers import versions
 
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
-        f"{platform.python_version()}",
-        "versions": versions(),
-        "command": " ".join(["bench/cluster.py", *sys.argv[1:]]),
-        "settings": conf,
-        "hub_flags": HUB_FLAGS,
-        "duration_s": round(time.monotonic() - started, 1),
-        "per_round": per_round,
-        "rounds_raw": raw,
-        "summary": summary_table(per_round),
-        "ratios": {
-            "throughput_3_over_1_hub": round_ratios(
-                per_round["throughput_msg_s"]["3 hubs"], per_round["throughput_msg_s"]["1 hub"]
-            ),
-        },
-    }
+    return summarize_run(
+        {
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
+            f"{platform.python_version()}",
+            "versions": versions(),
+            "command": " ".join(["bench/cluster.py", *sys.argv[1:]]),
+            "settings": conf,
+            "hub_flags": HUB_FLAGS,
+            "duration_s": round(time.monotonic() - started, 1),
+            "rounds_raw": raw,
+        }
+    )
 
 
 def report(result: dict[str, Any]) -> str:
@@ -675,7 +701,7 @@ def draw_chart(result: dict[str, Any], path: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.from_json:
-        result = json.loads(Path(args.from_json).read_text())
+        result = summarize_run(json.loads(Path(args.from_json).read_text()))
     else:
         conf = settings(args)
         raise_nofile()

@@ -40,15 +40,19 @@ def test_subscribers_spread_round_robin_and_rounds_rotate() -> None:
 def test_derived_ratios() -> None:
     row = {
         "throughput_msg_s": 900.0,
+        "origin_cpu_us_per_msg": 400.0,
         "same_p50_ms": 2.0,
         "cross_p50_ms": 3.0,
         "same_p99_ms": 4.0,
         "cross_p99_ms": 10.0,
         "detect_last_s": 2.7,
     }
-    assert cluster.derived(row, 1200.0, 3.0) == pytest.approx(
+    standalone = {"throughput_msg_s": 1200.0, "origin_cpu_us_per_msg": 160.0, "same_p50_ms": 0.5}
+    assert cluster.derived(row, standalone, 3.0) == pytest.approx(
         {
             "throughput_vs_standalone": 0.75,
+            "origin_cpu_vs_standalone": 2.5,
+            "same_p50_vs_standalone": 4.0,
             "cross_over_same_p50": 1.5,
             "cross_over_same_p99": 2.5,
             "detect_over_bound": 0.9,
@@ -56,6 +60,36 @@ def test_derived_ratios() -> None:
     )
     # One hub: no cross-hub figures, no detection, nothing divided by a missing value.
     assert cluster.derived({"throughput_msg_s": 5.0, "same_p50_ms": 1.0}, None, 3.0) == {}
+
+
+def raw_rows() -> list[dict[str, Any]]:
+    """Two rounds as ``rounds_raw`` holds them (a stale ratio in it is recomputed)."""
+    return [
+        {"round": 1, "config": "standalone", "throughput_msg_s": 1000.0},
+        {"round": 1, "config": "1 hub", "throughput_msg_s": 800.0},
+        {"round": 1, "config": "3 hubs", "throughput_msg_s": 400.0, "detect_last_s": 2.7},
+        {"round": 2, "config": "3 hubs", "throughput_msg_s": 900.0, "detect_last_s": 3.3},
+        {"round": 2, "config": "1 hub", "throughput_msg_s": 1000.0},
+        {"round": 2, "config": "standalone", "throughput_msg_s": 2000.0},
+        {"round": 2, "config": "2 hubs", "throughput_vs_standalone": 99.0},
+    ]
+
+
+def test_collect_pairs_each_configuration_with_its_round_s_standalone() -> None:
+    per_round = cluster.collect(raw_rows(), 3.0)
+    assert per_round["throughput_msg_s"]["3 hubs"] == [400.0, 900.0]
+    assert per_round["throughput_vs_standalone"] == {
+        "standalone": [1.0, 1.0],
+        "1 hub": [0.8, 0.5],
+        "3 hubs": [0.4, 0.45],
+    }
+    assert per_round["detect_over_bound"]["3 hubs"] == pytest.approx([0.9, 1.1])
+    result = cluster.summarize_run(
+        {"settings": {"lease_ttl": 2.0, "grace": 1.0}, "rounds_raw": raw_rows()}
+    )
+    # 3 hubs / 1 hub per round: 400/800 and 900/1000.
+    assert result["ratios"]["throughput_3_over_1_hub"]["median"] == pytest.approx(0.7)
+    assert result["summary"]["throughput_vs_standalone"]["2 hubs"] is None
 
 
 def per_round() -> dict[str, dict[str, list[float]]]:
@@ -104,9 +138,6 @@ def test_from_json_prints_the_table_and_draws_the_chart(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     pytest.importorskip("matplotlib")
-    rows = per_round()
-    rows["throughput_msg_s"]["1 hub"] = [1000.0]
-    rows["throughput_msg_s"]["3 hubs"] = [800.0]
     result: dict[str, Any] = {
         "date": "2026-12-02 00:00:00 UTC",
         "machine": "x86_64, 2 cores",
@@ -118,8 +149,7 @@ def test_from_json_prints_the_table_and_draws_the_chart(
             "lease_ttl": 2.0,
             "grace": 1.0,
         },
-        "summary": cluster.summary_table(rows),
-        "ratios": {"throughput_3_over_1_hub": {"median": 0.8, "min": 0.8, "max": 0.8, "n": 1}},
+        "rounds_raw": raw_rows(),
     }
     source = tmp_path / "cluster.json"
     source.write_text(json.dumps(result))
@@ -127,5 +157,5 @@ def test_from_json_prints_the_table_and_draws_the_chart(
     assert cluster.main(["--from-json", str(source), "--chart", str(chart)]) == 0
     out = capsys.readouterr().out
     assert "| routing throughput, 1 -> 3 subscribers, pipelined, msg/s |" in out
-    assert "throughput, 3 hubs / 1 hub (same round): 0.8" in out
+    assert "throughput, 3 hubs / 1 hub (same round): 0.7 (0.5–0.9)" in out
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
