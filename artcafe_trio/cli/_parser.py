@@ -500,6 +500,11 @@ def _add_demo(commands: Any) -> None:
         "--interval", type=_positive_float, default=1.0, metavar="S",
         help="heartbeat interval in seconds, 0.1 to 10 (default 1.0; timeout = 3 x interval)",
     )  # fmt: skip
+    demo.add_argument(
+        "--cluster", action="store_true",
+        help="three hubs over an embedded nats-server, one SIGKILLed mid-run"
+        " (needs pip install 'artcafe-trio[cluster]')",
+    )  # fmt: skip
     demo.set_defaults(handler=_cmd_demo)
 
 
