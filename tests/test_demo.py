@@ -245,7 +245,7 @@ def test_demo_cluster_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
     assert "hub h3 killed (SIGKILL)" in out
     # The one agent that could not come back is the one ALERT, with the reason hub_lost.
     alerts = re.findall(r"ALERT\s+(\S+) is offline: (\w+)", out)
-    assert alerts == [("stranded-worker", "hub_lost")]
+    assert alerts == [("lost-worker", "hub_lost")]
     assert re.search(r"moving-worker is now on h[12] \(session s-", out)
 
     rows = _summary_rows(out)
@@ -257,7 +257,7 @@ def test_demo_cluster_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
     assert rows["table: one presence table"][1:] == ("the same table on 3 hubs", 3)
     _, expected, measured = rows["kill: 2 agents move hubs"]
     assert "grace" in expected and 0 <= measured <= grace
-    _, expected, measured = rows["kill: stranded-worker reported offline"]
+    _, expected, measured = rows["kill: lost-worker reported offline"]
     assert "hub_lost" in expected and "3.00 s" in expected
     assert ttl * 2 / 3 + grace - EARLY <= measured <= ttl + grace + LATE
     assert rows["kill: survivors agree"][1:] == ("the same table on 2 hubs", 2)

@@ -18,7 +18,7 @@ from ._plan import CONNECT_BOUND, EARLY, LATE, MIN_PAUSE, MONITOR, Plan
 
 __all__ = ["STRANDED", "ClusterScript", "Topology", "check_cluster_alerts"]
 
-STRANDED = "stranded-worker"
+STRANDED = "lost-worker"
 """The killed hub's agent that does not come back (its network stays down)."""
 PING_SUBJECT = "across.hubs"
 KILLED = "h3"
