@@ -82,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
             tempfile.TemporaryDirectory(prefix="artcafe-demo-") as tmp,
         ):
             demo = Demo(plan, output, tmp)
-            if getattr(args, "cluster", False):
+            if cluster:
                 from ._cluster import ClusterDemo
 
                 demo = ClusterDemo(plan, output, tmp)
