@@ -230,3 +230,50 @@ def test_plain_output_prints_events_at_once_and_live_output_does_not() -> None:
     live.leave_screen()
     live.leave_screen()  # idempotent
     assert screen.getvalue() == "\x1b[?1049h\x1b[?25l\x1b[H\x1b[2J\x1b[?25h\x1b[?1049l"
+
+
+@pytest.mark.timeout(90)
+def test_demo_cluster_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
+    """``demo --cluster`` through the CLI at its shortest: a real nats-server, hubs h1 and
+    h2 in process, h3 a hub process SIGKILLed mid-run (about 6 s)."""
+    code = _cli.main(["demo", "--cluster", "--duration", "1", "--agents", "2", "--interval", "0.5"])
+    captured = capsys.readouterr()
+    out = captured.out
+    assert code == 0, out + captured.err
+    assert "Traceback" not in out + captured.err
+    assert re.search(r"hub\s+h3 listening on ws://127\.0\.0\.1:\d+", out)
+    assert "hub h3 killed (SIGKILL)" in out
+    # The one agent that could not come back is the one ALERT, with the reason hub_lost.
+    alerts = re.findall(r"ALERT\s+(\S+) is offline: (\w+)", out)
+    assert alerts == [("lost-worker", "hub_lost")]
+    assert re.search(r"moving-worker is now on h[12] \(session s-", out)
+
+    rows = _summary_rows(out)
+    assert all(verdict == "ok" for verdict, _, _ in rows.values()), rows
+    ttl, grace = 0.5 * 4, 0.5 * 2
+    assert rows["online: monitor sees every agent"][2] == 4
+    _, expected, measured = rows["across: one publish reaches every hub"]
+    assert "3 hubs" in expected and 0 <= measured <= LATE
+    assert rows["table: one presence table"][1:] == ("the same table on 3 hubs", 3)
+    _, expected, measured = rows["kill: 2 agents move hubs"]
+    assert "grace" in expected and 0 <= measured <= grace
+    _, expected, measured = rows["kill: lost-worker reported offline"]
+    assert "hub_lost" in expected and "3.00 s" in expected
+    assert ttl * 2 / 3 + grace - EARLY <= measured <= ttl + grace + LATE
+    assert rows["kill: survivors agree"][1:] == ("the same table on 2 hubs", 2)
+    assert rows["monitor: one ALERT per offline"][2] == 1
+    assert "All 7 expectations met." in out
+
+
+def test_demo_cluster_without_nats_server(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the ``cluster`` extra's binary: a usage error naming the extra."""
+    from artcafe_trio.demo import _natsserver
+
+    monkeypatch.setattr(_natsserver.sys, "executable", "/nonexistent/python")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    code = _cli.main(["demo", "--cluster"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "pip install 'artcafe-trio[cluster]'" in err

@@ -48,6 +48,11 @@ def _cmd_agents_add(args: argparse.Namespace) -> int:
         pub = path + ".pub"
         which = f"the .pub file ({pub})" if os.path.exists(pub) else "its public key (.pub) file"
         raise CliError(f"{path}: this looks like a private key; pass {which}") from None
+    if args.nats:
+        from ._agentsnats import bucket_add
+
+        bucket_add(args, public_key)
+        return EXIT_OK
     with (Registry.open if args.create else _open_existing_registry)(args.db) as registry:
         try:
             fingerprint = registry.add_key(args.tenant, args.agent, public_key)
@@ -85,6 +90,11 @@ def _cmd_agents_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_agents_remove(args: argparse.Namespace) -> int:
+    if args.nats:
+        from ._agentsnats import bucket_remove
+
+        bucket_remove(args)
+        return EXIT_OK
     with _open_existing_registry(args.db) as registry:
         if args.purge:
             if not registry.remove_agent(args.tenant, args.agent):
@@ -103,6 +113,11 @@ def _cmd_agents_remove(args: argparse.Namespace) -> int:
 
 
 def _cmd_agents_set_disabled(args: argparse.Namespace, disabled: bool) -> int:
+    if args.nats:
+        from ._agentsnats import bucket_set_disabled
+
+        bucket_set_disabled(args, disabled)
+        return EXIT_OK
     with _open_existing_registry(args.db) as registry:
         if not registry.set_disabled(args.tenant, args.agent, disabled):
             raise CliError(f"no agent {args.tenant}/{args.agent} in {args.db}")

@@ -88,6 +88,23 @@ def _add_identity(
     parser.add_argument("--agent", required=True, help="agent id")
 
 
+def _add_bucket(parser: argparse.ArgumentParser) -> None:
+    """``agents ... --nats``: the cluster's bucket instead of the SQLite registry."""
+    parser.add_argument(
+        "--nats", default=None, metavar="URLS",
+        help="write the cluster's bucket (hubs run with --nats-shared-credentials) instead"
+        " of --db: NATS server URLs, comma-separated",
+    )  # fmt: skip
+    parser.add_argument(
+        "--nats-bucket", default="artcafe_cluster", metavar="NAME",
+        help="the cluster's key-value bucket (as the hubs' --nats-bucket)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--nats-replicas", type=_positive_int, default=3, metavar="N",
+        help="the bucket's replicas if this creates it (as the hubs' --nats-replicas)",
+    )  # fmt: skip
+
+
 def _add_agent_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url", default=None, help=f"hub URL (default: $ARTCAFE_URL, else {DEFAULT_URL})"
@@ -195,6 +212,7 @@ def _add_agents(commands: Any) -> None:
         help="create the registry database if it is missing (default: refuse, since a "
         "running hub would never see a new file)",
     )
+    _add_bucket(add)
     add.set_defaults(handler=_cmd_agents_add)
 
     listing = _command(agent_commands, "list", "list agents, keys and last known presence")
@@ -214,14 +232,17 @@ def _add_agents(commands: Any) -> None:
     which.add_argument(
         "--purge", action="store_true", help="remove the agent itself with its keys and presence"
     )
+    _add_bucket(remove)
     remove.set_defaults(handler=_cmd_agents_remove)
 
     disable = _command(agent_commands, "disable", "refuse the agent (sessions are closed)")
     _add_identity(disable)
+    _add_bucket(disable)
     disable.set_defaults(handler=functools.partial(_cmd_agents_set_disabled, disabled=True))
 
     enable = _command(agent_commands, "enable", "accept a disabled agent again")
     _add_identity(enable)
+    _add_bucket(enable)
     enable.set_defaults(handler=functools.partial(_cmd_agents_set_disabled, disabled=False))
 
 
@@ -505,6 +526,11 @@ def _add_demo(commands: Any) -> None:
     demo.add_argument(
         "--interval", type=_positive_float, default=1.0, metavar="S",
         help="heartbeat interval in seconds, 0.1 to 10 (default 1.0; timeout = 3 x interval)",
+    )  # fmt: skip
+    demo.add_argument(
+        "--cluster", action="store_true",
+        help="three hubs over an embedded nats-server, one SIGKILLed mid-run"
+        " (needs pip install 'artcafe-trio[cluster]')",
     )  # fmt: skip
     demo.set_defaults(handler=_cmd_demo)
 

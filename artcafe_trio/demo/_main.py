@@ -18,6 +18,9 @@ logs, pipes) only timestamped event lines are printed. The summary compares
 each detection time with its configured expectation, and the exit code is 0
 only if all of them were met (1 otherwise, 2 for bad options, 130 on Ctrl+C).
 
+``demo --cluster`` (:mod:`._cluster`, :mod:`._clusterstages`, :mod:`._natsserver`) stages
+a story on three hubs over an embedded nats-server instead; event lines only.
+
 The modules: ``_plan`` (settings, timeline), ``_cast`` (agents and their faulty links),
 ``_observe`` (presence events, presence table and health, sampled), ``_stages`` (the five
 stages and their checks), ``_judge`` (the summary), ``_output`` and ``_screen`` (plain lines
@@ -62,7 +65,16 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     stream = sys.stdout
-    live = _is_terminal(stream)
+    cluster = bool(getattr(args, "cluster", False))
+    if cluster:
+        from ._natsserver import MissingNatsServer, nats_server_binary
+
+        try:
+            nats_server_binary()
+        except MissingNatsServer as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+    live = _is_terminal(stream) and not cluster  # the cluster demo prints event lines only
     output = _Output(stream, live=live, color=live and "NO_COLOR" not in os.environ)
     try:
         with (
@@ -70,6 +82,10 @@ def main(args: argparse.Namespace) -> int:
             tempfile.TemporaryDirectory(prefix="artcafe-demo-") as tmp,
         ):
             demo = Demo(plan, output, tmp)
+            if cluster:
+                from ._cluster import ClusterDemo
+
+                demo = ClusterDemo(plan, output, tmp)
             try:
                 with collapse_exception_groups():
                     return trio.run(demo.run)

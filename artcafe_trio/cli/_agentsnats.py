@@ -1,0 +1,106 @@
+"""``agents add|remove|disable|enable --nats URLS``: the credentials in a cluster's bucket
+(for hubs run with ``--nats-shared-credentials``), instead of a SQLite registry."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from artcafe_trio.cluster import publish_agent, remove_agent
+from artcafe_trio.cluster._credentials import credentials_key, decode_credentials
+from artcafe_trio.cluster._store import open_cluster_store
+from artcafe_trio.nats import KeyValue, KvOp, open_nats
+from artcafe_trio.protocol import PublicKey
+
+from ._common import CliError, _note
+
+__all__ = ["bucket_add", "bucket_remove", "bucket_set_disabled"]
+
+NATS_BOUND = 15.0
+"""The most one command may wait for NATS (connect, bind the bucket, write)."""
+
+Credentials = tuple[tuple[PublicKey, ...], bool]
+
+
+def _in_bucket(args: argparse.Namespace, action: Callable[[KeyValue], Awaitable[None]]) -> None:
+    """Run ``action`` on the cluster's bucket (created if missing, as the hubs create it)."""
+    servers = [part.strip() for part in args.nats.split(",") if part.strip()]
+    if not servers:
+        raise CliError("--nats needs at least one NATS server URL")
+
+    async def run() -> None:
+        with trio.move_on_after(NATS_BOUND) as scope:
+            async with open_nats(servers, name="artcafe-trio agents") as nc:
+                store = await open_cluster_store(
+                    nc, "admin", bucket=args.nats_bucket, replicas=args.nats_replicas
+                )
+                await action(store.kv)
+        if scope.cancelled_caught:
+            raise CliError(f"NATS ({args.nats}) did not answer within {NATS_BOUND:g} s")
+
+    trio.run(run)
+
+
+async def _read(kv: KeyValue, args: argparse.Namespace) -> Credentials | None:
+    """The agent's keys and disabled flag in the bucket, or None if it has no entry."""
+    entry = await kv.entry(credentials_key(args.tenant, args.agent))
+    if entry is None or entry.op is not KvOp.PUT:
+        return None
+    return decode_credentials(entry.value)
+
+
+def _where(args: argparse.Namespace) -> str:
+    return f"bucket {args.nats_bucket!r}"
+
+
+def bucket_add(args: argparse.Namespace, public_key: PublicKey) -> None:
+    """Add ``public_key`` to the agent's keys (keeping the others and its disabled flag)."""
+
+    async def add(kv: KeyValue) -> None:
+        keys, disabled = await _read(kv, args) or ((), False)
+        if any(key.fingerprint == public_key.fingerprint for key in keys):
+            _note(f"{args.tenant}/{args.agent} already has this key in {_where(args)}")
+            return
+        await publish_agent(kv, args.tenant, args.agent, (*keys, public_key), disabled=disabled)
+        _note(f"added key for {args.tenant}/{args.agent} to {_where(args)}")
+
+    _in_bucket(args, add)
+    print(public_key.fingerprint)
+
+
+def bucket_set_disabled(args: argparse.Namespace, disabled: bool) -> None:
+    async def change(kv: KeyValue) -> None:
+        found = await _read(kv, args)
+        if found is None:
+            raise CliError(f"no agent {args.tenant}/{args.agent} in {_where(args)}")
+        await publish_agent(kv, args.tenant, args.agent, found[0], disabled=disabled)
+
+    _in_bucket(args, change)
+    _note(f"{'disabled' if disabled else 'enabled'} {args.tenant}/{args.agent} in {_where(args)}")
+
+
+def bucket_remove(args: argparse.Namespace) -> None:
+    """One key (``--fingerprint``), or the agent's entry (its keys, its disabled flag)."""
+
+    async def remove(kv: KeyValue) -> None:
+        found = await _read(kv, args)
+        if found is None:
+            raise CliError(f"no agent {args.tenant}/{args.agent} in {_where(args)}")
+        keys, disabled = found
+        if args.fingerprint is None:
+            await remove_agent(kv, args.tenant, args.agent)
+            _note(f"removed {args.tenant}/{args.agent} from {_where(args)}")
+            return
+        left = tuple(key for key in keys if key.fingerprint != args.fingerprint)
+        if len(left) == len(keys):
+            raise CliError(
+                f"no key {args.fingerprint} for agent {args.tenant}/{args.agent} in {_where(args)}"
+            )
+        await publish_agent(kv, args.tenant, args.agent, left, disabled=disabled)
+        _note(f"removed 1 key of {args.tenant}/{args.agent} from {_where(args)}")
+        if not left:
+            _note("the agent has no key left: it can no longer authenticate")
+
+    _in_bucket(args, remove)
