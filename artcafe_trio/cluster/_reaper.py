@@ -75,7 +75,10 @@ async def _reap_after(
             log.warning("reaping hub %s failed (%r), attempt %d", hub, exc, attempt + 1)
             await trio.sleep(1.0)
             continue
-        log.warning("hub %s lost: %d agent(s) marked offline (hub_lost)", hub, len(reaped))
+        if wait or reaped:  # an expired lease, or a stop that left agents online
+            log.warning("hub %s lost: %d agent(s) marked offline (hub_lost)", hub, len(reaped))
+        else:  # a graceful stop that had handed everything over: routine
+            log.info("hub %s left the cluster", hub)
         on_reaped(hub, reaped)
         return
     log.error("hub %s could not be reaped: its agents stay as they are", hub)
