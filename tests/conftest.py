@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
 from typing import Any
 
 import pytest
@@ -23,6 +23,10 @@ from artcafe_trio.protocol import (
     encode,
 )
 from artcafe_trio.testing import TestHub, open_test_hub
+
+from .logsecrets import secret_lines
+
+pytest_plugins = ["pytester"]  # tests/test_zz_logs.py runs the log check in a session of its own
 
 
 class RawClient:
@@ -118,16 +122,46 @@ async def test_hub() -> AsyncIterator[TestHub]:
 
 
 class _SecretsFilter(logging.Handler):
-    """Collects every log record of the suite to check no secret leaks into logs."""
+    """Collects every log record of this process's session to check no secret leaks."""
 
     def __init__(self) -> None:
         super().__init__(level=logging.DEBUG)
         self.lines: list[str] = []
+        self.checked = 0  # lines[:checked] passed the check
 
     def emit(self, record: logging.LogRecord) -> None:
         self.lines.append(record.getMessage())
+
+    def check_new_lines(self) -> list[str]:
+        """The lines logged since the last check that may hold a secret."""
+        new, self.checked = self.lines[self.checked :], len(self.lines)
+        return secret_lines(new)
 
 
 LOG_CAPTURE = _SecretsFilter()
 logging.getLogger("artcafe_trio").addHandler(LOG_CAPTURE)
 logging.getLogger("artcafe_trio").setLevel(logging.DEBUG)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    """Every log line is checked for secrets at the end of the test phase that logged it
+    (in each pytest-xdist worker: the check needs no single process to see the session)."""
+    outcome = yield
+    leaked = LOG_CAPTURE.check_new_lines()
+    if leaked:
+        report: pytest.TestReport = outcome.get_result()
+        report.outcome = "failed"
+        shown = "\n".join(repr(line[:200]) for line in leaked)
+        report.longrepr = f"possible secret in {len(leaked)} log line(s) ({call.when}):\n{shown}"
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Lines logged outside any test phase (collection, session end) are checked too."""
+    leaked = LOG_CAPTURE.check_new_lines()
+    if leaked:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+        for line in leaked:
+            print(f"possible secret in a log line outside any test: {line[:200]!r}")

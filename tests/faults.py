@@ -42,6 +42,8 @@ from typing import Literal, TypeAlias
 import attrs
 import trio
 
+from .ports import free_port
+
 __all__ = ["Direction", "FaultProxy", "LinkStats", "RefuseMode", "open_fault_proxy"]
 
 Direction: TypeAlias = Literal["to_hub", "to_agents"]
@@ -301,8 +303,9 @@ async def open_fault_proxy(
     proxy = FaultProxy(target_port, target_host)
     async with trio.open_nursery() as nursery:
         proxy._nursery = nursery
-        proxy._listener = proxy._listen(0)
-        proxy.port = proxy._listener.socket.getsockname()[1]
+        # A reserved port: while the proxy is unlistened nobody else is handed it.
+        proxy.port = free_port()
+        proxy._listener = proxy._listen(proxy.port)
         nursery.start_soon(proxy._acceptor, proxy._listener)
         try:
             yield proxy

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import trio
+
+from .ports import free_port
 
 HUB = [
     sys.executable,
@@ -18,13 +19,6 @@ HUB = [
     "from artcafe_trio.cli import main; raise SystemExit(main())",
     "hub",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class HubProcess:

