@@ -32,8 +32,14 @@ def _summary_rows(out: str) -> dict[str, tuple[str, str, float]]:
 
 
 def test_demo_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
-    """The whole demo through the CLI, with real TCP, short heartbeats (about 10 s)."""
-    code = _cli.main(["demo", "--duration", "10", "--agents", "2", "--interval", "0.5"])
+    """The whole demo through the CLI, with real TCP and short heartbeats (about 7 s; CI
+    also runs the default demo, 1 s heartbeats, on its own)."""
+    interval = 0.25
+    duration = "7.1"  # the shortest timeline that fits the stages, with the least pauses
+    assert not make_plan(float(duration), 2, interval).stretched
+    assert make_plan(float(duration), 2, interval).pause < _plan.MIN_PAUSE + 0.01
+    args = ["demo", "--duration", duration, "--agents", "2", "--interval", str(interval)]
+    code = _cli.main(args)
     captured = capsys.readouterr()
     out = captured.out
     assert code == 0, out + captured.err
@@ -55,7 +61,7 @@ def test_demo_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
 
     # The summary: each staged event, its expectation, the measured time, within tolerance.
     rows = _summary_rows(out)
-    timeout, grace = 0.5 * 3, 0.5 * 2
+    timeout, grace = interval * 3, interval * 2
     verdict, expected, measured = rows["hang: hub says hung-worker offline"]
     assert verdict == "ok" and "timeout" in expected
     assert timeout - EARLY <= measured <= timeout + LATE
