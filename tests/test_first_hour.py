@@ -42,7 +42,7 @@ from artcafe_trio.agent._connfail import describe_failure
 from artcafe_trio.cli import main
 from artcafe_trio.testing import TestHub
 
-from .test_cli import CLI, _cli, _free_port
+from .test_cli import CLI, _cli, _free_port, _run_main
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -592,10 +592,14 @@ def test_key_errors_show_absolute_paths(tmp_path: Path, monkeypatch: pytest.Monk
 def _run(
     *args: str, cwd: Path, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*CLI, *args], capture_output=True, text=True, timeout=30, cwd=cwd,
-        stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})},
-    )  # fmt: skip
+    """The command's ``main([...])`` in this process, in ``cwd`` with ``env`` added: no
+    interpreter start-up (``tests/test_cli.py`` runs each command's real binary)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        for name, value in (env or {}).items():
+            patch.setenv(name, value)
+        code, out, err = _run_main(*args)
+    return subprocess.CompletedProcess([*CLI, *args], code, out, err)
 
 
 def test_cli_listen_against_a_down_hub_fails_fast(tmp_path: Path) -> None:
