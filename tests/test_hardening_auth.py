@@ -87,7 +87,7 @@ async def test_many_fresh_agents_registered_by_another_process_all_come_online(
     db = str(tmp_path / "reg.db")
     with Registry.open(db) as hub_registry, Registry.open(db) as cli:
         async with open_test_hub(
-            registry=hub_registry, registry_poll_interval=3600.0, close_timeout=0.05
+            registry=hub_registry, registry_poll_interval=3600.0, close_timeout=0.5
         ) as hub:
             keys = {f"w{i}": generate_private_key() for i in range(20)}
             for agent, key in keys.items():
@@ -150,7 +150,7 @@ async def test_every_refusal_costs_exactly_one_signature_check_of_the_same_type(
     algorithm: str,
 ) -> None:
     owner, intruder = owner_and_intruder[algorithm]
-    async with open_test_hub(auth_failures_free=10**6, close_timeout=0.05) as hub:
+    async with open_test_hub(auth_failures_free=10**6, close_timeout=0.5) as hub:
         hub.registry.add_key("t1", "a1", owner.public_key)  # as hub.register does
         await hub.hub._keys.reload()  # keys loaded: no reload during the check
         kwargs: dict[str, Any] = {
@@ -173,7 +173,7 @@ async def test_operator_log_names_the_cause_the_client_never_sees(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Issue 15 item 9: the hub's log says which cause it was; the client's error does not."""
-    async with open_test_hub(auth_failures_free=10**6, close_timeout=0.05) as hub:
+    async with open_test_hub(auth_failures_free=10**6, close_timeout=0.5) as hub:
         hub.register("t1", "a1")
         intruder = generate_private_key()
         answers = []
@@ -201,7 +201,7 @@ async def test_parallel_attempts_from_one_address_are_checked_one_at_a_time(
     parallel and were answered together)."""
     async with open_test_hub(
         auth_failures_free=0, auth_failure_delay_cap=1.0, challenge_timeout=120.0,
-        close_timeout=0.05,
+        close_timeout=0.5,
     ) as hub:  # fmt: skip
         hub.register("t1", "a1")
         intruder = generate_private_key()
@@ -226,7 +226,7 @@ async def test_parallel_attempts_from_one_address_are_checked_one_at_a_time(
 async def test_a_success_does_not_forgive_the_failures_of_another_identity(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
-    async with open_test_hub(close_timeout=0.05) as hub:
+    async with open_test_hub(close_timeout=0.5) as hub:
         hub.register("t1", "victim")
         mine = hub.register("t1", "mine")
         intruder = generate_private_key()
@@ -246,7 +246,7 @@ async def test_a_success_forgives_its_own_failures(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
     """An agent that had a wrong key configured and got fixed is not held back."""
-    async with open_test_hub(close_timeout=0.05) as hub:
+    async with open_test_hub(close_timeout=0.5) as hub:
         key = hub.register("t1", "a1")
         old = generate_private_key()
         for _ in range(3):
@@ -262,7 +262,7 @@ async def test_many_agents_behind_one_address_connect_at_once_without_delay(
 ) -> None:
     """200 agents share the in-memory "address" (a NAT); one of them has two failures.
     All the others get in at once: only failures slow an address down."""
-    async with open_test_hub(close_timeout=0.05) as hub:
+    async with open_test_hub(close_timeout=0.5) as hub:
         keys = {f"n{i}": hub.register("t1", f"n{i}") for i in range(200)}
         for _ in range(2):
             await answer_auth(hub, nursery, generate_private_key(), agent="n0")
@@ -328,7 +328,7 @@ async def test_any_first_frame_gets_a_documented_refusal_never_a_traceback(
     handler = _ErrorRecords()
     logging.getLogger("artcafe_trio").addHandler(handler)
     try:
-        async with open_test_hub(auth_failures_free=10**9, close_timeout=0.05) as hub:
+        async with open_test_hub(auth_failures_free=10**9, close_timeout=0.5) as hub:
             key = hub.register("t1", "a1")
             resource = "/api/v1/ws/admin" if admin else "/api/v1/ws/agent/a1?tenant_id=t1"
             with trio.fail_after(10):
@@ -372,7 +372,7 @@ class _ErrorRecords(logging.Handler):
 async def test_a_lone_surrogate_admin_token_is_refused_counted_and_slowed(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
-    async with open_test_hub(close_timeout=0.05) as hub:
+    async with open_test_hub(close_timeout=0.5) as hub:
         took = []
         for _ in range(5):
             ws = await hub.dial(nursery, "/api/v1/ws/admin")
@@ -393,7 +393,7 @@ async def test_a_lone_surrogate_admin_token_is_refused_counted_and_slowed(
 async def test_an_invalid_first_frame_is_counted_and_slowed(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
-    async with open_test_hub(close_timeout=0.05) as hub:
+    async with open_test_hub(close_timeout=0.5) as hub:
         took = []
         for _ in range(5):
             client = await raw_connect(hub, nursery, "a1", "t1", None, authenticate=False)
@@ -415,7 +415,7 @@ async def test_a_slowed_refusal_arrives_as_challenge_expired_within_the_expiry(
 ) -> None:
     async with open_test_hub(
         auth_failures_free=0, auth_failure_delay_cap=10.0, challenge_timeout=3.0,
-        close_timeout=0.05,
+        close_timeout=0.5,
     ) as hub:  # fmt: skip
         hub.register("t1", "a1")
         intruder = generate_private_key()
@@ -440,7 +440,7 @@ async def test_a_slowed_refusal_arrives_as_challenge_expired_within_the_expiry(
 
 
 async def test_authentication_failed_echoes_the_auth_frame_id(nursery: trio.Nursery) -> None:
-    async with open_test_hub(close_timeout=0.05) as hub:
+    async with open_test_hub(close_timeout=0.5) as hub:
         hub.register("t1", "a1")
         _, _, answer, _ = await answer_auth(
             hub, nursery, generate_private_key(), extra={"id": "auth-7"}
@@ -454,7 +454,7 @@ async def test_authentication_failed_echoes_the_auth_frame_id(nursery: trio.Nurs
 
 
 async def test_admin_authentication_failed_echoes_the_id(nursery: trio.Nursery) -> None:
-    async with open_test_hub(close_timeout=0.05) as hub:
+    async with open_test_hub(close_timeout=0.5) as hub:
         ws = await hub.dial(nursery, "/api/v1/ws/admin")
         await ws.get_message()
         await ws.send_message('{"type":"admin_auth","token":"nope","id":"adm-1"}')
@@ -491,7 +491,7 @@ async def test_an_agent_error_frame_cannot_forge_a_hub_log_line(
     nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Before: ``code`` and ``message`` of an agent's ``error`` frame were logged raw."""
-    async with open_test_hub(close_timeout=0.05) as hub:
+    async with open_test_hub(close_timeout=0.5) as hub:
         key = hub.register("t1", "a1")
         client = await raw_connect(hub, nursery, "a1", "t1", key)
         forged = "x\n2026-01-01 INFO artcafe_trio.hub: presence t1/b offline (timeout)\x1b[2K\r"
@@ -562,7 +562,7 @@ async def test_a_hub_says_loudly_that_its_registry_file_was_deleted_and_keeps_se
     db = tmp_path / "reg.db"
     with Registry.open(db) as registry:
         async with open_test_hub(
-            registry=registry, registry_poll_interval=0.02, close_timeout=0.05
+            registry=registry, registry_poll_interval=0.02, close_timeout=0.5
         ) as hub:
             key = hub.register("t1", "a1")
             await hub.hub._keys.reload()
@@ -596,7 +596,7 @@ async def test_pending_presence_writes_are_bounded_by_the_number_of_agents(
 ) -> None:
     """While writes fail, 200 reconnects of 2 agents queue at most 2 x 2 + 16 changes,
     the latest of each agent kept (before: 400 changes, growing without bound)."""
-    async with open_test_hub(disconnect_grace=0, close_timeout=0.05) as hub:
+    async with open_test_hub(disconnect_grace=0, close_timeout=0.5) as hub:
         keys = {a: hub.register("t1", a) for a in ("a1", "a2")}
 
         def broken(changes: object) -> None:

@@ -132,3 +132,46 @@ async def test_reject_sends_the_status_and_body() -> None:
     await request.reject(404, body=b"unknown path")
     events = await client.events()
     assert isinstance(events[0], RejectConnection) and events[0].status_code == 404
+
+
+async def opened_lockstep() -> tuple[trio.abc.Stream, ServerWebSocket]:
+    """A server WebSocket over a lockstep pair: a write waits for the reader."""
+    client_stream, server_stream = trio.testing.lockstep_stream_pair()
+    ws = WSConnection(ConnectionType.CLIENT)
+    accepted: list[ServerWebSocket] = []
+
+    async def upgrade() -> None:
+        request = await read_upgrade_request(server_stream, max_message_size=1 << 20)
+        assert request is not None
+        accepted.append(await request.accept())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(upgrade)
+        await client_stream.send_all(ws.send(Request(host="h", target="/x")))
+        ws.receive_data(bytes(await client_stream.receive_some(65536)))
+    assert any(isinstance(e, AcceptConnection) for e in ws.events())
+    return client_stream, accepted[0]
+
+
+async def test_a_write_cut_short_is_never_followed_by_a_close_frame() -> None:
+    """A slow consumer cut off in the middle of a frame: the stream's state is unknown
+    (trio: after a cancelled send_all only aclose is valid), so the close must not
+    write a close frame after the half-sent one; it closes the stream (the peer sees the
+    connection end) and does not fail."""
+    client, server = await opened_lockstep()
+    data = frame_text("x" * 100_000)
+    with trio.move_on_after(1):  # the consumer reads a little, then stops
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.send_frames, data)
+            assert len(await client.receive_some(1000)) <= 1000
+            await trio.sleep(0.1)
+            nursery.cancel_scope.cancel()
+    with trio.fail_after(2):
+        await server.aclose(4004, "slow consumer")
+    with pytest.raises(ConnectionClosed):
+        await server.send_message("more")
+    rest = b""
+    with trio.fail_after(2):
+        while chunk := await client.receive_some(65536):
+            rest += chunk
+    assert len(rest) < len(data)  # the rest of the half-sent frame at most: no close frame

@@ -104,6 +104,7 @@ class ServerWebSocket:
         self._ws = ws
         self._max_message_size = max_message_size
         self._messages: deque[str | bytes] = deque()
+        self._write_broken = False  # a write was cut short: only aclose() is valid
         self._text: list[str] = []  # fragments of the message being received
         self._binary: list[bytes] = []
         self._parts_size = 0
@@ -171,16 +172,27 @@ class ServerWebSocket:
 
     async def send_frames(self, data: bytes | bytearray) -> None:
         """Send already framed messages (see :func:`frame_text`) in one write."""
-        if not self.is_open:
+        if not self.is_open or self._write_broken:
             raise ConnectionClosed(self.closed or CloseReason(1006, "connection closed"))
         if self._control:
             data = bytes(self._control) + data
             self._control.clear()
+        sent = False
         try:
             await self._stream.send_all(data)
+            sent = True
         except _STREAM_ERRORS:
             self.closed = CloseReason(1006, "connection lost")
             raise ConnectionClosed(self.closed) from None
+        finally:
+            if not sent:
+                if self.closed is None:
+                    self.closed = CloseReason(1006, "a write was cut short")
+                # Cut short (cancelled mid-write, or failed): part of a frame may be on
+                # the wire, and trio allows only aclose on such a stream. Nothing more
+                # is written to it, not even a close frame: it would follow the
+                # half-sent frame and read as garbage.
+                self._write_broken = True
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         """Close: send the close frame (or the echo of the peer's), wait for the peer's
@@ -188,6 +200,8 @@ class ServerWebSocket:
         RFC 6455 §7.1.7), then close the stream."""
         ws = self._ws
         try:
+            if self._write_broken:
+                return  # only the stream's close (finally): see send_frames
             if ws.state is ConnectionState.OPEN:
                 self._control += ws.send(CloseConnection(code=code, reason=reason))
                 if self.closed is None:
