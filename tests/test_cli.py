@@ -1018,3 +1018,23 @@ def test_status_over_tls(tmp_path: Path) -> None:
         assert json.loads(trusted.stdout) == []
         hub.popen.send_signal(signal.SIGTERM)
         assert hub.wait(5) == 0, hub.describe()
+
+
+def test_the_status_table_shows_hubs_only_for_a_clusters_table() -> None:
+    from artcafe_trio import PresenceRecord
+    from artcafe_trio.cli._presence import _presence_json, _presence_table
+
+    def rows(*hubs: str | None) -> list[dict[str, object]]:
+        return [
+            _presence_json(PresenceRecord(tenant_id="t", agent_id=f"a{i}", status="online",
+                                          hub_id=hub), "hub")
+            for i, hub in enumerate(hubs)
+        ]  # fmt: skip
+
+    alone = rows("hub-1", "hub-1", None)
+    assert [row["hub_id"] for row in alone] == ["hub-1", "hub-1", None]
+    assert "HUB" not in _presence_table(alone).split()  # one hub: the table as before
+    cluster = _presence_table(rows("hub-1", "hub-2", None)).splitlines()
+    assert cluster[0].split()[:5] == ["TENANT", "AGENT", "STATUS", "REASON", "HUB"]
+    assert [line.split()[4] for line in cluster[1:]] == ["hub-1", "hub-2", "-"]
+    assert _presence_table(alone, hubs=True).splitlines()[1].split()[4] == "hub-1"

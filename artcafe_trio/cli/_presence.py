@@ -29,6 +29,7 @@ def _presence_json(record: PresenceRecord, source: str) -> dict[str, Any]:
         "last_seen": _iso(record.last_seen),
         "last_heartbeat_ack": _iso(record.last_heartbeat),
         "heartbeat_timeout": record.heartbeat_timeout,
+        "hub_id": record.hub_id,
         "source": source,
     }
 
@@ -64,9 +65,21 @@ def _age(seconds: float) -> str:
     return f"{seconds // 3600} h ago"
 
 
-def _presence_table(rows: Sequence[dict[str, Any]], now: float | None = None) -> str:
-    """The presence table; with ``now`` (``--watch``), times also show their age."""
-    headers = ("TENANT", "AGENT", "STATUS", "REASON", "LAST SEEN", "LAST HEARTBEAT ACK")
+def _shows_hubs(rows: Sequence[dict[str, Any]]) -> bool:
+    """A HUB column only when the rows name more than one hub (a cluster's table): a
+    single hub's table stays as it always was."""
+    return len({row.get("hub_id") for row in rows} - {None}) > 1
+
+
+def _presence_table(
+    rows: Sequence[dict[str, Any]], now: float | None = None, hubs: bool | None = None
+) -> str:
+    """The presence table; with ``now`` (``--watch``), times also show their age; with
+    ``hubs`` (default: :func:`_shows_hubs`), each agent's hub."""
+    if hubs is None:
+        hubs = _shows_hubs(rows)
+    headers: tuple[str, ...] = ("TENANT", "AGENT", "STATUS", "REASON")
+    headers += ("HUB",) * hubs + ("LAST SEEN", "LAST HEARTBEAT ACK")
 
     def short(value: str | None) -> str:
         if not value:
@@ -85,6 +98,7 @@ def _presence_table(rows: Sequence[dict[str, Any]], now: float | None = None) ->
                 row["agent_id"],
                 row["status"],
                 row["reason"] or "-",
+                *((row.get("hub_id") or "-",) * hubs),
                 short(row["last_seen"]),
                 short(row["last_heartbeat_ack"]),
             )
