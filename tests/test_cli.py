@@ -1038,3 +1038,10 @@ def test_the_status_table_shows_hubs_only_for_a_clusters_table() -> None:
     assert cluster[0].split()[:5] == ["TENANT", "AGENT", "STATUS", "REASON", "HUB"]
     assert [line.split()[4] for line in cluster[1:]] == ["hub-1", "hub-2", "-"]
     assert _presence_table(alone, hubs=True).splitlines()[1].split()[4] == "hub-1"
+
+
+def test_status_nats_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--nats", " , "]) == 2
+    assert "--nats needs at least one NATS server URL" in capsys.readouterr().err
+    assert main(["status", "--nats", "nats://127.0.0.1:1", "--watch"]) == 2
+    assert "does not --watch" in capsys.readouterr().err

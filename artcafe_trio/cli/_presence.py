@@ -14,7 +14,13 @@ from artcafe_trio.registry import AgentRecord
 
 from ._common import _iso, _table
 
-__all__ = ["_StatusPrinter", "_presence_json", "_presence_table", "_registry_presence_json"]
+__all__ = [
+    "_StatusPrinter",
+    "_hubs_table",
+    "_presence_json",
+    "_presence_table",
+    "_registry_presence_json",
+]
 
 
 def _presence_json(record: PresenceRecord, source: str) -> dict[str, Any]:
@@ -107,21 +113,51 @@ def _presence_table(
     )
 
 
+def _hubs_table(hubs: Sequence[dict[str, Any]]) -> str:
+    """The cluster's hubs (``status --nats``): one row per lease."""
+
+    def age(hub: dict[str, Any]) -> str:
+        text = "-" if hub["lease_age"] is None else f"{hub['lease_age']:.1f} s"
+        if hub["state"] == "past_ttl":
+            text += f" (past its {hub['lease_ttl']:g} s TTL: dead or frozen, expiry pending)"
+        elif hub["state"] == "expired":
+            text += " (lease expired: the hub is gone)"
+        return text
+
+    return _table(
+        ("HUB", "URLS", "DRAINING", "LEASE AGE"),
+        [
+            (hub["hub_id"], ",".join(hub["urls"]) or "-", "yes" if hub["draining"] else "no",
+             age(hub))
+            for hub in hubs
+        ],
+    )  # fmt: skip
+
+
 class _StatusPrinter:
     def __init__(self, as_json: bool, watch: bool, stream: IO[str]) -> None:
         self.as_json = as_json
         self.watch = watch
         self.stream = stream
         self.tty = stream.isatty()
+        #: The cluster's hubs (``status --nats``), shown with the presence table.
+        self.hubs: list[dict[str, Any]] | None = None
 
     def show(self, rows: Sequence[dict[str, Any]]) -> None:
         if self.as_json:
             # One line per table in watch mode (JSON Lines), pretty otherwise.
-            text = json.dumps(list(rows), indent=None if self.watch else 2)
+            shown: object = list(rows)
+            if self.hubs is not None:
+                shown = {"agents": shown, "hubs": self.hubs}
+            text = json.dumps(shown, indent=None if self.watch else 2)
         else:
             now = time.time()
-            table = _presence_table(rows, now if self.watch else None)
+            hubs = True if self.hubs is not None else None
+            table = _presence_table(rows, now if self.watch else None, hubs)
             text = table if rows else "no agents known to the hub"
+            if self.hubs is not None:
+                listed = _hubs_table(self.hubs) if self.hubs else "no hub holds a lease"
+                text += "\n\n" + listed
             if self.watch:
                 stamp = _iso(now, "seconds")
                 text = f"presence at {stamp} (Ctrl+C to stop)\n{text}"
