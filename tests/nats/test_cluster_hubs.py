@@ -469,8 +469,8 @@ async def presence_watcher(hub: TestHub, nursery: trio.Nursery) -> RawClient:
 async def test_a_killed_hub_s_agents_go_offline_hub_lost_unless_they_moved(
     nats_cluster: list[NatsNode], tmp_path: Path
 ) -> None:
-    stays = [f"stays-{i}" for i in range(20)]
-    moves = [f"moves-{i}" for i in range(20)]
+    stays = [f"stays-{i}" for i in range(50)]  # 100 agents on the killed hub
+    moves = [f"moves-{i}" for i in range(50)]
     async with (
         hub_process_and_hub_a(nats_cluster, tmp_path, stays + moves) as (proc, url, a, keys),
         trio.open_nursery() as nursery,
@@ -495,6 +495,7 @@ async def test_a_killed_hub_s_agents_go_offline_hub_lost_unless_they_moved(
             table = await query(watcher)
             assert {table[agent].reason for agent in stays} == {"hub_lost"}
             assert {table[agent].status for agent in moves} == {"online"}
+            assert {table[agent].hub_id for agent in moves} == {"hub-a"}
             nursery.cancel_scope.cancel()
 
 
