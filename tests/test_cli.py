@@ -1016,3 +1016,54 @@ def test_status_over_tls(tmp_path: Path) -> None:
         assert json.loads(trusted.stdout) == []
         hub.popen.send_signal(signal.SIGTERM)
         assert hub.wait(5) == 0, hub.describe()
+
+
+def test_the_status_table_shows_hubs_only_for_a_clusters_table() -> None:
+    from artcafe_trio import PresenceRecord
+    from artcafe_trio.cli._presence import _presence_json, _presence_table
+
+    def rows(*hubs: str | None) -> list[dict[str, object]]:
+        return [
+            _presence_json(PresenceRecord(tenant_id="t", agent_id=f"a{i}", status="online",
+                                          hub_id=hub), "hub")
+            for i, hub in enumerate(hubs)
+        ]  # fmt: skip
+
+    alone = rows("hub-1", "hub-1", None)
+    assert [row["hub_id"] for row in alone] == ["hub-1", "hub-1", None]
+    assert "HUB" not in _presence_table(alone).split()  # one hub: the table as before
+    cluster = _presence_table(rows("hub-1", "hub-2", None)).splitlines()
+    assert cluster[0].split()[:5] == ["TENANT", "AGENT", "STATUS", "REASON", "HUB"]
+    assert [line.split()[4] for line in cluster[1:]] == ["hub-1", "hub-2", "-"]
+    assert _presence_table(alone, hubs=True).splitlines()[1].split()[4] == "hub-1"
+
+
+def test_status_nats_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["status", "--nats", " , "]) == 2
+    assert "--nats needs at least one NATS server URL" in capsys.readouterr().err
+    assert main(["status", "--nats", "nats://127.0.0.1:1", "--watch"]) == 2
+    assert "does not --watch" in capsys.readouterr().err
+
+
+def test_status_nats_lease_rows_say_when_a_lease_is_past_its_ttl_or_gone() -> None:
+    from artcafe_trio.cli._presence import _hubs_table
+    from artcafe_trio.cli._status import _lease_row
+    from artcafe_trio.cluster._records import HubLease
+    from artcafe_trio.nats import KvEntry, KvOp
+
+    value = HubLease("hub-1", ("ws://h1:8765",), 100.0, draining=True).encode()
+    live = _lease_row(KvEntry("b", "h.hub-1", value, 7, KvOp.PUT, 1000.0, 10.0), 1004.25)
+    assert live is not None
+    assert (live["state"], live["lease_age"], live["draining"], live["urls"]) == (
+        "live", 4.25, True, ["ws://h1:8765"],
+    )  # fmt: skip
+    late = _lease_row(KvEntry("b", "h.hub-1", value, 7, KvOp.PUT, 1000.0, 10.0), 1012.0)
+    assert late is not None and late["state"] == "past_ttl"
+    expired = _lease_row(KvEntry("b", "h.hub-2", b"", 9, KvOp.EXPIRED, 1010.0, None), 1011.0)
+    assert expired is not None and (expired["hub_id"], expired["state"]) == ("hub-2", "expired")
+    assert _lease_row(KvEntry("b", "h.hub-3", b"", 9, KvOp.DELETE, 1010.0), 1011.0) is None
+    assert _lease_row(KvEntry("b", "h.hub-4", b"{", 9, KvOp.PUT, 1010.0), 1011.0) is None
+    lines = _hubs_table([live, late, expired]).splitlines()
+    assert lines[1].split()[:4] == ["hub-1", "ws://h1:8765", "yes", "4.2"]
+    assert "past its 10 s TTL" in lines[2]
+    assert "lease expired" in lines[3]

@@ -110,6 +110,7 @@ presence_records = st.builds(
     heartbeat_timeout=optional(numbers),
     capabilities=string_tuples,
     metadata=json_objects,
+    hub_id=optional(texts),
 )
 
 presence_events = st.builds(
@@ -269,6 +270,23 @@ def test_presence_records_round_trip_inside_presence_state(records: list[Presenc
     assert isinstance(decoded, PresenceState)
     assert decoded.agents == tuple(records)
     assert all(type(r) is PresenceRecord for r in decoded.agents)
+
+
+def test_presence_record_hub_id_is_optional_and_omitted_when_absent() -> None:
+    """Old frames (no ``hub_id``) still decode; a record without one sends none."""
+    old = '{"type":"presence_state","id":"q","agents":[{"tenant_id":"t","agent_id":"a","status":"online"}]}'
+    decoded = decode(old)
+    assert isinstance(decoded, PresenceState)
+    assert decoded.agents[0].hub_id is None
+    assert "hub_id" not in encode(decoded)
+    with_hub = PresenceState(
+        id="q", agents=(PresenceRecord(tenant_id="t", agent_id="a", status="online", hub_id="h2"),)
+    )
+    assert '"hub_id":"h2"' in encode(with_hub)
+    again = decode(encode(with_hub))
+    assert isinstance(again, PresenceState) and again.agents[0].hub_id == "h2"
+    bad = decode_or_protocol_error(old.replace('"online"', '"online","hub_id":7'))
+    assert isinstance(bad, ProtocolError)
 
 
 @pytest.mark.parametrize(

@@ -518,6 +518,15 @@ async def test_presence_query_returns_only_the_tenants_table(
     assert [(r.tenant_id, r.agent_id, r.status) for r in state.agents] == [("t1", "a1", "online")]
 
 
+async def test_presence_records_name_the_agents_hub(
+    test_hub: TestHub, nursery: trio.Nursery
+) -> None:
+    a = await connect(test_hub, nursery, "a1", "t1")
+    await a.send(PresenceQuery(id="q"))
+    state = await a.recv_type(PresenceState)
+    assert [r.hub_id for r in state.agents] == [test_hub.hub.config.hub_id]
+
+
 async def test_last_seen_survives_a_hub_restart(tmp_path: object, nursery: trio.Nursery) -> None:
     from pathlib import Path
 
@@ -532,6 +541,7 @@ async def test_last_seen_survives_a_hub_restart(tmp_path: object, nursery: trio.
     async with open_hub(db=db, port=None) as hub:
         [record] = hub.presence_table()
         assert (record.agent_id, record.status, record.reason) == ("a1", "offline", "left")
+        assert record.hub_id is None  # the registry keeps no hub: unknown, not this one
         assert record.last_seen is not None
         assert record.last_heartbeat is not None
 

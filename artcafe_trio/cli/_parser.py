@@ -479,6 +479,19 @@ def _add_status(commands: Any) -> None:
     status.add_argument(
         "--cafile", metavar="PEM", help="CA bundle to verify a wss:// hub (default: system CAs)"
     )
+    status.add_argument(
+        "--nats",
+        default=None,
+        metavar="URLS",
+        help="also list the cluster's hubs and their lease ages from NATS (comma-separated"
+        " nats://host:port; the hubs' --nats); --json then prints {agents, hubs}",
+    )
+    status.add_argument(
+        "--nats-bucket",
+        default="artcafe_cluster",
+        metavar="NAME",
+        help="the cluster's key-value bucket (as the hubs' --nats-bucket)",
+    )
     status.set_defaults(handler=_cmd_status)
 
 

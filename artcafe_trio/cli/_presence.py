@@ -14,7 +14,13 @@ from artcafe_trio.registry import AgentRecord
 
 from ._common import _iso, _table
 
-__all__ = ["_StatusPrinter", "_presence_json", "_presence_table", "_registry_presence_json"]
+__all__ = [
+    "_StatusPrinter",
+    "_hubs_table",
+    "_presence_json",
+    "_presence_table",
+    "_registry_presence_json",
+]
 
 
 def _presence_json(record: PresenceRecord, source: str) -> dict[str, Any]:
@@ -29,6 +35,7 @@ def _presence_json(record: PresenceRecord, source: str) -> dict[str, Any]:
         "last_seen": _iso(record.last_seen),
         "last_heartbeat_ack": _iso(record.last_heartbeat),
         "heartbeat_timeout": record.heartbeat_timeout,
+        "hub_id": record.hub_id,
         "source": source,
     }
 
@@ -64,9 +71,21 @@ def _age(seconds: float) -> str:
     return f"{seconds // 3600} h ago"
 
 
-def _presence_table(rows: Sequence[dict[str, Any]], now: float | None = None) -> str:
-    """The presence table; with ``now`` (``--watch``), times also show their age."""
-    headers = ("TENANT", "AGENT", "STATUS", "REASON", "LAST SEEN", "LAST HEARTBEAT ACK")
+def _shows_hubs(rows: Sequence[dict[str, Any]]) -> bool:
+    """A HUB column only when the rows name more than one hub (a cluster's table): a
+    single hub's table stays as it always was."""
+    return len({row.get("hub_id") for row in rows} - {None}) > 1
+
+
+def _presence_table(
+    rows: Sequence[dict[str, Any]], now: float | None = None, hubs: bool | None = None
+) -> str:
+    """The presence table; with ``now`` (``--watch``), times also show their age; with
+    ``hubs`` (default: :func:`_shows_hubs`), each agent's hub."""
+    if hubs is None:
+        hubs = _shows_hubs(rows)
+    headers: tuple[str, ...] = ("TENANT", "AGENT", "STATUS", "REASON")
+    headers += ("HUB",) * hubs + ("LAST SEEN", "LAST HEARTBEAT ACK")
 
     def short(value: str | None) -> str:
         if not value:
@@ -85,6 +104,7 @@ def _presence_table(rows: Sequence[dict[str, Any]], now: float | None = None) ->
                 row["agent_id"],
                 row["status"],
                 row["reason"] or "-",
+                *((row.get("hub_id") or "-",) * hubs),
                 short(row["last_seen"]),
                 short(row["last_heartbeat_ack"]),
             )
@@ -93,21 +113,51 @@ def _presence_table(rows: Sequence[dict[str, Any]], now: float | None = None) ->
     )
 
 
+def _hubs_table(hubs: Sequence[dict[str, Any]]) -> str:
+    """The cluster's hubs (``status --nats``): one row per lease."""
+
+    def age(hub: dict[str, Any]) -> str:
+        text = "-" if hub["lease_age"] is None else f"{hub['lease_age']:.1f} s"
+        if hub["state"] == "past_ttl":
+            text += f" (past its {hub['lease_ttl']:g} s TTL: dead or frozen, expiry pending)"
+        elif hub["state"] == "expired":
+            text += " (lease expired: the hub is gone)"
+        return text
+
+    return _table(
+        ("HUB", "URLS", "DRAINING", "LEASE AGE"),
+        [
+            (hub["hub_id"], ",".join(hub["urls"]) or "-", "yes" if hub["draining"] else "no",
+             age(hub))
+            for hub in hubs
+        ],
+    )  # fmt: skip
+
+
 class _StatusPrinter:
     def __init__(self, as_json: bool, watch: bool, stream: IO[str]) -> None:
         self.as_json = as_json
         self.watch = watch
         self.stream = stream
         self.tty = stream.isatty()
+        #: The cluster's hubs (``status --nats``), shown with the presence table.
+        self.hubs: list[dict[str, Any]] | None = None
 
     def show(self, rows: Sequence[dict[str, Any]]) -> None:
         if self.as_json:
             # One line per table in watch mode (JSON Lines), pretty otherwise.
-            text = json.dumps(list(rows), indent=None if self.watch else 2)
+            shown: object = list(rows)
+            if self.hubs is not None:
+                shown = {"agents": shown, "hubs": self.hubs}
+            text = json.dumps(shown, indent=None if self.watch else 2)
         else:
             now = time.time()
-            table = _presence_table(rows, now if self.watch else None)
+            hubs = True if self.hubs is not None else None
+            table = _presence_table(rows, now if self.watch else None, hubs)
             text = table if rows else "no agents known to the hub"
+            if self.hubs is not None:
+                listed = _hubs_table(self.hubs) if self.hubs else "no hub holds a lease"
+                text += "\n\n" + listed
             if self.watch:
                 stamp = _iso(now, "seconds")
                 text = f"presence at {stamp} (Ctrl+C to stop)\n{text}"

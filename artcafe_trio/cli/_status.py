@@ -7,8 +7,14 @@ import argparse
 import json
 import os
 import sys
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from artcafe_trio import Registry
+
+if TYPE_CHECKING:
+    from artcafe_trio.nats import KvEntry
 
 from ._admin import _admin_session
 from ._common import (
@@ -16,8 +22,11 @@ from ._common import (
     DEFAULT_DB,
     EXIT_HUB_DOWN,
     EXIT_OK,
+    EXIT_USAGE,
+    CliError,
     HubUnreachable,
     _err,
+    _iso,
     _note,
     _ssl_context,
     log,
@@ -45,6 +54,78 @@ def _read_admin_file(path: str) -> tuple[str, str] | None:
     return url, token
 
 
+NATS_BOUND = 15.0
+"""The most ``status --nats`` waits for NATS (connect, bind the bucket, read the leases)."""
+
+
+def _lease_row(entry: KvEntry, now: float) -> dict[str, Any] | None:
+    """One hub lease (a ``KvEntry`` of ``h.<hub>``) as ``status --nats`` shows it;
+    ``None`` for a lease deleted by a graceful stop (that hub has left)."""
+    from artcafe_trio.cluster._records import HubLease
+    from artcafe_trio.nats import KvOp
+
+    hub_id = entry.key.removeprefix("h.")
+    age = None if entry.time is None else round(max(0.0, now - entry.time), 3)
+    row: dict[str, Any] = {
+        "hub_id": hub_id, "urls": [], "draining": False, "started": None,
+        "lease_age": age, "lease_ttl": entry.ttl, "state": "live",
+    }  # fmt: skip
+    if entry.op is KvOp.EXPIRED:
+        row["state"] = "expired"
+        return row
+    if entry.op is not KvOp.PUT:
+        return None
+    try:
+        lease = HubLease.decode(entry.value)
+    except ValueError as exc:
+        log.debug("unreadable lease %s: %s", entry.key, exc)
+        _note(f"warning: ignoring an unreadable lease for hub {hub_id!r}")
+        return None
+    row.update(urls=list(lease.urls), draining=lease.draining, started=_iso(lease.started))
+    if age is not None and entry.ttl is not None and age > entry.ttl:
+        row["state"] = "past_ttl"  # the server has not removed it yet: dead or frozen
+    return row
+
+
+async def _read_cluster_hubs(servers: Sequence[str], bucket: str) -> list[dict[str, Any]]:
+    """The cluster's hubs from their leases (``h.*``) in ``bucket``; lease age is the
+    time since the hub last wrote its lease (the server's time of that write, against
+    this machine's clock)."""
+    from artcafe_trio.nats import open_nats
+
+    async with open_nats(list(servers), name="artcafe-trio status") as nc:
+        kv = await nc.key_value(bucket, create=False)
+        entries = [await kv.entry(key) for key in await kv.keys("h.*")]
+    now = time.time()
+    rows = [_lease_row(e, now) for e in entries if e is not None]
+    return [row for row in rows if row is not None]
+
+
+def _cluster_hubs(servers_text: str, bucket: str) -> list[dict[str, Any]]:
+    """:func:`_read_cluster_hubs` for the command line (bounded, errors as ``CliError``)."""
+    import trio
+
+    from artcafe_trio.nats import BucketNotFoundError, NatsError
+
+    servers = [part.strip() for part in servers_text.split(",") if part.strip()]
+    if not servers:
+        raise CliError("--nats needs at least one NATS server URL", EXIT_USAGE)
+
+    async def run() -> list[dict[str, Any]]:
+        with trio.move_on_after(NATS_BOUND):
+            try:
+                return await _read_cluster_hubs(servers, bucket)
+            except BucketNotFoundError:
+                raise CliError(
+                    f"no cluster bucket {bucket!r} on {servers_text} (no hub ran with --nats)"
+                ) from None
+            except NatsError as exc:
+                raise CliError(f"NATS ({servers_text}): {exc}") from None
+        raise CliError(f"NATS ({servers_text}) did not answer within {NATS_BOUND:g} s")
+
+    return trio.run(run)
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     import trio
 
@@ -56,6 +137,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
         assert db is not None
         admin_file = db + ADMIN_SUFFIX
     printer = _StatusPrinter(args.json, args.watch, sys.stdout)
+    if args.nats is not None:
+        if args.watch:
+            raise CliError("status --nats does not --watch (yet): run it again", EXIT_USAGE)
+        printer.hubs = _cluster_hubs(args.nats, args.nats_bucket)
     admin = _read_admin_file(admin_file)
     why = f"no admin file {admin_file}"
     if admin is not None:

@@ -65,6 +65,7 @@ class PresenceEntry:
             heartbeat_timeout=self.heartbeat_timeout,
             capabilities=self.capabilities,
             metadata=self.metadata,
+            hub_id=self.hub_id,
         )
 
 

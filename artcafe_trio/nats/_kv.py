@@ -69,13 +69,36 @@ class KvOp(enum.Enum):
 
 @attrs.frozen
 class KvEntry:
-    """One revision of a key. ``value`` is empty for deletes, purges and expiries."""
+    """One revision of a key. ``value`` is empty for deletes, purges and expiries.
+
+    ``time`` and ``ttl`` describe the revision; they take no part in equality."""
 
     bucket: str
     key: str
     value: bytes
     revision: int
     op: KvOp
+    time: float | None = attrs.field(default=None, eq=False)
+    """When the server stored this revision (Unix time, s); ``None`` if not reported."""
+    ttl: float | None = attrs.field(default=None, eq=False)
+    """This revision's own TTL (the ``Nats-TTL`` header), s; ``None`` without one."""
+
+
+def _rfc3339(text: str) -> float | None:
+    """A JetStream message time (RFC 3339, nanoseconds, ``Z``) as Unix time."""
+    import datetime
+
+    match = re.fullmatch(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?Z", text)
+    if match is None:
+        return None
+    whole = datetime.datetime.fromisoformat(match[1]).replace(tzinfo=datetime.UTC)
+    return whole.timestamp() + (float("0." + match[2]) if match[2] else 0.0)
+
+
+def _ttl_of(headers: Mapping[str, str] | None) -> float | None:
+    text = (headers or {}).get("Nats-TTL")
+    match = re.fullmatch(r"(\d+)(s?)", text or "")
+    return float(match[1]) if match else None
 
 
 def _check_key(key: str, *, pattern: bool = False) -> None:
@@ -239,7 +262,25 @@ class KeyValue:
         if message.get("hdrs"):
             headers = decode_headers(base64.b64decode(message["hdrs"]))
         data = base64.b64decode(message.get("data") or "")
-        return KvEntry(self.bucket, key, data, int(message["seq"]), _op_of(headers))
+        moment = message.get("time")
+        return KvEntry(
+            self.bucket, key, data, int(message["seq"]), _op_of(headers),
+            _rfc3339(moment) if isinstance(moment, str) else None, _ttl_of(headers),
+        )  # fmt: skip
+
+    async def keys(self, pattern: str = ">") -> list[str]:
+        """The keys matching ``pattern`` that have a last revision (live or a delete or
+        expiry marker), sorted; from the stream's subject list (up to the server's page
+        of 100,000 subjects: meant for small key families such as leases)."""
+        _check_key(pattern, pattern=True)
+        info = await _api(
+            self._nc,
+            f"$JS.API.STREAM.INFO.{self.stream}",
+            {"subjects_filter": self._prefix + pattern},
+            self._timeout,
+        )
+        subjects = (info.get("state") or {}).get("subjects") or {}
+        return sorted(subject[len(self._prefix) :] for subject in subjects)
 
     async def entry(self, key: str) -> KvEntry | None:
         """The last revision of ``key`` whatever it did (a put, delete, purge or expiry
@@ -441,7 +482,9 @@ class KvWatcher:
             self.caught_up = True
         key = msg.subject[len(self._kv._prefix) :]
         op = _op_of(headers)
-        return KvEntry(self._kv.bucket, key, msg.data if op is KvOp.PUT else b"", stream_seq, op)
+        value = msg.data if op is KvOp.PUT else b""
+        moment = int(tokens[base + 5]) / _NS
+        return KvEntry(self._kv.bucket, key, value, stream_seq, op, moment, _ttl_of(headers))
 
 
 class _suppress_nats:

@@ -265,6 +265,8 @@ class PresenceRecord:
     heartbeat_timeout: float | None = _field(_k_number, optional=True)
     capabilities: tuple[str, ...] = _field(_k_strings, default=())
     metadata: dict[str, JSON] = _field(_k_object, default=attrs.Factory(dict))
+    hub_id: str | None = _field(_k_str, optional=True)
+    """The hub the agent's current (or last) session is on; absent when unknown."""
 
 
 @attrs.frozen(kw_only=True)

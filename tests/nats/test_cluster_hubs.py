@@ -332,6 +332,75 @@ async def test_a_hub_stopped_gracefully_hands_over_at_once(nats_cluster: list[Na
             nursery.cancel_scope.cancel()
 
 
+async def test_status_nats_lists_the_hubs_with_their_lease_ages(
+    nats_cluster: list[NatsNode],
+) -> None:
+    import io
+
+    from artcafe_trio.cli._presence import _presence_json, _StatusPrinter
+    from artcafe_trio.cli._status import _read_cluster_hubs
+
+    bucket = f"hubs_{secrets.token_hex(4)}"
+    servers = [node.url for node in nats_cluster]
+    with (
+        trio.fail_after(20),
+        Registry.open(":memory:") as reg_a,
+        Registry.open(":memory:") as reg_b,
+    ):
+        config_a = HubConfig(hub_id="hub-a", disconnect_grace=GRACE, close_timeout=0.5)
+        config_b = HubConfig(hub_id="hub-b", disconnect_grace=GRACE, close_timeout=0.5)
+        async with (
+            open_cluster_hub(registry=reg_a, port=None, config=config_a,
+                     cluster=cluster_config(nats_cluster[0], bucket)) as hub_a,
+            trio.open_nursery() as nursery,
+        ):  # fmt: skip
+            a = TestHub(hub_a)
+            with trio.CancelScope() as b_scope:
+                async with open_cluster_hub(registry=reg_b, port=None, config=config_b,
+                                    cluster=cluster_config(nats_cluster[1], bucket)) as hub_b:  # fmt: skip
+                    b = TestHub(hub_b)
+                    x_key, y_key = a.register("t1", "x"), b.register("t1", "y")
+                    x = RawClient(await a.dial(nursery, "/api/v1/ws/agent/x?tenant_id=t1"))
+                    await authenticate(x, "x", "t1", x_key)
+                    await x.subscribe("$presence.y")
+                    y = RawClient(await b.dial(nursery, "/api/v1/ws/agent/y?tenant_id=t1"))
+                    await authenticate(y, "y", "t1", y_key)
+                    assert await presence_events(x, 1) == [("y", "online", "connected")]
+                    table = await query(x)  # hub a's table names each agent's hub
+                    assert {agent: r.hub_id for agent, r in table.items()} == {
+                        "x": "hub-a", "y": "hub-b",
+                    }  # fmt: skip
+                    hubs = await _read_cluster_hubs(servers, bucket)
+                    assert [(h["hub_id"], h["state"], h["draining"]) for h in hubs] == [
+                        ("hub-a", "live", False), ("hub-b", "live", False),
+                    ]  # fmt: skip
+                    assert all(0 <= h["lease_age"] < LEASE_TTL for h in hubs), hubs
+                    assert all(h["lease_ttl"] == LEASE_TTL for h in hubs)
+                    out = io.StringIO()
+                    printer = _StatusPrinter(False, False, out)
+                    printer.hubs = hubs
+                    printer.show([_presence_json(r, "hub") for r in table.values()])
+                    lines = out.getvalue().splitlines()
+                    assert lines[0].split()[4] == "HUB"
+                    assert [line.split()[4] for line in lines[1:3]] == ["hub-a", "hub-b"]
+                    assert lines[4].split() == ["HUB", "URLS", "DRAINING", "LEASE", "AGE"]
+                    assert [line.split()[0] for line in lines[5:]] == ["hub-a", "hub-b"]
+                    b_scope.cancel()  # a graceful stop: hub b deletes its lease
+            hubs = await _read_cluster_hubs(servers, bucket)
+            assert [h["hub_id"] for h in hubs] == ["hub-a"]
+            nursery.cancel_scope.cancel()
+
+
+def test_status_nats_says_when_there_is_no_cluster_bucket(
+    nats_cluster: list[NatsNode], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from artcafe_trio.cli import main
+
+    url = nats_cluster[0].url
+    assert main(["status", "--nats", url, "--nats-bucket", "no_such_bucket"]) == 1
+    assert "no cluster bucket 'no_such_bucket'" in capsys.readouterr().err
+
+
 # --- a hub killed: a real process --------------------------------------------------
 
 
@@ -400,8 +469,8 @@ async def presence_watcher(hub: TestHub, nursery: trio.Nursery) -> RawClient:
 async def test_a_killed_hub_s_agents_go_offline_hub_lost_unless_they_moved(
     nats_cluster: list[NatsNode], tmp_path: Path
 ) -> None:
-    stays = [f"stays-{i}" for i in range(20)]
-    moves = [f"moves-{i}" for i in range(20)]
+    stays = [f"stays-{i}" for i in range(50)]  # 100 agents on the killed hub
+    moves = [f"moves-{i}" for i in range(50)]
     async with (
         hub_process_and_hub_a(nats_cluster, tmp_path, stays + moves) as (proc, url, a, keys),
         trio.open_nursery() as nursery,
@@ -426,6 +495,7 @@ async def test_a_killed_hub_s_agents_go_offline_hub_lost_unless_they_moved(
             table = await query(watcher)
             assert {table[agent].reason for agent in stays} == {"hub_lost"}
             assert {table[agent].status for agent in moves} == {"online"}
+            assert {table[agent].hub_id for agent in moves} == {"hub-a"}
             nursery.cancel_scope.cancel()
 
 

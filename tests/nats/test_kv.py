@@ -119,6 +119,30 @@ async def test_a_watched_keys_ttl_expiry_is_seen_within_a_second(
             await kv.create("x", b"", ttl=0.5)
 
 
+async def test_entries_carry_their_time_and_ttl_and_keys_are_listed(
+    nats_cluster: list[NatsNode],
+) -> None:
+    import time
+
+    async with open_nats([n.url for n in nats_cluster]) as nc:
+        kv = await nc.key_value(bucket_name(), replicas=3, limit_marker_ttl=1)
+        before = time.time()
+        await kv.create("h.one", b"1", ttl=30)
+        await kv.put("h.two", b"2")
+        await kv.put("other", b"3")
+        after = time.time()
+        one, two = await kv.entry("h.one"), await kv.get("h.two")
+        assert one is not None and two is not None
+        assert one.time is not None and before - 1 <= one.time <= after + 1
+        assert (one.ttl, two.ttl) == (30.0, None)
+        assert await kv.keys("h.*") == ["h.one", "h.two"]
+        assert await kv.keys("nothing.*") == []
+        async with kv.watch("h.*") as watcher:
+            seen = [await anext(watcher), await anext(watcher)]
+        assert [(e.key, e.ttl) for e in seen] == [("h.one", 30.0), ("h.two", None)]
+        assert [e.time for e in seen] == pytest.approx([one.time, two.time], abs=1e-3)
+
+
 async def test_watch_reports_puts_deletes_and_purges_in_order(nats_cluster: list[NatsNode]) -> None:
     async with open_nats(nats_cluster[0].url) as nc:
         kv = await nc.key_value(bucket_name(), history=10, replicas=3)
