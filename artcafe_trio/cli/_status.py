@@ -61,7 +61,7 @@ NATS_BOUND = 15.0
 def _lease_row(entry: KvEntry, now: float) -> dict[str, Any] | None:
     """One hub lease (a ``KvEntry`` of ``h.<hub>``) as ``status --nats`` shows it;
     ``None`` for a lease deleted by a graceful stop (that hub has left)."""
-    from artcafe_trio.cluster._records import HubLease
+    from artcafe_trio.cluster import HubLease
     from artcafe_trio.nats import KvOp
 
     hub_id = entry.key.removeprefix("h.")

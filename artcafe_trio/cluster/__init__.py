@@ -18,11 +18,14 @@ from __future__ import annotations
 from ._backplane import NatsBackplane
 from ._config import ClusterConfig
 from ._credentials import publish_agent, remove_agent
+from ._records import HubLease, PresenceClaim
 from ._serve import open_cluster_hub, serve_cluster_hub
 
 __all__ = [
     "ClusterConfig",
+    "HubLease",
     "NatsBackplane",
+    "PresenceClaim",
     "open_cluster_hub",
     "publish_agent",
     "remove_agent",
