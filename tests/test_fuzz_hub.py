@@ -645,6 +645,7 @@ async def drive(
         max_examples=max_examples,
         deadline=None,
         database=None,
+        derandomize=not LONG,  # as in fuzz_in_process: reproducible unless long
         suppress_health_check=list(HealthCheck),
     )(test)
     try:
@@ -1164,9 +1165,12 @@ def fuzz_in_process(
     """Run ``probe`` on ``count`` examples (no hub, no thread, no event loop)."""
     tried = 0
 
+    # Derandomized by default: every run tries the same examples, so a failure (and the
+    # coverage checks on the outcomes reached) reproduces exactly; the long runs explore.
     @settings(
-        max_examples=count, deadline=None, database=None, suppress_health_check=list(HealthCheck)
-    )
+        max_examples=count, deadline=None, database=None, derandomize=not LONG,
+        suppress_health_check=list(HealthCheck),
+    )  # fmt: skip
     @given(strategy)
     def run(value: Any) -> None:
         nonlocal tried
