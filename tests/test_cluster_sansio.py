@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import trio
 
+from artcafe_trio.cluster import ClusterConfig, NatsBackplane
 from artcafe_trio.cluster._records import (
     HUB_LOST,
     HubLease,
@@ -23,6 +25,7 @@ from artcafe_trio.cluster._routes import (
     nats_subject,
     split_nats_subject,
 )
+from artcafe_trio.nats import NatsConnectionLost
 
 
 def claim(**changes: object) -> PresenceClaim:
@@ -171,3 +174,55 @@ def test_a_claim_carries_the_agent_s_capabilities_and_metadata() -> None:
     assert claim.capabilities == ("gpu",) and claim.metadata == {"zone": "eu"}
     with pytest.raises(ValueError, match="capabilities"):
         PresenceClaim.decode(claim.encode().replace(b'["gpu"]', b'"gpu"'))
+
+
+# ----------------------------------------------------- the backplane through a NATS blip
+
+
+class _BlippingNats:
+    """Enough of a NatsClient for the interest task: the first subscribe and the first
+    flush fail as a connection drop would."""
+
+    def __init__(self) -> None:
+        self.subscribed: list[str] = []
+        self.failures = {"subscribe": 1, "flush": 1}
+
+    def _fail(self, what: str) -> None:
+        if self.failures[what]:
+            self.failures[what] -= 1
+            raise NatsConnectionLost(f"{what}: connection lost")
+
+    async def subscribe(self, subject: str) -> object:
+        await trio.lowlevel.checkpoint()
+        self._fail("subscribe")
+        self.subscribed.append(subject)
+        return _IdleSubscription()
+
+    async def flush(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self._fail("flush")
+
+
+class _IdleSubscription:
+    def __aiter__(self) -> _IdleSubscription:
+        return self
+
+    async def __anext__(self) -> object:
+        await trio.sleep_forever()
+        raise StopAsyncIteration  # pragma: no cover
+
+
+async def test_interest_survives_a_nats_blip_and_is_applied_after_it(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    backplane = NatsBackplane(ClusterConfig(servers="nats://x:4222"), hub_id="h1", grace=1.0)
+    nc = _BlippingNats()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(backplane._apply_interest, nc, nursery)
+        backplane.interest("acme", "tasks.>", True)
+        with trio.fail_after(10):
+            while not (backplane.interest_settled and nc.subscribed):
+                await trio.sleep(0.1)
+        assert nc.subscribed == ["ac.acme.tasks.>"]  # once, after the failed attempt
+        assert nc.failures == {"subscribe": 0, "flush": 0}  # both blips happened
+        nursery.cancel_scope.cancel()

@@ -47,6 +47,8 @@ __all__ = ["NatsBackplane"]
 
 log = logging.getLogger("artcafe_trio.cluster")
 
+INTEREST_RETRY = 0.5  # seconds between attempts to apply interest while NATS is away
+
 #: The subject every hub subscribes to once for answers to requests.
 REPLY_SUBJECT = "ac.*.$reply.>"
 
@@ -246,18 +248,29 @@ class NatsBackplane:
         while True:
             await self._interest_wake.wait()
             self._interest_busy = True
-            while self._interest:
-                subject = next(iter(self._interest))
-                wanted = self._interest.pop(subject)
-                sub = self._subs.get(subject)
-                if wanted and sub is None:
-                    sub = self._subs[subject] = await nc.subscribe(subject)
-                    nursery.start_soon(self._drain, sub)
-                elif not wanted and sub is not None:
-                    del self._subs[subject]
-                    await sub.unsubscribe()
-            await nc.flush()
-            self._interest_busy = False
+            try:
+                while self._interest:
+                    subject = next(iter(self._interest))
+                    wanted = self._interest[subject]
+                    sub = self._subs.get(subject)
+                    if wanted and sub is None:
+                        sub = self._subs[subject] = await nc.subscribe(subject)
+                        nursery.start_soon(self._drain, sub)
+                    elif not wanted and sub is not None:
+                        del self._subs[subject]
+                        await sub.unsubscribe()
+                    if self._interest.get(subject) == wanted:
+                        del self._interest[subject]  # applied (unless it changed meanwhile)
+                with trio.move_on_after(self.config.flush_timeout):
+                    await nc.flush()
+            except NatsError as exc:
+                # A NATS blip while (un)subscribing: what is not applied stays wanted and
+                # is tried again; the client re-sends live subscriptions on reconnect.
+                log.warning("hub %s: interest not applied yet (%r); retrying", self.hub_id, exc)
+                await trio.sleep(INTEREST_RETRY)
+                self._interest_wake.set()
+            finally:
+                self._interest_busy = False
 
     @property
     def interest_settled(self) -> bool:
