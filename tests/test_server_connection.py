@@ -163,6 +163,19 @@ def test_first_frames_the_connection_refuses_itself(
     assert (conn.close_code, conn.close_reason) == (close, reason)
 
 
+def test_a_refused_first_frame_cannot_be_accepted() -> None:
+    """Fail closed: after ``HandshakeRefused`` the only way on is ``refuse``; accepting
+    would welcome a connection that never authenticated (as the admin, even)."""
+    conn = fresh()
+    event = conn.receive_auth('{"type":"heartbeat","seq":1}', 101.0)
+    assert isinstance(event, HandshakeRefused)
+    with pytest.raises(LocalProtocolError, match="first frame was refused"):
+        conn.accept(session_id="s-1", hub_time=1.0)
+    assert conn.state is ConnectionState.AUTHENTICATING
+    conn.refuse(event.refusal)
+    assert conn.state is ConnectionState.CLOSING
+
+
 def test_not_authenticated_names_the_frame_type() -> None:
     event = fresh().receive_auth('{"type":"leave"}', 101.0)
     assert isinstance(event, HandshakeRefused)

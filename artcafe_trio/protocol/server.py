@@ -393,6 +393,10 @@ class ServerConnection:
         ``connect_urls`` (the cluster's other hubs) go into the welcome when not empty."""
         self._expect(ConnectionState.AUTHENTICATING, "accept")
         claim = self.claim
+        if claim is None:  # the first frame was refused (HandshakeRefused): refuse() it
+            raise LocalProtocolError(
+                "invalid_state", "cannot accept a handshake whose first frame was refused"
+            )
         limits = self.limits
         if isinstance(claim, Auth):
             self.tenant_id, self.agent_id = claim.tenant_id, claim.agent_id
@@ -407,7 +411,7 @@ class ServerConnection:
                 )  # fmt: skip
                 self.heartbeat_interval = interval
                 self.heartbeat_timeout = interval * multiplier
-        else:
+        elif isinstance(claim, AdminAuth):
             self.tenant_id, self.agent_id = "*", ADMIN_AGENT_ID
         self.session_id = session_id
         self._bucket = bucket
