@@ -226,3 +226,19 @@ async def test_interest_survives_a_nats_blip_and_is_applied_after_it(
         assert nc.subscribed == ["ac.acme.tasks.>"]  # once, after the failed attempt
         assert nc.failures == {"subscribe": 0, "flush": 0}  # both blips happened
         nursery.cancel_scope.cancel()
+
+
+def test_an_envelope_from_nats_must_be_what_a_hub_would_send() -> None:
+    """Whatever publishes on ``ac.>`` cannot make a hub send frames that are not strict
+    JSON: the payload, the time and the reply subject are checked."""
+    good = RouteEnvelope("hub-a", "hub-a-1", "w1", '{"n":1}', 1.0, "jobs.reply")
+    payload, headers = good.to_nats()
+    assert RouteEnvelope.from_nats(payload, headers) == good
+    for bad_payload in (b'{"n":NaN}', b'{"n":1', b"\xff", b'1, "x": 2'):
+        with pytest.raises(ValueError, match="not strict JSON"):
+            RouteEnvelope.from_nats(bad_payload, headers)
+    for moment in ("nan", "inf"):
+        with pytest.raises(ValueError, match="finite"):
+            RouteEnvelope.from_nats(payload, {**headers, "Ac-Time": moment})
+    with pytest.raises(ValueError, match="Ac-Reply-To"):
+        RouteEnvelope.from_nats(payload, {**headers, "Ac-Reply-To": 'x", "y'})

@@ -18,10 +18,14 @@ The origin hub connects with ``echo`` off, so it never receives its own publish.
 from __future__ import annotations
 
 import collections
+import json
+import math
 from collections.abc import Mapping
 
 import attrs
 
+from .._errors import ProtocolError
+from ..protocol._subjects import validate_subject
 from ..registry._registry import validate_id
 
 __all__ = [
@@ -141,15 +145,35 @@ class RouteEnvelope:
             moment = float(need(_H_TIME))
         except ValueError as exc:
             raise ValueError(f"bad header {_H_TIME}: {exc}") from None
+        if not math.isfinite(moment):
+            raise ValueError(f"bad header {_H_TIME}: not a finite number")
+        # What crosses NATS is spliced into message frames: it must be what the origin
+        # hub would have produced (strict JSON data, a valid reply subject), whoever
+        # published it on ``ac.>``.
+        try:
+            data_json = payload.decode()
+            json.loads(data_json, parse_constant=_not_json)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise ValueError(f"the payload is not strict JSON: {exc}") from None
+        reply_to = headers.get(_H_REPLY)
+        if reply_to is not None:
+            try:
+                validate_subject(reply_to)
+            except ProtocolError as exc:
+                raise ValueError(f"bad header {_H_REPLY}: {exc}") from None
         return cls(
             origin_hub=need(_H_ORIGIN),
             message_id=need(_H_ID),
             sender=need(_H_SENDER),
-            data_json=payload.decode(),
+            data_json=data_json,
             time=moment,
-            reply_to=headers.get(_H_REPLY),
+            reply_to=reply_to,
             publish_id=headers.get(_H_PUBLISH_ID),
         )
+
+
+def _not_json(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
 
 
 def publish_dedupe_key(tenant_id: str, sender: str, publish_id: str) -> str:
