@@ -25,6 +25,7 @@ from artcafe_trio.cluster._routes import (
     nats_subject,
     split_nats_subject,
 )
+from artcafe_trio.hub._backplane import Route
 from artcafe_trio.nats import NatsConnectionLost
 
 
@@ -242,3 +243,31 @@ def test_an_envelope_from_nats_must_be_what_a_hub_would_send() -> None:
             RouteEnvelope.from_nats(payload, {**headers, "Ac-Time": moment})
     with pytest.raises(ValueError, match="Ac-Reply-To"):
         RouteEnvelope.from_nats(payload, {**headers, "Ac-Reply-To": 'x", "y'})
+
+
+class _ReconnectingNats:
+    is_connected = False
+
+    def __init__(self) -> None:
+        self.published: list[str] = []
+
+    async def publish(self, subject: str, payload: bytes, *, headers: object) -> None:
+        await trio.lowlevel.checkpoint()
+        self.published.append(subject)
+
+    async def flush(self) -> None:
+        await trio.sleep_forever()  # no answer while reconnecting
+
+
+async def test_a_publish_during_a_nats_reconnect_does_not_wait_for_a_flush(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    backplane = NatsBackplane(ClusterConfig(servers="nats://x:4222"), hub_id="h1", grace=1.0)
+    nc = _ReconnectingNats()
+    backplane._nc = nc  # type: ignore[assignment]
+    route = Route("acme", "jobs.new", "1", "w1", "h1-1", 1.0)
+    start = trio.current_time()
+    assert await backplane.publish_route(route) is None
+    assert trio.current_time() == start  # not a flush_timeout per publish
+    assert nc.published == ["ac.acme.jobs.new"]  # buffered for the reconnect
+    assert backplane.routes_unconfirmed == 1

@@ -199,6 +199,11 @@ class NatsBackplane:
         payload, headers = envelope.to_nats()
         try:
             await nc.publish(nats_subject(route.tenant_id, route.subject), payload, headers=headers)
+            if not nc.is_connected:
+                # Buffered for the reconnect: waiting for a flush would stall the
+                # publisher's connection (its heartbeats too) for flush_timeout each time.
+                self.routes_unconfirmed += 1
+                return None
             with trio.move_on_after(self.config.flush_timeout) as scope:
                 await nc.flush()
         except NatsError as exc:  # the reconnect buffer is full, or the client closed
