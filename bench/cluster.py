@@ -38,7 +38,6 @@ import json
 import os
 import platform
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -57,6 +56,7 @@ from peers import (
     fmt,
     fmt_summary,
     hub_command,
+    orchestrate,
     own_cpu,
     percentile,
     progress,
@@ -470,38 +470,6 @@ def summarize_run(result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def orchestrate(conf: dict[str, Any], keep: bool) -> dict[str, Any]:
-    """The whole run; SIGTERM or SIGHUP cancels it (every child is stopped on the way out)."""
-    import trio
-
-    result: dict[str, Any] = {}
-    signalled: list[int] = []
-    failures: list[Exception] = []
-
-    async def watch(scope: trio.CancelScope) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP) as signals:
-            async for signum in signals:
-                signalled.append(signum)
-                scope.cancel()
-                return
-
-    async def body(scope: trio.CancelScope) -> None:
-        try:
-            result.update(await measure(conf, keep))
-        except Exception as exc:  # re-raised below, outside the nursery (no group)
-            failures.append(exc)
-        scope.cancel()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(watch, nursery.cancel_scope)
-        nursery.start_soon(body, nursery.cancel_scope)
-    if failures:
-        raise failures[0]
-    if signalled:
-        raise SystemExit(128 + signalled[0])
-    return result
-
-
 async def measure(conf: dict[str, Any], keep: bool) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="artcafe-cluster-"))
     bench = Bench(conf, workdir)
@@ -622,7 +590,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         import trio
 
         try:
-            result = trio.run(orchestrate, conf, args.keep)
+            result = trio.run(orchestrate, conf, args.keep, measure)
         finally:
             _kill_all()
         if args.write:

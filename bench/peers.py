@@ -51,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -785,9 +785,16 @@ async def _sleep(seconds: float) -> None:
     await trio.sleep(seconds)
 
 
-async def orchestrate(conf: dict[str, Any], keep: bool) -> dict[str, Any]:
-    """The whole run; SIGTERM or SIGHUP cancels it (every child is stopped on the way out)."""
+async def orchestrate(
+    conf: dict[str, Any],
+    keep: bool,
+    measure_fn: Callable[[dict[str, Any], bool], Awaitable[dict[str, Any]]] | None = None,
+) -> dict[str, Any]:
+    """The whole run of ``measure_fn`` (this script's :func:`measure` by default);
+    SIGTERM or SIGHUP cancels it (every child is stopped on the way out)."""
     import trio
+
+    run = measure_fn or measure
 
     result: dict[str, Any] = {}
     signalled: list[int] = []
@@ -802,7 +809,7 @@ async def orchestrate(conf: dict[str, Any], keep: bool) -> dict[str, Any]:
 
     async def body(scope: trio.CancelScope) -> None:
         try:
-            result.update(await measure(conf, keep))
+            result.update(await run(conf, keep))
         except Exception as exc:  # re-raised below, outside the nursery (no group)
             failures.append(exc)
         scope.cancel()
