@@ -1,4 +1,4 @@
-"""Watching the other hubs: reap a lost hub's agents, notice a session taken over.
+"""Watching the other hubs' leases: reap a lost hub's agents.
 
 :func:`run_reaper` follows every hub lease. When one expires it waits out the
 disconnect ``grace`` (the lost hub's agents are reconnecting elsewhere meanwhile, and
@@ -7,8 +7,8 @@ the reaper key; the one winner marks offline, with reason ``hub_lost``, the agen
 the lost hub still owns online. A lease that is *deleted* (a graceful shutdown that
 already handed its agents over) is reaped at once, without the grace.
 
-:func:`watch_ownership` tells a hub which of its sessions another hub took over, so
-it closes them as replaced (4003) with no presence event of its own.
+Noticing that another hub took one of our sessions over is the
+:class:`~._claims.ClaimKeeper`'s watch of the presence claims.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from collections.abc import Callable
 import trio
 
 from ..nats import KvOp, NatsError
-from ._records import HUB_LOST, PRESENCE_PREFIX, PresenceClaim, lease_key, parse_presence_key
+from ._records import PresenceClaim, lease_key
 from ._store import ClusterStore
 
-__all__ = ["run_reaper", "watch_ownership"]
+__all__ = ["run_reaper"]
 
 log = logging.getLogger("artcafe_trio.cluster")
 
@@ -87,38 +87,3 @@ async def _reap_after(
 async def _lease_is_back(store: ClusterStore, hub: str, revision: int) -> bool:
     entry = await store.kv.entry(lease_key(hub))
     return entry is not None and entry.op is KvOp.PUT and entry.revision > revision
-
-
-async def watch_ownership(
-    store: ClusterStore,
-    on_taken_over: Callable[[PresenceClaim], None],
-    *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    """Until cancelled, call ``on_taken_over(claim)`` whenever an agent this hub
-    owned online stops being its own: another hub claimed it (the session here must
-    close as replaced), or a reaper marked it ``hub_lost`` because this hub's lease
-    lapsed (a frozen or fenced hub: its sessions must close too).
-    ``task_status.started()`` once the current claims have been read."""
-    owned: set[tuple[str, str]] = set()
-    async with store.kv.watch(PRESENCE_PREFIX + ">") as watcher:
-        if watcher.caught_up:
-            task_status.started()
-        started = watcher.caught_up
-        async for entry in watcher:
-            ids = parse_presence_key(entry.key)
-            if ids is not None and entry.op is KvOp.PUT:
-                try:
-                    claim = PresenceClaim.decode(entry.value)
-                except ValueError:
-                    claim = None
-                mine = claim is not None and claim.hub == store.hub_id
-                if claim is not None and mine and claim.status == "online":
-                    owned.add(ids)
-                elif claim is not None and ids in owned:
-                    owned.discard(ids)
-                    if not mine or claim.reason == HUB_LOST:
-                        on_taken_over(claim)
-            if not started and watcher.caught_up:
-                started = True
-                task_status.started()
