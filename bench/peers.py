@@ -1234,37 +1234,39 @@ class AckRecorder:
         self.acks = 0
         self.acked_agents: set[str] = set()
         self.hooked = False
+        self.pending: dict[tuple[int, int], tuple[float, str]] = {}
 
     def install(self) -> None:
-        from artcafe_trio.agent._agent import Agent
+        """Wrap the client connection's heartbeat bookkeeping (the sans-IO
+        ``ClientConnection``: every agent's heartbeats and ACKs pass through it)."""
+        from artcafe_trio.protocol.client import ClientConnection
 
-        original = getattr(Agent, "_on_ack", None)
-        if original is None:
-            return  # the private hook is gone: fall back to health().rtt samples
         recorder = self
+        pending: dict[tuple[int, int], tuple[float, str]] = {}
+        self.pending = pending
+        heartbeat, acked = ClientConnection.heartbeat, ClientConnection._acked
 
-        def on_ack(agent: Any, conn: Any, frame: Any) -> None:
-            sent_times = getattr(agent, "_heartbeat_sent", None)
-            sent = sent_times.get(frame.seq) if isinstance(sent_times, dict) else None
-            original(agent, conn, frame)
-            if sent is not None and recorder.start <= sent <= recorder.end:
-                import trio
+        def on_heartbeat(conn: Any, now: float) -> str:
+            text = heartbeat(conn, now)
+            seq = max(conn._heartbeats)  # the one just numbered
+            pending[(id(conn), seq)] = (now, conn.credentials.agent_id)
+            return text
 
+        def on_ack(conn: Any, seq: int, now: float) -> Any:
+            sent = pending.pop((id(conn), seq), None)
+            if sent is not None and recorder.start <= sent[0] <= recorder.end:
                 recorder.acks += 1
-                recorder.acked_agents.add(agent.agent_id)
-                recorder.rtts.append((trio.current_time() - sent) * 1e3)
+                recorder.acked_agents.add(sent[1])
+                recorder.rtts.append((now - sent[0]) * 1e3)
+            return acked(conn, seq, now)
 
-        Agent._on_ack = on_ack
+        ClientConnection.heartbeat = on_heartbeat  # type: ignore[method-assign]
+        ClientConnection._acked = on_ack  # type: ignore[method-assign]
         self.hooked = True
 
     def unacked(self, agents: list[Any]) -> int:
-        """Heartbeats sent in the window whose ACK never came (still in the agents' books)."""
-        count = 0
-        for agent in agents:
-            sent_times = getattr(agent, "_heartbeat_sent", None)
-            if isinstance(sent_times, dict):
-                count += sum(1 for t in sent_times.values() if self.start <= t <= self.end)
-        return count
+        """Heartbeats sent in the window whose ACK never came."""
+        return sum(1 for sent, _ in self.pending.values() if self.start <= sent <= self.end)
 
 
 async def artcafe_fleet(case: str, p: dict[str, Any], agent: Callable[..., Any]) -> None:
