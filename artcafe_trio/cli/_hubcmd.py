@@ -161,11 +161,21 @@ def _cluster_config(args: argparse.Namespace) -> Any:
     from artcafe_trio.cluster import ClusterConfig
 
     tls = None
-    if args.nats_ca is not None:
+    if (args.nats_cert is None) != (args.nats_key is None):
+        raise CliError("--nats-cert and --nats-key go together")
+    if args.nats_ca is not None or args.nats_cert is not None:
         try:
             tls = ssl.create_default_context(cafile=args.nats_ca)
         except (OSError, ssl.SSLError) as exc:
-            raise CliError(f"--nats-ca {args.nats_ca}: {exc}") from None
+            raise CliError(f"--nats-ca {os.path.abspath(args.nats_ca)}: {exc}") from None
+        if args.nats_cert is not None:
+            try:
+                tls.load_cert_chain(args.nats_cert, args.nats_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise CliError(
+                    f"--nats-cert {os.path.abspath(args.nats_cert)} /"
+                    f" --nats-key {os.path.abspath(args.nats_key)}: {exc}"
+                ) from None
     advertise = getattr(args, "advertise_url", None)
     if advertise is not None and not advertise.startswith(("ws://", "wss://")):
         raise CliError(f"--advertise-url must be a ws:// or wss:// URL, not {advertise!r}")
@@ -173,7 +183,7 @@ def _cluster_config(args: argparse.Namespace) -> Any:
         return ClusterConfig(
             servers=args.nats, lease_ttl=args.nats_lease_ttl, replicas=args.nats_replicas,
             bucket=args.nats_bucket, shared_credentials=args.nats_shared_credentials,
-            tls=tls, advertise_url=advertise,
+            tls=tls, advertise_url=advertise, api_timeout=args.nats_api_timeout,
         )  # fmt: skip
     except ValueError as exc:
         raise CliError(f"--nats: {exc}") from None

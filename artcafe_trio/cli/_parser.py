@@ -375,6 +375,25 @@ def _add_hub(commands: Any) -> None:
         " password or token go in the URLs: nats://user:pass@host:4222)",
     )
     hub.add_argument(
+        "--nats-cert",
+        metavar="PEM",
+        help="this hub's client certificate for NATS servers that require mutual TLS"
+        " (default: none; needs --nats-key)",
+    )
+    hub.add_argument(
+        "--nats-key",
+        metavar="PEM",
+        help="the private key of --nats-cert (default: none)",
+    )
+    hub.add_argument(
+        "--nats-api-timeout",
+        type=_positive_float,
+        default=5.0,
+        metavar="S",
+        help="how long one JetStream call (bucket, claim) may take, s; raise it on a"
+        " slow NATS cluster",
+    )
+    hub.add_argument(
         "--advertise-url",
         metavar="URL",
         help="the ws:// or wss:// URL agents should use to reach this hub, advertised"

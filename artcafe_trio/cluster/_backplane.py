@@ -132,7 +132,7 @@ class NatsBackplane:
                 self._nc = nc
                 store = self._store = await open_cluster_store(
                     nc, self.hub_id, bucket=cfg.bucket, replicas=cfg.replicas,
-                    wall_clock=self._wall_clock,
+                    api_timeout=cfg.api_timeout, wall_clock=self._wall_clock,
                 )  # fmt: skip
                 leased = False
                 try:

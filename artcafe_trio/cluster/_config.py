@@ -50,6 +50,9 @@ class ClusterConfig:
         claim_timeout: how long a session's claim may take before the session is
             served without it (logged; the cluster view is then degraded).
         stop_timeout: the bound on the graceful handover at shutdown.
+        api_timeout: how long one JetStream API call (creating or binding the
+            bucket, a claim, a lease refresh) may take before it fails; raise it
+            on a slow or busy NATS cluster.
         dedupe_window: how long a routed publish id is remembered, s.
         dedupe_size: how many routed publish ids are remembered at most.
         shared_credentials: authenticate from the keys in the cluster's bucket
@@ -69,6 +72,7 @@ class ClusterConfig:
     flush_timeout: float = attrs.field(default=2.0, validator=_positive)
     claim_timeout: float = attrs.field(default=5.0, validator=_positive)
     stop_timeout: float = attrs.field(default=5.0, validator=_positive)
+    api_timeout: float = attrs.field(default=5.0, validator=_positive)
     dedupe_window: float = attrs.field(default=600.0, validator=_positive)
     dedupe_size: int = 65536
     shared_credentials: bool = False

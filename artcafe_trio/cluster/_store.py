@@ -295,9 +295,14 @@ async def open_cluster_store(
     bucket: str = "artcafe_cluster",
     replicas: int = 3,
     marker_ttl: float = 60.0,
+    api_timeout: float = 5.0,
     wall_clock: Callable[[], float] = time.time,
 ) -> ClusterStore:
     """Bind (creating if needed) the cluster bucket with per-key TTLs and expiry
-    markers, replicated ``replicas`` times, as hub ``hub_id``."""
-    kv = await nc.key_value(bucket, history=1, replicas=replicas, limit_marker_ttl=marker_ttl)
+    markers, replicated ``replicas`` times, as hub ``hub_id``; every JetStream call
+    on it fails after ``api_timeout`` s."""
+    kv = await nc.key_value(
+        bucket, history=1, replicas=replicas, limit_marker_ttl=marker_ttl,
+        api_timeout=api_timeout,
+    )  # fmt: skip
     return ClusterStore(kv, hub_id, wall_clock=wall_clock)

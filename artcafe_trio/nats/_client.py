@@ -254,11 +254,27 @@ class NatsClient:
         self._out.queue_ping(waiter)
         await waiter.wait()
 
-    async def key_value(self, bucket: str, **options: Any) -> KeyValue:
+    async def key_value(
+        self,
+        bucket: str,
+        *,
+        create: bool = True,
+        history: int = 1,
+        replicas: int = 1,
+        max_age: float | None = None,
+        allow_msg_ttl: bool = False,
+        limit_marker_ttl: float | None = None,
+        storage: str = "file",
+        api_timeout: float = 5.0,
+    ) -> KeyValue:
         """Bind (or create) a JetStream key-value bucket; see :func:`key_value` for options."""
         from ._kv import key_value
 
-        return await key_value(self, bucket, **options)
+        return await key_value(
+            self, bucket, create=create, history=history, replicas=replicas,
+            max_age=max_age, allow_msg_ttl=allow_msg_ttl,
+            limit_marker_ttl=limit_marker_ttl, storage=storage, api_timeout=api_timeout,
+        )  # fmt: skip
 
     async def close(self) -> None:
         """Flush what is buffered (for up to ``connect_timeout``) and close.

@@ -80,3 +80,50 @@ async def test_tls_upgrade_after_info(tls_node: tuple[NatsNode, trustme.CA]) -> 
             pass  # pragma: no cover
     assert isinstance(caught.value.last_cause, trio.BrokenResourceError)
     assert isinstance(caught.value.last_cause.__cause__, ssl.SSLCertVerificationError)
+
+
+async def test_mutual_tls_with_the_hub_command_s_client_certificate(tmp_path: Path) -> None:
+    """`hub --nats-ca --nats-cert --nats-key` makes a context a --tlsverify server accepts."""
+    from artcafe_trio.cli._hubcmd import CliError, _cluster_config
+    from artcafe_trio.cli._parser import build_parser
+
+    ca = trustme.CA()
+    server = ca.issue_cert("127.0.0.1")
+    client = ca.issue_cert("hub-h1.example")
+    files = {}
+    for name, blob in {
+        "ca.pem": ca.cert_pem.bytes(),
+        "server.pem": b"".join(b.bytes() for b in server.cert_chain_pems),
+        "server.key": server.private_key_pem.bytes(),
+        "client.pem": b"".join(b.bytes() for b in client.cert_chain_pems),
+        "client.key": client.private_key_pem.bytes(),
+    }.items():
+        (tmp_path / name).write_bytes(blob)
+        files[name] = str(tmp_path / name)
+    extra = ["--tlsverify", "--tlscert", files["server.pem"], "--tlskey", files["server.key"],
+             "--tlscacert", files["ca.pem"]]  # fmt: skip
+
+    def config(*flags: str) -> object:
+        args = build_parser().parse_args(
+            ["hub", "--hub-id", "h1", "--nats", "tls://127.0.0.1:1", *flags]
+        )
+        return _cluster_config(args)
+
+    with run_single(tmp_path, jetstream=False, extra=extra) as node:
+        mutual = config("--nats-ca", files["ca.pem"], "--nats-cert", files["client.pem"],
+                        "--nats-key", files["client.key"], "--nats-api-timeout", "12")  # fmt: skip
+        assert mutual.api_timeout == 12.0  # type: ignore[attr-defined]
+        async with open_nats(node.url, tls=mutual.tls) as nc:  # type: ignore[attr-defined]
+            sub = await nc.subscribe("mtls.x")
+            await nc.publish("mtls.x", b"in")
+            await nc.flush()
+            assert (await sub.next_msg()).data == b"in"
+        # The CA alone (no client certificate) is refused by the server.
+        ca_only = config("--nats-ca", files["ca.pem"])
+        with pytest.raises(NatsConnectError):
+            async with open_nats(node.url, tls=ca_only.tls):  # type: ignore[attr-defined]
+                pass  # pragma: no cover
+    with pytest.raises(CliError, match="--nats-cert and --nats-key go together"):
+        config("--nats-cert", files["client.pem"])
+    with pytest.raises(CliError, match=r"--nats-cert .*client\.pem / --nats-key"):
+        config("--nats-cert", files["client.pem"], "--nats-key", files["ca.pem"])

@@ -17,7 +17,7 @@ from artcafe_trio.cluster._credentials import (
 )
 from artcafe_trio.nats import open_nats
 
-from .servers import NatsNode
+from .servers import API_TIMEOUT, NatsNode
 
 _buckets = itertools.count()
 
@@ -31,7 +31,7 @@ async def test_a_mirror_follows_adds_rotations_disables_and_removals(
         open_nats(nats_cluster[2].url) as hub,
     ):
         name = f"creds{next(_buckets)}"
-        writer = await cli.key_value(name, replicas=3)
+        writer = await cli.key_value(name, replicas=3, api_timeout=API_TIMEOUT)
         await publish_agent(writer, "acme", "before", (old,))  # there before the hub starts
         mirror = CredentialsMirror(await hub.key_value(name))
         send, receive = trio.open_memory_channel[CredentialsChange](16)

@@ -46,7 +46,7 @@ from artcafe_trio.protocol._keys import PrivateKey, generate_private_key
 from artcafe_trio.testing import TestHub
 
 from ..conftest import RawClient
-from .servers import NatsNode
+from .servers import API_TIMEOUT, NatsNode
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -117,7 +117,10 @@ async def authenticate(
 
 
 def cluster_config(node: NatsNode, bucket: str) -> ClusterConfig:
-    return ClusterConfig(servers=[node.url], lease_ttl=LEASE_TTL, bucket=bucket, replicas=3)
+    return ClusterConfig(
+        servers=[node.url], lease_ttl=LEASE_TTL, bucket=bucket, replicas=3,
+        api_timeout=API_TIMEOUT,
+    )  # fmt: skip
 
 
 @asynccontextmanager
@@ -559,7 +562,9 @@ async def test_a_nats_node_killed_under_a_hub(own_nats_cluster: list[NatsNode]) 
             hubs = {}
             for name, registry in zip("ab", registries, strict=True):
                 config = HubConfig(hub_id=f"hub-{name}", disconnect_grace=3.0, close_timeout=0.5)
-                cluster = ClusterConfig(servers=urls, lease_ttl=5.0, bucket=bucket)
+                cluster = ClusterConfig(
+                    servers=urls, lease_ttl=5.0, bucket=bucket, api_timeout=API_TIMEOUT
+                )
                 opened = open_cluster_hub(
                     registry=registry, port=None, config=config, cluster=cluster
                 )
@@ -610,7 +615,7 @@ async def test_a_hub_restarted_after_a_crash_waits_for_its_lease_and_clears_its_
     bucket = f"hubs_{secrets.token_hex(4)}"
     with trio.fail_after(20), Registry.open(":memory:") as registry:
         async with open_nats(nats_cluster[0].url) as nc:
-            store = await open_cluster_store(nc, "hub-r", bucket=bucket)
+            store = await open_cluster_store(nc, "hub-r", bucket=bucket, api_timeout=API_TIMEOUT)
             await store.kv.create(
                 lease_key("hub-r"), HubLease("hub-r").encode(), ttl=LEASE_TTL
             )  # the crashed run's lease, no longer refreshed
@@ -645,7 +650,7 @@ async def test_shared_credentials_admit_and_revoke_on_every_hub(
         Registry.open(":memory:") as reg_b,
     ):
         async with open_nats(nats_cluster[0].url) as nc, AsyncExitStack() as stack:
-            kv = (await open_cluster_store(nc, "cli", bucket=bucket)).kv
+            kv = (await open_cluster_store(nc, "cli", bucket=bucket, api_timeout=API_TIMEOUT)).kv
             await publish_agent(kv, "t1", "x", (key.public_key,))
             hubs = {}
             for name, registry, node in (
@@ -680,7 +685,7 @@ async def test_the_hub_command_serves_the_bucket_s_credentials(
     bucket = f"hubs_{secrets.token_hex(4)}"
     key = generate_private_key("ed25519")
     async with open_nats(nats_cluster[0].url) as nc:
-        kv = (await open_cluster_store(nc, "cli", bucket=bucket)).kv
+        kv = (await open_cluster_store(nc, "cli", bucket=bucket, api_timeout=API_TIMEOUT)).kv
         await publish_agent(kv, "t1", "x", (key.public_key,))
         proc, url = await trio.to_thread.run_sync(
             start_hub_process, tmp_path / "empty.db", nats_cluster[2], bucket,

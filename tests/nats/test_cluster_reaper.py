@@ -14,7 +14,7 @@ from artcafe_trio.cluster._records import HUB_LOST, HubLease, PresenceClaim
 from artcafe_trio.cluster._store import ClusterStore, open_cluster_store
 from artcafe_trio.nats import open_nats
 
-from .servers import NatsNode
+from .servers import API_TIMEOUT, NatsNode
 
 _buckets = itertools.count()
 TTL = 1.0
@@ -25,7 +25,9 @@ async def test_a_lost_hub_is_reaped_once_after_the_grace_sparing_agents_that_mov
     nats_cluster: list[NatsNode],
 ) -> None:
     async with open_nats([n.url for n in nats_cluster]) as nc:
-        a = await open_cluster_store(nc, "a", bucket=f"reap{next(_buckets)}", marker_ttl=1)
+        a = await open_cluster_store(
+            nc, "a", bucket=f"reap{next(_buckets)}", marker_ttl=1, api_timeout=API_TIMEOUT
+        )
         b, c = ClusterStore(a.kv, "b"), ClusterStore(a.kv, "c")
         for i in range(4):
             await a.claim("acme", f"w{i}", f"s-{i}")
@@ -77,7 +79,12 @@ async def test_a_hub_that_cannot_refresh_its_lease_fences_itself_and_recovers(
 ) -> None:
     async with open_nats(own_nats_node.url) as nc:
         a = await open_cluster_store(
-            nc, "a", bucket=f"fence{next(_buckets)}", replicas=1, marker_ttl=1
+            nc,
+            "a",
+            bucket=f"fence{next(_buckets)}",
+            replicas=1,
+            marker_ttl=1,
+            api_timeout=API_TIMEOUT,
         )
         states: list[tuple[bool, float]] = []
         changed = trio.Event()

@@ -10,7 +10,7 @@ from artcafe_trio.cluster._records import HUB_LOST, HubLease
 from artcafe_trio.cluster._store import ClusterStore, LeaseChange, open_cluster_store
 from artcafe_trio.nats import open_nats
 
-from .servers import NatsNode
+from .servers import API_TIMEOUT, NatsNode
 
 _buckets = itertools.count()
 
@@ -20,7 +20,9 @@ def bucket() -> str:
 
 
 async def stores(nc: object, name: str, hubs: list[str]) -> list[ClusterStore]:
-    first = await open_cluster_store(nc, hubs[0], bucket=name, marker_ttl=1)  # type: ignore[arg-type]
+    first = await open_cluster_store(
+        nc, hubs[0], bucket=name, marker_ttl=1, api_timeout=API_TIMEOUT
+    )  # type: ignore[arg-type]
     return [first] + [ClusterStore(first.kv, hub) for hub in hubs[1:]]
 
 

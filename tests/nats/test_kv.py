@@ -21,7 +21,7 @@ from artcafe_trio.nats import (
     open_nats,
 )
 
-from .servers import NatsNode, run_single
+from .servers import API_TIMEOUT, NatsNode, run_single
 
 _names = itertools.count()
 
@@ -34,7 +34,7 @@ async def test_bucket_operations_on_an_r3_bucket(nats_cluster: list[NatsNode]) -
     async with open_nats([n.url for n in nats_cluster]) as nc:
         with pytest.raises(BucketNotFoundError):
             await nc.key_value("missing", create=False)
-        kv = await nc.key_value(bucket_name(), history=5, replicas=3)
+        kv = await nc.key_value(bucket_name(), history=5, replicas=3, api_timeout=API_TIMEOUT)
         assert kv.config["num_replicas"] == 3
         assert await kv.get("k") is None
         r1 = await kv.create("k", b"one")
@@ -69,7 +69,7 @@ async def test_an_update_race_between_two_clients_has_exactly_one_winner(
     n1, n2, _ = nats_cluster
     async with open_nats(n1.url) as a, open_nats(n2.url) as b:
         name = bucket_name()
-        kv_a = await a.key_value(name, replicas=3)
+        kv_a = await a.key_value(name, replicas=3, api_timeout=API_TIMEOUT)
         kv_b = await b.key_value(name)
         revision = await kv_a.put("race", b"start")
         for round_ in range(10):
@@ -97,7 +97,9 @@ async def test_a_watched_keys_ttl_expiry_is_seen_within_a_second(
     nats_cluster: list[NatsNode],
 ) -> None:
     async with open_nats([n.url for n in nats_cluster]) as nc:
-        kv = await nc.key_value(bucket_name(), replicas=3, limit_marker_ttl=1)
+        kv = await nc.key_value(
+            bucket_name(), replicas=3, limit_marker_ttl=1, api_timeout=API_TIMEOUT
+        )
         await kv.put("stays", b"1")
         async with kv.watch("*") as watcher:
             first = await anext(watcher)
@@ -125,7 +127,9 @@ async def test_entries_carry_their_time_and_ttl_and_keys_are_listed(
     import time
 
     async with open_nats([n.url for n in nats_cluster]) as nc:
-        kv = await nc.key_value(bucket_name(), replicas=3, limit_marker_ttl=1)
+        kv = await nc.key_value(
+            bucket_name(), replicas=3, limit_marker_ttl=1, api_timeout=API_TIMEOUT
+        )
         before = time.time()
         await kv.create("h.one", b"1", ttl=30)
         await kv.put("h.two", b"2")
@@ -145,7 +149,7 @@ async def test_entries_carry_their_time_and_ttl_and_keys_are_listed(
 
 async def test_watch_reports_puts_deletes_and_purges_in_order(nats_cluster: list[NatsNode]) -> None:
     async with open_nats(nats_cluster[0].url) as nc:
-        kv = await nc.key_value(bucket_name(), history=10, replicas=3)
+        kv = await nc.key_value(bucket_name(), history=10, replicas=3, api_timeout=API_TIMEOUT)
         await kv.put("a.1", b"x")
         await kv.put("a.1", b"y")
         await kv.put("b.1", b"z")
@@ -176,7 +180,11 @@ async def test_watch_resumes_after_a_node_dies_without_loss_or_duplicates(
         open_nats(n1.url, backoff=backoff) as watching,
         open_nats(n2.url, backoff=backoff) as writing,
     ):
-        kv = await writing.key_value(bucket_name(), replicas=3, history=64, api_timeout=1.0)
+        # Created patiently (an R3 bucket needs an election), then used through a
+        # handle whose 1 s API timeout lets the puts below retry during the failover.
+        name = bucket_name()
+        await writing.key_value(name, replicas=3, history=64, api_timeout=API_TIMEOUT)
+        kv = await writing.key_value(name, api_timeout=1.0)
         watched = await watching.key_value(kv.bucket)
         seen: list[KvEntry] = []
         async with watched.watch(">", idle_heartbeat=0.5) as watcher:
