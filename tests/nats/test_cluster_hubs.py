@@ -659,16 +659,58 @@ async def test_a_nats_node_killed_under_a_hub(own_nats_cluster: list[NatsNode]) 
             worker = await c.connect("b", "worker")
             assert await presence_events(watcher, 1) == [("worker", "online", "connected")]
             await c.settle(worker, [watcher])
+            # A stream of confirmed publishes from hub-a (whose node dies) to hub-b.
+            near, far = await c.connect("a", "near"), await c.connect("b", "far")
+            await far.subscribe("flow.*")
+            await c.settle(near, [far])
+            confirmed: dict[int, str] = {}  # publish number -> the phase it was confirmed in
+            phase = "before"
+
+            async def stream(stop: trio.Event) -> None:
+                n = 0
+                while not stop.is_set():
+                    await near.send(Publish(subject=f"flow.{n}", data={"n": n}, id=f"f{n}"))
+                    await near.recv_type(Published)
+                    confirmed[n] = phase
+                    n += 1
+                    await trio.sleep(0.005)
+
+            stop_stream = trio.Event()
+            nursery.start_soon(stream, stop_stream)
+            while len(confirmed) < 40:
+                await trio.sleep(0.01)
+            phase = "quiet"  # a pause: what was confirmed before has crossed the routes
+            await trio.sleep(0.2)
             nc = c.backplane("a")._nc
             assert nc is not None
             server = nc.connected_server
             [victim] = [n for n in own_nats_cluster if server == f"127.0.0.1:{n.port}"]
             reconnects = nc.reconnects
+            phase = "failing"
             await trio.to_thread.run_sync(victim.kill)
             killed = trio.current_time()
             while nc.reconnects == reconnects or not nc.is_connected:
                 await trio.sleep(0.05)
             print(f"hub-a reconnected {trio.current_time() - killed:.2f} s after its node died")
+            phase = "after"  # (far's interest is on its own, living node: no settling)
+            after_from = len(confirmed)
+            while len(confirmed) < after_from + 40:
+                await trio.sleep(0.01)
+            stop_stream.set()
+            wanted = {n for n, when in confirmed.items() if when in ("before", "quiet", "after")}
+            received: list[int] = []
+            with trio.fail_after(10):
+                while not wanted <= set(received):
+                    [msg] = await far.messages(1)
+                    if msg.subject.startswith("flow."):
+                        received.append(msg.data["n"])  # type: ignore[index]
+            assert received == sorted(set(received))  # in order, no duplicates
+            failing = [n for n, when in confirmed.items() if when == "failing"]
+            lost = sorted(set(failing) - set(received))
+            print(f"confirmed publishes: {len(wanted)} outside the failure, all delivered; "
+                  f"{len(failing)} during it, {len(lost)} of them lost; hub-a counted "
+                  f"{c.backplane('a').routes_unconfirmed} unconfirmed")  # fmt: skip
+            await nothing_more(far, 0.2)
             await c.settle(worker, [watcher])  # routes again (the subscriptions were re-sent)
             await worker.send(Publish(subject="jobs.one", data={"n": 1}, id="j1"))
             await worker.recv_type(Published)
@@ -682,6 +724,7 @@ async def test_a_nats_node_killed_under_a_hub(own_nats_cluster: list[NatsNode]) 
             table = await query(watcher)
             assert {agent: r.status for agent, r in table.items()} == {
                 "watcher": "online", "worker": "online", "late": "online",
+                "near": "online", "far": "online",
             }  # fmt: skip
             assert late.welcome is not None
             nursery.cancel_scope.cancel()
