@@ -11,7 +11,11 @@ Everything a cluster of hubs would share goes through it, and only that:
   :meth:`BackplanePeer.presence_observed`;
 - **sessions** — an agent's new session claims it with :meth:`Backplane.claim_session`;
   a claim won on another hub arrives through :meth:`BackplanePeer.session_claimed`
-  (the local session is closed as replaced, with no presence change).
+  (the local session is closed as replaced, with no presence change);
+- **draining** — a graceful stop calls :meth:`Backplane.begin_drain` before it
+  closes the hub's sessions: the agents are told to reconnect elsewhere, and their
+  offline transitions that follow may be held back (the other hubs see them come
+  back, or mark them offline after the grace).
 
 The hub's components call the backplane; the backplane calls the hub back only
 through the :class:`BackplanePeer` given to :meth:`Backplane.run`. The methods that
@@ -156,6 +160,12 @@ class Backplane(Protocol):
         """The other live hubs' agent URLs, advertised in every agent's ``welcome`` so it
         can fail over to them. Cheap and synchronous (called once per connection)."""
 
+    def begin_drain(self) -> None:
+        """A graceful stop begins: the hub is about to close every session with 1012
+        (reconnect elsewhere), then announce their agents offline (``disconnected``).
+        A cluster may keep those agents online under this hub instead, for the other
+        hubs to take over or reap after the grace. Must not block."""
+
 
 class LocalBackplane:
     """A hub alone: nothing to share, so every method does nothing."""
@@ -179,3 +189,6 @@ class LocalBackplane:
 
     def connect_urls(self) -> tuple[str, ...]:
         return ()
+
+    def begin_drain(self) -> None:
+        pass
