@@ -205,9 +205,12 @@ def release_claim(
     return attrs.evolve(current, status="offline", reason=reason, since=now, session_id=None)
 
 
-def reap_claim(current: PresenceClaim, *, lost_hub: str, now: float) -> PresenceClaim | None:
+def reap_claim(
+    current: PresenceClaim, *, lost_hub: str, now: float, reason: str = HUB_LOST
+) -> PresenceClaim | None:
     """The claim a reaper writes for an agent the lost hub still owns online, else
-    ``None``. The epoch is unchanged: a hub that claims the agent meanwhile wins."""
+    ``None``. The epoch is unchanged: a hub that claims the agent meanwhile wins.
+    ``reason``: ``hub_lost`` for an expired lease, ``disconnected`` for a drained hub."""
     if current.hub != lost_hub or current.status != "online":
         return None
-    return attrs.evolve(current, status="offline", reason=HUB_LOST, since=now, session_id=None)
+    return attrs.evolve(current, status="offline", reason=reason, since=now, session_id=None)
