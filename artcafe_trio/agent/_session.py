@@ -227,6 +227,7 @@ class Session:
                     frame_id=pending.id,
                     reply_to=pending.reply_to,
                     reply_token=pending.reply_token,
+                    reply_from=pending.reply_from,
                     encoded=pending.text,
                 )
                 await self.send(request.text)
