@@ -14,7 +14,8 @@ Each piece is small and owns one rule:
   progress for ``write_stall_timeout`` cuts the connection off.
 - :class:`TokenBucket` is a publish rate limit, kept per agent across reconnects.
 - :class:`PreAuthLimiter` bounds connections that have not authenticated yet, per
-  address and in total; the oldest is closed to make room for a new one.
+  address and in total; the oldest (of the address, or of the address holding the
+  most) is closed to make room for a new one.
 """
 
 from __future__ import annotations
@@ -325,10 +326,12 @@ class PreAuthTicket:
 class PreAuthLimiter:
     """Bounds unauthenticated connections per address and in total.
 
-    A new connection over a bound closes the oldest unauthenticated one (of the same
-    address, or of all): an attacker's idle sockets are always the oldest, while an
-    agent authenticates within milliseconds, so it gets through even while the bound
-    is reached, and the sockets held never exceed the bounds.
+    A new connection over a bound closes the oldest unauthenticated one of the same
+    address, or, over the total, the oldest of the address holding the most: an
+    attacker's idle sockets are the oldest of their address, and an agent's handshake
+    (one slot, however slow its round trips) is not what makes room, so it gets
+    through even while the bound is reached, and the sockets held never exceed the
+    bounds.
     """
 
     def __init__(self, per_address: int, total: int, *, log_per_second: float = 1.0) -> None:
@@ -353,7 +356,10 @@ class PreAuthLimiter:
         if len(same) >= self.per_address:
             self._evict(next(iter(same)), "per address")
         if len(self._all) >= self.total:
-            self._evict(next(iter(self._all)), "in total")
+            # The oldest of the address holding the most: churn from many addresses
+            # cannot close the slow handshake of an agent that holds one slot.
+            most = max(self._by_address.values(), key=len)
+            self._evict(next(iter(most)), "in total")
         self._by_address.setdefault(address, same)[ticket] = None
         self._all[ticket] = None
         return ticket
