@@ -198,7 +198,9 @@ class Session:
                 waiter.answer = event
                 waiter.event.set()
             elif isinstance(event, RequestRefused):
-                log.warning("hub error %s: %s", event.error.code, printable(event.error.message))
+                log.warning(
+                    "hub error %s: %s", printable(event.error.code), printable(event.error.message)
+                )
 
     def _acked(self, event: HeartbeatAcked) -> None:
         self._stats.acked(trio.current_time(), event.rtt, event.rtt_smoothed)
