@@ -18,7 +18,9 @@ process over loopback TCP, runs the attacks of the hardening issue while two
 - ``surrogate``: 10 connections in parallel sending ``admin_auth`` with a lone
   surrogate as the token (``"\\ud800"``), giving up after 100 ms;
 - ``registryrm``: the registry file is deleted under the running hub while one agent
-  connects and leaves again and again (presence changes to write).
+  connects and leaves again and again (presence changes to write);
+- ``presence``: 100 agents with 8 KB metadata each, then one agent with no heartbeats
+  that never reads its socket sends ``presence_query`` until its sends block.
 
 The last three run the hub at ``--log-level INFO`` and report its log bytes and lines
 during the attack and its metrics after (``--metrics-port``).
@@ -59,6 +61,7 @@ from artcafe_trio.protocol import (
     Heartbeat,
     HeartbeatAck,
     Message,
+    PresenceQuery,
     PrivateKey,
     Publish,
     Published,
@@ -157,7 +160,7 @@ class Setup:
 
 
 async def raw_session(
-    setup: Target, nursery: trio.Nursery, tenant: str, agent: str
+    setup: Target, nursery: trio.Nursery, tenant: str, agent: str, **auth: Any
 ) -> trio_websocket.WebSocketConnection:
     ws = await trio_websocket.connect_websocket_url(
         nursery,
@@ -169,8 +172,13 @@ async def raw_session(
     key = setup.keys[(tenant, agent)]
     signature = key.sign_auth(tenant_id=tenant, agent_id=agent, nonce=challenge.nonce)
     await ws.send_message(
-        encode(Auth(agent_id=agent, tenant_id=tenant, algorithm=key.algorithm, signature=signature))
-    )
+        encode(
+            Auth(
+                agent_id=agent, tenant_id=tenant, algorithm=key.algorithm, signature=signature,
+                **auth,
+            )
+        )
+    )  # fmt: skip
     welcome = decode(await ws.get_message())
     assert welcome.type == "welcome", welcome
     return ws
@@ -405,6 +413,30 @@ async def attack_registryrm(setup: Target, nursery: trio.Nursery, seconds: float
     return {"sessions_after_rm": sessions}
 
 
+async def attack_presence(setup: Target, nursery: trio.Nursery, seconds: float) -> dict[str, Any]:
+    registry = Registry.open(setup.db)  # 100 more agents of the attacker's tenant
+    for n in range(100):
+        key = generate_private_key()
+        registry.add_key(ATTACK, f"peer{n}", key.public_key)
+        setup.keys[(ATTACK, f"peer{n}")] = key
+    registry.close()
+    await trio.sleep(2)  # the hub reloads its keys
+    meta = {"blob": "m" * 8000}
+    for n in range(100):
+        await raw_session(setup, nursery, ATTACK, f"peer{n}", metadata=meta)
+    ws = await raw_session(setup, nursery, ATTACK, "attacker")  # no heartbeats, never reads
+    sent = 0
+    with trio.move_on_after(seconds):
+        while True:
+            with trio.move_on_after(1) as blocked:
+                await ws.send_message(encode(PresenceQuery(id=f"q{sent}")))
+            if blocked.cancelled_caught:
+                break  # the hub stopped reading and the socket buffers are full
+            sent += 1
+    await trio.sleep(max(0.0, seconds - 1))
+    return {"agents_with_8kb_metadata": 100, "presence_queries_sent": sent}
+
+
 ATTACKS = {
     "fanout": attack_fanout,
     "reconnect": attack_reconnect,
@@ -413,6 +445,7 @@ ATTACKS = {
     "authparallel": attack_authparallel,
     "surrogate": attack_surrogate,
     "registryrm": attack_registryrm,
+    "presence": attack_presence,
 }
 LOGGED = {"authparallel", "surrogate", "registryrm"}  # run the hub at INFO, report its log
 
