@@ -174,3 +174,33 @@ async def test_answers_count_in_the_output_budget_and_in_choosing_whom_to_cut_of
             assert not session_of(hub, "consumer").closing
             assert hub.hub.output_budget.peak <= budget
             nursery.cancel_scope.cancel()
+
+
+async def test_the_budget_never_admits_more_than_it_holds_even_with_writes_in_flight() -> None:
+    """Unit level: bytes in flight stay held until written, so when only they are left
+    the budget refuses (cutting off the receiver, with a reason) rather than go over."""
+    from artcafe_trio.hub._flow import Delivery, Outbox, OutputBudget
+
+    budget = OutputBudget(1_000_000)
+    reasons: dict[str, str] = {}
+
+    def outbox(name: str) -> Outbox:
+        return Outbox(
+            budget, max_frames=100, max_bytes=10**9, reply_window=100,
+            reply_window_bytes=10**9, on_overflow=lambda reason: reasons.setdefault(name, reason),
+        )  # fmt: skip
+
+    writing, other = outbox("writing"), outbox("other")
+    assert writing.deliver(Delivery(b"a" * 700_000))
+    batch = await writing.take(1 << 20)  # in flight: still held
+    assert budget.used > 700_000 and writing.held_bytes == writing.flight_bytes > 700_000
+    writing.reply("x" * 50_000)  # an answer counts too
+    assert budget.used > 750_000
+    assert not other.deliver(Delivery(b"b" * 300_000))  # over: make room
+    # The holder of the most was cut off first; its answer was freed but not its write
+    # in flight, so the new delivery still did not fit: refused, its receiver cut off.
+    assert "held the most output" in reasons["writing"]
+    assert "exhausted (only output in flight is left)" in reasons["other"]
+    assert budget.used <= budget.limit and budget.peak <= budget.limit
+    writing.sent(batch)  # the write ended: everything is released
+    assert budget.used == 0
