@@ -379,8 +379,35 @@ def test_one_shot_status_is_debug_on_the_hub(
     trio.run(run)
     assert result == [0]
     admin = [r for r in caplog.records if "$admin" in r.getMessage()]
-    assert [r.getMessage().rsplit("> ", 1)[-1] for r in admin] == ["connected", "connection lost"]
+    # status sends a close frame (1000): a clean close, not a lost connection
+    assert [r.getMessage().rsplit("> ", 1)[-1] for r in admin] == [
+        "connected",
+        "closed by the client (1000)",
+    ]
     assert {r.levelno for r in admin} == {logging.DEBUG}
+
+
+async def test_the_hub_tells_a_client_close_from_a_dropped_connection(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection that ends without a close frame is "connection lost"; ``leave`` is
+    the hub's close. (A client's close frame: ``test_one_shot_status_is_debug_on_the_hub``.)"""
+    caplog.set_level(logging.INFO, "artcafe_trio.hub")
+    sessions: list[str | None] = []
+    async with test_hub.open_agent("a1", rng=random.Random(2)) as agent:
+        sessions.append(agent.session_id)
+        await test_hub._streams[-1].send_eof()  # the connection drops: no close frame
+        await trio.sleep(0.5)
+        await agent.wait_connected()
+        sessions.append(agent.session_id)
+    ends = {
+        sid: message.split("> ", 1)[1]
+        for r in caplog.records
+        if r.name == "artcafe_trio.hub" and (message := r.getMessage()).startswith("<session")
+        for sid in sessions
+        if sid is not None and sid in message and not message.endswith("> connected")
+    }
+    assert ends == {sessions[0]: "connection lost", sessions[1]: "closed: 1000 left"}
 
 
 # --------------------------------------------------------------------------- item 6
