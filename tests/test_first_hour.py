@@ -8,6 +8,7 @@ import errno
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import ssl
@@ -611,6 +612,63 @@ def test_key_errors_show_absolute_paths(tmp_path: Path, monkeypatch: pytest.Monk
         load_private_key("keys/missing")
     assert str(info.value) == f"private key file not found: {tmp_path / 'keys' / 'missing'}"
     assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+NEWCOMER = textwrap.dedent(
+    """
+    import sys
+
+    import trio
+
+    from artcafe_trio import Backoff, generate_private_key, open_agent
+
+
+    async def main(case, where):
+        if case == "down":
+            keys = {"private_key": generate_private_key(), "max_reconnect_attempts": 2,
+                    "backoff": Backoff(base=0.01, cap=0.02)}
+        else:
+            keys = {"private_key_path": where}
+        async with open_agent(url=sys.argv[3], agent_id="a1", tenant_id="acme", **keys):
+            pass
+
+
+    trio.run(main, sys.argv[1], sys.argv[2])
+    """
+)
+
+
+@pytest.mark.parametrize("case", ["down", "missing", "encrypted"])
+def test_a_newcomer_s_tracebacks_are_short(tmp_path: Path, case: str) -> None:
+    """The uncaught errors of an ``open_agent`` script, as its author sees them: the hub
+    down (ReconnectFailed, was 69 lines with trio's ExceptionGroup), a missing or an
+    encrypted key (KeyLoadError, was 35-38 lines through trio.to_thread)."""
+    script = tmp_path / "newcomer.py"
+    script.write_text(NEWCOMER)
+    (tmp_path / "encrypted").write_bytes(generate_private_key().to_pem("pw"))
+    url = f"ws://127.0.0.1:{_free_port()}"
+    result = subprocess.run(
+        [sys.executable, str(script), case, str(tmp_path / case), url],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    trace = lines[lines.index("Traceback (most recent call last):") :]
+    if case == "down":  # the elapsed time varies
+        trace[-1] = re.sub(r"over \d+\.\d s;", "over T s;", trace[-1])
+    last = {
+        "down": "artcafe_trio.ReconnectFailed: gave up after 2 consecutive failed connection"
+        " attempts over T s; last cause: cannot connect to"
+        f" {url}: connection refused (is the hub running?)",
+        "missing": f"artcafe_trio.KeyLoadError: private key file not found: {tmp_path / case}",
+        "encrypted": f"artcafe_trio.KeyLoadError: private key {tmp_path / case} is encrypted:"
+        " pass private_key_password",
+    }[case]
+    assert trace[-1] == last
+    assert result.stderr.count("Traceback (most recent call last)") == 1  # no chain
+    for noise in ("ExceptionGroup", "_threads.py", "outcome/", "_supervisor.py"):
+        assert noise not in result.stderr
+    assert len(trace) <= 18, result.stderr  # the script, open_agent, where it is raised
 
 
 # --------------------------------------------------------------------------- CLI (items 1, 9, 13)
