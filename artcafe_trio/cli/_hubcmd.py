@@ -23,6 +23,7 @@ from ._common import (
     EXIT_OK,
     METRICS_HINT,
     CliError,
+    _client_tls_context,
     _err,
     _port,
     log,
@@ -164,10 +165,7 @@ def _cluster_config(args: argparse.Namespace) -> Any:
     if (args.nats_cert is None) != (args.nats_key is None):
         raise CliError("--nats-cert and --nats-key go together")
     if args.nats_ca is not None or args.nats_cert is not None:
-        try:
-            tls = ssl.create_default_context(cafile=args.nats_ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise CliError(f"--nats-ca {os.path.abspath(args.nats_ca)}: {exc}") from None
+        tls = _client_tls_context("--nats-ca", args.nats_ca)
         if args.nats_cert is not None:
             try:
                 tls.load_cert_chain(args.nats_cert, args.nats_key)
@@ -211,7 +209,7 @@ def _cmd_hub(args: argparse.Namespace) -> int:
     )
     for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
         if path is not None and not os.access(path, os.R_OK):
-            raise CliError(f"{option} {path}: no such file or not readable")
+            raise CliError(f"{option} {os.path.abspath(path)}: no such file or not readable")
     import trio
 
     try:

@@ -45,11 +45,11 @@ def _read_admin_file(path: str) -> tuple[str, str] | None:
         return None
     except (OSError, ValueError) as exc:
         log.debug("unreadable admin file %s: %s", path, exc)
-        _note(f"warning: ignoring unreadable admin file {path}")
+        _note(f"warning: ignoring unreadable admin file {os.path.abspath(path)}")
         return None
     url, token = (data.get("url"), data.get("token")) if isinstance(data, dict) else (None, None)
     if not isinstance(url, str) or not isinstance(token, str):
-        _note(f"warning: ignoring malformed admin file {path}")
+        _note(f"warning: ignoring malformed admin file {os.path.abspath(path)}")
         return None
     return url, token
 
@@ -142,7 +142,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
             raise CliError("status --nats does not --watch (yet): run it again", EXIT_USAGE)
         printer.hubs = _cluster_hubs(args.nats, args.nats_bucket)
     admin = _read_admin_file(admin_file)
-    why = f"no admin file {admin_file}"
+    why = f"no admin file {os.path.abspath(admin_file)}"
     if admin is not None:
         url, token = admin
         try:
@@ -159,7 +159,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         _err(f"hub not running ({why}); give --db to show the last known presence")
         return EXIT_HUB_DOWN
     if not os.path.exists(db):
-        _err(f"hub not running ({why}) and no registry database at {db!r}")
+        _err(f"hub not running ({why}) and no registry database at {os.path.abspath(db)!r}")
         return EXIT_HUB_DOWN
     with Registry.open(db) as registry:
         records = registry.list_agents()
