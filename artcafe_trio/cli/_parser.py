@@ -507,7 +507,8 @@ def _add_status(commands: Any) -> None:
         default=None,
         metavar="URLS",
         help="also list the cluster's hubs and their lease ages from NATS (comma-separated"
-        " nats://host:port; the hubs' --nats); --json then prints {agents, hubs}",
+        " nats://host:port; the hubs' --nats), and with no hub at the admin file the"
+        " cluster's presence from the bucket; --json then prints {agents, hubs}",
     )
     status.add_argument(
         "--nats-bucket",

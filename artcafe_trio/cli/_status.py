@@ -1,5 +1,6 @@
 """``status``: the live presence table from a running hub (admin channel), or the last
-known presence from the database (exit code 3)."""
+known presence from the database (exit code 3); with ``--nats``, the cluster's hubs from
+their leases, and without a reachable hub the cluster's presence from the bucket."""
 
 from __future__ import annotations
 
