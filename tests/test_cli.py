@@ -1110,3 +1110,6 @@ def test_the_bucket_view_keeps_the_last_revision_and_forgets_old_expiry_markers(
          "last_heartbeat_ack": None, "heartbeat_timeout": None, "hub_id": "hub-1",
          "source": "cluster"},
     ]  # fmt: skip
+    back = PresenceClaim("t", "a", "hub-2", 4, "online", "connected", 1013.0, "s-2")
+    view.apply(KvEntry("b", "p.t.a", back.encode(), 9, KvOp.PUT, 1013.0))  # a new revision
+    assert [(r["status"], r["hub_id"]) for r in view.presence_rows()] == [("online", "hub-2")]

@@ -132,6 +132,7 @@ class BucketView:
         #: ``subject_delete_marker_ttl``): an expired lease is listed that long.
         self.marker_ttl = marker_ttl
         self.entries: dict[str, KvEntry] = {}
+        self._decoded: dict[str, tuple[int, PresenceClaim | None]] = {}
 
     def apply(self, entry: KvEntry) -> bool:
         """Keep ``entry`` if it is of a watched family; whether it was."""
@@ -168,12 +169,16 @@ class BucketView:
         for entry in self._family(CLAIMS):
             if entry.op is not KvOp.PUT:
                 continue
-            try:
-                claim = PresenceClaim.decode(entry.value)
-            except ValueError as exc:
-                log.debug("unreadable claim %s: %s", entry.key, exc)
-                continue
-            found[claim.tenant_id, claim.agent_id] = claim
+            cached = self._decoded.get(entry.key)
+            if cached is None or cached[0] != entry.revision:  # a --watch redraws often
+                try:
+                    cached = (entry.revision, PresenceClaim.decode(entry.value))
+                except ValueError as exc:
+                    log.debug("unreadable claim %s: %s", entry.key, exc)
+                    cached = (entry.revision, None)
+                self._decoded[entry.key] = cached
+            if cached[1] is not None:
+                found[cached[1].tenant_id, cached[1].agent_id] = cached[1]
         return found
 
     def presence_rows(self) -> list[dict[str, Any]]:
