@@ -17,6 +17,7 @@ from artcafe_trio.nats import (
     LameDuckMode,
     NatsClient,
     NoRespondersError,
+    OutboundBufferFull,
     Reconnected,
     open_nats,
 )
@@ -176,6 +177,55 @@ async def test_sigstop_fires_the_ping_deadline_at_its_configured_time(
         assert "stale connection" in event.cause
         # The first unanswered PING leaves within one interval; it then has interval x outstanding.
         assert interval * outstanding - 0.05 <= elapsed <= interval * (outstanding + 1) + 0.25
+        with trio.fail_after(10):
+            assert isinstance(await events.receive(), Reconnected)
+        await nc.flush()
+
+
+async def test_sigstop_during_a_publish_burst_still_fires_the_ping_deadline(
+    own_nats_node: NatsNode,
+) -> None:
+    """The server stops reading mid-burst: the socket buffers fill, the writer blocks
+    and the publisher waits for buffer space; the deadline fires on time anyway."""
+    interval, outstanding = 0.25, 2
+    async with open_nats(
+        own_nats_node.url,
+        ping_interval=interval,
+        max_pings_outstanding=outstanding,
+        connect_timeout=0.5,
+        reconnect_buffer_size=1024 * 1024,
+        backoff=Backoff(base=0.05, cap=0.2, max_attempts=None),
+    ) as nc:
+        events = nc.events()
+        await nc.flush()
+        longest_wait = 0.0
+        stopped = trio.current_time()
+        own_nats_node.stop_signal()
+        try:
+
+            async def burst() -> None:
+                nonlocal longest_wait
+                chunk = b"x" * 60000
+                while True:
+                    before = trio.current_time()
+                    try:
+                        await nc.publish("burst", chunk)
+                    except OutboundBufferFull:
+                        return  # disconnected, and the reconnect buffer is full
+                    longest_wait = max(longest_wait, trio.current_time() - before)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(burst)
+                with trio.fail_after(5):
+                    event = await events.receive()
+                elapsed = trio.current_time() - stopped
+        finally:
+            own_nats_node.cont_signal()
+        assert isinstance(event, Disconnected)
+        assert "stale connection" in event.cause
+        assert interval * outstanding - 0.05 <= elapsed <= interval * (outstanding + 1) + 0.25
+        # The publisher really was stuck behind the blocked write until the deadline.
+        assert longest_wait >= interval
         with trio.fail_after(10):
             assert isinstance(await events.receive(), Reconnected)
         await nc.flush()
