@@ -53,6 +53,7 @@ _NS = 1_000_000_000
 _ERR_STREAM_NOT_FOUND = 10059
 _ERR_NO_PEERS = 10005  # "no suitable peers for placement": a cluster still forming or failing over
 _ERR_NO_MESSAGE = 10037
+_ERR_TTL_DISABLED = 10166  # "per-message TTL is disabled" (no allow_msg_ttl)
 # "wrong last sequence: N" from the stream, and the same check failed in clustered mode.
 _ERR_WRONG_LAST_SEQUENCE = (10071, 10164)
 
@@ -191,6 +192,9 @@ class KeyValue:
                 raise WrongLastRevisionError(
                     exc.code, exc.err_code, exc.description, key=key
                 ) from None
+            if exc.err_code == _ERR_TTL_DISABLED:
+                hint = f"{exc.description}: bucket {self.bucket!r} was made without allow_msg_ttl"
+                raise JetStreamError(exc.code, exc.err_code, hint) from None
             raise
         return int(ack["seq"])
 
