@@ -123,6 +123,10 @@ async def test_interop_with_nats_py_both_ways(nats_node: NatsNode) -> None:
             assert (plain.data, plain.headers) == (b"plain", None)  # type: ignore[attr-defined]
             assert hdr.data == b"hdr"  # type: ignore[attr-defined]
             assert hdr.headers["K"] == "v"  # type: ignore[attr-defined]
+            # nats-py parsed both X-Multi lines; its headers are a dict, so it keeps (and
+            # echoes) the last value only. (Both values end to end: the first test above.)
+            assert hdr.headers.get_all("X-Multi") == ["b"]  # type: ignore[attr-defined]
+            assert list(hdr.headers) == ["X-Multi", "K"]  # type: ignore[attr-defined]
             # our request, nats-py's reply
             with trio.fail_after(5):
                 reply = await nc.request("interop.py_svc", b"ping")
