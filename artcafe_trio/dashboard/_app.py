@@ -166,7 +166,17 @@ class Dashboard:
     # --- documents ---------------------------------------------------------
 
     def agent_json(self, record: Any) -> dict[str, Any]:
+        local_hub = self.hub.config.hub_id
+        owner = record.hub_id or local_hub
         measures = self.hub.events.measures(record.tenant_id, record.agent_id)
+        if owner != local_hub:  # measured by the hub its session is on, not here
+            measures = attrs.evolve(
+                measures,
+                declared_interval=None,
+                heartbeat_interval=None,
+                heartbeat_interval_avg=None,
+                rtt=None,
+            )
         return {
             "tenant_id": record.tenant_id,
             "agent_id": record.agent_id,
@@ -185,7 +195,7 @@ class Dashboard:
             "capabilities": list(record.capabilities),
             "metadata": record.metadata,
             "session_id": record.session_id,
-            "hub_id": self.hub.config.hub_id,
+            "hub_id": owner,
         }
 
     def presence_document(self, access: Access, tenant: str | None) -> dict[str, Any]:
