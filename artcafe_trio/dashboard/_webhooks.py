@@ -123,6 +123,11 @@ class Webhook:
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(4)
 
+    @property
+    def waiting(self) -> int:
+        """Documents queued and not yet being sent."""
+        return self._send.statistics().current_buffer_used
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # Subscribe before reporting started: no event is missed after start() returns.
         with self.hub.events.subscribe(max(self.config.queue_size, 64)) as subscription:
