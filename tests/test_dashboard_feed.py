@@ -111,26 +111,32 @@ async def test_a_revoked_token_ends_its_open_feed_at_the_next_tick(
     autojump_clock: trio.abc.Clock, nursery: trio.Nursery
 ) -> None:
     async with open_test_hub() as hub:
-        dashboard = Dashboard(hub.hub, DashboardConfig(refresh_interval=2.0))
+        config = DashboardConfig(refresh_interval=2.0, token_recheck=1.0)
+        dashboard = Dashboard(hub.hub, config)
         t1, t2 = create_token(hub.registry, "t1"), create_token(hub.registry, "t2")
-        doomed = await open_feed(dashboard, nursery, t1)
-        kept = await open_feed(dashboard, nursery, t2)
+        idle = await open_feed(dashboard, nursery, t2)  # no t2 traffic: ends at a tick
+        busy = await open_feed(dashboard, nursery, t1)  # t1 traffic: ends before sending
+        kept = await open_feed(dashboard, nursery, create_token(hub.registry, "t3"))
         admin = await open_feed(dashboard, nursery, hub.hub.admin_token)
         await trio.sleep(2.1)
-        assert not doomed.ended.is_set()  # still valid at the first tick
-        revoked_at = trio.current_time()
+        assert not idle.ended.is_set() and not busy.ended.is_set()  # valid at the first tick
+        assert hub.registry.remove_dashboard_tokens("t2") == 1
+        with trio.fail_after(2.0):  # the next tick (at 4 s)
+            await idle.ended.wait()
+        assert trio.current_time() == pytest.approx(4.0)
         assert hub.registry.remove_dashboard_tokens("t1") == 1
-        with trio.fail_after(2.0):  # at the next tick, 2 s at most
-            await doomed.ended.wait()
-        assert trio.current_time() - revoked_at <= 2.0
-        assert dashboard.revoked == 1
-        await connect(hub, nursery, "a")  # nothing more reaches the revoked feed
-        await kept.wait_for(1, "snapshot")
-        assert [e["agent_id"] for e in doomed.named("presence")] == []
+        await trio.sleep(1.5)  # 5.5 s: the last check (the 4 s tick) is over 1 s old
+        await connect(hub, nursery, "a")  # an event: the token is re-read before it is sent
+        with trio.fail_after(0.1):
+            await busy.ended.wait()
+        assert busy.named("presence") == []  # nothing was sent on the revoked token
         assert [e["agent_id"] for e in admin.named("presence")] == ["a"]
+        assert dashboard.revoked == 2
+        await trio.sleep(10)
         assert not kept.ended.is_set() and not admin.ended.is_set()
-        again = await dashboard.handle(request("/api/events", t1))
-        assert isinstance(again, Response) and again.status == 401
+        for token in (t1, t2):
+            again = await dashboard.handle(request("/api/events", token))
+            assert isinstance(again, Response) and again.status == 401
         assert dashboard.feeds == 2
 
 

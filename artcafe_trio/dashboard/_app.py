@@ -53,6 +53,9 @@ class DashboardConfig:
     recent_events: int = 100
     """Past events a new feed starts with."""
     rate_window: float = 10.0
+    token_recheck: float = 1.0
+    """A live feed sends nothing on a token it has not found valid within this many
+    seconds (and re-checks it at every refresh): a revoked token's feed ends."""
     """Heartbeats/s and messages/s are averaged over this many seconds."""
 
 
@@ -291,7 +294,22 @@ class Dashboard:
         def done() -> None:
             self.feeds -= 1
 
+        checked = trio.current_time()  # the handler just resolved the token
+
+        async def still_valid(*, within: float) -> bool:
+            """Whether the token still grants ``access`` (re-read when the last check
+            is older than ``within`` seconds); counts a feed ended for it."""
+            nonlocal checked
+            if trio.current_time() - checked < within:
+                return True
+            checked = trio.current_time()
+            if await self._resolve(token) == access:
+                return True
+            self.revoked += 1
+            return False  # revoked (or the admin token of another hub run)
+
         async def produce(send: Send) -> None:
+            recheck = self.config.token_recheck
             with self.hub.events.subscribe(self.config.feed_queue, tenant_id=tenant) as sub:
                 await send(b"retry: 1000\n\n")
                 await send(self._snapshot_event(access, tenant, recent=True))
@@ -303,12 +321,13 @@ class Dashboard:
                     )
                     with trio.move_on_at(deadline):
                         item = await sub.receive()
+                    # Nothing is sent on a token not found valid within `recheck` s,
+                    # and every tick re-checks it: a revoked token's feed ends.
+                    if not await still_valid(within=0.0 if item is None else recheck):
+                        return  # the page reconnects and is refused
                     if item is None:
                         if trio.current_time() >= next_refresh:
                             tick, next_refresh = next_refresh, self._next_tick()
-                            if await self._resolve(token) != access:
-                                self.revoked += 1
-                                return  # revoked (or another hub run): the page asks again
                             await send(self._tick_snapshot(access, tenant, tick))
                         else:
                             await send(b": keepalive\n\n")
