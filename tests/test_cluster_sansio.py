@@ -76,6 +76,10 @@ def test_a_reaper_takes_only_what_the_lost_hub_still_owns_online() -> None:
     reaped = reap_claim(claim(), lost_hub="a", now=200.0)
     assert reaped is not None
     assert (reaped.status, reaped.reason, reaped.epoch) == ("offline", HUB_LOST, 3)
+    assert reaped.reaper is None
+    by_b = reap_claim(claim(), lost_hub="a", now=200.0, reaper="b")
+    assert by_b is not None and by_b.reaper == "b"  # the one hub that reports it
+    assert PresenceClaim.decode(by_b.encode()) == by_b
     assert reap_claim(claim(hub="b"), lost_hub="a", now=200.0) is None
     assert reap_claim(claim(status="offline"), lost_hub="a", now=200.0) is None
 
@@ -83,6 +87,7 @@ def test_a_reaper_takes_only_what_the_lost_hub_still_owns_online() -> None:
 def test_values_round_trip_and_bad_values_are_refused() -> None:
     value = claim()
     assert PresenceClaim.decode(value.encode()) == value
+    assert b"reaper" not in value.encode()  # only a reaped claim names its reaper
     lease = HubLease("a", ("ws://h1:8765",), 12.5, draining=True)
     assert HubLease.decode(lease.encode()) == lease
     for bad, problem in (

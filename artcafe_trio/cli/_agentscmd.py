@@ -137,19 +137,24 @@ def _cmd_agents_set_disabled(args: argparse.Namespace, disabled: bool) -> int:
 
 def _cmd_dashboard_token(args: argparse.Namespace) -> int:
     from artcafe_trio.dashboard import create_token
+    from artcafe_trio.dashboard._tokens import ALL_TENANTS
 
+    tenant: str | None = None if args.all_tenants else args.tenant
+    if tenant == ALL_TENANTS:
+        raise CliError("invalid tenant id '*': use --all-tenants")
+    who = "every tenant" if tenant is None else f"tenant {tenant}"
     with _open_existing_registry(args.db) as registry:
         if args.revoke:
-            removed = registry.remove_dashboard_tokens(args.tenant)
-            _note(f"revoked {removed} dashboard token(s) of tenant {args.tenant}")
+            removed = registry.remove_dashboard_tokens(tenant or ALL_TENANTS)
+            _note(f"revoked {removed} dashboard token(s) of {who}")
             return EXIT_OK
         try:
-            token = create_token(registry, args.tenant)
+            token = create_token(registry, tenant)
         except ValueError as exc:
             raise CliError(str(exc)) from None
     print(token)
     _note(
-        f"read-only dashboard token for tenant {args.tenant} (only its hash is stored in"
+        f"read-only dashboard token for {who} (only its hash is stored in"
         f" {args.db}); open the dashboard with ?token=<it>"
     )
     return EXIT_OK

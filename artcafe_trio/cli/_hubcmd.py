@@ -254,14 +254,21 @@ async def _run_hub(
                 except OSError as exc:
                     raise CliError(f"cannot serve the dashboard on {host}:{port}: {exc}") from None
                 print(f"dashboard at {dashboard_url} (open with ?token=<token>)", flush=True)
+            webhooks: list[Any] = []
             if args.webhooks:
                 from artcafe_trio.dashboard import Webhook
 
                 for webhook_config in args.webhooks:
-                    await nursery.start(Webhook(hub, webhook_config).run)
+                    webhooks.append(Webhook(hub, webhook_config))
+                    await nursery.start(webhooks[-1].run)
                     log.info("alert webhook %s", webhook_config.url)
             if start_metrics is not None:
-                started = start_metrics(hub, args.metrics_port)
+                extra = []
+                if webhooks:
+                    from artcafe_trio.dashboard._alertmetrics import WebhookCollector
+
+                    extra.append(WebhookCollector(webhooks))
+                started = start_metrics(hub, args.metrics_port, extra=extra)
                 if inspect.isawaitable(started):
                     await started
                 log.info("metrics on port %d", args.metrics_port)

@@ -474,10 +474,17 @@ def _add_dashboard_token(commands: Any) -> None:
     """``dashboard-token``."""
     token = _command(commands, "dashboard-token", "make a read-only dashboard token for one tenant")
     _add_db(token, "registry database (SQLite; must exist)")
-    token.add_argument("--tenant", required=True, help="the tenant the token may see")
+    scope = token.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--tenant", help="the tenant the token may see")
+    scope.add_argument(
+        "--all-tenants", action="store_true",
+        help="a token that sees every tenant, as the hub's admin token does, but survives"
+        " hub restarts",
+    )  # fmt: skip
     token.add_argument(
-        "--revoke", action="store_true", help="revoke every dashboard token of the tenant instead"
-    )
+        "--revoke", action="store_true",
+        help="revoke every dashboard token of the tenant (or every --all-tenants token) instead",
+    )  # fmt: skip
     token.set_defaults(handler=_cmd_dashboard_token)
 
 

@@ -211,7 +211,7 @@ class ClaimKeeper:
             tenant_id=claim.tenant_id, agent_id=claim.agent_id, status=claim.status,
             reason=claim.reason, time=claim.since, session_id=claim.session_id,
             hub_id=claim.hub, capabilities=claim.capabilities, metadata=claim.metadata,
-            local=False,
+            local=False, reaped_by=claim.reaper,
         )  # fmt: skip
         peer.presence_observed(update)
 

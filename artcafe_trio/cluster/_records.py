@@ -91,10 +91,14 @@ class PresenceClaim:
     #: What the agent declared at its last authentication (shown by every hub).
     capabilities: tuple[str, ...] = ()
     metadata: dict[str, Any] = attrs.field(factory=dict)
+    #: The hub that reaped it (``hub_lost``): the one that reports the transition.
+    reaper: str | None = None
 
     def encode(self) -> bytes:
         obj = attrs.asdict(self)
         obj["capabilities"] = list(self.capabilities)
+        if obj["reaper"] is None:
+            del obj["reaper"]
         return json.dumps(obj, separators=(",", ":")).encode()
 
     @classmethod
@@ -119,6 +123,9 @@ class PresenceClaim:
         status = _as_str(obj, "status")
         if status not in ("online", "offline"):
             raise ValueError(f"unknown status {status!r}")
+        reaper = obj.get("reaper")
+        if reaper is not None and not isinstance(reaper, str):
+            raise ValueError("reaper must be a string or null")
         return cls(
             tenant_id=_as_str(obj, "tenant_id"),
             agent_id=_as_str(obj, "agent_id"),
@@ -130,6 +137,7 @@ class PresenceClaim:
             session_id=session,
             capabilities=tuple(capabilities),
             metadata=metadata,
+            reaper=reaper,
         )
 
 
@@ -205,9 +213,14 @@ def release_claim(
     return attrs.evolve(current, status="offline", reason=reason, since=now, session_id=None)
 
 
-def reap_claim(current: PresenceClaim, *, lost_hub: str, now: float) -> PresenceClaim | None:
+def reap_claim(
+    current: PresenceClaim, *, lost_hub: str, now: float, reaper: str | None = None
+) -> PresenceClaim | None:
     """The claim a reaper writes for an agent the lost hub still owns online, else
-    ``None``. The epoch is unchanged: a hub that claims the agent meanwhile wins."""
+    ``None``. The epoch is unchanged: a hub that claims the agent meanwhile wins.
+    ``reaper`` (the reaping hub) is the one hub that reports the ``hub_lost``."""
     if current.hub != lost_hub or current.status != "online":
         return None
-    return attrs.evolve(current, status="offline", reason=HUB_LOST, since=now, session_id=None)
+    return attrs.evolve(
+        current, status="offline", reason=HUB_LOST, since=now, session_id=None, reaper=reaper
+    )

@@ -178,7 +178,9 @@ class ClusterStore:
             written = await self._cas(
                 presence_key(tenant_id, agent_id),
                 lambda current: (
-                    None if current is None else reap_claim(current, lost_hub=lost_hub, now=now)
+                    None
+                    if current is None
+                    else reap_claim(current, lost_hub=lost_hub, now=now, reaper=self.hub_id)
                 ),
             )
             if written is not None:

@@ -81,6 +81,8 @@ class PresenceUpdate:
 
     ``local`` is true when it happened on this hub (it is then persisted and announced
     to the backplane); an update observed from another hub is only applied and shown.
+    ``reaped_by`` names the hub that reaped the lost owner (reason ``hub_lost``): that
+    hub reports the transition (alert webhooks), as the owner would have.
     """
 
     tenant_id: str
@@ -95,6 +97,7 @@ class PresenceUpdate:
     last_seen: float | None = None
     last_heartbeat: float | None = None
     local: bool = True
+    reaped_by: str | None = None
 
 
 class BackplanePeer(Protocol):

@@ -24,7 +24,7 @@ round trip an online agent of the tenant reports (the optional ``rtt`` of its he
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import attrs
 import trio
@@ -184,8 +184,11 @@ def collector(hub: Hub) -> HubCollector:
     return HubCollector(hub, token)
 
 
-def start_metrics_server(hub: Hub, port: int, host: str = "127.0.0.1") -> None:
-    """Serve ``hub``'s metrics at ``http://host:port/metrics`` until the process exits.
+def start_metrics_server(
+    hub: Hub, port: int, host: str = "127.0.0.1", *, extra: Sequence[Collector] = ()
+) -> None:
+    """Serve ``hub``'s metrics at ``http://host:port/metrics`` until the process exits
+    (and those of the ``extra`` collectors, e.g. the alert webhooks').
 
     Call it from inside the hub's trio run. The metrics get their own
     :class:`CollectorRegistry` (no process or platform collectors from the
@@ -193,6 +196,8 @@ def start_metrics_server(hub: Hub, port: int, host: str = "127.0.0.1") -> None:
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector(hub))
+    for more in extra:
+        registry.register(more)
     # prometheus_client serves from its own daemon thread: that is the library's HTTP
     # server, not one of our tasks. It only reads the hub (on the trio thread, via
     # the collector's trio token), and it dies with the process.

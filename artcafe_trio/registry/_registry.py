@@ -260,7 +260,8 @@ class Registry:
     def add_dashboard_token(
         self, tenant_id: str, token_hash: str, *, now: float | None = None
     ) -> None:
-        """Store the hash of a read-only dashboard token for ``tenant_id``."""
+        """Store the hash of a read-only dashboard token for ``tenant_id`` (``"*"``:
+        every tenant)."""
         self._presence.add_dashboard_token(tenant_id, token_hash, now=now)
 
     def dashboard_token_tenant(self, token_hash: str) -> str | None:

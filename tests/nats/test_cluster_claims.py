@@ -77,3 +77,14 @@ async def test_an_offline_is_released_at_the_kept_epoch_and_a_take_over_forgets_
         ("y", "online", "hub-c", False)
     ]
     assert ("t", "y") not in keep._claims
+
+
+async def test_a_reaped_claim_is_observed_with_its_reaper(nursery: trio.Nursery) -> None:
+    keep, peer = await keeper(nursery)
+    reaped = attrs.evolve(
+        claim("hub-b", 2, status="offline"), reason="hub_lost", session_id=None, reaper="hub-a"
+    )
+    keep._claim_changed(("t", "x"), reaped, initial=False)
+    assert [(u.reason, u.hub_id, u.local, u.reaped_by) for u in peer.observed] == [
+        ("hub_lost", "hub-b", False, "hub-a")
+    ]

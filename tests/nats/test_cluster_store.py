@@ -96,6 +96,7 @@ async def test_a_lost_lease_is_seen_expiring_and_reaped_by_exactly_one_hub(
         reaped = await b.reap("a")
         assert sorted(r.agent_id for r in reaped) == ["w1", "w2", "w3", "w4"]
         assert all(r.reason == HUB_LOST and r.status == "offline" for r in reaped)
+        assert {r.reaper for r in reaped} == {"b"}  # b reports these hub_lost transitions
         table = await c.snapshot()
         assert table[("acme", "w0")] == moved  # claimed elsewhere before the reap: untouched
         assert {k[1]: v.status for k, v in table.items()} == {
