@@ -179,6 +179,18 @@ def test_a_rewrite_reschedules_a_forgotten_claim_is_not_refreshed_and_failures_r
     assert len(schedule._heap) <= 2 * len(schedule) + 64
 
 
+def test_a_fenced_hub_or_a_claim_being_retried_is_a_degraded_view() -> None:
+    backplane = NatsBackplane(ClusterConfig(servers="nats://x:4222"), hub_id="h1", grace=1.0)
+    assert backplane.degraded() == ()
+    backplane._on_fenced(True)
+    assert backplane.degraded() == ("fenced",)
+    backplane.claims._pending_claims[("acme", "w1")] = "s-1"
+    assert backplane.degraded() == ("fenced", "claims_pending")
+    backplane._on_fenced(False)
+    del backplane.claims._pending_claims[("acme", "w1")]
+    assert backplane.degraded() == ()
+
+
 # ----------------------------------------------------------------- routing (sans-IO)
 
 

@@ -20,9 +20,10 @@ the pieces of this package:
   Claims carry a long TTL (``claim_ttl``), the online ones this hub keeps are
   rewritten before it runs out, and an online claim that expires (its hub is gone
   and nobody reaped it) is reported offline ``hub_lost`` by every hub.
-- **hubs**: the hub's lease is held (a fenced hub logs it and keeps serving; if a
-  reaper marks its agents ``hub_lost`` the claim watch closes their sessions so
-  they move); every lease is watched and a lost hub's
+- **hubs**: the hub's lease is held (a fenced hub logs it, reports its view as
+  degraded (:meth:`~NatsBackplane.degraded`: the hub's status answer and metrics)
+  and keeps serving; if a reaper marks its agents ``hub_lost`` the claim watch
+  closes their sessions so they move); every lease is watched and a lost hub's
   agents are reaped after the disconnect grace by one hub. A graceful stop writes
   the queued releases and deletes the lease in a shielded ``finally``.
 """
@@ -46,9 +47,13 @@ from ._records import HubLease, PresenceClaim
 from ._routes import RecentIds, RouteEnvelope, nats_subject, split_nats_subject
 from ._store import ClusterContention, ClusterStore, open_cluster_store
 
-__all__ = ["NatsBackplane"]
+__all__ = ["DEGRADED_CLAIMS_PENDING", "DEGRADED_FENCED", "NatsBackplane"]
 
 log = logging.getLogger("artcafe_trio.cluster")
+
+#: Why a hub's cluster view is degraded (:meth:`NatsBackplane.degraded`).
+DEGRADED_FENCED = "fenced"
+DEGRADED_CLAIMS_PENDING = "claims_pending"
 
 INTEREST_RETRY = 0.5  # seconds between attempts to apply interest while NATS is away
 
@@ -170,6 +175,19 @@ class NatsBackplane:
 
     async def claim_session(self, claim: SessionClaim) -> None:
         await self.claims.claim_session(claim)
+
+    def degraded(self) -> tuple[str, ...]:
+        """Why this hub's view of the cluster is degraded, empty when it is not:
+        ``fenced`` while its lease could not be refreshed for a lease TTL (other hubs
+        may reap its agents; what it shows of the others may be stale), and
+        ``claims_pending`` while a session's claim is being retried (the other hubs
+        do not see that agent on this hub yet). The hub keeps serving either way."""
+        reasons: list[str] = []
+        if self.fenced:
+            reasons.append(DEGRADED_FENCED)
+        if self.claims.claims_pending:
+            reasons.append(DEGRADED_CLAIMS_PENDING)
+        return tuple(reasons)
 
     def connect_urls(self) -> tuple[str, ...]:
         urls: list[str] = []

@@ -91,6 +91,11 @@ class ClaimKeeper:
         self.refresh_failures = 0  # refreshes that failed (tried again)
         self.expired = 0  # online claims seen expiring (reported offline hub_lost)
 
+    @property
+    def claims_pending(self) -> bool:
+        """Whether a local session's claim is being retried (not in the bucket yet)."""
+        return bool(self._pending_claims)
+
     def bind(self, peer: BackplanePeer, store: ClusterStore, nursery: trio.Nursery) -> None:
         self._peer, self._store, self._nursery = peer, store, nursery
 

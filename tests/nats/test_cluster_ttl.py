@@ -1,4 +1,4 @@
-"""The claim TTL backstop, against real nats-server.
+"""The claim TTL backstop and the degraded view, against real nats-server.
 
 Short TTLs: leases 1 s, claims 2 s, expiry markers kept 1 s. Hubs run in this trio
 process (in-memory agent connections), each on its own NATS node.
@@ -192,3 +192,50 @@ async def test_a_live_hub_s_claims_outlive_many_ttls_at_about_two_writes_per_ttl
     # 1 / 0.45 = 2.2 per TTL, give or take a refresh per claim at the window's edges.
     assert 1.6 <= per_claim_per_ttl <= 2.8, per_claim_per_ttl
     assert refreshes < heartbeats / 4  # ~10 heartbeats per agent per TTL
+
+
+async def test_a_fenced_hub_says_its_view_is_degraded_until_its_lease_is_held_again(
+    own_nats_node: NatsNode,
+) -> None:
+    """NATS frozen under a hub: once its lease could not be refreshed for a lease TTL
+    the hub is fenced, keeps serving, and says so (``presence_state.degraded``, the
+    ``artcafe_cluster_fenced`` gauge); after NATS is back and the lease is written
+    again, it no longer does."""
+    pytest.importorskip("prometheus_client")
+    from artcafe_trio.hub._metrics import collector
+
+    def fenced_gauge(hub: TestHub) -> float:
+        for family in collector(hub.hub).collect():
+            if family.name == "artcafe_cluster_fenced":
+                return float(family.samples[0].value)
+        raise AssertionError("no artcafe_cluster_fenced gauge")
+
+    bucket = f"fence_{secrets.token_hex(4)}"
+    async with hubs_on([own_nats_node], bucket, replicas=1) as hubs, trio.open_nursery() as nursery:
+        hub = hubs["a"]
+        with trio.fail_after(60):
+            client = await agent(hub, nursery, "w1")
+            assert (await presence_state(client)).degraded is None
+            assert hub.hub.cluster_degraded == () and fenced_gauge(hub) == 0
+            own_nats_node.stop_signal()
+            frozen = trio.current_time()
+            try:
+                while hub.hub.cluster_degraded != ("fenced",):
+                    await trio.sleep(0.05)
+                fenced_after = trio.current_time() - frozen
+                state = await presence_state(client)  # served locally meanwhile
+                assert state.degraded == ("fenced",)
+                assert [(r.agent_id, r.status) for r in state.agents] == [("w1", "online")]
+                assert fenced_gauge(hub) == 1
+            finally:
+                own_nats_node.cont_signal()
+            thawed = trio.current_time()
+            while hub.hub.cluster_degraded:
+                await trio.sleep(0.05)
+            cleared_after = trio.current_time() - thawed
+            assert (await presence_state(client)).degraded is None
+            assert fenced_gauge(hub) == 0
+            nursery.cancel_scope.cancel()
+    # Fenced once no refresh landed for a TTL (the last one up to TTL/3 before the freeze).
+    assert LEASE_TTL * 2 / 3 - 0.05 <= fenced_after <= LEASE_TTL + LEASE_TTL / 3 + 0.5
+    print(f"fenced {fenced_after:.2f} s after NATS froze; cleared {cleared_after:.2f} s after")
