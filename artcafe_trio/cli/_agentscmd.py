@@ -64,28 +64,35 @@ def _cmd_agents_add(args: argparse.Namespace) -> int:
 
 
 def _cmd_agents_list(args: argparse.Namespace) -> int:
-    with _open_existing_registry(args.db) as registry:
-        records = registry.list_agents(args.tenant)
+    if args.nats:
+        from ._agentsnats import bucket_list
+
+        rows = bucket_list(args)  # the cluster's shared credentials
+        nobody = f"no agents in bucket {args.nats_bucket!r}"
+    else:
+        with _open_existing_registry(args.db) as registry:
+            rows = [_agent_json(r) for r in registry.list_agents(args.tenant)]
+        nobody = "no agents registered"
     if args.json:
-        print(json.dumps([_agent_json(r) for r in records], indent=2))
+        print(json.dumps(rows, indent=2))
         return EXIT_OK
-    if not records:
-        _note("no agents registered")
+    if not rows:
+        _note(nobody)
         return EXIT_OK
     headers = ("TENANT", "AGENT", "DISABLED", "KEYS", "STATUS", "REASON", "LAST SEEN")
-    rows = [
+    table = [
         (
-            r.tenant_id,
-            r.agent_id,
-            "yes" if r.disabled else "no",
-            ",".join(r.fingerprints) or "-",
-            r.status or "-",
-            r.reason or "-",
-            _iso(r.last_seen, "seconds") or "-",
+            r["tenant_id"],
+            r["agent_id"],
+            "yes" if r["disabled"] else "no",
+            ",".join(r["fingerprints"]) or "-",
+            r["status"] or "-",
+            r["reason"] or "-",
+            r["last_seen"][:19] + "Z" if r["last_seen"] else "-",  # to the second
         )
-        for r in records
+        for r in rows
     ]
-    print(_table(headers, rows))
+    print(_table(headers, table))
     return EXIT_OK
 
 

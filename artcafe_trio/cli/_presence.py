@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from artcafe_trio import PresenceRecord
@@ -142,8 +142,15 @@ class _StatusPrinter:
         self.tty = stream.isatty()
         #: The cluster's hubs (``status --nats``), shown with the presence table.
         self.hubs: list[dict[str, Any]] | None = None
+        #: Where :attr:`hubs` comes from at every redraw (``status --nats``: the
+        #: leases as a watch keeps them, their ages as of the redraw).
+        self.hubs_source: Callable[[], list[dict[str, Any]]] | None = None
+        #: What an empty table says.
+        self.nobody = "no agents known to the hub"
 
     def show(self, rows: Sequence[dict[str, Any]]) -> None:
+        if self.hubs_source is not None:
+            self.hubs = self.hubs_source()
         if self.as_json:
             # One line per table in watch mode (JSON Lines), pretty otherwise.
             shown: object = list(rows)
@@ -154,7 +161,7 @@ class _StatusPrinter:
             now = time.time()
             hubs = True if self.hubs is not None else None
             table = _presence_table(rows, now if self.watch else None, hubs)
-            text = table if rows else "no agents known to the hub"
+            text = table if rows else self.nobody
             if self.hubs is not None:
                 listed = _hubs_table(self.hubs) if self.hubs else "no hub holds a lease"
                 text += "\n\n" + listed

@@ -434,10 +434,16 @@ def start_hub_process(
 
 @asynccontextmanager
 async def hub_process_and_hub_a(
-    nodes: list[NatsNode], tmp_path: Path, agents: Sequence[str]
+    nodes: list[NatsNode],
+    tmp_path: Path,
+    agents: Sequence[str],
+    *,
+    grace_a: float = GRACE,
+    listen_a: bool = False,
 ) -> AsyncIterator[tuple[subprocess.Popen[str], str, TestHub, dict[str, PrivateKey]]]:
     """A real ``artcafe-trio hub`` (hub-k, on node 3) and hub-a in this process (node
-    1), sharing a bucket; ``agents`` registered on both."""
+    1, its disconnect grace ``grace_a``, on a loopback port if ``listen_a``), sharing a
+    bucket; ``agents`` registered on both."""
     bucket = f"hubs_{secrets.token_hex(4)}"
     db = tmp_path / "k.db"
     keys = {agent: generate_private_key("ed25519") for agent in agents}
@@ -449,10 +455,10 @@ async def hub_process_and_hub_a(
         with Registry.open(":memory:") as registry:
             for agent, key in keys.items():
                 registry.add_key("t1", agent, key.public_key)
-            config = HubConfig(hub_id="hub-a", disconnect_grace=GRACE, close_timeout=0.5)
+            config = HubConfig(hub_id="hub-a", disconnect_grace=grace_a, close_timeout=0.5)
             async with open_cluster_hub(
-                registry=registry, port=None, config=config,
-                cluster=cluster_config(nodes[0], bucket),
+                registry=registry, host="127.0.0.1", port=0 if listen_a else None,
+                config=config, cluster=cluster_config(nodes[0], bucket),
             ) as hub_a:  # fmt: skip
                 yield proc, url, TestHub(hub_a), keys
     finally:
@@ -531,6 +537,82 @@ async def test_a_frozen_hub_is_reaped_and_closes_its_sessions_when_it_thaws(
             nursery.cancel_scope.cancel()
 
 
+async def test_a_frozen_hub_s_agents_time_out_by_their_own_watchdog_and_move_without_a_flap(
+    nats_cluster: list[NatsNode], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Real agents (``open_agent`` with both hubs' URLs) on a hub that is SIGSTOPped:
+    each agent's heartbeat-ACK watchdog fires at its timeout, it moves to the other
+    hub within the reaper's grace, and nobody is told it was ever offline — not on the
+    move, not when the frozen hub's lease lapses, not when it thaws."""
+    from artcafe_trio import Backoff, open_agent
+
+    names = [f"w{i}" for i in range(3)]
+    interval, multiplier = 0.5, 3.0  # the hub's shortest interval; the watchdog: 1.5 s
+    grace_a = 4.0  # the reaper's grace: the agents move well within it
+    async with (
+        hub_process_and_hub_a(
+            nats_cluster, tmp_path, names, grace_a=grace_a, listen_a=True
+        ) as (proc, url_k, a, keys),
+        trio.open_nursery() as nursery,
+    ):  # fmt: skip
+        assert a.hub.url is not None
+        with trio.fail_after(40):
+            async with AsyncExitStack() as agents:
+                watcher = await presence_watcher(a, nursery)
+                opened = [
+                    await agents.enter_async_context(
+                        open_agent(
+                            agent_id=name,
+                            tenant_id="t1",
+                            private_key=keys[name],
+                            url=[url_k, a.hub.url],
+                            heartbeat_interval=interval,
+                            heartbeat_timeout_multiplier=multiplier,
+                            heartbeat_jitter=0.0,
+                            connect_timeout=0.5,
+                            backoff=Backoff(base=0.05, cap=0.1),
+                        )
+                    )
+                    for name in names
+                ]
+                assert {agent.health().url for agent in opened} == {url_k}
+                assert sorted(await presence_events(watcher, len(names))) == sorted(
+                    (name, "online", "connected") for name in names
+                )
+                caplog.clear()
+                stopped_wall = time.time()
+                proc.send_signal(signal.SIGSTOP)
+                try:
+                    while not all(
+                        agent.health().connected and agent.health().url == a.hub.url
+                        for agent in opened
+                    ):
+                        await trio.sleep(0.02)
+                    moved = time.time() - stopped_wall
+                    # Past the lease's TTL and hub-a's grace: the reaper found the
+                    # frozen hub's agents owned by hub-a and reported nothing.
+                    assert await nothing_more(watcher, LEASE_TTL + grace_a + 1.0) == []
+                finally:
+                    proc.send_signal(signal.SIGCONT)
+                assert await nothing_more(watcher, 1.0) == []  # the thaw changes nothing
+                table = await query(watcher)
+                assert {(table[n].status, table[n].hub_id) for n in names} == {("online", "hub-a")}
+                timeouts = [
+                    r.created - stopped_wall for r in caplog.records
+                    if "no heartbeat ACK for" in r.getMessage()
+                ]  # fmt: skip
+                assert len(timeouts) == len(names), [r.getMessage() for r in caplog.records]
+                # Each watchdog fired within its timeout of the last ACK (which came at most
+                # one interval before the freeze), give or take scheduling on a busy machine.
+                timeout = interval * multiplier
+                assert all(timeout - interval - 0.05 <= t <= timeout + 0.5 for t in timeouts), (
+                    timeouts
+                )
+                print(f"frozen hub: watchdogs fired {min(timeouts):.2f}-{max(timeouts):.2f} s, "
+                      f"all {len(names)} agents on hub-a {moved:.2f} s after SIGSTOP")  # fmt: skip
+                nursery.cancel_scope.cancel()
+
+
 def test_cluster_config_parses_a_server_list() -> None:
     config = ClusterConfig(servers="nats://a:4222, nats://b:4222")
     assert config.servers == ("nats://a:4222", "nats://b:4222")
@@ -577,16 +659,58 @@ async def test_a_nats_node_killed_under_a_hub(own_nats_cluster: list[NatsNode]) 
             worker = await c.connect("b", "worker")
             assert await presence_events(watcher, 1) == [("worker", "online", "connected")]
             await c.settle(worker, [watcher])
+            # A stream of confirmed publishes from hub-a (whose node dies) to hub-b.
+            near, far = await c.connect("a", "near"), await c.connect("b", "far")
+            await far.subscribe("flow.*")
+            await c.settle(near, [far])
+            confirmed: dict[int, str] = {}  # publish number -> the phase it was confirmed in
+            phase = "before"
+
+            async def stream(stop: trio.Event) -> None:
+                n = 0
+                while not stop.is_set():
+                    await near.send(Publish(subject=f"flow.{n}", data={"n": n}, id=f"f{n}"))
+                    await near.recv_type(Published)
+                    confirmed[n] = phase
+                    n += 1
+                    await trio.sleep(0.005)
+
+            stop_stream = trio.Event()
+            nursery.start_soon(stream, stop_stream)
+            while len(confirmed) < 40:
+                await trio.sleep(0.01)
+            phase = "quiet"  # a pause: what was confirmed before has crossed the routes
+            await trio.sleep(0.2)
             nc = c.backplane("a")._nc
             assert nc is not None
             server = nc.connected_server
             [victim] = [n for n in own_nats_cluster if server == f"127.0.0.1:{n.port}"]
             reconnects = nc.reconnects
+            phase = "failing"
             await trio.to_thread.run_sync(victim.kill)
             killed = trio.current_time()
             while nc.reconnects == reconnects or not nc.is_connected:
                 await trio.sleep(0.05)
             print(f"hub-a reconnected {trio.current_time() - killed:.2f} s after its node died")
+            phase = "after"  # (far's interest is on its own, living node: no settling)
+            after_from = len(confirmed)
+            while len(confirmed) < after_from + 40:
+                await trio.sleep(0.01)
+            stop_stream.set()
+            wanted = {n for n, when in confirmed.items() if when in ("before", "quiet", "after")}
+            received: list[int] = []
+            with trio.fail_after(10):
+                while not wanted <= set(received):
+                    [msg] = await far.messages(1)
+                    if msg.subject.startswith("flow."):
+                        received.append(msg.data["n"])  # type: ignore[index]
+            assert received == sorted(set(received))  # in order, no duplicates
+            failing = [n for n, when in confirmed.items() if when == "failing"]
+            lost = sorted(set(failing) - set(received))
+            print(f"confirmed publishes: {len(wanted)} outside the failure, all delivered; "
+                  f"{len(failing)} during it, {len(lost)} of them lost; hub-a counted "
+                  f"{c.backplane('a').routes_unconfirmed} unconfirmed")  # fmt: skip
+            await nothing_more(far, 0.2)
             await c.settle(worker, [watcher])  # routes again (the subscriptions were re-sent)
             await worker.send(Publish(subject="jobs.one", data={"n": 1}, id="j1"))
             await worker.recv_type(Published)
@@ -600,6 +724,7 @@ async def test_a_nats_node_killed_under_a_hub(own_nats_cluster: list[NatsNode]) 
             table = await query(watcher)
             assert {agent: r.status for agent, r in table.items()} == {
                 "watcher": "online", "worker": "online", "late": "online",
+                "near": "online", "far": "online",
             }  # fmt: skip
             assert late.welcome is not None
             nursery.cancel_scope.cancel()
