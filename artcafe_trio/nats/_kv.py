@@ -290,6 +290,12 @@ class KeyValue:
         subjects = (info.get("state") or {}).get("subjects") or {}
         return sorted(subject[len(self._prefix) :] for subject in subjects)
 
+    async def last_revision(self) -> int:
+        """The bucket's newest revision (its stream's last sequence; 0 when empty): every
+        revision any key had so far is at most this, every later write is above it."""
+        info = await _api(self._nc, f"$JS.API.STREAM.INFO.{self.stream}", None, self._timeout)
+        return int((info.get("state") or {}).get("last_seq") or 0)
+
     async def entry(self, key: str) -> KvEntry | None:
         """The last revision of ``key`` whatever it did (a put, delete, purge or expiry
         marker), or ``None`` if the key never existed: what a compare-and-set needs."""

@@ -767,7 +767,7 @@ async def test_a_hub_restarted_after_a_crash_waits_for_its_lease_and_clears_its_
                 assert 0.3 < waited < LEASE_TTL + 3.0, waited  # the old lease expired first
                 while (claim := await store.get("t1", "ghost")) is None or claim.status == "online":
                     await trio.sleep(0.05)
-                assert (claim.hub, claim.reason, claim.epoch) == ("hub-r", "hub_lost", 1)
+                assert (claim.hub, claim.reason, claim.epoch) == ("hub-r", "hub_lost", left.epoch)
                 entry = await store.kv.entry(lease_key("hub-r"))
                 assert entry is not None and HubLease.decode(entry.value).hub == "hub-r"
 
