@@ -592,8 +592,8 @@ async def test_friendly_messages_from_a_live_hub(
 
         show = _cli._StatusPrinter.show
 
-        def show_and_tell(self: Any, rows: Any) -> None:
-            show(self, rows)
+        def show_and_tell(self: Any, rows: Any, degraded: Any = ()) -> None:
+            show(self, rows, degraded)
             shown.set()
 
         _cli._StatusPrinter.show = show_and_tell  # type: ignore[method-assign]
@@ -1113,3 +1113,31 @@ def test_the_bucket_view_keeps_the_last_revision_and_forgets_old_expiry_markers(
     back = PresenceClaim("t", "a", "hub-2", 4, "online", "connected", 1013.0, "s-2")
     view.apply(KvEntry("b", "p.t.a", back.encode(), 9, KvOp.PUT, 1013.0))  # a new revision
     assert [(r["status"], r["hub_id"]) for r in view.presence_rows()] == [("online", "hub-2")]
+
+
+def test_status_says_when_the_hub_s_cluster_view_is_degraded(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``presence_state.degraded`` (a fenced cluster hub) is one line under the table;
+    the JSON list form stays a list and says it on stderr; ``--nats`` JSON has a key."""
+    import io
+
+    from artcafe_trio.cli._presence import DEGRADED_NOTE, _StatusPrinter
+
+    row = {"tenant_id": "t", "agent_id": "a", "status": "online", "reason": "connected",
+           "since": None, "last_seen": None, "last_heartbeat_ack": None, "hub_id": None,
+           "source": "hub"}  # fmt: skip
+    out = io.StringIO()
+    _StatusPrinter(False, False, out).show([row], ("fenced",))
+    assert out.getvalue().rstrip().endswith(DEGRADED_NOTE + "fenced")
+    out = io.StringIO()
+    _StatusPrinter(False, False, out).show([row])
+    assert "degraded" not in out.getvalue()
+    out = io.StringIO()
+    _StatusPrinter(True, False, out).show([row], ("fenced", "claims_pending"))
+    assert json.loads(out.getvalue()) == [row]
+    assert capsys.readouterr().err == DEGRADED_NOTE + "fenced, claims_pending\n"
+    printer = _StatusPrinter(True, False, out := io.StringIO())
+    printer.hubs = []
+    printer.show([row], ("fenced",))
+    assert json.loads(out.getvalue())["degraded"] == ["fenced"]

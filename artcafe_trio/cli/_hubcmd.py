@@ -169,6 +169,7 @@ def _cluster_config(args: argparse.Namespace) -> Any:
             servers=args.nats, lease_ttl=args.nats_lease_ttl, replicas=args.nats_replicas,
             bucket=args.nats_bucket, shared_credentials=args.nats_shared_credentials,
             tls=tls, advertise_url=advertise, api_timeout=args.nats_api_timeout,
+            claim_ttl=args.nats_claim_ttl,
         )  # fmt: skip
     except ValueError as exc:
         raise CliError(f"--nats: {exc}") from None

@@ -383,6 +383,15 @@ def _add_hub(commands: Any) -> None:
         help="the hub's lease TTL in the cluster, s: a dead hub is noticed within it",
     )
     hub.add_argument(
+        "--nats-claim-ttl",
+        type=_positive_float,
+        default=3600.0,
+        metavar="S",
+        help="TTL of each presence claim in the cluster bucket, s (longer than"
+        " --nats-lease-ttl, at least 2): a backstop; an online claim that no hub"
+        " refreshes (every hub that could reap it gone) expires and is reported hub_lost",
+    )
+    hub.add_argument(
         "--nats-bucket",
         default="artcafe_cluster",
         metavar="NAME",

@@ -852,9 +852,10 @@ def test_the_hub_command_s_nats_options_make_the_cluster_config(tmp_path: Path) 
     args = build_parser().parse_args(
         ["hub", "--nats", "tls://u:p@n1:4222,tls://n2:4222", "--hub-id", "h1",
          "--nats-ca", str(ca), "--nats-lease-ttl", "3", "--nats-bucket", "b1",
-         "--nats-replicas", "1", "--nats-shared-credentials"]
+         "--nats-replicas", "1", "--nats-shared-credentials", "--nats-claim-ttl", "600"]
     )  # fmt: skip
     config = _cluster_config(args)
+    assert config.claim_ttl == 600.0
     assert config.servers == ("tls://u:p@n1:4222", "tls://n2:4222")
     assert (config.lease_ttl, config.bucket, config.replicas) == (3.0, "b1", 1)
     assert config.shared_credentials and isinstance(config.tls, ssl.SSLContext)
