@@ -13,7 +13,7 @@ from typing import Any, final
 
 import trio
 
-from .._errors import AuthenticationError, ConnectFailed, ConnectionLost
+from .._errors import AuthenticationError, ConnectFailed, ConnectionLost, ReconnectFailed
 from ..protocol._fields import MAX_CAPABILITIES, MAX_ID_LENGTH
 from ..protocol._frames import Message, PresenceRecord
 from ..protocol._keys import PrivateKey
@@ -27,7 +27,7 @@ from ._subscriptions import Handler, HandlerT, Subscriptions
 from ._supervisor import Supervisor
 from ._transport import Transports
 
-__all__ = ["Agent", "short_traceback"]
+__all__ = ["Agent", "fresh_copy", "short_traceback"]
 
 log = logging.getLogger("artcafe_trio.agent")
 
@@ -315,12 +315,29 @@ class Agent:
 Agent.__module__ = "artcafe_trio"
 
 
+def fresh_copy(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` (same type, args and attributes) without its traceback, to raise
+    from the caller's frame: contextlib, outcome and trio.to_thread would give the same
+    object its old frames back."""
+    copy = type(exc).__new__(type(exc), *exc.args)
+    copy.__dict__.update(exc.__dict__)
+    return copy
+
+
 @asynccontextmanager
 async def short_traceback() -> AsyncIterator[None]:
-    """Errors caused by the user's input (a refused key, a wrong URL) leave ``open_agent``
-    without the agent's internal frames: the message says what to fix."""
+    """Errors caused by the user's input (a refused key, a wrong URL) or by a hub that
+    cannot be reached leave ``open_agent`` without the agent's internal frames: the
+    message says what to fix.
+
+    A :class:`ReconnectFailed` is raised without its chain of causes (the last one's
+    message is in its own; the exception is ``.last_cause``, its cause chain intact):
+    with the hub down, the chain is trio's ExceptionGroup of every address tried.
+    """
     try:
         yield
+    except ReconnectFailed as exc:
+        raise fresh_copy(exc) from None
     except (AuthenticationError, ConnectFailed) as exc:
         if isinstance(exc, ConnectFailed) and not exc.permanent:
             raise
@@ -328,10 +345,7 @@ async def short_traceback() -> AsyncIterator[None]:
         while cause is not None:  # kept for programs, printed as one line each
             cause.__traceback__ = None
             cause = cause.__cause__
-        # A fresh copy: contextlib would give the same object its old traceback back.
-        short = type(exc).__new__(type(exc), *exc.args)
-        short.__dict__.update(exc.__dict__)
-        raise short from exc.__cause__
+        raise fresh_copy(exc) from exc.__cause__
 
 
 def _agent_ids(reply_from: Iterable[str]) -> tuple[str, ...]:

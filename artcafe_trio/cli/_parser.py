@@ -88,21 +88,40 @@ def _add_identity(
     parser.add_argument("--agent", required=True, help="agent id")
 
 
-def _add_bucket(parser: argparse.ArgumentParser) -> None:
+def _add_bucket(parser: argparse.ArgumentParser, *, writes: bool = True) -> None:
     """``agents ... --nats``: the cluster's bucket instead of the SQLite registry."""
     parser.add_argument(
         "--nats", default=None, metavar="URLS",
-        help="write the cluster's bucket (hubs run with --nats-shared-credentials) instead"
-        " of --db: NATS server URLs, comma-separated",
+        help=f"{'write' if writes else 'read'} the cluster's bucket (hubs run with"
+        " --nats-shared-credentials) instead of --db: NATS server URLs, comma-separated",
     )  # fmt: skip
     parser.add_argument(
         "--nats-bucket", default="artcafe_cluster", metavar="NAME",
         help="the cluster's key-value bucket (as the hubs' --nats-bucket)",
     )  # fmt: skip
+    if writes:
+        parser.add_argument(
+            "--nats-replicas", type=_positive_int, default=3, metavar="N",
+            help="the bucket's replicas if this creates it (as the hubs' --nats-replicas)",
+        )  # fmt: skip
+    _add_nats_tls(parser)
+
+
+def _add_nats_tls(parser: argparse.ArgumentParser, who: str = "this command's") -> None:
+    """``--nats-ca``, ``--nats-cert``, ``--nats-key`` (``hub``, ``agents``, ``status``)."""
     parser.add_argument(
-        "--nats-replicas", type=_positive_int, default=3, metavar="N",
-        help="the bucket's replicas if this creates it (as the hubs' --nats-replicas)",
+        "--nats-ca", metavar="PEM",
+        help="CA bundle to verify tls:// NATS servers (default: system CAs; NATS user,"
+        " password or token go in the URLs: nats://user:pass@host:4222)",
     )  # fmt: skip
+    parser.add_argument(
+        "--nats-cert", metavar="PEM",
+        help=f"{who} client certificate for NATS servers that require mutual TLS"
+        " (default: none; needs --nats-key)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--nats-key", metavar="PEM", help="the private key of --nats-cert (default: none)"
+    )
 
 
 def _add_agent_options(parser: argparse.ArgumentParser) -> None:
@@ -219,6 +238,7 @@ def _add_agents(commands: Any) -> None:
     _add_db(listing, "registry database (SQLite; must exist)")
     listing.add_argument("--tenant", default=None, help="only this tenant (default: all)")
     listing.add_argument("--json", action="store_true", help="print JSON")
+    _add_bucket(listing, writes=False)
     listing.set_defaults(handler=_cmd_agents_list)
 
     remove = _command(
@@ -363,28 +383,21 @@ def _add_hub(commands: Any) -> None:
         help="the hub's lease TTL in the cluster, s: a dead hub is noticed within it",
     )
     hub.add_argument(
+        "--nats-claim-ttl",
+        type=_positive_float,
+        default=3600.0,
+        metavar="S",
+        help="TTL of each presence claim in the cluster bucket, s (longer than"
+        " --nats-lease-ttl, at least 2): a backstop; an online claim that no hub"
+        " refreshes (every hub that could reap it gone) expires and is reported hub_lost",
+    )
+    hub.add_argument(
         "--nats-bucket",
         default="artcafe_cluster",
         metavar="NAME",
         help="the cluster's key-value bucket (the same on every hub of one cluster)",
     )
-    hub.add_argument(
-        "--nats-ca",
-        metavar="PEM",
-        help="CA bundle to verify tls:// NATS servers (default: system CAs; NATS user,"
-        " password or token go in the URLs: nats://user:pass@host:4222)",
-    )
-    hub.add_argument(
-        "--nats-cert",
-        metavar="PEM",
-        help="this hub's client certificate for NATS servers that require mutual TLS"
-        " (default: none; needs --nats-key)",
-    )
-    hub.add_argument(
-        "--nats-key",
-        metavar="PEM",
-        help="the private key of --nats-cert (default: none)",
-    )
+    _add_nats_tls(hub, "this hub's")
     hub.add_argument(
         "--nats-api-timeout",
         type=_positive_float,
@@ -470,10 +483,17 @@ def _add_dashboard_token(commands: Any) -> None:
     """``dashboard-token``."""
     token = _command(commands, "dashboard-token", "make a read-only dashboard token for one tenant")
     _add_db(token, "registry database (SQLite; must exist)")
-    token.add_argument("--tenant", required=True, help="the tenant the token may see")
+    scope = token.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--tenant", help="the tenant the token may see")
+    scope.add_argument(
+        "--all-tenants", action="store_true",
+        help="a token that sees every tenant, as the hub's admin token does, but survives"
+        " hub restarts",
+    )  # fmt: skip
     token.add_argument(
-        "--revoke", action="store_true", help="revoke every dashboard token of the tenant instead"
-    )
+        "--revoke", action="store_true",
+        help="revoke every dashboard token of the tenant (or every --all-tenants token) instead",
+    )  # fmt: skip
     token.set_defaults(handler=_cmd_dashboard_token)
 
 
@@ -503,7 +523,8 @@ def _add_status(commands: Any) -> None:
         default=None,
         metavar="URLS",
         help="also list the cluster's hubs and their lease ages from NATS (comma-separated"
-        " nats://host:port; the hubs' --nats); --json then prints {agents, hubs}",
+        " nats://host:port; the hubs' --nats), and with no hub at the admin file the"
+        " cluster's presence from the bucket; --json then prints {agents, hubs}",
     )
     status.add_argument(
         "--nats-bucket",
@@ -511,6 +532,7 @@ def _add_status(commands: Any) -> None:
         metavar="NAME",
         help="the cluster's key-value bucket (as the hubs' --nats-bucket)",
     )
+    _add_nats_tls(status)
     status.set_defaults(handler=_cmd_status)
 
 

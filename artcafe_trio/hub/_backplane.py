@@ -11,7 +11,9 @@ Everything a cluster of hubs would share goes through it, and only that:
   :meth:`BackplanePeer.presence_observed`;
 - **sessions** — an agent's new session claims it with :meth:`Backplane.claim_session`;
   a claim won on another hub arrives through :meth:`BackplanePeer.session_claimed`
-  (the local session is closed as replaced, with no presence change).
+  (the local session is closed as replaced, with no presence change);
+- **health** — :meth:`Backplane.degraded` says whether (and why) this hub's view of
+  the others is degraded (a cluster hub that lost its lease: ``fenced``).
 
 The hub's components call the backplane; the backplane calls the hub back only
 through the :class:`BackplanePeer` given to :meth:`Backplane.run`. The methods that
@@ -81,6 +83,8 @@ class PresenceUpdate:
 
     ``local`` is true when it happened on this hub (it is then persisted and announced
     to the backplane); an update observed from another hub is only applied and shown.
+    ``reaped_by`` names the hub that reaped the lost owner (reason ``hub_lost``): that
+    hub reports the transition (alert webhooks), as the owner would have.
     """
 
     tenant_id: str
@@ -95,6 +99,7 @@ class PresenceUpdate:
     last_seen: float | None = None
     last_heartbeat: float | None = None
     local: bool = True
+    reaped_by: str | None = None
 
 
 class BackplanePeer(Protocol):
@@ -156,6 +161,11 @@ class Backplane(Protocol):
         """The other live hubs' agent URLs, advertised in every agent's ``welcome`` so it
         can fail over to them. Cheap and synchronous (called once per connection)."""
 
+    def degraded(self) -> tuple[str, ...]:
+        """Why this hub's view of the other hubs is degraded right now (short reason
+        words, e.g. ``fenced``), empty when it is not: shown in the ``presence_state``
+        answer and the metrics. Cheap and synchronous."""
+
 
 class LocalBackplane:
     """A hub alone: nothing to share, so every method does nothing."""
@@ -178,4 +188,7 @@ class LocalBackplane:
         pass
 
     def connect_urls(self) -> tuple[str, ...]:
+        return ()
+
+    def degraded(self) -> tuple[str, ...]:
         return ()

@@ -50,6 +50,7 @@ from ..protocol.server import (
     UnsubscribeRequested,
 )
 from ._flow import Delivery, Outbox, OutputBudget, PreAuthLimiter, PreAuthTicket, TokenBucket
+from ._sessions import how_it_ended
 from ._wsserver import ServerWebSocket, frame_text
 
 if TYPE_CHECKING:
@@ -358,10 +359,8 @@ async def _run_session(hub: HubSide, session: _Session) -> None:
                 session._bound_writer()
     finally:
         hub._detach(session)
-        if session.closing:
-            log.log(level, "%r closed: %d %s", session, session.close_code, session.close_reason)
-        else:
-            log.log(level, "%r connection lost", session)
+        closed = (session.close_code, session.close_reason) if session.closing else None
+        log.log(level, "%r %s", session, how_it_ended(closed, session.ws.closed))
 
 
 async def _writer(session: _Session) -> None:

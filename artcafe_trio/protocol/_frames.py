@@ -273,9 +273,16 @@ class PresenceRecord:
 
 @attrs.frozen(kw_only=True)
 class PresenceState(Frame):
+    """Hub → agent or admin: the presence table asked for by ``presence_query``.
+
+    ``degraded``: why the answering hub's view of its cluster is degraded (e.g.
+    ``fenced``: the table may be stale); absent when it is not, and for a hub alone.
+    """
+
     type: ClassVar[str] = "presence_state"
     id: str = _field(_k_id)
     agents: tuple[PresenceRecord, ...] = _field(_k_records, default=())
+    degraded: tuple[str, ...] | None = _field(_k_strings, optional=True)
 
 
 @attrs.frozen(kw_only=True)

@@ -230,6 +230,7 @@ class UnsubscribeConfirmed:
 class PresenceAnswered:
     id: str
     records: tuple[PresenceRecord, ...]
+    degraded: tuple[str, ...] = ()  # presence_state.degraded (a fenced cluster hub)
 
 
 @attrs.frozen
@@ -496,7 +497,7 @@ class ClientConnection:
                 return [SubscribeConfirmed(frame.id, frame.subject)]
             if isinstance(frame, Unsubscribed):
                 return [UnsubscribeConfirmed(frame.id, frame.subject)]
-            return [PresenceAnswered(frame.id, frame.agents)]
+            return [PresenceAnswered(frame.id, frame.agents, frame.degraded or ())]
         if isinstance(frame, Error):
             if frame.id is not None and self._requests.pop(frame.id, None) is not None:
                 return [RequestRefused(frame.id, HubError(frame.code, frame.message))]
