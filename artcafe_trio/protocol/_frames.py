@@ -208,8 +208,8 @@ class Published(Frame):
 
 @attrs.frozen(kw_only=True)
 class Message(Frame):
-    """Hub → agent: a delivery. ``subject`` is concrete; ``subscription`` is the pattern
-    that matched (``None`` for a reply delivered to its requester)."""
+    """Hub → agent: a delivery (one per publish per connection). ``subject`` is concrete;
+    ``subscription`` is not sent by this hub (read if an older hub sends it)."""
 
     type: ClassVar[str] = "message"
     subject: str = _field(_k_str)
