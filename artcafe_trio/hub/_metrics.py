@@ -67,7 +67,8 @@ _FLOW = {
     "unauthenticated_evicted": (
         "counter", "Unauthenticated connections closed to stay within the limits."),
     "output_queued_bytes": (
-        "gauge", "Bytes of deliveries queued hub-wide (a message queued for many counts once)."),
+        "gauge", "Bytes of output held hub-wide: deliveries (a message queued for many counts "
+        "once), unsent answers, writes in flight."),
     "output_budget_cut_offs": (
         "counter", "Consumers cut off because the hub-wide output budget was exceeded."),
 }  # fmt: skip

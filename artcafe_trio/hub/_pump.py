@@ -147,6 +147,7 @@ class _Session:
             max_frames=config.send_queue_size,
             max_bytes=config.send_queue_bytes,
             reply_window=config.reply_window,
+            reply_window_bytes=config.reply_window_bytes,
             on_overflow=self._cut_off,
         )
         self.open_requests: dict[str, None] = {}  # its $reply subjects awaiting an answer
@@ -364,6 +365,7 @@ async def _run_session(hub: HubSide, session: _Session) -> None:
 
 async def _writer(session: _Session) -> None:
     outbox = session.outbox
+    stall_timeout = session.hub.config.write_stall_timeout
     try:
         while session.may_write():
             batch = await outbox.take(WRITE_BATCH_BYTES)
@@ -375,10 +377,14 @@ async def _writer(session: _Session) -> None:
             )
             session.writing = True
             try:
-                await session.ws.send_frames(data)
+                with trio.move_on_after(stall_timeout) as stall:
+                    await session.ws.send_frames(data)
             finally:
                 session.writing = False
                 outbox.sent(batch)
+            if stall.cancelled_caught and not session.closing:
+                outbox.stalled(len(data), stall_timeout)  # cut off: 4004
+                break
     except ConnectionClosed:
         pass
     finally:
