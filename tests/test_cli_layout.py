@@ -18,6 +18,8 @@ PACKAGE = Path(artcafe_trio.__file__).parent
 PRIVATE_IMPORTS = {
     ("cli/_hubcmd.py", "artcafe_trio._util", "collapse_exception_groups"),
     ("cli/_hubcmd.py", "artcafe_trio.hub._metrics", "*"),
+    ("cli/_hubcmd.py", "artcafe_trio.dashboard._alertmetrics", "WebhookCollector"),
+    ("cli/_agentscmd.py", "artcafe_trio.dashboard._tokens", "ALL_TENANTS"),
     ("cli/_keycmd.py", "artcafe_trio._util", "write_private_file"),
     ("cli/_problems.py", "artcafe_trio.agent._connfail", "describe_failure"),
     ("cli/_democmd.py", "artcafe_trio.demo._main", "*"),

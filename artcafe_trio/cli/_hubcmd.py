@@ -68,6 +68,8 @@ _HUB_FLAGS = {
     "send_queue": "send_queue_size",
     "send_queue_bytes": "send_queue_bytes",
     "output_budget": "output_budget_bytes",
+    "reply_window_bytes": "reply_window_bytes",
+    "write_stall_timeout": "write_stall_timeout",
     "max_unauthenticated": "max_unauthenticated",
     "max_unauthenticated_per_address": "max_unauthenticated_per_address",
     "handshake_timeout": "handshake_timeout",

@@ -34,6 +34,7 @@ from ._common import (
 from ._democmd import _cmd_demo
 from ._hubcmd import _HUB_FLAGS, _cmd_hub, _dashboard_address, _HubDefault
 from ._keycmd import _cmd_keygen
+from ._natsflags import _add_cluster_flags, _add_nats_tls
 from ._status import _cmd_status
 
 __all__ = ["build_parser"]
@@ -105,23 +106,6 @@ def _add_bucket(parser: argparse.ArgumentParser, *, writes: bool = True) -> None
             help="the bucket's replicas if this creates it (as the hubs' --nats-replicas)",
         )  # fmt: skip
     _add_nats_tls(parser)
-
-
-def _add_nats_tls(parser: argparse.ArgumentParser, who: str = "this command's") -> None:
-    """``--nats-ca``, ``--nats-cert``, ``--nats-key`` (``hub``, ``agents``, ``status``)."""
-    parser.add_argument(
-        "--nats-ca", metavar="PEM",
-        help="CA bundle to verify tls:// NATS servers (default: system CAs; NATS user,"
-        " password or token go in the URLs: nats://user:pass@host:4222)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--nats-cert", metavar="PEM",
-        help=f"{who} client certificate for NATS servers that require mutual TLS"
-        " (default: none; needs --nats-key)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--nats-key", metavar="PEM", help="the private key of --nats-cert (default: none)"
-    )
 
 
 def _add_agent_options(parser: argparse.ArgumentParser) -> None:
@@ -322,7 +306,22 @@ def _add_hub(commands: Any) -> None:
         "--output-budget",
         _positive_int,
         "N",
-        "bytes of deliveries queued hub-wide; over it the largest backlog is cut off first",
+        "bytes of output (deliveries, answers, writes in flight) held hub-wide; over it"
+        " the connection holding the most is cut off first",
+    )
+    _add_hub_flag(
+        hub,
+        "--reply-window-bytes",
+        _positive_int,
+        "N",
+        "bytes of unsent answers to a connection's own frames before the hub stops reading it",
+    )
+    _add_hub_flag(
+        hub,
+        "--write-stall-timeout",
+        _positive_float,
+        "S",
+        "seconds one write to a connection may take before it is cut off as a slow consumer",
     )
     _add_hub_flag(
         hub, "--max-unauthenticated", _positive_int, "N", "unauthenticated connections in total"
@@ -362,69 +361,7 @@ def _add_hub(commands: Any) -> None:
         "S",
         "seconds after its last refusal an address is forgiven",
     )
-    # cluster mode (docs/cluster.md)
-    hub.add_argument(
-        "--nats",
-        metavar="URLS",
-        help="join a cluster of hubs over these NATS servers (comma-separated"
-        " nats://host:port; default: a hub alone)",
-    )
-    hub.add_argument(
-        "--hub-id",
-        metavar="NAME",
-        help="this hub's id, unique in the cluster and stable across restarts"
-        " (default: a random one; needed with --nats)",
-    )
-    hub.add_argument(
-        "--nats-lease-ttl",
-        type=_positive_float,
-        default=10.0,
-        metavar="S",
-        help="the hub's lease TTL in the cluster, s: a dead hub is noticed within it",
-    )
-    hub.add_argument(
-        "--nats-claim-ttl",
-        type=_positive_float,
-        default=3600.0,
-        metavar="S",
-        help="TTL of each presence claim in the cluster bucket, s (longer than"
-        " --nats-lease-ttl, at least 2): a backstop; an online claim that no hub"
-        " refreshes (every hub that could reap it gone) expires and is reported hub_lost",
-    )
-    hub.add_argument(
-        "--nats-bucket",
-        default="artcafe_cluster",
-        metavar="NAME",
-        help="the cluster's key-value bucket (the same on every hub of one cluster)",
-    )
-    _add_nats_tls(hub, "this hub's")
-    hub.add_argument(
-        "--nats-api-timeout",
-        type=_positive_float,
-        default=5.0,
-        metavar="S",
-        help="how long one JetStream call (bucket, claim) may take, s; raise it on a"
-        " slow NATS cluster",
-    )
-    hub.add_argument(
-        "--advertise-url",
-        metavar="URL",
-        help="the ws:// or wss:// URL agents should use to reach this hub, advertised"
-        " to the other hubs' agents for failover (default: the listening URL)",
-    )
-    hub.add_argument(
-        "--nats-shared-credentials",
-        action="store_true",
-        help="authenticate from the agents' keys in the cluster's bucket (the same on"
-        " every hub) instead of --db's",
-    )
-    hub.add_argument(
-        "--nats-replicas",
-        type=_positive_int,
-        default=3,
-        metavar="N",
-        help="replicas of the cluster's key-value bucket (1 on a single NATS node)",
-    )
+    _add_cluster_flags(hub)  # cluster mode (docs/cluster.md)
     hub.add_argument(
         "--metrics-port",
         type=_port,
