@@ -12,7 +12,18 @@ process over loopback TCP, runs the attacks of the hardening issue while two
 - ``pipeline``: 1,900 publishes with ids sent at once while reading promptly, then
   3,000 heartbeats at 100 per 5 ms;
 - ``preauth``: from one address, slowloris sockets (half an HTTP request), upgraded but
-  silent sockets and sockets sending a partial frame, each re-opened when closed.
+  silent sockets and sockets sending a partial frame, each re-opened when closed;
+- ``authparallel``: 50 connections in parallel, each sending an ``auth`` with a wrong
+  signature for a registered agent and giving up after 100 ms, again and again;
+- ``surrogate``: 10 connections in parallel sending ``admin_auth`` with a lone
+  surrogate as the token (``"\\ud800"``), giving up after 100 ms;
+- ``registryrm``: the registry file is deleted under the running hub while one agent
+  connects and leaves again and again (presence changes to write);
+- ``presence``: 100 agents with 8 KB metadata each, then one agent with no heartbeats
+  that never reads its socket sends ``presence_query`` until its sends block.
+
+The last three run the hub at ``--log-level INFO`` and report its log bytes and lines
+during the attack and its metrics after (``--metrics-port``).
 
 For each: the hub's RSS before and at its peak (sampled every 100 ms), the bystanders'
 ping round trip p50/p99/max, their reconnects and lost pings, and what the attack got.
@@ -35,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +61,7 @@ from artcafe_trio.protocol import (
     Heartbeat,
     HeartbeatAck,
     Message,
+    PresenceQuery,
     PrivateKey,
     Publish,
     Published,
@@ -85,16 +98,18 @@ def percentile(values: list[float], q: float) -> float:
 class Target:
     """What an attacker needs: the hub's port and the attacking agent's key."""
 
-    def __init__(self, port: int, attacker_key: PrivateKey, pid: int) -> None:
+    def __init__(self, port: int, attacker_key: PrivateKey, pid: int, db: str = "") -> None:
         self.port = port
         self.url = f"ws://127.0.0.1:{port}"
         self.keys = {(ATTACK, "attacker"): attacker_key}
         self.pid = pid
+        self.db = db
 
 
 class Setup:
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, log_level: str = "ERROR") -> None:
         self.db = workdir / "hub.db"
+        self.log = workdir / "hub.log"
         self.key_file = workdir / "attacker.pem"
         self.keys: dict[tuple[str, str], PrivateKey] = {}
         registry = Registry.open(self.db)
@@ -105,14 +120,16 @@ class Setup:
         registry.close()
         self.key_file.write_bytes(self.keys[(ATTACK, "attacker")].to_pem())
         self.port = free_port()
+        self.metrics_port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
         command = shutil.which("artcafe-trio") or str(
             Path(sys.executable).with_name("artcafe-trio")
         )
+        self._log_file = self.log.open("wb")
         self.hub = subprocess.Popen(
             [command, "hub", "--db", str(self.db), "--port", str(self.port),
-             "--log-level", "ERROR"],
-            stdout=subprocess.DEVNULL,
+             "--metrics-port", str(self.metrics_port), "--log-level", log_level],
+            stdout=self._log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
         deadline = time.monotonic() + 20
         while True:
@@ -127,10 +144,23 @@ class Setup:
     def close(self) -> None:
         self.hub.terminate()
         self.hub.wait(10)
+        self._log_file.close()
+
+    def metrics(self) -> dict[str, float]:
+        """The hub's Prometheus metrics, by name (labels kept in the name)."""
+        url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            text = answer.read().decode()
+        values = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                values[name] = float(value)
+        return values
 
 
 async def raw_session(
-    setup: Target, nursery: trio.Nursery, tenant: str, agent: str
+    setup: Target, nursery: trio.Nursery, tenant: str, agent: str, **auth: Any
 ) -> trio_websocket.WebSocketConnection:
     ws = await trio_websocket.connect_websocket_url(
         nursery,
@@ -142,8 +172,13 @@ async def raw_session(
     key = setup.keys[(tenant, agent)]
     signature = key.sign_auth(tenant_id=tenant, agent_id=agent, nonce=challenge.nonce)
     await ws.send_message(
-        encode(Auth(agent_id=agent, tenant_id=tenant, algorithm=key.algorithm, signature=signature))
-    )
+        encode(
+            Auth(
+                agent_id=agent, tenant_id=tenant, algorithm=key.algorithm, signature=signature,
+                **auth,
+            )
+        )
+    )  # fmt: skip
     welcome = decode(await ws.get_message())
     assert welcome.type == "welcome", welcome
     return ws
@@ -308,18 +343,117 @@ async def attack_preauth(setup: Target, nursery: trio.Nursery, seconds: float) -
             "hub_open_fds_at_end": fds}  # fmt: skip
 
 
+async def _give_up_loop(
+    url: str, first_frame: str, seconds: float, parallel: int, give_up: float
+) -> dict[str, Any]:
+    """``parallel`` clients, each: connect, read the challenge, send ``first_frame``,
+    wait ``give_up`` seconds at most for the answer, close; again until ``seconds``."""
+    sent = answered = failed = 0
+
+    async def client() -> None:
+        nonlocal sent, answered, failed
+        while True:
+            try:
+                # Cancelled: the connection is dropped without waiting for a close handshake.
+                with trio.CancelScope() as scope:
+                    async with trio_websocket.open_websocket_url(url) as ws:
+                        await ws.get_message()  # the challenge
+                        await ws.send_message(first_frame)
+                        sent += 1
+                        scope.deadline = trio.current_time() + give_up
+                        await ws.get_message()
+                        answered += 1
+                        scope.cancel()
+            except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed):
+                failed += 1
+                await trio.sleep(0.01)
+
+    start = trio.current_time()
+    with trio.move_on_after(seconds):
+        async with trio.open_nursery() as clients:
+            for _ in range(parallel):
+                clients.start_soon(client)
+    elapsed = trio.current_time() - start
+    return {
+        "parallel": parallel, "give_up_ms": round(give_up * 1000), "first_frames_sent": sent,
+        "attempts_per_s": round(sent / elapsed, 1), "answers_seen": answered,
+        "connections_failed": failed,
+    }  # fmt: skip
+
+
+async def attack_authparallel(
+    setup: Target, nursery: trio.Nursery, seconds: float
+) -> dict[str, Any]:
+    wrong = generate_private_key()  # not the attacker's registered key
+    frame = encode(
+        Auth(
+            agent_id="attacker", tenant_id=ATTACK, algorithm=wrong.algorithm,
+            signature=wrong.sign_auth(tenant_id=ATTACK, agent_id="attacker", nonce="x"),
+        )
+    )  # fmt: skip
+    url = f"{setup.url}/api/v1/ws/agent/attacker?tenant_id={ATTACK}"
+    return await _give_up_loop(url, frame, seconds, parallel=50, give_up=0.1)
+
+
+async def attack_surrogate(setup: Target, nursery: trio.Nursery, seconds: float) -> dict[str, Any]:
+    frame = '{"type": "admin_auth", "token": "\\ud800"}'  # a lone surrogate, JSON-escaped
+    url = f"{setup.url}/api/v1/ws/admin"
+    return await _give_up_loop(url, frame, seconds, parallel=10, give_up=0.1)
+
+
+async def attack_registryrm(setup: Target, nursery: trio.Nursery, seconds: float) -> dict[str, Any]:
+    os.unlink(setup.db)  # under the running hub
+    sessions = 0
+    with trio.move_on_after(seconds):
+        while True:
+            ws = await raw_session(setup, nursery, ATTACK, "attacker")
+            sessions += 1
+            await ws.aclose()
+            await trio.sleep(0.05)
+    return {"sessions_after_rm": sessions}
+
+
+async def attack_presence(setup: Target, nursery: trio.Nursery, seconds: float) -> dict[str, Any]:
+    registry = Registry.open(setup.db)  # 100 more agents of the attacker's tenant
+    for n in range(100):
+        key = generate_private_key()
+        registry.add_key(ATTACK, f"peer{n}", key.public_key)
+        setup.keys[(ATTACK, f"peer{n}")] = key
+    registry.close()
+    await trio.sleep(2)  # the hub reloads its keys
+    meta = {"blob": "m" * 8000}
+    for n in range(100):
+        await raw_session(setup, nursery, ATTACK, f"peer{n}", metadata=meta)
+    ws = await raw_session(setup, nursery, ATTACK, "attacker")  # no heartbeats, never reads
+    sent = 0
+    with trio.move_on_after(seconds):
+        while True:
+            with trio.move_on_after(1) as blocked:
+                await ws.send_message(encode(PresenceQuery(id=f"q{sent}")))
+            if blocked.cancelled_caught:
+                break  # the hub stopped reading and the socket buffers are full
+            sent += 1
+    await trio.sleep(max(0.0, seconds - 1))
+    return {"agents_with_8kb_metadata": 100, "presence_queries_sent": sent}
+
+
 ATTACKS = {
     "fanout": attack_fanout,
     "reconnect": attack_reconnect,
     "pipeline": attack_pipeline,
     "preauth": attack_preauth,
+    "authparallel": attack_authparallel,
+    "surrogate": attack_surrogate,
+    "registryrm": attack_registryrm,
+    "presence": attack_presence,
 }
+LOGGED = {"authparallel", "surrogate", "registryrm"}  # run the hub at INFO, report its log
 
 
 async def run_one(name: str, seconds: float) -> dict[str, Any]:
     """The bystanders here; the attack in a process of its own (its CPU is not theirs)."""
     with tempfile.TemporaryDirectory() as tmp:
-        setup = Setup(Path(tmp))
+        setup = Setup(Path(tmp), "INFO" if name in LOGGED else "ERROR")
         try:
             bystanders = Bystanders(setup)
             peak = [0.0]
@@ -331,16 +465,32 @@ async def run_one(name: str, seconds: float) -> dict[str, Any]:
                 peak[0] = before
                 nursery.start_soon(sample_rss, setup.hub.pid, peak)
                 bystanders.measuring = True
+                log_before = setup.log.read_bytes()
+                attack_start = trio.current_time()
                 attacker = await trio.run_process(
                     [sys.executable, __file__, "--child", name, "--seconds", str(seconds),
                      "--port", str(setup.port), "--key", str(setup.key_file),
-                     "--pid", str(setup.hub.pid)],
+                     "--pid", str(setup.hub.pid), "--db", str(setup.db)],
                     capture_stdout=True,
                 )  # fmt: skip
                 result: dict[str, Any] = json.loads(attacker.stdout)
+                attack_seconds = trio.current_time() - attack_start
+                log = setup.log.read_bytes()[len(log_before) :]
                 bystanders.measuring = False
                 await trio.sleep(2)  # the last pings arrive
                 nursery.cancel_scope.cancel()
+            if name in LOGGED:
+                metrics = await trio.to_thread.run_sync(setup.metrics)
+                result |= {
+                    "hub_log_bytes_per_s": round(len(log) / attack_seconds),
+                    "hub_log_lines": log.count(b"\n"),
+                    "hub_log_error_lines": log.count(b" ERROR "),
+                    "hub_log_registry_lines": sum(b"registry" in line for line in log.splitlines()),
+                    "hub_log_tracebacks": log.count(b"Traceback"),
+                    "hub_auth_failures_total": metrics.get("artcafe_auth_failures_total"),
+                    "hub_registry_file_lost": metrics.get("artcafe_registry_file_lost"),
+                    "hub_presence_writes_pending": metrics.get("artcafe_presence_writes_pending"),
+                }
             rtts = [1000 * r for r in bystanders.rtts]
             result |= {
                 "hub_rss_mib_before": round(before, 1),
@@ -371,9 +521,10 @@ def main() -> int:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--key", help=argparse.SUPPRESS)
     parser.add_argument("--pid", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--db", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        target = Target(args.port, load_private_key(args.key), args.pid)
+        target = Target(args.port, load_private_key(args.key), args.pid, args.db)
         print(json.dumps(trio.run(run_attack, args.child, target, args.seconds)))
         return 0
     unknown = set(args.attacks) - set(ATTACKS)

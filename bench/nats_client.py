@@ -10,10 +10,13 @@ asyncio, one after the other, never at the same time):
    runs in the same client (so each side pays its own library twice: request
    and reply). Microseconds per request.
 
-Medians over ``--rounds``; the ratio is ours / nats-py, the median of the
-per-round ratios (higher is better for throughput, lower for round trips).
-Shared machines are noisy: trust ratios measured back to back more than
-absolute rates. Not part of the test suite::
+Medians over ``--rounds``, each followed by its per-round range (min-max);
+the ratio is ours / nats-py, the median of the per-round ratios (higher is
+better for throughput, lower for round trips), also with its range. Shared
+machines are noisy: trust ratios measured back to back more than absolute
+rates, and read the range before the median. The suite runs it once with tiny
+parameters (``tests/nats/test_bench_nats_client.py``) to check that it works,
+not to measure::
 
     python bench/nats_client.py                  # about 30 s
     python bench/nats_client.py --rounds 9 --write nats.json
@@ -124,6 +127,16 @@ async def theirs_request(url: str, requests: int, payload: bytes) -> float:
         await nc.close()
 
 
+def spread(values: list[float]) -> dict[str, float]:
+    """Median and per-round range of one figure."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def fmt_spread(figure: dict[str, float], form: str, unit: str = "") -> str:
+    """``median unit (min-max)``, e.g. ``1.14x (0.80-1.31)``."""
+    return f"{figure['median']:{form}}{unit} ({figure['min']:{form}}-{figure['max']:{form}})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -166,10 +179,11 @@ def main() -> None:
         finally:
             proc.kill()
             proc.wait()
-    med = {k: statistics.median(v) for k, v in results.items()}
+    figures = {k: spread(v) for k, v in results.items()}
     # Ratios within a round (measured back to back) are steadier than ratios of medians.
     pub_ratios = [a / b for a, b in zip(results["pub_ours"], results["pub_theirs"], strict=True)]
     req_ratios = [a / b for a, b in zip(results["req_ours"], results["req_theirs"], strict=True)]
+    pub_ratio, req_ratio = spread(pub_ratios), spread(req_ratios)
     summary = {
         "python": sys.version.split()[0],
         "nats_py": importlib.metadata.version("nats-py"),
@@ -177,18 +191,29 @@ def main() -> None:
         "size": args.size,
         "requests": args.requests,
         "rounds": args.rounds,
-        "publish_msgs_per_s": {"ours": med["pub_ours"], "nats_py": med["pub_theirs"]},
-        "publish_ratio": statistics.median(pub_ratios),
-        "request_us": {"ours": med["req_ours"], "nats_py": med["req_theirs"]},
-        "request_ratio": statistics.median(req_ratios),
+        "publish_msgs_per_s": {
+            "ours": figures["pub_ours"]["median"],
+            "nats_py": figures["pub_theirs"]["median"],
+        },
+        "publish_ratio": pub_ratio["median"],
+        "request_us": {
+            "ours": figures["req_ours"]["median"],
+            "nats_py": figures["req_theirs"]["median"],
+        },
+        "request_ratio": req_ratio["median"],
+        # Per-round ranges (min, median, max) and the raw rounds.
+        "spread": {**figures, "publish_ratio": pub_ratio, "request_ratio": req_ratio},
+        "per_round": results,
     }
     print(
-        f"\npublish ({args.size} B): ours {med['pub_ours']:,.0f} msg/s, nats-py "
-        f"{med['pub_theirs']:,.0f} msg/s; median per-round ratio {summary['publish_ratio']:.2f}x"
+        f"\npublish ({args.size} B): ours {fmt_spread(figures['pub_ours'], ',.0f')} msg/s, "
+        f"nats-py {fmt_spread(figures['pub_theirs'], ',.0f')} msg/s; "
+        f"median per-round ratio {fmt_spread(pub_ratio, '.2f', 'x')}"
     )
     print(
-        f"request round trip: ours {med['req_ours']:.0f} µs, nats-py {med['req_theirs']:.0f} µs, "
-        f"median per-round ratio {summary['request_ratio']:.2f} (lower is better)"
+        f"request round trip: ours {fmt_spread(figures['req_ours'], '.0f')} µs, "
+        f"nats-py {fmt_spread(figures['req_theirs'], '.0f')} µs; "
+        f"median per-round ratio {fmt_spread(req_ratio, '.2f')} (lower is better)"
     )
     if args.write:
         args.write.write_text(json.dumps(summary, indent=2))

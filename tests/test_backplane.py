@@ -24,7 +24,20 @@ from artcafe_trio.hub._backplane import (
     SessionClaim,
 )
 from artcafe_trio.hub._serve import _serve_hub
-from artcafe_trio.protocol import Leave, Message, Publish, Published, Unsubscribe, Unsubscribed
+from artcafe_trio.protocol import (
+    AdminAuth,
+    Challenge,
+    Leave,
+    Message,
+    PresenceQuery,
+    PresenceState,
+    Publish,
+    Published,
+    Unsubscribe,
+    Unsubscribed,
+    Welcome,
+    encode,
+)
 from artcafe_trio.testing import TestHub
 
 from .conftest import RawClient, raw_connect
@@ -314,3 +327,64 @@ async def test_the_local_backplane_never_yields_so_a_hub_alone_behaves_as_before
         local.interest("t1", "s.*", True)
         local.announce_presence(PresenceUpdate("t1", "a", "online", "connected", 0.0, "s-1", "h"))
         local.begin_drain()
+
+
+class DegradedBackplane(RecordingBackplane):
+    """A cluster view that is degraded for the reasons in ``reasons``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reasons: tuple[str, ...] = ()
+
+    def degraded(self) -> tuple[str, ...]:
+        return self.reasons
+
+
+async def _presence_state(client: RawClient, frame_id: str) -> PresenceState:
+    await client.send(PresenceQuery(id=frame_id))
+    state: PresenceState = await client.recv_type(PresenceState)
+    assert state.id == frame_id
+    return state
+
+
+async def test_a_degraded_cluster_view_is_in_the_presence_answers_and_metrics(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery
+) -> None:
+    """What ``artcafe-trio status`` reads (the admin channel's ``presence_state``), an
+    agent's answer and the Prometheus gauges say so while the backplane is degraded,
+    and stop saying it when it is not."""
+    pytest.importorskip("prometheus_client")
+    from artcafe_trio.hub._metrics import collector
+
+    def gauges() -> dict[str, float]:
+        return {
+            family.name: family.samples[0].value
+            for family in collector(hub.hub).collect()
+            if family.name.startswith("artcafe_cluster_")
+        }
+
+    backplane = DegradedBackplane()
+    async with hub_over(backplane) as hub:
+        agent = await connect(hub, nursery, "a")
+        admin = RawClient(await hub.dial(nursery, "/api/v1/ws/admin"))
+        assert isinstance(await admin.recv(), Challenge)
+        await admin.send(AdminAuth(token=hub.hub.admin_token))
+        assert isinstance(await admin.recv_type(Welcome), Welcome)
+        for client in (admin, agent):
+            state = await _presence_state(client, "q1")
+            assert state.degraded is None and '"degraded"' not in encode(state)
+        assert hub.hub.cluster_degraded == ()
+        assert gauges() == {"artcafe_cluster_fenced": 0, "artcafe_cluster_claims_pending": 0}
+
+        backplane.reasons = ("fenced",)
+        for client in (admin, agent):
+            state = await _presence_state(client, "q2")
+            assert state.degraded == ("fenced",)
+            assert [r.agent_id for r in state.agents] == ["a"]  # still the table
+        assert gauges() == {"artcafe_cluster_fenced": 1, "artcafe_cluster_claims_pending": 0}
+        backplane.reasons = ("fenced", "claims_pending")
+        assert gauges() == {"artcafe_cluster_fenced": 1, "artcafe_cluster_claims_pending": 1}
+
+        backplane.reasons = ()  # the lease is held again
+        assert (await _presence_state(admin, "q3")).degraded is None
+        assert gauges() == {"artcafe_cluster_fenced": 0, "artcafe_cluster_claims_pending": 0}

@@ -592,8 +592,8 @@ async def test_friendly_messages_from_a_live_hub(
 
         show = _cli._StatusPrinter.show
 
-        def show_and_tell(self: Any, rows: Any) -> None:
-            show(self, rows)
+        def show_and_tell(self: Any, rows: Any, degraded: Any = ()) -> None:
+            show(self, rows, degraded)
             shown.set()
 
         _cli._StatusPrinter.show = show_and_tell  # type: ignore[method-assign]
@@ -1041,13 +1041,19 @@ def test_the_status_table_shows_hubs_only_for_a_clusters_table() -> None:
 def test_status_nats_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["status", "--nats", " , "]) == 2
     assert "--nats needs at least one NATS server URL" in capsys.readouterr().err
-    assert main(["status", "--nats", "nats://127.0.0.1:1", "--watch"]) == 2
-    assert "does not --watch" in capsys.readouterr().err
+    assert main(["agents", "list", "--nats", ","]) == 2
+    assert "--nats needs at least one NATS server URL" in capsys.readouterr().err
+    assert main(["status", "--nats", "nats://127.0.0.1:1", "--nats-cert", "c.pem"]) == 1
+    assert capsys.readouterr().err == "error: --nats-cert and --nats-key go together\n"
+    # --watch goes with --nats now: no server there is one error line, not a usage error
+    assert main(["status", "--nats", "nats://127.0.0.1:1", "--watch"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: NATS (nats://127.0.0.1:1): ") and err.count("\n") == 1
 
 
 def test_status_nats_lease_rows_say_when_a_lease_is_past_its_ttl_or_gone() -> None:
+    from artcafe_trio.cli._natscli import _lease_row
     from artcafe_trio.cli._presence import _hubs_table
-    from artcafe_trio.cli._status import _lease_row
     from artcafe_trio.cluster._records import HubLease
     from artcafe_trio.nats import KvEntry, KvOp
 
@@ -1067,3 +1073,71 @@ def test_status_nats_lease_rows_say_when_a_lease_is_past_its_ttl_or_gone() -> No
     assert lines[1].split()[:4] == ["hub-1", "ws://h1:8765", "yes", "4.2"]
     assert "past its 10 s TTL" in lines[2]
     assert "lease expired" in lines[3]
+
+
+def test_the_bucket_view_keeps_the_last_revision_and_forgets_old_expiry_markers() -> None:
+    """What ``status --nats --watch`` redraws from: a key's last revision wins; a hub
+    that stopped (its lease deleted) leaves; an expired lease is listed as long as the
+    server keeps its marker (then a fresh read would not see it either)."""
+    from artcafe_trio.cli._natscli import BucketView
+    from artcafe_trio.cluster._records import HubLease, PresenceClaim
+    from artcafe_trio.nats import KvEntry, KvOp
+
+    view = BucketView(("h.", "p."), marker_ttl=60.0)
+    lease = HubLease("hub-1", ("ws://h1:8765",)).encode()
+    assert view.apply(KvEntry("b", "h.hub-1", lease, 1, KvOp.PUT, 1000.0, 10.0))
+    assert view.apply(KvEntry("b", "h.hub-2", lease, 2, KvOp.PUT, 1000.0, 10.0))
+    assert not view.apply(KvEntry("b", "k.t.a", b"{}", 3, KvOp.PUT, 1000.0))  # not watched
+    assert [(h["hub_id"], h["lease_age"]) for h in view.hub_rows(1002.0)] == [
+        ("hub-1", 2.0), ("hub-2", 2.0),
+    ]  # fmt: skip
+    assert [h["lease_age"] for h in view.hub_rows(1003.5)] == [3.5, 3.5]  # ages tick
+    view.apply(KvEntry("b", "h.hub-1", lease, 4, KvOp.PUT, 1003.0, 10.0))  # refreshed
+    view.apply(KvEntry("b", "h.hub-2", b"", 5, KvOp.EXPIRED, 1011.0, 60.0))
+    assert [(h["hub_id"], h["state"], h["lease_age"]) for h in view.hub_rows(1012.0)] == [
+        ("hub-1", "live", 9.0), ("hub-2", "expired", 1.0),
+    ]  # fmt: skip
+    assert [h["hub_id"] for h in view.hub_rows(1072.0)] == ["hub-1"]  # marker gone by now
+    view.apply(KvEntry("b", "h.hub-1", b"", 6, KvOp.DELETE, 1013.0))  # a graceful stop
+    assert [h["hub_id"] for h in view.hub_rows(1014.0)] == ["hub-2"]  # hub-1 has left
+    assert view.live_hubs() == 0
+    claim = PresenceClaim("t", "a", "hub-1", 3, "offline", "hub_lost", 1012.5)
+    view.apply(KvEntry("b", "p.t.a", claim.encode(), 7, KvOp.PUT, 1012.5))
+    view.apply(KvEntry("b", "p.t.broken", b"{", 8, KvOp.PUT, 1012.5))  # skipped
+    assert view.presence_rows() == [
+        {"tenant_id": "t", "agent_id": "a", "status": "offline", "reason": "hub_lost",
+         "session_id": None, "since": "1970-01-01T00:16:52.500Z", "last_seen": None,
+         "last_heartbeat_ack": None, "heartbeat_timeout": None, "hub_id": "hub-1",
+         "source": "cluster"},
+    ]  # fmt: skip
+    back = PresenceClaim("t", "a", "hub-2", 4, "online", "connected", 1013.0, "s-2")
+    view.apply(KvEntry("b", "p.t.a", back.encode(), 9, KvOp.PUT, 1013.0))  # a new revision
+    assert [(r["status"], r["hub_id"]) for r in view.presence_rows()] == [("online", "hub-2")]
+
+
+def test_status_says_when_the_hub_s_cluster_view_is_degraded(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``presence_state.degraded`` (a fenced cluster hub) is one line under the table;
+    the JSON list form stays a list and says it on stderr; ``--nats`` JSON has a key."""
+    import io
+
+    from artcafe_trio.cli._presence import DEGRADED_NOTE, _StatusPrinter
+
+    row = {"tenant_id": "t", "agent_id": "a", "status": "online", "reason": "connected",
+           "since": None, "last_seen": None, "last_heartbeat_ack": None, "hub_id": None,
+           "source": "hub"}  # fmt: skip
+    out = io.StringIO()
+    _StatusPrinter(False, False, out).show([row], ("fenced",))
+    assert out.getvalue().rstrip().endswith(DEGRADED_NOTE + "fenced")
+    out = io.StringIO()
+    _StatusPrinter(False, False, out).show([row])
+    assert "degraded" not in out.getvalue()
+    out = io.StringIO()
+    _StatusPrinter(True, False, out).show([row], ("fenced", "claims_pending"))
+    assert json.loads(out.getvalue()) == [row]
+    assert capsys.readouterr().err == DEGRADED_NOTE + "fenced, claims_pending\n"
+    printer = _StatusPrinter(True, False, out := io.StringIO())
+    printer.hubs = []
+    printer.show([row], ("fenced",))
+    assert json.loads(out.getvalue())["degraded"] == ["fenced"]

@@ -336,3 +336,15 @@ def test_the_module_does_no_io() -> None:
     source = pathlib.Path(module.__file__).read_text(encoding="utf-8")
     for banned in ("import trio", "import socket", "time.time", "monotonic"):
         assert banned not in source
+
+
+def test_a_presence_answer_carries_the_hub_s_degraded_reasons() -> None:
+    """``presence_state.degraded`` (a fenced cluster hub) reaches the caller, e.g. the
+    CLI's ``status``; absent, the answer says nothing is degraded."""
+    conn = open_conn()
+    for degraded, expected in ((["fenced"], ("fenced",)), (None, ())):
+        query = conn.presence_query()
+        answer: dict[str, Any] = {"type": "presence_state", "id": query.id, "agents": []}
+        if degraded is not None:
+            answer["degraded"] = degraded
+        assert conn.receive(json.dumps(answer), 1.0) == [PresenceAnswered(query.id, (), expected)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -15,14 +16,17 @@ from artcafe_trio.cluster._records import (
     HUB_LOST,
     HubLease,
     PresenceClaim,
+    expired_claim,
     lease_key,
     next_claim,
     parse_presence_key,
     presence_key,
     reap_claim,
     reaper_key,
+    refresh_claim,
     release_claim,
 )
+from artcafe_trio.cluster._refresh import REFRESH_HIGH, REFRESH_LOW, RefreshSchedule, retry_delay
 from artcafe_trio.cluster._routes import (
     InterestTable,
     RecentIds,
@@ -82,6 +86,10 @@ def test_a_reaper_takes_only_what_the_lost_hub_still_owns_online() -> None:
     reaped = reap_claim(claim(), lost_hub="a", now=200.0)
     assert reaped is not None
     assert (reaped.status, reaped.reason, reaped.epoch) == ("offline", HUB_LOST, 3)
+    assert reaped.reaper is None
+    by_b = reap_claim(claim(), lost_hub="a", now=200.0, reaper="b")
+    assert by_b is not None and by_b.reaper == "b"  # the one hub that reports it
+    assert PresenceClaim.decode(by_b.encode()) == by_b
     assert reap_claim(claim(hub="b"), lost_hub="a", now=200.0) is None
     assert reap_claim(claim(status="offline"), lost_hub="a", now=200.0) is None
     drained = reap_claim(claim(), lost_hub="a", now=200.0, reason="disconnected")
@@ -119,6 +127,7 @@ def test_a_draining_hub_holds_back_only_the_disconnects_of_its_stop_and_only_if_
 def test_values_round_trip_and_bad_values_are_refused() -> None:
     value = claim()
     assert PresenceClaim.decode(value.encode()) == value
+    assert b"reaper" not in value.encode()  # only a reaped claim names its reaper
     lease = HubLease("a", ("ws://h1:8765",), 12.5, draining=True)
     assert HubLease.decode(lease.encode()) == lease
     for bad, problem in (
@@ -130,6 +139,96 @@ def test_values_round_trip_and_bad_values_are_refused() -> None:
             PresenceClaim.decode(bad)
     with pytest.raises(ValueError, match="urls"):
         HubLease.decode(b'{"hub": "a", "urls": [1]}')
+
+
+# ------------------------------------------------------- claim TTL backstop (sans-IO)
+
+
+def test_the_claim_ttl_defaults_to_an_hour_and_must_outlast_the_lease() -> None:
+    assert ClusterConfig(servers="nats://x").claim_ttl == 3600.0
+    assert ClusterConfig(servers="nats://x", lease_ttl=1.0, claim_ttl=2.0).claim_ttl == 2.0
+    for lease_ttl, claim_ttl in ((10.0, 10.0), (10.0, 5.0), (1.0, 1.5), (1.0, float("inf"))):
+        with pytest.raises(ValueError, match="claim_ttl"):
+            ClusterConfig(servers="nats://x", lease_ttl=lease_ttl, claim_ttl=claim_ttl)
+    with pytest.raises(ValueError, match="claim_ttl"):
+        ClusterConfig(servers="nats://x", claim_ttl=float("nan"))
+
+
+def test_a_claim_of_an_expired_key_goes_above_every_epoch_the_key_had() -> None:
+    """The key's claim expired at revision 41 (its epochs were all <= the revisions
+    they were written at): the next claim is above 41, so an old owner's epoch never
+    matches a newer claim."""
+    fresh = next_claim(
+        None, tenant_id="acme", agent_id="w1", hub="b", session_id="s-9", now=5.0, above=41
+    )
+    assert (fresh.epoch, fresh.hub, fresh.since) == (42, "b", 5.0)
+    # ``above`` never lowers an epoch (0: a key that never existed).
+    assert next_claim(claim(), tenant_id="acme", agent_id="w1", hub="b", session_id="s-2",
+                      now=9.0, above=2).epoch == 4  # fmt: skip
+    assert next_claim(None, tenant_id="acme", agent_id="w1", hub="a", session_id="s",
+                      now=1.0).epoch == 1  # fmt: skip
+
+
+def test_only_the_owner_refreshes_its_online_claim_unchanged() -> None:
+    current = claim()
+    assert refresh_claim(current, hub="a", epoch=3) is current
+    assert refresh_claim(current, hub="b", epoch=3) is None  # taken over
+    assert refresh_claim(current, hub="a", epoch=2) is None  # a newer session's claim
+    assert refresh_claim(claim(status="offline", reason="left"), hub="a", epoch=3) is None
+    assert refresh_claim(claim(reason=HUB_LOST, status="offline"), hub="a", epoch=3) is None
+    assert refresh_claim(None, hub="a", epoch=3) is None
+
+
+def test_an_expired_online_claim_is_hub_lost_and_an_offline_one_changes_nothing() -> None:
+    gone = expired_claim(claim(), now=4000.0)
+    assert gone == claim(status="offline", reason=HUB_LOST, since=4000.0, session_id=None)
+    assert expired_claim(claim(status="offline", reason="left"), now=4000.0) is None
+
+
+def test_each_claim_is_refreshed_between_0_4_and_0_5_of_its_ttl() -> None:
+    schedule: RefreshSchedule[str] = RefreshSchedule(100.0, rng=random.Random(7))
+    for n in range(200):
+        schedule.written(f"k{n}", 0.0)
+    assert schedule.pop_due(REFRESH_LOW * 100.0 - 0.001) is None
+    dues = []
+    while (due := schedule.next_due()) is not None:
+        key = schedule.pop_due(due)
+        assert key is not None
+        dues.append(due)
+    assert len(dues) == 200 and dues == sorted(dues)
+    assert min(dues) >= REFRESH_LOW * 100.0 and max(dues) <= REFRESH_HIGH * 100.0
+    assert max(dues) - min(dues) > 8.0  # spread over the window, not one burst
+
+
+def test_a_rewrite_reschedules_a_forgotten_claim_is_not_refreshed_and_failures_retry() -> None:
+    schedule: RefreshSchedule[str] = RefreshSchedule(3600.0, rng=random.Random(1))
+    schedule.written("a", 0.0)
+    schedule.written("b", 0.0)
+    schedule.written("a", 1000.0)  # a new claim: its schedule restarts
+    schedule.forget("b")  # released
+    assert len(schedule) == 1 and "b" not in schedule
+    due = schedule.next_due()
+    assert due is not None and 1000.0 + 1440.0 <= due <= 1000.0 + 1800.0
+    assert schedule.pop_due(due) == "a"
+    assert schedule.next_due() is None  # the stale items of a and b are gone
+    schedule.failed("a", 3000.0)
+    assert schedule.next_due() == 3000.0 + retry_delay(3600.0) == 3010.0
+    assert (retry_delay(2.0), retry_delay(100.0)) == (0.5, 5.0)
+    for n in range(1000):  # rewrites leave stale heap items; they are rebuilt away
+        schedule.written("a", float(n))
+    assert len(schedule._heap) <= 2 * len(schedule) + 64
+
+
+def test_a_fenced_hub_or_a_claim_being_retried_is_a_degraded_view() -> None:
+    backplane = NatsBackplane(ClusterConfig(servers="nats://x:4222"), hub_id="h1", grace=1.0)
+    assert backplane.degraded() == ()
+    backplane._on_fenced(True)
+    assert backplane.degraded() == ("fenced",)
+    backplane.claims._pending_claims[("acme", "w1")] = "s-1"
+    assert backplane.degraded() == ("fenced", "claims_pending")
+    backplane._on_fenced(False)
+    del backplane.claims._pending_claims[("acme", "w1")]
+    assert backplane.degraded() == ()
 
 
 # ----------------------------------------------------------------- routing (sans-IO)
@@ -313,7 +412,7 @@ async def test_a_publish_during_a_nats_reconnect_does_not_wait_for_a_flush(
 
 
 class _HandoverStore:
-    """Enough of a ClusterStore for :meth:`NatsBackplane._hand_over`: the hubs'
+    """Enough of a ClusterStore for :meth:`Drain.hand_over`: the hubs'
     leases as the bucket has them now (``kv.entry``); hub a left an agent online."""
 
     def __init__(self, leases: dict[str, HubLease | KvOp] | None = None) -> None:
@@ -361,10 +460,15 @@ class _HandoverStore:
         self.lease_dropped = True
 
 
+async def hand_over(backplane: NatsBackplane, store: _HandoverStore) -> None:
+    """What the backplane does when it stops (the hubs its lease watch saw live)."""
+    await backplane._drainer.hand_over(store, list(backplane._hub_urls))  # type: ignore[arg-type]
+
+
 def draining_backplane(*others: str) -> NatsBackplane:
     backplane = NatsBackplane(ClusterConfig(servers="nats://x:4222"), hub_id="b", grace=1.0)
     for agent in ("w1", "w2"):
-        backplane._presence._claims[("acme", agent)] = claim(agent_id=agent, hub="b")
+        backplane.claims._claims[("acme", agent)] = claim(agent_id=agent, hub="b")
     backplane._hub_urls.update({hub: (f"ws://{hub}",) for hub in others})
     return backplane
 
@@ -405,7 +509,7 @@ async def test_a_draining_hub_leaves_its_agents_online_for_the_others_unless_alo
     backplane.announce_presence(attrs_update("w1", "disconnected"))  # closed by the stop
     backplane.announce_presence(attrs_update("w2", "left"))  # left during the stop
     store = _HandoverStore(at_handover)
-    await backplane._hand_over(store)  # type: ignore[arg-type]
+    await hand_over(backplane, store)
     assert store.released == released
     assert store.reaped == reaped
     assert store.lease_dropped
@@ -417,7 +521,7 @@ async def test_a_draining_hub_s_lease_says_so_before_it_reads_the_others() -> No
     backplane = draining_backplane("a")
     backplane.begin_drain()  # no lease refresh since
     store = _HandoverStore({"a": DRAINING, "b": HubLease("b")})
-    await backplane._hand_over(store)  # type: ignore[arg-type]
+    await hand_over(backplane, store)
     assert store.events == ["read h.b", "update h.b", "read h.a", "snapshot", "read h.a"]
     written = store.leases["b"]
     assert isinstance(written, HubLease) and (written.hub, written.draining) == ("b", True)
@@ -428,7 +532,7 @@ async def test_a_hub_that_is_not_draining_releases_a_disconnect_at_once() -> Non
     backplane = draining_backplane("a")
     backplane.announce_presence(attrs_update("w1", "disconnected"))
     store = _HandoverStore()
-    await backplane._hand_over(store)  # type: ignore[arg-type]
+    await hand_over(backplane, store)
     assert store.released == [("w1", "disconnected")]
 
 

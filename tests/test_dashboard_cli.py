@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
@@ -23,7 +24,7 @@ import pytest
 
 from artcafe_trio import Registry
 from artcafe_trio.cli._main import build_parser, main
-from artcafe_trio.dashboard._tokens import hash_token, resolve_token
+from artcafe_trio.dashboard._tokens import Access, hash_token, resolve_token
 
 from .hubproc import free_port
 
@@ -51,6 +52,29 @@ def test_dashboard_token_prints_a_token_and_stores_only_its_hash(
     assert "revoked 1" in capsys.readouterr().err
     with Registry.open(db) as registry:
         assert resolve_token(registry, "admin-token", token) is None
+
+
+def test_an_all_tenants_token_sees_every_tenant_and_is_revoked_on_its_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = str(tmp_path / "hub.db")
+    Registry.open(db).close()
+    assert main(["dashboard-token", "--db", db, "--all-tenants"]) == 0
+    everyone = capsys.readouterr().out.strip()
+    assert main(["dashboard-token", "--db", db, "--tenant", "acme"]) == 0
+    acme = capsys.readouterr().out.strip()
+    with Registry.open(db) as registry:
+        assert resolve_token(registry, "admin-token", everyone) == Access(None)
+        assert resolve_token(registry, "admin-token", acme) == Access("acme")
+    assert main(["dashboard-token", "--db", db, "--tenant", "*"]) == 1  # not a back door
+    assert "--all-tenants" in capsys.readouterr().err
+    assert main(["dashboard-token", "--db", db, "--all-tenants", "--tenant", "acme"]) == 2
+    capsys.readouterr()
+    assert main(["dashboard-token", "--db", db, "--all-tenants", "--revoke"]) == 0
+    assert "revoked 1 dashboard token(s) of every tenant" in capsys.readouterr().err
+    with Registry.open(db) as registry:
+        assert resolve_token(registry, "admin-token", everyone) is None
+        assert resolve_token(registry, "admin-token", acme) == Access("acme")
 
 
 def test_dashboard_token_refuses_a_bad_tenant_id(
@@ -145,10 +169,11 @@ def test_a_hub_process_serves_the_dashboard_and_posts_signed_alerts(
     added = run("agents", "add", "--create", "--db", str(db), "--tenant", "acme",
                 "--agent", "w1", "--public-key", f"{key}.pub")  # fmt: skip
     assert added.returncode == 0, added.stderr
-    port, dashboard = free_port(), free_port()
+    port, dashboard, metrics = free_port(), free_port(), free_port()
     env = {**os.environ, "ALERT_SECRET": "s3cret"}
     hub = subprocess.Popen(
         [*CLI, "hub", "--port", str(port), "--db", str(db), "--dashboard", f":{dashboard}",
+         "--metrics-port", str(metrics),
          "--alert-webhook", f"http://127.0.0.1:{receiver_port}/alerts",
          "--alert-secret-env", "ALERT_SECRET", "--alert-tenant", "acme"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
@@ -171,6 +196,17 @@ def test_a_hub_process_serves_the_dashboard_and_posts_signed_alerts(
         for headers, body in posts:
             expected = hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
             assert headers["x-artcafe-signature"] == f"sha256={expected}"
+        # The webhook's counters are in the hub's metrics.
+        sent = 'artcafe_webhook_sent_total{host="127.0.0.1",webhook="0"} 2.0'
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as got:
+                text = got.read().decode()
+            if sent in text:
+                break
+            time.sleep(0.05)
+        assert sent in text
+        assert 'artcafe_webhook_dropped_total{host="127.0.0.1",webhook="0"} 0.0' in text
     finally:
         hub.terminate()
         assert hub.wait(15) == 0

@@ -1,6 +1,7 @@
 """Issue 15, a new user's first hour: failures that say what to do, recovery that is
-visible, nothing that hangs. Library messages are checked with caplog, command-line
-messages in subprocesses (or ``main()`` where a live in-process hub is needed)."""
+visible, nothing that hangs. Library messages are checked with caplog; the command
+line's in process here (``main()``, for the variants), and on the real command in
+subprocesses in ``tests/test_first_hour_cli.py``."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import errno
 import logging
 import os
 import random
+import re
 import signal
 import socket
 import ssl
@@ -20,6 +22,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 import trio_websocket
@@ -28,6 +31,7 @@ from artcafe_trio import (
     AuthenticationError,
     Backoff,
     ConnectFailed,
+    ConnectionLost,
     ConnectTimeout,
     HeartbeatAgent,
     HubConfig,
@@ -39,10 +43,11 @@ from artcafe_trio import (
     open_hub,
 )
 from artcafe_trio.agent._connfail import describe_failure
+from artcafe_trio.agent._session import lost
 from artcafe_trio.cli import main
 from artcafe_trio.testing import TestHub
 
-from .test_cli import CLI, _cli, _free_port, _run_main
+from .test_cli import _cli, _free_port, _run_main
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -71,12 +76,21 @@ def _refused_group() -> OSError:
     return group
 
 
-def _wrong_version() -> trio.BrokenResourceError:
-    tls = ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number")
-    tls.reason = "WRONG_VERSION_NUMBER"
+def _tls_error(reason: str) -> trio.BrokenResourceError:
+    tls = ssl.SSLError(1, f"[SSL: {reason}] {reason.lower().replace('_', ' ')}")
+    tls.reason = reason
     broken = trio.BrokenResourceError()
     broken.__cause__ = tls
     return broken
+
+
+def _wrong_version() -> trio.BrokenResourceError:
+    return _tls_error("WRONG_VERSION_NUMBER")
+
+
+def _closed_in_handshake(code: int, reason: str) -> ConnectionLost:
+    """What the agent's handshake raises when the hub closes the WebSocket."""
+    return lost(trio_websocket.ConnectionClosed(trio_websocket.CloseReason(code, reason)))
 
 
 URL = "ws://hub.example:8765"
@@ -94,6 +108,16 @@ FAILURES: dict[str, tuple[Any, bool, str]] = {
         False,
         "network is unreachable",
     ),
+    "host-unreachable": (
+        lambda: OSError(errno.EHOSTUNREACH, "no route"),
+        False,
+        "no route to host",
+    ),
+    "tcp-timeout": (
+        lambda: TimeoutError(errno.ETIMEDOUT, "timed out"),
+        False,
+        "connection timed out",
+    ),
     "dns-unknown": (
         lambda: _gaierror(socket.EAI_NONAME, "Name or service not known"),
         True,
@@ -109,16 +133,23 @@ FAILURES: dict[str, tuple[Any, bool, str]] = {
         True,
         "TLS handshake failed: the hub speaks plain ws://? (use ws:// instead of wss://)",
     ),
+    "tls-other": (
+        lambda: _tls_error("UNSUPPORTED_PROTOCOL"),
+        True,
+        "TLS handshake failed: UNSUPPORTED_PROTOCOL",
+    ),
     "tls-eof": (
         lambda: trio.BrokenResourceError(),
         False,
         "the hub hung up during the TLS handshake",
     ),
     "http-404": (
-        lambda: trio_websocket.ConnectionRejected(404, (), b"unknown path"),
+        lambda: trio_websocket.ConnectionRejected(
+            404, (), b"unknown path; agents use /api/v1/ws/agent/{id}"
+        ),
         True,
-        "the hub answered HTTP 404: unknown path (check the URL: it is the hub's base URL,"
-        " without a path)",
+        "the hub answered HTTP 404: unknown path; agents use /api/v1/ws/agent/{id} (check the"
+        " URL: it is the hub's base URL, without a path)",
     ),
     "http-403": (
         lambda: trio_websocket.ConnectionRejected(403, (), b"forbidden"),
@@ -135,7 +166,85 @@ FAILURES: dict[str, tuple[Any, bool, str]] = {
         False,
         "the hub answered HTTP 429",
     ),
+    "closed-1012-in-handshake": (
+        lambda: _closed_in_handshake(1012, "hub shutting down"),
+        False,
+        "the hub closed the connection (1012 hub shutting down)",
+    ),
+    "hung-up-in-handshake": (
+        lambda: ConnectionLost("the hub hung up during the WebSocket handshake"),
+        False,
+        "the hub hung up during the WebSocket handshake",
+    ),
 }
+
+# Each row of docs/troubleshooting.md's "Which connection failures are retried": the
+# FAILURES cases above that check it, or the test elsewhere that does.
+DOCUMENTED: dict[str, list[str]] = {
+    "TCP connection refused": ["refused"],
+    "reset, network or host unreachable, TCP timeout": [
+        "reset", "unreachable", "host-unreachable", "tcp-timeout",
+    ],
+    "host name does not exist (`EAI_NONAME`)": ["dns-unknown"],
+    "temporary resolver failure (`EAI_AGAIN`)": ["dns-temporary"],
+    "`wss://` to a plain `ws://` hub": ["tls-to-plain"],
+    "another TLS protocol error": ["tls-other"],
+    "the hub hangs up during the TLS handshake": ["tls-eof"],
+    "the hub's certificate does not verify": ["test_cli_untrusted_certificate_names_cafile"],
+    "HTTP 404 to the WebSocket upgrade (a path after the host)": ["http-404"],
+    "any other HTTP 4xx (400, 401, 403...)": ["http-403"],
+    "HTTP 408, 425, 429, 500, 502, 503, 504 (a proxy, a hub shutting down)": [
+        "http-503", "http-429",
+    ],
+    "no `welcome` within `connect_timeout`": ["test_connect_timeout_is_retryable"],
+    "the hub closes or hangs up during the handshake": [
+        "closed-1012-in-handshake", "hung-up-in-handshake",
+    ],
+    "the hub refuses the key": ["test_auth_failure_is_permanent_and_its_traceback_short"],
+    "replaced by another session (4003)": [
+        "test_regressions.py::test_being_replaced_by_another_process_stops_the_agent_loudly"
+    ],
+}  # fmt: skip
+
+
+def _documented_rows() -> list[list[str]]:
+    text = (Path(__file__).parent.parent / "docs" / "troubleshooting.md").read_text()
+    section = text.split("### Which connection failures are retried", 1)[1]
+    table = section.split("| --- |", 1)[1].split("\n\n", 1)[0]
+    return [
+        [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+        for line in table.strip().splitlines()[1:]
+    ]
+
+
+def _pattern(snippet: str) -> str:
+    """A documented message as a regex: "..." and the placeholders match anything."""
+    parts = re.split(r"(\.\.\.|REASON|BODY)", snippet)
+    return "".join(".*" if p in ("...", "REASON", "BODY") else re.escape(p) for p in parts)
+
+
+def test_every_documented_failure_row_is_tested() -> None:
+    rows = _documented_rows()
+    assert [row[0] for row in rows] == list(DOCUMENTED)
+    for failure, message, kind in rows:
+        cases = DOCUMENTED[failure]
+        for case in cases:
+            if case.startswith("test_"):
+                module, _, name = case.rpartition("::")
+                where = Path(__file__).with_name(module) if module else Path(__file__)
+                assert f"def {name or case}(" in where.read_text(), case
+                continue
+            _make, permanent, _text = FAILURES[case]
+            assert permanent == kind.startswith("**permanent**"), (failure, case)
+        texts = [FAILURES[c][2] for c in cases if c in FAILURES]
+        if not texts or message.startswith("("):
+            continue  # raised as another error: its test checks the words
+        for snippet in re.findall(r"`([^`]+)`", message):
+            if snippet.startswith("cannot connect to"):
+                continue
+            assert any(re.fullmatch(_pattern(snippet) + ".*", t) for t in texts), (
+                failure, snippet, texts,
+            )  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(FAILURES))
@@ -379,8 +488,35 @@ def test_one_shot_status_is_debug_on_the_hub(
     trio.run(run)
     assert result == [0]
     admin = [r for r in caplog.records if "$admin" in r.getMessage()]
-    assert [r.getMessage().rsplit("> ", 1)[-1] for r in admin] == ["connected", "connection lost"]
+    # status sends a close frame (1000): a clean close, not a lost connection
+    assert [r.getMessage().rsplit("> ", 1)[-1] for r in admin] == [
+        "connected",
+        "closed by the client (1000)",
+    ]
     assert {r.levelno for r in admin} == {logging.DEBUG}
+
+
+async def test_the_hub_tells_a_client_close_from_a_dropped_connection(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection that ends without a close frame is "connection lost"; ``leave`` is
+    the hub's close. (A client's close frame: ``test_one_shot_status_is_debug_on_the_hub``.)"""
+    caplog.set_level(logging.INFO, "artcafe_trio.hub")
+    sessions: list[str | None] = []
+    async with test_hub.open_agent("a1", rng=random.Random(2)) as agent:
+        sessions.append(agent.session_id)
+        await test_hub._streams[-1].send_eof()  # the connection drops: no close frame
+        await trio.sleep(0.5)
+        await agent.wait_connected()
+        sessions.append(agent.session_id)
+    ends = {
+        sid: message.split("> ", 1)[1]
+        for r in caplog.records
+        if r.name == "artcafe_trio.hub" and (message := r.getMessage()).startswith("<session")
+        for sid in sessions
+        if sid is not None and sid in message and not message.endswith("> connected")
+    }
+    assert ends == {sessions[0]: "connection lost", sessions[1]: "closed: 1000 left"}
 
 
 # --------------------------------------------------------------------------- item 6
@@ -454,6 +590,7 @@ def test_health_before_run_is_a_not_connected_snapshot(tmp_path: Path) -> None:
     assert health["last_heartbeat_ack"] is None
     assert health["seconds_since_ack"] is None
     assert health["reconnect_attempts"] == 0
+    assert health["state"] == "not_started"  # nothing is connecting yet
     assert agent.health().next_retry_in is None
 
 
@@ -586,20 +723,85 @@ def test_key_errors_show_absolute_paths(tmp_path: Path, monkeypatch: pytest.Monk
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
+NEWCOMER = textwrap.dedent(
+    """
+    import sys
+
+    import trio
+
+    from artcafe_trio import Backoff, generate_private_key, open_agent
+
+
+    async def main(case, where):
+        if case == "down":
+            keys = {"private_key": generate_private_key(), "max_reconnect_attempts": 2,
+                    "backoff": Backoff(base=0.01, cap=0.02)}
+        else:
+            keys = {"private_key_path": where}
+        async with open_agent(url=sys.argv[3], agent_id="a1", tenant_id="acme", **keys):
+            pass
+
+
+    trio.run(main, sys.argv[1], sys.argv[2])
+    """
+)
+
+
+@pytest.mark.parametrize("case", ["down", "missing", "encrypted"])
+def test_a_newcomer_s_tracebacks_are_short(tmp_path: Path, case: str) -> None:
+    """The uncaught errors of an ``open_agent`` script, as its author sees them: the hub
+    down (ReconnectFailed, was 69 lines with trio's ExceptionGroup), a missing or an
+    encrypted key (KeyLoadError, was 35-38 lines through trio.to_thread)."""
+    script = tmp_path / "newcomer.py"
+    script.write_text(NEWCOMER)
+    (tmp_path / "encrypted").write_bytes(generate_private_key().to_pem("pw"))
+    url = f"ws://127.0.0.1:{_free_port()}"
+    result = subprocess.run(
+        [sys.executable, str(script), case, str(tmp_path / case), url],
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    trace = lines[lines.index("Traceback (most recent call last):") :]
+    if case == "down":  # the elapsed time varies
+        trace[-1] = re.sub(r"over \d+\.\d s;", "over T s;", trace[-1])
+    last = {
+        "down": "artcafe_trio.ReconnectFailed: gave up after 2 consecutive failed connection"
+        " attempts over T s; last cause: cannot connect to"
+        f" {url}: connection refused (is the hub running?)",
+        "missing": f"artcafe_trio.KeyLoadError: private key file not found: {tmp_path / case}",
+        "encrypted": f"artcafe_trio.KeyLoadError: private key {tmp_path / case} is encrypted:"
+        " pass private_key_password",
+    }[case]
+    assert trace[-1] == last
+    assert result.stderr.count("Traceback (most recent call last)") == 1  # no chain
+    for noise in ("ExceptionGroup", "_threads.py", "outcome/", "_supervisor.py"):
+        assert noise not in result.stderr
+    assert len(trace) <= 18, result.stderr  # the script, open_agent, where it is raised
+
+
 # --------------------------------------------------------------------------- CLI (items 1, 9, 13)
 
 
-def _run(
-    *args: str, cwd: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
+@attrs.frozen
+class _InProcess:
+    """What ``main([...])`` did in this process (not a subprocess: those are in
+    ``tests/test_first_hour_cli.py``)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _run(*args: str, cwd: Path, env: dict[str, str] | None = None) -> _InProcess:
     """The command's ``main([...])`` in this process, in ``cwd`` with ``env`` added: no
-    interpreter start-up (``tests/test_cli.py`` runs each command's real binary)."""
+    interpreter start-up (``tests/test_first_hour_cli.py`` runs the real command)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(cwd)
         for name, value in (env or {}).items():
             patch.setenv(name, value)
         code, out, err = _run_main(*args)
-    return subprocess.CompletedProcess([*CLI, *args], code, out, err)
+    return _InProcess(code, out, err)
 
 
 def test_cli_listen_against_a_down_hub_fails_fast(tmp_path: Path) -> None:
@@ -613,12 +815,13 @@ def test_cli_listen_against_a_down_hub_fails_fast(tmp_path: Path) -> None:
     assert result.stderr == (
         f"error: cannot connect to {url}: connection refused (is the hub running?)\n"
     )
-    assert elapsed < 15  # one attempt (interpreter start-up included), not 181 s
+    assert elapsed < 15  # one attempt, not 181 s (in process: no interpreter start-up)
 
 
 def test_cli_key_password_messages_name_the_flag(tmp_path: Path) -> None:
     env = {"KEY_PW": "s3cret"}
-    assert _run("keygen", "--out", "enc", "--password-env", "KEY_PW", cwd=tmp_path, env=env)
+    made = _run("keygen", "--out", "enc", "--password-env", "KEY_PW", cwd=tmp_path, env=env)
+    assert made.returncode == 0
     assert _run("keygen", "--out", "plain", cwd=tmp_path).returncode == 0
     url = f"ws://127.0.0.1:{_free_port()}"
     agent = ["--url", url, "--tenant", "acme", "--agent", "a"]

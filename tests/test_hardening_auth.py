@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -505,14 +506,72 @@ async def test_an_agent_error_frame_cannot_forge_a_hub_log_line(
         assert "\\n2026-01-01 INFO" in lines[0]
 
 
-def test_every_log_call_with_peer_text_uses_the_helper() -> None:
-    """No module keeps its own escaping function: ``printable`` is the only one."""
+LOG_LEVELS = {"debug", "info", "warning", "error", "exception", "critical", "log"}
+# Fields a peer (an agent, a hub, a client) controls when they come from a frame.
+PEER_FIELDS = {
+    "message", "code", "reason", "subject", "cause", "text", "detail", "data", "reply_to",
+    "token", "nonce", "remote", "agent_id", "tenant_id", "algorithm",
+}  # fmt: skip
+# Reviewed exceptions: (module, expression) -> why it is not peer text.
+NOT_PEER_TEXT = {
+    ("agent/_lifecycle.py", "self._sup.config.tenant_id"): "the agent's own configuration",
+    ("agent/_lifecycle.py", "self._sup.config.agent_id"): "the agent's own configuration",
+    ("agent/_supervisor.py", "config.tenant_id"): "the agent's own configuration",
+    ("agent/_supervisor.py", "config.agent_id"): "the agent's own configuration",
+    ("hub/_presence.py", "entry.tenant_id"): "a presence row: ids the registry validated",
+    ("hub/_presence.py", "entry.agent_id"): "a presence row: ids the registry validated",
+    ("hub/_pump.py", "refusal.code"): "a hub-made refusal: a documented code",
+    ("hub/_pump.py", "refusal.cause"): "a hub-made refusal: its cause escapes peer parts",
+    ("cluster/_claims.py", "claim.tenant_id"): "a session claim: ids the hub authenticated",
+    ("cluster/_claims.py", "claim.agent_id"): "a session claim: ids the hub authenticated",
+    ("cluster/_backplane.py", "msg.subject"): "a NATS subject: made by a hub of validated parts",
+}
+
+
+def _raw_peer_fields(node: ast.AST) -> list[str]:
+    """Peer fields read in ``node`` outside a ``printable(...)`` call."""
+    if isinstance(node, ast.Call):
+        func = node.func
+        name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+        if name in ("printable", "_printable"):
+            return []
+    found = []
+    if isinstance(node, ast.Attribute) and node.attr in PEER_FIELDS:
+        found.append(ast.unparse(node))
+    for child in ast.iter_child_nodes(node):
+        found += _raw_peer_fields(child)
+    return found
+
+
+def test_every_log_call_passes_peer_fields_through_printable() -> None:
+    """Every log call in every module (subpackages included) escapes the fields a peer
+    controls with ``printable``, but for the reviewed exceptions above; and no module
+    keeps its own escaping function."""
     import artcafe_trio
 
     root = Path(artcafe_trio.__file__).parent
-    for path in root.glob("*.py"):
+    raw: list[str] = []
+    calls = 0
+    for path in sorted(root.rglob("*.py")):
+        module = path.relative_to(root).as_posix()
         text = path.read_text()
-        assert "unicode_escape" not in text or path.name == "_logsafe.py", path.name
+        assert "unicode_escape" not in text or module == "_logsafe.py", module
+        for node in ast.walk(ast.parse(text)):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in LOG_LEVELS
+                and "log" in ast.unparse(node.func.value).lower()
+            ):
+                continue
+            calls += 1
+            args = node.args[2:] if node.func.attr == "log" else node.args[1:]
+            for arg in args:
+                for expr in _raw_peer_fields(arg):
+                    if (module, expr) not in NOT_PEER_TEXT:
+                        raw.append(f"{module}:{node.lineno}: {expr}")
+    assert calls > 50  # the walk found the log calls (hub, agent, cluster, CLI)
+    assert raw == []
 
 
 # --- item 10: the admin token file cannot be planted ------------------------------------

@@ -21,6 +21,7 @@ import trio_websocket
 
 import artcafe_trio.hub._router as router_module
 from artcafe_trio import CloseCode, HubConfig, open_hub
+from artcafe_trio.hub._hubevents import SlowConsumerCut
 from artcafe_trio.protocol import (
     Error,
     Heartbeat,
@@ -83,6 +84,11 @@ async def barrier(client: RawClient) -> list[Any]:
         if isinstance(frame, PresenceState) and frame.id == "barrier":
             return frames
         frames.append(frame)
+
+
+def session_of_agent(hub: TestHub, agent: str) -> Any:
+    [session] = [s for s in hub.hub._directory.agent_sessions() if s.agent_id == agent]
+    return session
 
 
 def ten_token_patterns(count: int) -> list[str]:
@@ -189,6 +195,7 @@ async def test_output_budget_cuts_off_the_largest_consumer_first() -> None:
             for name in ("big", "mid", "small"):
                 consumers[name] = await connect(hub, nursery, name, lockstep=True)
                 await consumers[name].subscribe(f"to.{name}")
+            big = session_of_agent(hub, "big")
             pub = await connect(hub, nursery, "pub")
             peak_seen = 0
 
@@ -212,6 +219,12 @@ async def test_output_budget_cuts_off_the_largest_consumer_first() -> None:
             assert hub.hub.output_budget.cut_offs == 1
             assert peak_seen <= budget
             assert hub.hub.output_budget.peak <= budget
+            [reason] = [e.reason for e in hub.hub.events.recent if isinstance(e, SlowConsumerCut)]
+            assert reason.startswith(
+                f"slow consumer: hub output budget of {budget} bytes exceeded and this"
+                " connection held the most output ("
+            ), reason
+            assert big.close_reason == reason
             with trio.fail_after(5):
                 assert await consumers["big"].close_code() == CloseCode.SLOW_CONSUMER
             # The others keep their connection and every delivery queued for them.
@@ -238,6 +251,16 @@ async def test_budget_attack_leaves_another_tenant_online(autojump_clock: Any) -
                     await client.subscribe(pattern)
             pub = await connect(hub, nursery, "pub")
             peak = 0
+            acks: dict[Any, float] = {}  # the bystander's ACKs seen: last_ack -> rtt
+
+            async def watch_bystander() -> None:
+                while True:
+                    health = bystander.health()
+                    if health.rtt is not None:
+                        acks[health.last_ack] = health.rtt
+                    await trio.sleep(0.05)
+
+            nursery.start_soon(watch_bystander)
             with trio.move_on_after(20):
                 for i in itertools.count():
                     await pub.send(
@@ -247,7 +270,17 @@ async def test_budget_attack_leaves_another_tenant_online(autojump_clock: Any) -
                     peak = max(peak, hub.hub.output_budget.used)
                     await trio.sleep(0.3)
             assert peak <= budget
+            assert hub.hub.output_budget.peak <= budget  # the hub's own accounting
             assert hub.hub.stats.slow_consumers >= 1
+            cut_off = [e.reason for e in hub.hub.events.recent if isinstance(e, SlowConsumerCut)]
+            assert cut_off and all(
+                "slow consumer: hub output budget of 4194304 bytes exceeded" in r
+                or "bytes of deliveries waiting" in r
+                for r in cut_off
+            ), cut_off
+            # Its ACK round trip stays in the normal range: an ACK a second, each quick.
+            assert len(acks) >= 15, acks
+            assert max(acks.values()) < 0.05, acks
             [row] = [r for r in hub.hub.presence_table("other") if r.agent_id == "bystander"]
             assert (row.status, row.reason) == ("online", "connected")
             assert hub.hub.stats.transitions.get("timeout", 0) == 0

@@ -327,3 +327,25 @@ def test_mypy_strict_catches_a_misspelled_keyword_and_a_wrong_type(tmp_path: Pat
     assert any('Unexpected keyword argument "heartbeat_intervall"' in line for line in bad), out
     assert any('"agent_id"' in line and '"int"' in line and '"str"' in line for line in bad), out
     assert result.returncode == 1
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_docs_lead_to_the_examples_and_the_changelog() -> None:
+    """Issue 15 item 12: the README links ``examples/`` and gives the quick test subset;
+    the site's navigation has an Examples and a Changelog page, which say what they
+    should (every example script; the changelog itself)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "[`examples/`](examples/)" in readme
+    assert "(docs/examples.md)" in readme
+    assert 'pytest -m "not slow"' in readme
+    nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8").split("\nnav:\n", 1)[1]
+    nav = nav.split("\n\n", 1)[0].split("\nplugins:", 1)[0]
+    assert "  - Examples: examples.md\n" in nav
+    assert nav.rstrip().endswith("  - Changelog: changelog.md")
+    examples = (ROOT / "docs" / "examples.md").read_text(encoding="utf-8")
+    scripts = sorted(p.name for p in (ROOT / "examples").glob("*.py"))
+    assert scripts and [s for s in scripts if f"`{s}`" not in examples] == []
+    changelog = (ROOT / "docs" / "changelog.md").read_text(encoding="utf-8")
+    assert changelog.strip() == "<!-- include: CHANGELOG.md -->"

@@ -289,6 +289,42 @@ async def test_a_full_queue_drops_and_counts_without_stalling_the_hub(
         assert [r.status for r in hub.hub.presence_table()] == ["offline"] * 4
 
 
+async def test_webhook_counters_are_prometheus_metrics_without_the_url_path(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery
+) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from artcafe_trio.dashboard._alertmetrics import WebhookCollector
+
+    async with open_test_hub(disconnect_grace=0) as hub:
+        blocked = Webhook(
+            hub.hub, WebhookConfig(url="https://hooks.example.com/s3cret-path?k=v", queue_size=2),
+            post=FakePost(block=True),
+        )  # fmt: skip
+        failing = Webhook(
+            hub.hub, WebhookConfig(url="http://127.0.0.1:9/", backoff=FAST),
+            post=FakePost(failures=100), rng=random.Random(1),
+        )  # fmt: skip
+        await nursery.start(blocked.run)
+        await nursery.start(failing.run)
+        for i in range(4):
+            async with hub.open_agent(f"w{i}"):
+                pass
+        await trio.sleep(5)
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(WebhookCollector([blocked, failing]))
+        text = generate_latest(registry).decode()
+    assert "s3cret" not in text and "k=v" not in text
+    first = 'host="hooks.example.com",webhook="0"'
+    second = 'host="127.0.0.1",webhook="1"'
+    assert f"artcafe_webhook_dropped_total{{{first}}} 5.0" in text  # as the full-queue test
+    assert f"artcafe_webhook_queued{{{first}}} 2.0" in text
+    assert f"artcafe_webhook_sent_total{{{first}}} 0.0" in text
+    assert f"artcafe_webhook_failed_total{{{second}}} 8.0" in text  # every document, given up
+    assert f"artcafe_webhook_retries_total{{{second}}} 24.0" in text  # 3 retries each
+    assert "# TYPE artcafe_webhook_failed_total counter" in text
+
+
 async def test_retries_wait_full_jitter_backoff_exactly(
     autojump_clock: trio.abc.Clock, nursery: trio.Nursery
 ) -> None:
@@ -335,6 +371,38 @@ def test_the_signature_check_in_the_docs_accepts_ours_and_refuses_a_forgery(
         namespace["verify"](body, sign(b"guess", body))
     with pytest.raises(ValueError, match="bad signature"):
         namespace["verify"](body + b" ", sign(b"s3cret", body))
+
+
+def test_the_prometheus_rules_in_the_docs_parse_and_name_exported_metrics() -> None:
+    import pathlib
+    import re
+
+    import yaml  # PyYAML: installed with mkdocs (the dev extra)
+
+    import artcafe_trio.dashboard._alertmetrics as alertmetrics
+    import artcafe_trio.hub._metrics as metrics
+
+    root = pathlib.Path(__file__).parent.parent
+    text = (root / "docs" / "alerts.md").read_text()
+    block = re.search(r"```yaml\n(.*?)```", text, re.S)
+    assert block is not None
+    rules = yaml.safe_load(block.group(1))
+    [group] = rules["groups"]
+    assert group["name"] == "artcafe-trio"
+    exported = set(re.findall(r"``(artcafe_\w+)", f"{metrics.__doc__}{alertmetrics.__doc__}"))
+    names = [rule["alert"] for rule in group["rules"]]
+    assert len(names) == len(set(names)) >= 9
+    used = set()
+    for rule in group["rules"]:
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}, rule
+        assert isinstance(rule["expr"], str) and rule["expr"].strip()
+        assert rule["labels"]["severity"] in ("page", "warn")
+        if "for" in rule:
+            assert re.fullmatch(r"\d+[smh]", rule["for"])
+        used |= set(re.findall(r"\bartcafe_\w+", rule["expr"]))
+    assert used <= exported, used - exported  # every metric a rule reads is exported
+    assert {"artcafe_slow_consumers_total", "artcafe_auth_failures_total",
+            "artcafe_heartbeat_ack_rtt_seconds", "artcafe_webhook_failed_total"} <= used  # fmt: skip
 
 
 async def test_https_receivers_are_verified(nursery: trio.Nursery) -> None:

@@ -1,6 +1,6 @@
 """Render the dashboard screenshots in docs/img/ (light, wide and narrow).
 
-    python tools/screenshots.py [--out docs/img] [--chromium /usr/bin/chromium]
+    python tools/screenshots.py [--out docs/img] [--chromium /usr/bin/chromium] [--settle 2.5]
 
 Starts ``artcafe-trio hub --dashboard`` on free loopback ports with a throw-away
 registry, a few agents (one of which leaves and one of which is killed, so the
@@ -89,6 +89,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/img")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument(
+        "--settle", type=float, default=2.5,
+        help="seconds each page runs before its screenshot (histories, measured intervals)",
+    )  # fmt: skip
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,7 +148,7 @@ def main() -> None:
                     page.goto(f"http://127.0.0.1:{dash}/?token={token}")
                     page.wait_for_selector('#feed-state[data-state="live"]')
                     page.wait_for_selector(".bar span")
-                    page.wait_for_timeout(2500)  # histories, a measured interval, ticking ages
+                    page.wait_for_timeout(args.settle * 1000)  # histories, measures, ages
                     page.screenshot(path=str(out / f"{name}.png"))
                     page.close()
                     print(f"wrote {out / (name + '.png')}")

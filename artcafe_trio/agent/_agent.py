@@ -38,11 +38,12 @@ from typing import Any, Literal
 import attrs
 import trio
 
+from .._errors import KeyLoadError
 from .._util import collapse_exception_groups
 from ..protocol._backoff import Backoff
 from ..protocol._keys import PrivateKey, load_private_key
 from ._config import DEFAULT_URL, AgentConfig, hub_urls
-from ._facade import Agent, short_traceback
+from ._facade import Agent, fresh_copy, short_traceback
 from ._health import AgentHealth
 from ._subscriptions import Handler
 from ._transport import (
@@ -210,9 +211,14 @@ async def _build_off_the_loop(
     key takes a while) in a worker thread, off the event loop. Arguments
     ``build_agent`` refuses before loading are left for it to refuse."""
     if agent_id and private_key is None and private_key_path is not None:
-        private_key = await trio.to_thread.run_sync(
-            load_private_key, private_key_path, private_key_password
-        )
+        try:
+            private_key = await trio.to_thread.run_sync(
+                load_private_key, private_key_path, private_key_password
+            )
+        except KeyLoadError as exc:
+            # Raised here, not through trio.to_thread's and outcome's frames: the
+            # message names the file and what to do.
+            raise fresh_copy(exc) from None
         private_key_path = None
     return build_agent(
         agent_id=agent_id,

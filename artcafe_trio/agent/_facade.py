@@ -7,13 +7,14 @@ import contextlib
 import logging
 import random
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, final
 
 import trio
 
-from .._errors import AuthenticationError, ConnectFailed, ConnectionLost
+from .._errors import AuthenticationError, ConnectFailed, ConnectionLost, ReconnectFailed
+from ..protocol._fields import MAX_CAPABILITIES, MAX_ID_LENGTH
 from ..protocol._frames import Message, PresenceRecord
 from ..protocol._keys import PrivateKey
 from ..protocol._subjects import validate_pattern, validate_subject
@@ -26,7 +27,7 @@ from ._subscriptions import Handler, HandlerT, Subscriptions
 from ._supervisor import Supervisor
 from ._transport import Transports
 
-__all__ = ["Agent", "short_traceback"]
+__all__ = ["Agent", "fresh_copy", "short_traceback"]
 
 log = logging.getLogger("artcafe_trio.agent")
 
@@ -187,23 +188,34 @@ class Agent:
             raise pending.error
         return pending.message_id
 
-    async def request(self, subject: str, data: Any = None) -> Any:
+    async def request(
+        self, subject: str, data: Any = None, *, reply_from: Iterable[str] | None = None
+    ) -> Any:
         """Publish a request and return the ``data`` of the first reply.
 
         Waits until the reply comes: bound it with ``trio.fail_after``. Replies
         are addressed to the requesting session, so if the connection is lost
         before the reply arrives this raises :class:`ConnectionLost`: retry.
+
+        Any agent of the tenant subscribed to ``subject`` sees the request and may
+        answer it first. ``reply_from`` (agent ids) makes the hub accept an answer
+        only from those agents: the reply's ``sender`` is authenticated by the hub.
         """
-        message = await self.request_message(subject, data)
+        message = await self.request_message(subject, data, reply_from=reply_from)
         return message.data
 
-    async def request_message(self, subject: str, data: Any = None) -> Message:
+    async def request_message(
+        self, subject: str, data: Any = None, *, reply_from: Iterable[str] | None = None
+    ) -> Message:
         """Like :meth:`request`, but return the whole reply :class:`Message`."""
         validate_subject(subject)
+        allowed = None if reply_from is None else _agent_ids(reply_from)
         token = secrets.token_hex(8)
         reply = self._outbox.replies[token] = Reply()
         try:
-            pending = await self._enqueue(subject, data, reply_to=None, reply_token=token)
+            pending = await self._enqueue(
+                subject, data, reply_to=None, reply_token=token, reply_from=allowed
+            )
             await self._outbox.wait_sent(pending)
             await reply.event.wait()
             if reply.error is not None:
@@ -286,12 +298,14 @@ class Agent:
             await trio.sleep_forever()
 
     async def _enqueue(
-        self, subject: str, data: Any, *, reply_to: str | None, reply_token: str | None
-    ) -> Pending:
+        self, subject: str, data: Any, *, reply_to: str | None, reply_token: str | None,
+        reply_from: tuple[str, ...] | None = None,
+    ) -> Pending:  # fmt: skip
         session = self._sup.session
         return await self._outbox.enqueue(
             subject, data, reply_to=reply_to, reply_token=reply_token,
             max_frame_bytes=session.welcome.max_frame_bytes if session else None,
+            reply_from=reply_from,
         )  # fmt: skip
 
     def _running(self) -> contextlib.AbstractAsyncContextManager[Agent]:
@@ -301,12 +315,29 @@ class Agent:
 Agent.__module__ = "artcafe_trio"
 
 
+def fresh_copy(exc: BaseException) -> BaseException:
+    """A copy of ``exc`` (same type, args and attributes) without its traceback, to raise
+    from the caller's frame: contextlib, outcome and trio.to_thread would give the same
+    object its old frames back."""
+    copy = type(exc).__new__(type(exc), *exc.args)
+    copy.__dict__.update(exc.__dict__)
+    return copy
+
+
 @asynccontextmanager
 async def short_traceback() -> AsyncIterator[None]:
-    """Errors caused by the user's input (a refused key, a wrong URL) leave ``open_agent``
-    without the agent's internal frames: the message says what to fix."""
+    """Errors caused by the user's input (a refused key, a wrong URL) or by a hub that
+    cannot be reached leave ``open_agent`` without the agent's internal frames: the
+    message says what to fix.
+
+    A :class:`ReconnectFailed` is raised without its chain of causes (the last one's
+    message is in its own; the exception is ``.last_cause``, its cause chain intact):
+    with the hub down, the chain is trio's ExceptionGroup of every address tried.
+    """
     try:
         yield
+    except ReconnectFailed as exc:
+        raise fresh_copy(exc) from None
     except (AuthenticationError, ConnectFailed) as exc:
         if isinstance(exc, ConnectFailed) and not exc.permanent:
             raise
@@ -314,7 +345,19 @@ async def short_traceback() -> AsyncIterator[None]:
         while cause is not None:  # kept for programs, printed as one line each
             cause.__traceback__ = None
             cause = cause.__cause__
-        # A fresh copy: contextlib would give the same object its old traceback back.
-        short = type(exc).__new__(type(exc), *exc.args)
-        short.__dict__.update(exc.__dict__)
-        raise short from exc.__cause__
+        raise fresh_copy(exc) from exc.__cause__
+
+
+def _agent_ids(reply_from: Iterable[str]) -> tuple[str, ...]:
+    """``reply_from`` as the frame carries it, checked here rather than by the hub."""
+    if isinstance(reply_from, str):
+        raise TypeError("reply_from is a collection of agent ids, not one string")
+    ids = tuple(reply_from)
+    if not 0 < len(ids) <= MAX_CAPABILITIES or not all(
+        isinstance(i, str) and 0 < len(i) <= MAX_ID_LENGTH for i in ids
+    ):
+        raise ValueError(
+            f"reply_from must name 1 to {MAX_CAPABILITIES} agent ids of 1 to"
+            f" {MAX_ID_LENGTH} characters"
+        )
+    return ids

@@ -15,6 +15,7 @@ __all__ = ["AgentHealth", "AgentState", "HealthStats", "Link"]
 class AgentState(enum.StrEnum):
     """Where the agent is in its life (a ``str``: ``agent.state == "connected"`` works)."""
 
+    NOT_STARTED = "not_started"  # built, not running yet (before ``run()``)
     CONNECTING = "connecting"
     CONNECTED = "connected"
     RECONNECTING = "reconnecting"
@@ -25,8 +26,8 @@ class AgentState(enum.StrEnum):
 class AgentHealth:
     """A snapshot of the agent's connection health (``agent.health()``).
 
-    ``state`` is one of ``"connecting"``, ``"connected"``, ``"reconnecting"``,
-    ``"closed"`` (the values of :class:`AgentState`).
+    ``state`` is one of ``"not_started"`` (before the agent runs), ``"connecting"``,
+    ``"connected"``, ``"reconnecting"``, ``"closed"`` (the values of :class:`AgentState`).
     """
 
     state: str

@@ -51,6 +51,7 @@ class Lifecycle:
         if self._started:
             raise RuntimeError("an Agent can run only once")
         self._started = True
+        self._sup.set_state(AgentState.CONNECTING)  # from NOT_STARTED
         # The agent's own tasks run under a shielded scope: a cancellation from
         # outside reaches only the user's block, so the agent can still leave
         # gracefully (briefly) before its tasks are cancelled.

@@ -34,8 +34,8 @@ class Pending:
     """A publish accepted by ``publish()`` and not yet acknowledged by the hub."""
 
     __slots__ = (
-        "acked", "data", "error", "id", "message_id", "reply_to", "reply_token", "sent",
-        "subject", "text", "transmitted",
+        "acked", "data", "error", "id", "message_id", "reply_from", "reply_to", "reply_token",
+        "sent", "subject", "text", "transmitted",
     )  # fmt: skip
 
     def __init__(
@@ -46,12 +46,14 @@ class Pending:
         *,
         reply_to: str | None = None,
         reply_token: str | None = None,
+        reply_from: tuple[str, ...] | None = None,
     ) -> None:
         self.id = frame_id
         self.subject = subject
         self.data = data
         self.reply_to = reply_to
         self.reply_token = reply_token
+        self.reply_from = reply_from  # a request's only allowed responders
         self.text: str | None = None  # the encoded frame (not for requests: per session)
         self.transmitted = False  # written to a connection at least once
         self.sent = trio.Event()
@@ -104,17 +106,24 @@ class Outbox:
         reply_to: str | None,
         reply_token: str | None,
         max_frame_bytes: int | None,
+        reply_from: tuple[str, ...] | None = None,
     ) -> Pending:
         if self.closed:
             raise AgentClosed("the agent is stopped; publish refused")
         pending = Pending(
-            self.ids.next(), subject, data, reply_to=reply_to, reply_token=reply_token
-        )
+            self.ids.next(), subject, data, reply_to=reply_to, reply_token=reply_token,
+            reply_from=reply_from,
+        )  # fmt: skip
         # Encode now: a value JSON cannot encode, or a frame the hub would refuse as too
         # large, fails here, in the caller, instead of after it was accepted.
         if reply_token is not None:
             reply_to = f"$reply.{_PLACEHOLDER_SESSION}.{reply_token}"
-        text = encode(Publish(subject=subject, data=data, id=pending.id, reply_to=reply_to))
+        text = encode(
+            Publish(
+                subject=subject, data=data, id=pending.id, reply_to=reply_to,
+                reply_from=reply_from,
+            )
+        )  # fmt: skip
         limit = max_frame_bytes or DEFAULT_MAX_FRAME_BYTES
         if len(text.encode("utf-8")) > limit:
             raise LocalProtocolError("frame_too_large", f"publish frame exceeds {limit} bytes")

@@ -198,7 +198,9 @@ class Session:
                 waiter.answer = event
                 waiter.event.set()
             elif isinstance(event, RequestRefused):
-                log.warning("hub error %s: %s", event.error.code, printable(event.error.message))
+                log.warning(
+                    "hub error %s: %s", printable(event.error.code), printable(event.error.message)
+                )
 
     def _acked(self, event: HeartbeatAcked) -> None:
         self._stats.acked(trio.current_time(), event.rtt, event.rtt_smoothed)
@@ -227,6 +229,7 @@ class Session:
                     frame_id=pending.id,
                     reply_to=pending.reply_to,
                     reply_token=pending.reply_token,
+                    reply_from=pending.reply_from,
                     encoded=pending.text,
                 )
                 await self.send(request.text)

@@ -86,7 +86,7 @@ class Supervisor:
         self.stats = stats
         self.rng = rng
         self.on_reconnect: list[Callable[[], object]] = []
-        self.state = AgentState.CONNECTING
+        self.state = AgentState.NOT_STARTED
         self.session: Session | None = None
         self.closing = False  # the agent closes: no reconnect; tasks park on a closed socket
         self.connected = trio.Event()

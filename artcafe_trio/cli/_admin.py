@@ -102,7 +102,10 @@ async def _admin_session(
                         continue
                     for event in events:
                         if isinstance(event, PresenceAnswered):  # in order: show each
-                            printer.show([_presence_json(r, "hub") for r in event.records])
+                            printer.show(
+                                [_presence_json(r, "hub") for r in event.records],
+                                event.degraded,
+                            )
                             if not printer.watch:
                                 return
                             handshake_scope.deadline = math.inf  # watching: wait forever

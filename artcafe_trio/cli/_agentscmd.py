@@ -64,28 +64,35 @@ def _cmd_agents_add(args: argparse.Namespace) -> int:
 
 
 def _cmd_agents_list(args: argparse.Namespace) -> int:
-    with _open_existing_registry(args.db) as registry:
-        records = registry.list_agents(args.tenant)
+    if args.nats:
+        from ._agentsnats import bucket_list
+
+        rows = bucket_list(args)  # the cluster's shared credentials
+        nobody = f"no agents in bucket {args.nats_bucket!r}"
+    else:
+        with _open_existing_registry(args.db) as registry:
+            rows = [_agent_json(r) for r in registry.list_agents(args.tenant)]
+        nobody = "no agents registered"
     if args.json:
-        print(json.dumps([_agent_json(r) for r in records], indent=2))
+        print(json.dumps(rows, indent=2))
         return EXIT_OK
-    if not records:
-        _note("no agents registered")
+    if not rows:
+        _note(nobody)
         return EXIT_OK
     headers = ("TENANT", "AGENT", "DISABLED", "KEYS", "STATUS", "REASON", "LAST SEEN")
-    rows = [
+    table = [
         (
-            r.tenant_id,
-            r.agent_id,
-            "yes" if r.disabled else "no",
-            ",".join(r.fingerprints) or "-",
-            r.status or "-",
-            r.reason or "-",
-            _iso(r.last_seen, "seconds") or "-",
+            r["tenant_id"],
+            r["agent_id"],
+            "yes" if r["disabled"] else "no",
+            ",".join(r["fingerprints"]) or "-",
+            r["status"] or "-",
+            r["reason"] or "-",
+            r["last_seen"][:19] + "Z" if r["last_seen"] else "-",  # to the second
         )
-        for r in records
+        for r in rows
     ]
-    print(_table(headers, rows))
+    print(_table(headers, table))
     return EXIT_OK
 
 
@@ -130,19 +137,24 @@ def _cmd_agents_set_disabled(args: argparse.Namespace, disabled: bool) -> int:
 
 def _cmd_dashboard_token(args: argparse.Namespace) -> int:
     from artcafe_trio.dashboard import create_token
+    from artcafe_trio.dashboard._tokens import ALL_TENANTS
 
+    tenant: str | None = None if args.all_tenants else args.tenant
+    if tenant == ALL_TENANTS:
+        raise CliError("invalid tenant id '*': use --all-tenants")
+    who = "every tenant" if tenant is None else f"tenant {tenant}"
     with _open_existing_registry(args.db) as registry:
         if args.revoke:
-            removed = registry.remove_dashboard_tokens(args.tenant)
-            _note(f"revoked {removed} dashboard token(s) of tenant {args.tenant}")
+            removed = registry.remove_dashboard_tokens(tenant or ALL_TENANTS)
+            _note(f"revoked {removed} dashboard token(s) of {who}")
             return EXIT_OK
         try:
-            token = create_token(registry, args.tenant)
+            token = create_token(registry, tenant)
         except ValueError as exc:
             raise CliError(str(exc)) from None
     print(token)
     _note(
-        f"read-only dashboard token for tenant {args.tenant} (only its hash is stored in"
+        f"read-only dashboard token for {who} (only its hash is stored in"
         f" {args.db}); open the dashboard with ?token=<it>"
     )
     return EXIT_OK

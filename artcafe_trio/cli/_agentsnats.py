@@ -1,46 +1,47 @@
-"""``agents add|remove|disable|enable --nats URLS``: the credentials in a cluster's bucket
-(for hubs run with ``--nats-shared-credentials``), instead of a SQLite registry."""
+"""``agents add|list|remove|disable|enable --nats URLS``: the credentials in a cluster's
+bucket (for hubs run with ``--nats-shared-credentials``), instead of a SQLite registry."""
 
 from __future__ import annotations
 
 import argparse
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
 from artcafe_trio.cluster import publish_agent, remove_agent
 from artcafe_trio.cluster._credentials import credentials_key, decode_credentials
-from artcafe_trio.cluster._store import open_cluster_store
-from artcafe_trio.nats import KeyValue, KvOp, open_nats
+from artcafe_trio.nats import KeyValue, KvOp
 from artcafe_trio.protocol import PublicKey
 
 from ._common import CliError, _note
+from ._natscli import CLAIMS, CREDENTIALS, BucketView, open_bucket, read_bucket
 
-__all__ = ["bucket_add", "bucket_remove", "bucket_set_disabled"]
-
-NATS_BOUND = 15.0
-"""The most one command may wait for NATS (connect, bind the bucket, write)."""
+__all__ = ["bucket_add", "bucket_list", "bucket_remove", "bucket_set_disabled"]
 
 Credentials = tuple[tuple[PublicKey, ...], bool]
 
 
 def _in_bucket(args: argparse.Namespace, action: Callable[[KeyValue], Awaitable[None]]) -> None:
     """Run ``action`` on the cluster's bucket (created if missing, as the hubs create it)."""
-    servers = [part.strip() for part in args.nats.split(",") if part.strip()]
-    if not servers:
-        raise CliError("--nats needs at least one NATS server URL")
 
     async def run() -> None:
-        with trio.move_on_after(NATS_BOUND) as scope:
-            async with open_nats(servers, name="artcafe-trio agents") as nc:
-                store = await open_cluster_store(
-                    nc, "admin", bucket=args.nats_bucket, replicas=args.nats_replicas
-                )
-                await action(store.kv)
-        if scope.cancelled_caught:
-            raise CliError(f"NATS ({args.nats}) did not answer within {NATS_BOUND:g} s")
+        async with open_bucket(args, "artcafe-trio agents", create=True) as bucket:
+            await action(bucket.kv)
 
     trio.run(run)
+
+
+def bucket_list(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The agents in the bucket's shared credentials (``agents list --json`` rows)."""
+    view = BucketView((CREDENTIALS, CLAIMS))
+
+    async def run() -> None:
+        async with open_bucket(args, "artcafe-trio agents", create=False) as bucket:
+            await read_bucket(bucket.kv, view)
+
+    trio.run(run)
+    return view.agent_rows(args.tenant)
 
 
 async def _read(kv: KeyValue, args: argparse.Namespace) -> Credentials | None:

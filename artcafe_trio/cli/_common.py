@@ -8,6 +8,7 @@ import datetime
 import logging
 import math
 import os
+import re
 import ssl
 import sys
 from collections.abc import Sequence
@@ -162,16 +163,39 @@ def _password_from_env(var: str | None) -> str | None:
 
 
 def _ssl_context(url: str, cafile: str | None) -> ssl.SSLContext | None:
+    """The client TLS context for a ``wss://`` hub (``--cafile``), ``None`` for ``ws://``."""
     if not url.startswith("wss://"):
         return None
-    return ssl.create_default_context(cafile=cafile)
+    return _client_tls_context("--cafile", cafile)
+
+
+def _client_tls_context(flag: str, cafile: str | None) -> ssl.SSLContext:
+    """``ssl.create_default_context(cafile=...)``, a file it cannot use told in one line
+    that names ``flag`` and the file's absolute path (not ``[Errno 2]`` or ``_ssl.c``)."""
+    if cafile is None:
+        return ssl.create_default_context()
+    path = os.path.abspath(os.path.expanduser(cafile))
+    try:
+        return ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        problem = "no such file"
+    except ssl.SSLError as exc:
+        if exc.reason == "NO_CERTIFICATE_OR_CRL_FOUND":
+            problem = "no certificate found (a PEM CA bundle is expected)"
+        else:
+            reason = re.sub(r" \(_ssl\.c:\d+\)$", "", str(exc))
+            problem = f"not a usable PEM CA bundle ({reason})"
+    except OSError as exc:
+        problem = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+    raise CliError(f"{flag} {path}: {problem}")
 
 
 def _open_existing_registry(path: str) -> Registry:
     """Open a registry that must already exist (list/remove/... never create one)."""
     if path != ":memory:" and not os.path.exists(path):
         raise CliError(
-            f"no registry database at {path!r}: create one with 'agents add --create' "
-            "(if a running hub uses this path, its file was deleted: restart that hub)"
+            f"no registry database at {os.path.abspath(path)!r}: create one with"
+            " 'agents add --create' (if a running hub uses this path, its file was deleted:"
+            " restart that hub)"
         )
     return Registry.open(path)

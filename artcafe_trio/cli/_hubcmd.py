@@ -68,6 +68,8 @@ _HUB_FLAGS = {
     "send_queue": "send_queue_size",
     "send_queue_bytes": "send_queue_bytes",
     "output_budget": "output_budget_bytes",
+    "reply_window_bytes": "reply_window_bytes",
+    "write_stall_timeout": "write_stall_timeout",
     "max_unauthenticated": "max_unauthenticated",
     "max_unauthenticated_per_address": "max_unauthenticated_per_address",
     "handshake_timeout": "handshake_timeout",
@@ -156,26 +158,11 @@ def _cluster_config(args: argparse.Namespace) -> Any:
         if getattr(args, "advertise_url", None) is not None:
             raise CliError("--advertise-url needs --nats (it is for a cluster of hubs)")
         return None
-    import ssl
-
     from artcafe_trio.cluster import ClusterConfig
 
-    tls = None
-    if (args.nats_cert is None) != (args.nats_key is None):
-        raise CliError("--nats-cert and --nats-key go together")
-    if args.nats_ca is not None or args.nats_cert is not None:
-        try:
-            tls = ssl.create_default_context(cafile=args.nats_ca)
-        except (OSError, ssl.SSLError) as exc:
-            raise CliError(f"--nats-ca {os.path.abspath(args.nats_ca)}: {exc}") from None
-        if args.nats_cert is not None:
-            try:
-                tls.load_cert_chain(args.nats_cert, args.nats_key)
-            except (OSError, ssl.SSLError) as exc:
-                raise CliError(
-                    f"--nats-cert {os.path.abspath(args.nats_cert)} /"
-                    f" --nats-key {os.path.abspath(args.nats_key)}: {exc}"
-                ) from None
+    from ._natscli import nats_tls
+
+    tls = nats_tls(args)
     advertise = getattr(args, "advertise_url", None)
     if advertise is not None and not advertise.startswith(("ws://", "wss://")):
         raise CliError(f"--advertise-url must be a ws:// or wss:// URL, not {advertise!r}")
@@ -184,6 +171,7 @@ def _cluster_config(args: argparse.Namespace) -> Any:
             servers=args.nats, lease_ttl=args.nats_lease_ttl, replicas=args.nats_replicas,
             bucket=args.nats_bucket, shared_credentials=args.nats_shared_credentials,
             tls=tls, advertise_url=advertise, api_timeout=args.nats_api_timeout,
+            claim_ttl=args.nats_claim_ttl,
         )  # fmt: skip
     except ValueError as exc:
         raise CliError(f"--nats: {exc}") from None
@@ -211,7 +199,7 @@ def _cmd_hub(args: argparse.Namespace) -> int:
     )
     for option, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key)):
         if path is not None and not os.access(path, os.R_OK):
-            raise CliError(f"{option} {path}: no such file or not readable")
+            raise CliError(f"{option} {os.path.abspath(path)}: no such file or not readable")
     import trio
 
     try:
@@ -269,14 +257,21 @@ async def _run_hub(
                 except OSError as exc:
                     raise CliError(f"cannot serve the dashboard on {host}:{port}: {exc}") from None
                 print(f"dashboard at {dashboard_url} (open with ?token=<token>)", flush=True)
+            webhooks: list[Any] = []
             if args.webhooks:
                 from artcafe_trio.dashboard import Webhook
 
                 for webhook_config in args.webhooks:
-                    await nursery.start(Webhook(hub, webhook_config).run)
+                    webhooks.append(Webhook(hub, webhook_config))
+                    await nursery.start(webhooks[-1].run)
                     log.info("alert webhook %s", webhook_config.url)
             if start_metrics is not None:
-                started = start_metrics(hub, args.metrics_port)
+                extra = []
+                if webhooks:
+                    from artcafe_trio.dashboard._alertmetrics import WebhookCollector
+
+                    extra.append(WebhookCollector(webhooks))
+                started = start_metrics(hub, args.metrics_port, extra=extra)
                 if inspect.isawaitable(started):
                     await started
                 log.info("metrics on port %d", args.metrics_port)

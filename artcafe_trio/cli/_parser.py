@@ -34,6 +34,7 @@ from ._common import (
 from ._democmd import _cmd_demo
 from ._hubcmd import _HUB_FLAGS, _cmd_hub, _dashboard_address, _HubDefault
 from ._keycmd import _cmd_keygen
+from ._natsflags import _add_cluster_flags, _add_nats_tls
 from ._status import _cmd_status
 
 __all__ = ["build_parser"]
@@ -88,21 +89,23 @@ def _add_identity(
     parser.add_argument("--agent", required=True, help="agent id")
 
 
-def _add_bucket(parser: argparse.ArgumentParser) -> None:
+def _add_bucket(parser: argparse.ArgumentParser, *, writes: bool = True) -> None:
     """``agents ... --nats``: the cluster's bucket instead of the SQLite registry."""
     parser.add_argument(
         "--nats", default=None, metavar="URLS",
-        help="write the cluster's bucket (hubs run with --nats-shared-credentials) instead"
-        " of --db: NATS server URLs, comma-separated",
+        help=f"{'write' if writes else 'read'} the cluster's bucket (hubs run with"
+        " --nats-shared-credentials) instead of --db: NATS server URLs, comma-separated",
     )  # fmt: skip
     parser.add_argument(
         "--nats-bucket", default="artcafe_cluster", metavar="NAME",
         help="the cluster's key-value bucket (as the hubs' --nats-bucket)",
     )  # fmt: skip
-    parser.add_argument(
-        "--nats-replicas", type=_positive_int, default=3, metavar="N",
-        help="the bucket's replicas if this creates it (as the hubs' --nats-replicas)",
-    )  # fmt: skip
+    if writes:
+        parser.add_argument(
+            "--nats-replicas", type=_positive_int, default=3, metavar="N",
+            help="the bucket's replicas if this creates it (as the hubs' --nats-replicas)",
+        )  # fmt: skip
+    _add_nats_tls(parser)
 
 
 def _add_agent_options(parser: argparse.ArgumentParser) -> None:
@@ -219,6 +222,7 @@ def _add_agents(commands: Any) -> None:
     _add_db(listing, "registry database (SQLite; must exist)")
     listing.add_argument("--tenant", default=None, help="only this tenant (default: all)")
     listing.add_argument("--json", action="store_true", help="print JSON")
+    _add_bucket(listing, writes=False)
     listing.set_defaults(handler=_cmd_agents_list)
 
     remove = _command(
@@ -302,7 +306,22 @@ def _add_hub(commands: Any) -> None:
         "--output-budget",
         _positive_int,
         "N",
-        "bytes of deliveries queued hub-wide; over it the largest backlog is cut off first",
+        "bytes of output (deliveries, answers, writes in flight) held hub-wide; over it"
+        " the connection holding the most is cut off first",
+    )
+    _add_hub_flag(
+        hub,
+        "--reply-window-bytes",
+        _positive_int,
+        "N",
+        "bytes of unsent answers to a connection's own frames before the hub stops reading it",
+    )
+    _add_hub_flag(
+        hub,
+        "--write-stall-timeout",
+        _positive_float,
+        "S",
+        "seconds one write to a connection may take before it is cut off as a slow consumer",
     )
     _add_hub_flag(
         hub, "--max-unauthenticated", _positive_int, "N", "unauthenticated connections in total"
@@ -342,76 +361,7 @@ def _add_hub(commands: Any) -> None:
         "S",
         "seconds after its last refusal an address is forgiven",
     )
-    # cluster mode (docs/cluster.md)
-    hub.add_argument(
-        "--nats",
-        metavar="URLS",
-        help="join a cluster of hubs over these NATS servers (comma-separated"
-        " nats://host:port; default: a hub alone)",
-    )
-    hub.add_argument(
-        "--hub-id",
-        metavar="NAME",
-        help="this hub's id, unique in the cluster and stable across restarts"
-        " (default: a random one; needed with --nats)",
-    )
-    hub.add_argument(
-        "--nats-lease-ttl",
-        type=_positive_float,
-        default=10.0,
-        metavar="S",
-        help="the hub's lease TTL in the cluster, s: a dead hub is noticed within it",
-    )
-    hub.add_argument(
-        "--nats-bucket",
-        default="artcafe_cluster",
-        metavar="NAME",
-        help="the cluster's key-value bucket (the same on every hub of one cluster)",
-    )
-    hub.add_argument(
-        "--nats-ca",
-        metavar="PEM",
-        help="CA bundle to verify tls:// NATS servers (default: system CAs; NATS user,"
-        " password or token go in the URLs: nats://user:pass@host:4222)",
-    )
-    hub.add_argument(
-        "--nats-cert",
-        metavar="PEM",
-        help="this hub's client certificate for NATS servers that require mutual TLS"
-        " (default: none; needs --nats-key)",
-    )
-    hub.add_argument(
-        "--nats-key",
-        metavar="PEM",
-        help="the private key of --nats-cert (default: none)",
-    )
-    hub.add_argument(
-        "--nats-api-timeout",
-        type=_positive_float,
-        default=5.0,
-        metavar="S",
-        help="how long one JetStream call (bucket, claim) may take, s; raise it on a"
-        " slow NATS cluster",
-    )
-    hub.add_argument(
-        "--advertise-url",
-        metavar="URL",
-        help="the ws:// or wss:// URL agents should use to reach this hub, advertised"
-        " to the other hubs' agents for failover (default: the listening URL)",
-    )
-    hub.add_argument(
-        "--nats-shared-credentials",
-        action="store_true",
-        help="authenticate from the agents' keys in the cluster's bucket (the same on"
-        " every hub) instead of --db's",
-    )
-    hub.add_argument(
-        "--nats-replicas",
-        type=_positive_int,
-        default=3,
-        metavar="N",
-        help="replicas of the cluster's key-value bucket (1 on a single NATS node)",
-    )
+    _add_cluster_flags(hub)  # cluster mode (docs/cluster.md)
     hub.add_argument(
         "--metrics-port",
         type=_port,
@@ -470,10 +420,17 @@ def _add_dashboard_token(commands: Any) -> None:
     """``dashboard-token``."""
     token = _command(commands, "dashboard-token", "make a read-only dashboard token for one tenant")
     _add_db(token, "registry database (SQLite; must exist)")
-    token.add_argument("--tenant", required=True, help="the tenant the token may see")
+    scope = token.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--tenant", help="the tenant the token may see")
+    scope.add_argument(
+        "--all-tenants", action="store_true",
+        help="a token that sees every tenant, as the hub's admin token does, but survives"
+        " hub restarts",
+    )  # fmt: skip
     token.add_argument(
-        "--revoke", action="store_true", help="revoke every dashboard token of the tenant instead"
-    )
+        "--revoke", action="store_true",
+        help="revoke every dashboard token of the tenant (or every --all-tenants token) instead",
+    )  # fmt: skip
     token.set_defaults(handler=_cmd_dashboard_token)
 
 
@@ -503,7 +460,8 @@ def _add_status(commands: Any) -> None:
         default=None,
         metavar="URLS",
         help="also list the cluster's hubs and their lease ages from NATS (comma-separated"
-        " nats://host:port; the hubs' --nats); --json then prints {agents, hubs}",
+        " nats://host:port; the hubs' --nats), and with no hub at the admin file the"
+        " cluster's presence from the bucket; --json then prints {agents, hubs}",
     )
     status.add_argument(
         "--nats-bucket",
@@ -511,6 +469,7 @@ def _add_status(commands: Any) -> None:
         metavar="NAME",
         help="the cluster's key-value bucket (as the hubs' --nats-bucket)",
     )
+    _add_nats_tls(status)
     status.set_defaults(handler=_cmd_status)
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from artcafe_trio import PresenceRecord
@@ -134,6 +135,10 @@ def _hubs_table(hubs: Sequence[dict[str, Any]]) -> str:
     )  # fmt: skip
 
 
+#: The line ``status`` adds when the hub says its cluster view is degraded.
+DEGRADED_NOTE = "cluster view degraded (see docs/cluster.md, 'Degraded mode'): "
+
+
 class _StatusPrinter:
     def __init__(self, as_json: bool, watch: bool, stream: IO[str]) -> None:
         self.as_json = as_json
@@ -142,22 +147,35 @@ class _StatusPrinter:
         self.tty = stream.isatty()
         #: The cluster's hubs (``status --nats``), shown with the presence table.
         self.hubs: list[dict[str, Any]] | None = None
+        #: Where :attr:`hubs` comes from at every redraw (``status --nats``: the
+        #: leases as a watch keeps them, their ages as of the redraw).
+        self.hubs_source: Callable[[], list[dict[str, Any]]] | None = None
+        #: What an empty table says.
+        self.nobody = "no agents known to the hub"
 
-    def show(self, rows: Sequence[dict[str, Any]]) -> None:
+    def show(self, rows: Sequence[dict[str, Any]], degraded: Sequence[str] = ()) -> None:
+        """Print the table; ``degraded``: why the hub's cluster view is degraded
+        (``presence_state.degraded``: ``fenced``, ``claims_pending``), if it is."""
+        if self.hubs_source is not None:
+            self.hubs = self.hubs_source()
         if self.as_json:
             # One line per table in watch mode (JSON Lines), pretty otherwise.
             shown: object = list(rows)
             if self.hubs is not None:
-                shown = {"agents": shown, "hubs": self.hubs}
+                shown = {"agents": shown, "hubs": self.hubs, "degraded": list(degraded)}
+            elif degraded:  # the list form stays a list: say it on stderr
+                print(DEGRADED_NOTE + ", ".join(degraded), file=sys.stderr, flush=True)
             text = json.dumps(shown, indent=None if self.watch else 2)
         else:
             now = time.time()
             hubs = True if self.hubs is not None else None
             table = _presence_table(rows, now if self.watch else None, hubs)
-            text = table if rows else "no agents known to the hub"
+            text = table if rows else self.nobody
             if self.hubs is not None:
                 listed = _hubs_table(self.hubs) if self.hubs else "no hub holds a lease"
                 text += "\n\n" + listed
+            if degraded:
+                text += "\n\n" + DEGRADED_NOTE + ", ".join(degraded)
             if self.watch:
                 stamp = _iso(now, "seconds")
                 text = f"presence at {stamp} (Ctrl+C to stop)\n{text}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
-from artcafe_trio import ConnectFailed, ConnectionLost, ReconnectFailed
+from artcafe_trio import ConnectFailed, ConnectionLost, ConnectTimeout, ReconnectFailed
 
 __all__ = ["_close_text", "_connection_problem", "_not_tls"]
 
@@ -47,4 +47,7 @@ def _connection_problem(exc: BaseException, url: str, *, hint: bool = True) -> s
         return f"{text} (gave up after {exc.attempts} attempts over {exc.elapsed:.0f} s)"
     if isinstance(exc, ConnectionLost) and not isinstance(exc, ConnectFailed):
         return str(exc)
-    return describe_failure(exc, url, hint=hint)[0]
+    text = describe_failure(exc, url, hint=hint)[0]
+    if hint and isinstance(exc, ConnectTimeout):
+        text += " (is that port a hub?)"  # TCP connected, but no welcome came
+    return text

@@ -1,5 +1,6 @@
 """``status``: the live presence table from a running hub (admin channel), or the last
-known presence from the database (exit code 3)."""
+known presence from the database (exit code 3); with ``--nats``, the cluster's hubs from
+their leases, and without a reachable hub the cluster's presence from the bucket."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -22,15 +22,14 @@ from ._common import (
     DEFAULT_DB,
     EXIT_HUB_DOWN,
     EXIT_OK,
-    EXIT_USAGE,
-    CliError,
+    WATCH_TICK,
     HubUnreachable,
     _err,
-    _iso,
     _note,
     _ssl_context,
     log,
 )
+from ._natscli import CLAIMS, LEASES, BucketView, follow_bucket, open_bucket, read_bucket
 from ._presence import _registry_presence_json, _StatusPrinter
 
 __all__ = ["_cmd_status", "_read_admin_file"]
@@ -45,46 +44,13 @@ def _read_admin_file(path: str) -> tuple[str, str] | None:
         return None
     except (OSError, ValueError) as exc:
         log.debug("unreadable admin file %s: %s", path, exc)
-        _note(f"warning: ignoring unreadable admin file {path}")
+        _note(f"warning: ignoring unreadable admin file {os.path.abspath(path)}")
         return None
     url, token = (data.get("url"), data.get("token")) if isinstance(data, dict) else (None, None)
     if not isinstance(url, str) or not isinstance(token, str):
-        _note(f"warning: ignoring malformed admin file {path}")
+        _note(f"warning: ignoring malformed admin file {os.path.abspath(path)}")
         return None
     return url, token
-
-
-NATS_BOUND = 15.0
-"""The most ``status --nats`` waits for NATS (connect, bind the bucket, read the leases)."""
-
-
-def _lease_row(entry: KvEntry, now: float) -> dict[str, Any] | None:
-    """One hub lease (a ``KvEntry`` of ``h.<hub>``) as ``status --nats`` shows it;
-    ``None`` for a lease deleted by a graceful stop (that hub has left)."""
-    from artcafe_trio.cluster import HubLease
-    from artcafe_trio.nats import KvOp
-
-    hub_id = entry.key.removeprefix("h.")
-    age = None if entry.time is None else round(max(0.0, now - entry.time), 3)
-    row: dict[str, Any] = {
-        "hub_id": hub_id, "urls": [], "draining": False, "started": None,
-        "lease_age": age, "lease_ttl": entry.ttl, "state": "live",
-    }  # fmt: skip
-    if entry.op is KvOp.EXPIRED:
-        row["state"] = "expired"
-        return row
-    if entry.op is not KvOp.PUT:
-        return None
-    try:
-        lease = HubLease.decode(entry.value)
-    except ValueError as exc:
-        log.debug("unreadable lease %s: %s", entry.key, exc)
-        _note(f"warning: ignoring an unreadable lease for hub {hub_id!r}")
-        return None
-    row.update(urls=list(lease.urls), draining=lease.draining, started=_iso(lease.started))
-    if age is not None and entry.ttl is not None and age > entry.ttl:
-        row["state"] = "past_ttl"  # the server has not removed it yet: dead or frozen
-    return row
 
 
 async def _read_cluster_hubs(servers: Sequence[str], bucket: str) -> list[dict[str, Any]]:
@@ -93,35 +59,80 @@ async def _read_cluster_hubs(servers: Sequence[str], bucket: str) -> list[dict[s
     this machine's clock)."""
     from artcafe_trio.nats import open_nats
 
+    view = BucketView((LEASES,))
     async with open_nats(list(servers), name="artcafe-trio status") as nc:
-        kv = await nc.key_value(bucket, create=False)
-        entries = [await kv.entry(key) for key in await kv.keys("h.*")]
-    now = time.time()
-    rows = [_lease_row(e, now) for e in entries if e is not None]
-    return [row for row in rows if row is not None]
+        await read_bucket(await nc.key_value(bucket, create=False), view)
+    return view.hub_rows()
 
 
-def _cluster_hubs(servers_text: str, bucket: str) -> list[dict[str, Any]]:
-    """:func:`_read_cluster_hubs` for the command line (bounded, errors as ``CliError``)."""
+class _Changed:
+    """Set when a claim changes (``status --nats --watch`` from the bucket redraws)."""
+
+    def __init__(self) -> None:
+        import trio
+
+        self.event = trio.Event()
+
+    def on_entry(self, entry: KvEntry) -> None:
+        if entry.key.startswith(CLAIMS):
+            self.event.set()
+
+    async def wait(self) -> None:
+        """Until a claim changes, or :data:`WATCH_TICK` (ages and lease ages tick)."""
+        import trio
+
+        with trio.move_on_after(WATCH_TICK):
+            await self.event.wait()
+        self.event = trio.Event()
+
+
+def _status_cluster(
+    args: argparse.Namespace, printer: _StatusPrinter, admin: tuple[str, str] | None, why: str
+) -> int:
+    """``status --nats``: the hubs from their leases, refreshed at every redraw, with
+    the presence table of the hub in the admin file, or — no hub there — the cluster's
+    presence from the bucket's claims (exit 3 if no hub holds a live lease)."""
     import trio
 
-    from artcafe_trio.nats import BucketNotFoundError, NatsError
+    from .._util import collapse_exception_groups
 
-    servers = [part.strip() for part in servers_text.split(",") if part.strip()]
-    if not servers:
-        raise CliError("--nats needs at least one NATS server URL", EXIT_USAGE)
+    view = BucketView((LEASES, CLAIMS))
+    printer.hubs_source = view.hub_rows
+    changed = _Changed()
 
-    async def run() -> list[dict[str, Any]]:
-        with trio.move_on_after(NATS_BOUND):
+    async def show() -> int:
+        nonlocal why
+        if admin is not None:
+            url, token = admin
             try:
-                return await _read_cluster_hubs(servers, bucket)
-            except BucketNotFoundError:
-                raise CliError(
-                    f"no cluster bucket {bucket!r} on {servers_text} (no hub ran with --nats)"
-                ) from None
-            except NatsError as exc:
-                raise CliError(f"NATS ({servers_text}): {exc}") from None
-        raise CliError(f"NATS ({servers_text}) did not answer within {NATS_BOUND:g} s")
+                await _admin_session(url, token, _ssl_context(url, args.cafile), printer)
+                return EXIT_OK
+            except HubUnreachable as exc:
+                why = str(exc)
+        _note(f"presence from the cluster's claims in bucket {args.nats_bucket!r} ({why})")
+        printer.nobody = "no agents known to the cluster"
+        while True:
+            printer.show(view.presence_rows())
+            if not printer.watch:
+                break
+            await changed.wait()
+        if view.live_hubs():
+            return EXIT_OK
+        _note("no hub holds a live lease: the claims are as the hubs left them")
+        return EXIT_HUB_DOWN
+
+    async def run() -> int:
+        async with open_bucket(args, "artcafe-trio status", create=False) as bucket:
+            with collapse_exception_groups():
+                async with trio.open_nursery() as nursery:
+                    if printer.watch:
+                        await nursery.start(follow_bucket, bucket.kv, view, changed.on_entry)
+                    else:
+                        await read_bucket(bucket.kv, view)
+                    bucket.answered()
+                    code = await show()
+                    nursery.cancel_scope.cancel()
+        return code
 
     return trio.run(run)
 
@@ -137,12 +148,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
         assert db is not None
         admin_file = db + ADMIN_SUFFIX
     printer = _StatusPrinter(args.json, args.watch, sys.stdout)
-    if args.nats is not None:
-        if args.watch:
-            raise CliError("status --nats does not --watch (yet): run it again", EXIT_USAGE)
-        printer.hubs = _cluster_hubs(args.nats, args.nats_bucket)
     admin = _read_admin_file(admin_file)
-    why = f"no admin file {admin_file}"
+    why = f"no admin file {os.path.abspath(admin_file)}"
+    if args.nats is not None:
+        try:
+            return _status_cluster(args, printer, admin, why)
+        except KeyboardInterrupt:
+            if not args.watch:
+                raise
+            return EXIT_OK  # Ctrl+C is how --watch ends
     if admin is not None:
         url, token = admin
         try:
@@ -159,7 +173,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         _err(f"hub not running ({why}); give --db to show the last known presence")
         return EXIT_HUB_DOWN
     if not os.path.exists(db):
-        _err(f"hub not running ({why}) and no registry database at {db!r}")
+        _err(f"hub not running ({why}) and no registry database at {os.path.abspath(db)!r}")
         return EXIT_HUB_DOWN
     with Registry.open(db) as registry:
         records = registry.list_agents()

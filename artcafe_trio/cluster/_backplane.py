@@ -17,11 +17,15 @@ the pieces of this package:
   claim: another hub's change is ``peer.presence_observed`` (so each hub shows each
   transition once to its own subscribers) and a claim of ours that another hub took
   is ``peer.session_claimed`` (ours closed as replaced, no presence change).
-- **hubs**: the hub's lease is held (a fenced hub logs it and keeps serving; if a
-  reaper marks its agents ``hub_lost`` the claim watch closes their sessions so
-  they move); every lease is watched and a lost hub's agents are reaped after the
-  disconnect grace by one hub. A graceful stop writes the queued releases and
-  deletes the lease in a shielded ``finally``.
+  Claims carry a long TTL (``claim_ttl``), the online ones this hub keeps are
+  rewritten before it runs out, and an online claim that expires (its hub is gone
+  and nobody reaped it) is reported offline ``hub_lost`` by every hub.
+- **hubs**: the hub's lease is held (a fenced hub logs it, reports its view as
+  degraded (:meth:`~NatsBackplane.degraded`: the hub's status answer and metrics)
+  and keeps serving; if a reaper marks its agents ``hub_lost`` the claim watch
+  closes their sessions so they move); every lease is watched and a lost hub's
+  agents are reaped after the disconnect grace by one hub. A graceful stop writes
+  the queued releases and deletes the lease in a shielded ``finally``.
 - **draining** (:meth:`~NatsBackplane.begin_drain`, :mod:`._drain`): a graceful
   stop leaves the agents it closes online for another live hub to take over or
   reap, unless this hub is the last one out.
@@ -45,11 +49,15 @@ from ._drain import Drain
 from ._reaper import run_reaper
 from ._records import HubLease, PresenceClaim
 from ._routes import RecentIds, RouteEnvelope, nats_subject, split_nats_subject
-from ._store import ClusterContention, ClusterStore, open_cluster_store
+from ._store import ClusterStore, open_cluster_store
 
-__all__ = ["NatsBackplane"]
+__all__ = ["DEGRADED_CLAIMS_PENDING", "DEGRADED_FENCED", "NatsBackplane"]
 
 log = logging.getLogger("artcafe_trio.cluster")
+
+#: Why a hub's cluster view is degraded (:meth:`NatsBackplane.degraded`).
+DEGRADED_FENCED = "fenced"
+DEGRADED_CLAIMS_PENDING = "claims_pending"
 
 INTEREST_RETRY = 0.5  # seconds between attempts to apply interest while NATS is away
 
@@ -85,7 +93,8 @@ class NatsBackplane:
         self._interest_wake = _Wakeup()
         self._interest_busy = False
         self._subs: dict[str, Subscription] = {}
-        self._presence = ClaimKeeper(config, hub_id)
+        #: This hub's presence claims (counters: ``refreshes``, ``expired``).
+        self.claims = ClaimKeeper(config, hub_id, wall_clock=wall_clock)
         self._nursery: trio.Nursery | None = None
         #: True while the lease could not be refreshed for a TTL (see ``hold_lease``).
         self.fenced = False
@@ -97,7 +106,7 @@ class NatsBackplane:
         self._own_urls: tuple[str, ...] = (advertised.rstrip("/"),) if advertised else ()
         #: hub id -> the agent URLs in its live lease (not this hub's, not draining ones).
         self._hub_urls: dict[str, tuple[str, ...]] = {}
-        self._drainer = Drain(self._presence, grace=grace, lease_ttl=config.lease_ttl)
+        self._drainer = Drain(self.claims, grace=grace, lease_ttl=config.lease_ttl)
 
     # --- Backplane -------------------------------------------------------------------
 
@@ -137,7 +146,8 @@ class NatsBackplane:
                 self._nc = nc
                 store = self._store = await open_cluster_store(
                     nc, self.hub_id, bucket=cfg.bucket, replicas=cfg.replicas,
-                    api_timeout=cfg.api_timeout, wall_clock=self._wall_clock,
+                    api_timeout=cfg.api_timeout, claim_ttl=cfg.claim_ttl,
+                    wall_clock=self._wall_clock,
                 )  # fmt: skip
                 leased = False
                 try:
@@ -145,19 +155,20 @@ class NatsBackplane:
                         async with trio.open_nursery() as nursery:
                             self._nursery = nursery
                             assert self._peer is not None
-                            self._presence.bind(self._peer, store, nursery)
+                            self.claims.bind(self._peer, store, nursery)
                             await self._drainer.after_previous_run(store, nursery)
                             await nursery.start(self._hold_lease, store)
                             leased = True
-                            await nursery.start(self._presence.watch, store)
+                            await nursery.start(self.claims.watch, store)
                             await nursery.start(self._reap, store)
                             await nursery.start(self._watch_hubs, store)
                             if cfg.shared_credentials:
-                                await self._share_credentials(store, nursery)
+                                await _share_credentials(self._peer, store, nursery)
                             replies = await nc.subscribe(REPLY_SUBJECT)
                             nursery.start_soon(self._drain, replies)
                             nursery.start_soon(self._apply_interest, nc, nursery)
-                            nursery.start_soon(self._presence.write_releases, store)
+                            nursery.start_soon(self.claims.write_releases, store)
+                            nursery.start_soon(self.claims.refresh_claims, store)
                             await nc.flush()
                             log.info("hub %s joined the cluster at %s", self.hub_id,
                                      nc.connected_server)  # fmt: skip
@@ -166,10 +177,23 @@ class NatsBackplane:
                 finally:
                     if leased:
                         with trio.CancelScope(shield=True), trio.move_on_after(cfg.stop_timeout):
-                            await self._hand_over(store)
+                            await self._drainer.hand_over(store, list(self._hub_urls))
 
     async def claim_session(self, claim: SessionClaim) -> None:
-        await self._presence.claim_session(claim)
+        await self.claims.claim_session(claim)
+
+    def degraded(self) -> tuple[str, ...]:
+        """Why this hub's view of the cluster is degraded, empty when it is not:
+        ``fenced`` while its lease could not be refreshed for a lease TTL (other hubs
+        may reap its agents; what it shows of the others may be stale), and
+        ``claims_pending`` while a session's claim is being retried (the other hubs
+        do not see that agent on this hub yet). The hub keeps serving either way."""
+        reasons: list[str] = []
+        if self.fenced:
+            reasons.append(DEGRADED_FENCED)
+        if self.claims.claims_pending:
+            reasons.append(DEGRADED_CLAIMS_PENDING)
+        return tuple(reasons)
 
     def connect_urls(self) -> tuple[str, ...]:
         urls: list[str] = []
@@ -314,18 +338,6 @@ class NatsBackplane:
             )  # fmt: skip
             self._peer.route_arrived(route)
 
-    async def _share_credentials(self, store: ClusterStore, nursery: trio.Nursery) -> None:
-        """Mirror the bucket's credentials and have the hub authenticate from them."""
-        mirror = CredentialsMirror(store.kv)
-        await nursery.start(mirror.run)
-
-        async def load() -> tuple[object, dict[tuple[str, str], tuple[PublicKey, ...]]]:
-            await trio.lowlevel.checkpoint()
-            return mirror.revision, mirror.credentials()
-
-        assert self._peer is not None
-        self._peer.use_credentials(load)
-
     async def _watch_hubs(
         self, store: ClusterStore, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
@@ -350,10 +362,16 @@ class NatsBackplane:
 
         await run_reaper(store, grace=self.grace, on_reaped=reaped, task_status=task_status)
 
-    async def _hand_over(self, store: ClusterStore) -> None:
-        """A graceful stop: the releases (:meth:`.Drain.hand_over`), the lease deleted."""
-        try:
-            await self._drainer.hand_over(store, list(self._hub_urls))
-            await store.drop_lease()
-        except (NatsError, OSError, ClusterContention) as exc:
-            log.error("hub %s: handover incomplete (%r); the lease will expire", self.hub_id, exc)
+
+async def _share_credentials(
+    peer: BackplanePeer, store: ClusterStore, nursery: trio.Nursery
+) -> None:
+    """Mirror the bucket's credentials and have the hub authenticate from them."""
+    mirror = CredentialsMirror(store.kv)
+    await nursery.start(mirror.run)
+
+    async def load() -> tuple[object, dict[tuple[str, str], tuple[PublicKey, ...]]]:
+        await trio.lowlevel.checkpoint()
+        return mirror.revision, mirror.credentials()
+
+    peer.use_credentials(load)

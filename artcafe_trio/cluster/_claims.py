@@ -2,22 +2,34 @@
 
 :class:`ClaimKeeper` keeps the claim of each agent this hub owns (the epoch a release
 writes at), queues releases (one per agent, in order) and writes them from a task,
-retries a claim a NATS outage delayed, and turns every other hub's claim change into
-``peer.presence_observed`` — and a claim of ours taken over into
-``peer.session_claimed``.
+retries a claim a NATS outage delayed, rewrites the online claims it keeps before
+their TTL runs out (paced by a :class:`~._refresh.RefreshSchedule`), and turns every
+other hub's claim change into ``peer.presence_observed`` — a claim of ours taken
+over into ``peer.session_claimed``, and an online claim that expired (nobody
+refreshed it: its hub is gone) into an offline ``hub_lost``.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import math
+import time
+from collections.abc import Callable
 
 import trio
 
 from ..hub._backplane import BackplanePeer, PresenceUpdate, SessionClaim
 from ..nats import KvOp, NatsError
 from ._config import ClusterConfig
-from ._records import HUB_LOST, PRESENCE_PREFIX, PresenceClaim, parse_presence_key
+from ._records import (
+    HUB_LOST,
+    PRESENCE_PREFIX,
+    PresenceClaim,
+    expired_claim,
+    parse_presence_key,
+)
+from ._refresh import RefreshSchedule, retry_delay
 from ._store import ClusterContention, ClusterStore
 
 __all__ = ["ClaimKeeper"]
@@ -50,9 +62,12 @@ class ClaimKeeper:
     """The presence half of :class:`~artcafe_trio.cluster.NatsBackplane`; bound to
     the hub, the store and the backplane's nursery by :meth:`bind` once running."""
 
-    def __init__(self, config: ClusterConfig, hub_id: str) -> None:
+    def __init__(
+        self, config: ClusterConfig, hub_id: str, *, wall_clock: Callable[[], float] = time.time
+    ) -> None:
         self.config = config
         self.hub_id = hub_id
+        self._wall_clock = wall_clock
         self._peer: BackplanePeer | None = None
         self._store: ClusterStore | None = None
         self._nursery: trio.Nursery | None = None
@@ -73,6 +88,17 @@ class ClaimKeeper:
         #: ``hub_lost`` (it crashed); set to a dict (that run drained) they are kept
         #: here instead, for :meth:`release_leftovers` after the grace.
         self.leftovers: dict[_Key, PresenceClaim] | None = None
+        #: When each kept claim is rewritten (its TTL restarted).
+        self._refresh: RefreshSchedule[_Key] = RefreshSchedule(config.claim_ttl)
+        self._refresh_wake = _Wakeup()
+        self.refreshes = 0  # claims rewritten to restart their TTL
+        self.refresh_failures = 0  # refreshes that failed (tried again)
+        self.expired = 0  # online claims seen expiring (reported offline hub_lost)
+
+    @property
+    def claims_pending(self) -> bool:
+        """Whether a local session's claim is being retried (not in the bucket yet)."""
+        return bool(self._pending_claims)
 
     def bind(self, peer: BackplanePeer, store: ClusterStore, nursery: trio.Nursery) -> None:
         self._peer, self._store, self._nursery = peer, store, nursery
@@ -123,6 +149,13 @@ class ClaimKeeper:
         kept = self._claims.get(key)
         if kept is None or written.epoch > kept.epoch:
             self._claims[key] = written
+            self._refresh.written(key, trio.current_time())
+            self._refresh_wake.set()
+
+    def _drop(self, key: _Key) -> PresenceClaim | None:
+        """Stop keeping (and refreshing) the agent's claim; the claim kept, if any."""
+        self._refresh.forget(key)
+        return self._claims.pop(key, None)
 
     async def _retry_claim(self, store: ClusterStore, claim: SessionClaim) -> None:
         """Claim again (backing off) while the session lives. A claim that lands after
@@ -164,7 +197,7 @@ class ClaimKeeper:
         key = (update.tenant_id, update.agent_id)
         if key in self._pending_claims:
             self._offline_while_pending[key] = update.reason
-        claim = self._claims.pop(key, None)
+        claim = self._drop(key)
         if claim is None:
             return  # never claimed here, or taken over by another hub
         self._releases[key] = (claim, update.reason)
@@ -175,8 +208,9 @@ class ClaimKeeper:
         self, store: ClusterStore, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Every claim as it changes: another hub's is observed; one of ours taken
-        over (or reaped) closes our session. At start, claims this hub id left online
-        (a previous run killed) are released as ``hub_lost``."""
+        over (or reaped) closes our session; an online claim that expired is an
+        offline ``hub_lost``. At start, claims this hub id left online (a previous run
+        killed) are released as ``hub_lost``."""
         started = False
         async with store.kv.watch(PRESENCE_PREFIX + ">") as watcher:
             if watcher.caught_up:
@@ -191,6 +225,9 @@ class ClaimKeeper:
                         claim = None
                     if claim is not None:
                         self._claim_changed(ids, claim, initial=not started)
+                elif ids is not None and entry.op is KvOp.EXPIRED:
+                    moment = self._wall_clock() if entry.time is None else entry.time
+                    self._claim_expired(ids, moment, initial=not started)
                 if not started and watcher.caught_up:
                     started = True
                     task_status.started()
@@ -210,7 +247,7 @@ class ClaimKeeper:
             return  # our own write
         kept = self._claims.get(key)
         if kept is not None and claim.epoch >= kept.epoch:
-            del self._claims[key]  # taken over (or reaped: our lease lapsed)
+            self._drop(key)  # taken over (or reaped: our lease lapsed; or expired)
             peer.session_claimed(
                 SessionClaim(claim.tenant_id, claim.agent_id, claim.session_id or "", claim.hub)
             )
@@ -218,7 +255,7 @@ class ClaimKeeper:
             tenant_id=claim.tenant_id, agent_id=claim.agent_id, status=claim.status,
             reason=claim.reason, time=claim.since, session_id=claim.session_id,
             hub_id=claim.hub, capabilities=claim.capabilities, metadata=claim.metadata,
-            local=False,
+            local=False, reaped_by=claim.reaper,
         )  # fmt: skip
         peer.presence_observed(update)
 
@@ -231,6 +268,53 @@ class ClaimKeeper:
                 self._releases[key] = (claim, reason)
         self.leftovers = None
         self._release_wake.set()
+
+    def _claim_expired(self, key: _Key, moment: float, *, initial: bool) -> None:
+        """The agent's claim expired at ``moment``: nobody refreshed it. Online, it
+        was owned by a hub that is gone (or, ours, not refreshed for half a TTL):
+        reported as the reaper would have, offline ``hub_lost`` — each hub reports it
+        to its own subscribers, once (a session of ours on it is closed, to claim
+        again). The claim is forgotten either way."""
+        latest = self._latest.pop(key, None)
+        gone = None if latest is None else expired_claim(latest, now=moment)
+        if gone is None:
+            return  # an offline claim's expiry: nothing changes
+        self.expired += 1
+        log.info("the claim of %s/%s (hub %s) expired: offline %s", *key, gone.hub, HUB_LOST)
+        self._claim_changed(key, gone, initial=initial)
+        self._latest.pop(key, None)  # the bucket holds no claim of it now
+
+    async def refresh_claims(self, store: ClusterStore) -> None:
+        """Rewrite each kept claim when its schedule says (one at a time: about two
+        writes per claim per TTL), until cancelled. A refresh that fails is tried
+        again after :func:`~._refresh.retry_delay`, and nothing else is tried
+        meanwhile; one that finds the claim no longer ours writes nothing (the watch
+        reports what happened)."""
+        schedule = self._refresh
+        while True:
+            due = schedule.next_due()
+            with trio.move_on_at(math.inf if due is None else due):
+                await self._refresh_wake.wait()
+            while (key := schedule.pop_due(trio.current_time())) is not None:
+                kept = self._claims.get(key)
+                if kept is None:
+                    continue
+                started = trio.current_time()  # the new TTL starts after this
+                try:
+                    refreshed = await store.refresh(kept)
+                except (NatsError, OSError, ClusterContention) as exc:
+                    # NATS is away: the other due claims would fail too. One attempt
+                    # per retry delay (not one per claim); the backlog goes once back.
+                    self.refresh_failures += 1
+                    log.warning("refresh of the claim of %s/%s failed (%r)", *key, exc)
+                    if self._claims.get(key) is kept and key not in schedule:
+                        schedule.failed(key, trio.current_time())
+                    await trio.sleep(retry_delay(schedule.ttl))
+                    break
+                if refreshed:
+                    self.refreshes += 1
+                    if self._claims.get(key) is kept and key not in schedule:
+                        schedule.written(key, started)
 
     async def write_releases(self, store: ClusterStore) -> None:
         while True:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
 import ssl
 
 import attrs
 
-__all__ = ["ClusterConfig"]
+__all__ = ["MIN_CLAIM_TTL", "ClusterConfig"]
+
+#: The shortest claim TTL: NATS counts message TTLs in whole seconds, and a claim is
+#: refreshed at 0.4-0.5 of its TTL.
+MIN_CLAIM_TTL = 2.0
 
 
 def _servers(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -43,6 +48,11 @@ class ClusterConfig:
         servers: NATS URLs (a list, or one comma-separated string).
         lease_ttl: the hub lease's TTL, s: a dead hub is noticed within about this
             (refreshed every third of it).
+        claim_ttl: the TTL of every presence claim, s (longer than ``lease_ttl``): a
+            backstop, so that no online claim outlives every hub that could clean it
+            (a claim's hub rewrites it every 0.4-0.5 of this while the agent is
+            online; one nobody rewrites expires, and every hub reports the agent
+            offline ``hub_lost``). An offline claim expires after it too.
         bucket: the JetStream key-value bucket shared by the hubs.
         replicas: the bucket's replicas (3 on a 3-node NATS cluster; 1 on one node).
         flush_timeout: how long a publish waits for NATS to have it before it is
@@ -67,6 +77,7 @@ class ClusterConfig:
 
     servers: tuple[str, ...] = attrs.field(converter=_servers)
     lease_ttl: float = attrs.field(default=10.0, validator=_positive)
+    claim_ttl: float = attrs.field(default=3600.0)
     bucket: str = "artcafe_cluster"
     replicas: int = 3
     flush_timeout: float = attrs.field(default=2.0, validator=_positive)
@@ -81,3 +92,11 @@ class ClusterConfig:
     password: str | None = attrs.field(default=None, repr=False)
     token: str | None = attrs.field(default=None, repr=False)
     tls: ssl.SSLContext | None = None
+
+    @claim_ttl.validator
+    def _claim_ttl(self, attribute: attrs.Attribute[float], value: float) -> None:
+        if not (value >= MIN_CLAIM_TTL and value > self.lease_ttl) or math.isinf(value):
+            raise ValueError(
+                f"claim_ttl must be finite, >= {MIN_CLAIM_TTL:g} s and longer than "
+                f"lease_ttl ({self.lease_ttl:g} s), not {value!r}"
+            )

@@ -18,6 +18,7 @@ import logging
 import attrs
 import trio
 
+from .._errors import KeyLoadError
 from ..nats import KeyValue, KvEntry, KvOp
 from ..protocol._keys import PublicKey, parse_public_key
 from ..registry._registry import validate_id
@@ -61,7 +62,10 @@ def decode_credentials(data: bytes) -> tuple[tuple[PublicKey, ...], bool]:
     for text in obj["keys"]:
         if not isinstance(text, str):
             raise ValueError("every key is an OpenSSH public key string")
-        keys.append(parse_public_key(text))
+        try:
+            keys.append(parse_public_key(text))
+        except KeyLoadError as exc:  # not a ValueError: the mirror must see it as one
+            raise ValueError(str(exc)) from None
     return tuple(keys), obj.get("disabled") is True
 
 

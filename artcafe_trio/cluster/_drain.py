@@ -29,11 +29,11 @@ import attrs
 import trio
 
 from ..hub._backplane import PresenceUpdate
-from ..nats import KvEntry, KvOp, WrongLastRevisionError
+from ..nats import KvEntry, KvOp, NatsError, WrongLastRevisionError
 from ._claims import ClaimKeeper
 from ._reaper import DISCONNECTED
 from ._records import HUB_LOST, HubLease, lease_key
-from ._store import ClusterStore
+from ._store import ClusterContention, ClusterStore
 
 __all__ = ["Drain", "holds_online", "lease_state", "release_leftovers_after"]
 
@@ -95,9 +95,18 @@ class Drain:
             nursery.start_soon(release_leftovers_after, self.presence, self.grace)
 
     async def hand_over(self, store: ClusterStore, live_hubs: Iterable[str]) -> None:
-        """The handover's releases: the queued ones, and, when this hub is the last
-        one out (none of ``live_hubs``, the hubs the lease watch last saw live, is
-        live now), the held-back ones and what the other hubs left online."""
+        """A stop's handover (graceful or not): the queued releases, and, when this
+        hub is the last one out (none of ``live_hubs``, the hubs the lease watch last
+        saw live, is live now), the held-back ones and what the other hubs left
+        online; then the lease deleted (the other hubs reap what is left after the
+        grace). A NATS error leaves the rest to the lease's expiry."""
+        try:
+            await self._hand_over(store, live_hubs)
+            await store.drop_lease()
+        except (NatsError, OSError, ClusterContention) as exc:
+            log.error("hub %s: handover incomplete (%r); the lease will expire", self.hub_id, exc)
+
+    async def _hand_over(self, store: ClusterStore, live_hubs: Iterable[str]) -> None:
         held, self.held = self.held, []
         alone = True
         if self.draining:

@@ -12,6 +12,14 @@ per-message TTL and refreshed by its hub. When the TTL removes it, one surviving
 hub wins ``r.<hub>.<lease revision>`` (create-if-absent) and reaps: every agent the
 lost hub still owns online goes offline with reason ``hub_lost``.
 
+Every claim is written with a long per-message TTL (``ClusterConfig.claim_ttl``), a
+backstop: its owner rewrites an online claim well before it expires
+(:class:`~._refresh.RefreshSchedule`), so only a claim no live hub owns expires, and
+every hub that sees its expiry marker reports the agent offline (``hub_lost``,
+:func:`expired_claim`). A key's epochs never go back, even across an expiry: a
+claim of a key with no claim starts above a revision at least as new as the key's
+last (see :func:`next_claim`).
+
 Nothing here imports trio or talks to NATS; :mod:`._store` does.
 """
 
@@ -31,8 +39,10 @@ __all__ = [
     "lease_key",
     "next_claim",
     "parse_presence_key",
+    "expired_claim",
     "presence_key",
     "reap_claim",
+    "refresh_claim",
     "reaper_key",
     "release_claim",
 ]
@@ -91,10 +101,14 @@ class PresenceClaim:
     #: What the agent declared at its last authentication (shown by every hub).
     capabilities: tuple[str, ...] = ()
     metadata: dict[str, Any] = attrs.field(factory=dict)
+    #: The hub that reaped it (``hub_lost``): the one that reports the transition.
+    reaper: str | None = None
 
     def encode(self) -> bytes:
         obj = attrs.asdict(self)
         obj["capabilities"] = list(self.capabilities)
+        if obj["reaper"] is None:
+            del obj["reaper"]
         return json.dumps(obj, separators=(",", ":")).encode()
 
     @classmethod
@@ -119,6 +133,9 @@ class PresenceClaim:
         status = _as_str(obj, "status")
         if status not in ("online", "offline"):
             raise ValueError(f"unknown status {status!r}")
+        reaper = obj.get("reaper")
+        if reaper is not None and not isinstance(reaper, str):
+            raise ValueError("reaper must be a string or null")
         return cls(
             tenant_id=_as_str(obj, "tenant_id"),
             agent_id=_as_str(obj, "agent_id"),
@@ -130,6 +147,7 @@ class PresenceClaim:
             session_id=session,
             capabilities=tuple(capabilities),
             metadata=metadata,
+            reaper=reaper,
         )
 
 
@@ -173,11 +191,20 @@ def next_claim(
     now: float,
     capabilities: tuple[str, ...] = (),
     metadata: dict[str, Any] | None = None,
+    above: int = 0,
 ) -> PresenceClaim:
     """The claim a hub writes when ``session_id`` of the agent authenticates on it:
     online, owned by ``hub``, at the next epoch. ``since`` keeps the moment the agent
-    came online when it already was (a take-over is not a new arrival)."""
-    epoch = 1 if current is None else current.epoch + 1
+    came online when it already was (a take-over is not a new arrival).
+
+    ``above``, when the key holds no claim, is a revision at least as new as
+    anything the key had (its expiry marker's, or the bucket's last revision when
+    even the marker is gone): the epoch is then above it. Every epoch ever written to
+    a key is at most the revision it was written at (each claim's epoch is one more
+    than the last, or above such a revision, and each write takes a new revision),
+    so an epoch above that revision is above every epoch the key had: a key's
+    epochs never go back, even across expiry."""
+    epoch = max(1 if current is None else current.epoch + 1, above + 1)
     already_online = current is not None and current.status == "online"
     return PresenceClaim(
         tenant_id=tenant_id,
@@ -206,11 +233,37 @@ def release_claim(
 
 
 def reap_claim(
-    current: PresenceClaim, *, lost_hub: str, now: float, reason: str = HUB_LOST
+    current: PresenceClaim,
+    *,
+    lost_hub: str,
+    now: float,
+    reaper: str | None = None,
+    reason: str = HUB_LOST,
 ) -> PresenceClaim | None:
     """The claim a reaper writes for an agent the lost hub still owns online, else
     ``None``. The epoch is unchanged: a hub that claims the agent meanwhile wins.
+    ``reaper`` (the reaping hub) is the one hub that reports the transition;
     ``reason``: ``hub_lost`` for an expired lease, ``disconnected`` for a drained hub."""
     if current.hub != lost_hub or current.status != "online":
         return None
-    return attrs.evolve(current, status="offline", reason=reason, since=now, session_id=None)
+    return attrs.evolve(
+        current, status="offline", reason=reason, since=now, session_id=None, reaper=reaper
+    )
+
+
+def refresh_claim(current: PresenceClaim | None, *, hub: str, epoch: int) -> PresenceClaim | None:
+    """The claim an owner rewrites to restart its TTL: ``current`` unchanged while
+    ``hub`` owns it online at ``epoch``; else ``None`` (taken over, reaped, released:
+    nothing to refresh)."""
+    if current is None or current.hub != hub or current.epoch != epoch:
+        return None
+    return current if current.status == "online" else None
+
+
+def expired_claim(latest: PresenceClaim, *, now: float) -> PresenceClaim | None:
+    """What a hub reports when the last claim it saw of an agent expired: offline,
+    ``hub_lost``, when that claim was online (no live hub refreshed it: its owner is
+    gone); ``None`` for an offline claim (nothing changes)."""
+    if latest.status != "online":
+        return None
+    return attrs.evolve(latest, status="offline", reason=HUB_LOST, since=now, session_id=None)

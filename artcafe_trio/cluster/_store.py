@@ -3,8 +3,9 @@
 Every write is a compare-and-set on the key's last revision
 (:meth:`~artcafe_trio.nats.KeyValue.update`), retried from a fresh read when another
 hub wrote in between; the rules of what to write are the pure functions of
-:mod:`._records`. Writes are O(agents' transitions) and O(hubs) for leases, never
-one per heartbeat.
+:mod:`._records`. Every claim is written with the store's ``claim_ttl`` (a backstop:
+see :mod:`._records`). Writes are O(agents' transitions), O(agents / claim TTL)
+for the refreshes of online claims and O(hubs) for leases, never one per heartbeat.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from ._records import (
     presence_key,
     reap_claim,
     reaper_key,
+    refresh_claim,
     release_claim,
 )
 
@@ -83,32 +85,54 @@ def _claim_of(entry: KvEntry | None) -> PresenceClaim | None:
 class ClusterStore:
     """Presence claims and leases of one hub (``hub_id``) in the cluster bucket.
 
-    Obtain one with :func:`open_cluster_store`; ``wall_clock`` stamps ``since``.
+    Obtain one with :func:`open_cluster_store`; ``wall_clock`` stamps ``since``;
+    every claim is written with ``claim_ttl`` (``None``: claims never expire).
     """
 
     def __init__(
-        self, kv: KeyValue, hub_id: str, *, wall_clock: Callable[[], float] = time.time
+        self,
+        kv: KeyValue,
+        hub_id: str,
+        *,
+        claim_ttl: float | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.kv = kv
         self.hub_id = hub_id
+        self.claim_ttl = claim_ttl
         self._wall_clock = wall_clock
 
     async def _cas(
-        self, key: str, change: Callable[[PresenceClaim | None], PresenceClaim | None]
+        self,
+        key: str,
+        change: Callable[[PresenceClaim | None, int], PresenceClaim | None],
+        *,
+        new_epoch: bool = False,
     ) -> PresenceClaim | None:
         """Apply ``change`` to the key's claim by compare-and-set until it lands or
-        ``change`` says there is nothing to write (``None``); returns what was written."""
+        ``change`` says there is nothing to write (``None``); returns what was written.
+
+        When the key holds no claim, ``change`` also gets a revision a new epoch must
+        go above (else 0): that of what the key holds (an expiry marker, an
+        unreadable value), or — ``new_epoch``, a key with nothing at all (never
+        written, or its expiry marker gone too) — the bucket's last revision."""
+        ttl = self.claim_ttl
         for _ in range(MAX_CAS_ATTEMPTS):
             entry = await self.kv.entry(key)
             current = _claim_of(entry)
-            new = change(current)
+            above = 0
+            if entry is not None and current is None:
+                above = entry.revision
+            elif entry is None and new_epoch:
+                above = await self.kv.last_revision()
+            new = change(current, above)
             if new is None:
                 return None
             try:
                 if entry is None:
-                    await self.kv.create(key, new.encode())
+                    await self.kv.create(key, new.encode(), ttl=ttl)
                 else:
-                    await self.kv.update(key, new.encode(), last=entry.revision)
+                    await self.kv.update(key, new.encode(), last=entry.revision, ttl=ttl)
             except (WrongLastRevisionError, KeyExistsError):
                 await trio.lowlevel.checkpoint()
                 continue
@@ -129,10 +153,12 @@ class ClusterStore:
         now = self._wall_clock()
         written = await self._cas(
             presence_key(tenant_id, agent_id),
-            lambda current: next_claim(
+            lambda current, above: next_claim(
                 current, tenant_id=tenant_id, agent_id=agent_id, hub=self.hub_id,
                 session_id=session_id, now=now, capabilities=capabilities, metadata=metadata,
+                above=above,
             ),
+            new_epoch=True,
         )  # fmt: skip
         assert written is not None  # next_claim always writes
         return written
@@ -143,9 +169,18 @@ class ClusterStore:
         now = self._wall_clock()
         written = await self._cas(
             presence_key(claim.tenant_id, claim.agent_id),
-            lambda current: release_claim(
+            lambda current, _: release_claim(
                 current, hub=self.hub_id, epoch=claim.epoch, reason=reason, now=now
             ),
+        )
+        return written is not None
+
+    async def refresh(self, claim: PresenceClaim) -> bool:
+        """Rewrite the agent's claim unchanged (its TTL restarts) if this hub still owns
+        it online at ``claim.epoch``; ``False`` (nothing written) otherwise."""
+        written = await self._cas(
+            presence_key(claim.tenant_id, claim.agent_id),
+            lambda current, _: refresh_claim(current, hub=self.hub_id, epoch=claim.epoch),
         )
         return written is not None
 
@@ -178,10 +213,12 @@ class ClusterStore:
                 continue
             written = await self._cas(
                 presence_key(tenant_id, agent_id),
-                lambda current: (
+                lambda current, _: (
                     None
                     if current is None
-                    else reap_claim(current, lost_hub=lost_hub, now=now, reason=reason)
+                    else reap_claim(
+                        current, lost_hub=lost_hub, now=now, reaper=self.hub_id, reason=reason
+                    )
                 ),
             )
             if written is not None:
@@ -299,13 +336,14 @@ async def open_cluster_store(
     replicas: int = 3,
     marker_ttl: float = 60.0,
     api_timeout: float = 5.0,
+    claim_ttl: float | None = None,
     wall_clock: Callable[[], float] = time.time,
 ) -> ClusterStore:
     """Bind (creating if needed) the cluster bucket with per-key TTLs and expiry
     markers, replicated ``replicas`` times, as hub ``hub_id``; every JetStream call
-    on it fails after ``api_timeout`` s."""
+    on it fails after ``api_timeout`` s; claims are written with ``claim_ttl``."""
     kv = await nc.key_value(
         bucket, history=1, replicas=replicas, limit_marker_ttl=marker_ttl,
         api_timeout=api_timeout,
     )  # fmt: skip
-    return ClusterStore(kv, hub_id, wall_clock=wall_clock)
+    return ClusterStore(kv, hub_id, claim_ttl=claim_ttl, wall_clock=wall_clock)

@@ -53,6 +53,9 @@ class DashboardConfig:
     recent_events: int = 100
     """Past events a new feed starts with."""
     rate_window: float = 10.0
+    token_recheck: float = 1.0
+    """A live feed sends nothing on a token it has not found valid within this many
+    seconds (and re-checks it at every refresh): a revoked token's feed ends."""
     """Heartbeats/s and messages/s are averaged over this many seconds."""
 
 
@@ -96,6 +99,10 @@ class Dashboard:
         self.files = static_files()
         self.feeds = 0
         self.resyncs = 0
+        self.revoked = 0
+        """Live feeds ended because their token was no longer valid."""
+        self.snapshots_built = 0
+        self._snapshots: dict[tuple[str | None, str | None], tuple[float, bytes]] = {}
         self._wall_clock = wall_clock
         self._samples: collections.deque[tuple[float, int, int]] = collections.deque(
             maxlen=max(2, int(config.rate_window) + 2)
@@ -103,16 +110,21 @@ class Dashboard:
 
     # --- access ------------------------------------------------------------
 
-    async def _access(self, request: Request, *, allow_query: bool = False) -> Access | None:
-        token = None
+    @staticmethod
+    def _token(request: Request, *, allow_query: bool = False) -> str | None:
         auth = request.headers.get("authorization", "")
         scheme, _, value = auth.partition(" ")
         if scheme.lower() == "bearer" and value.strip():
-            token = value.strip()
-        elif allow_query:
-            token = request.arg("token")
+            return value.strip()
+        return request.arg("token") if allow_query else None
+
+    async def _access(self, request: Request, *, allow_query: bool = False) -> Access | None:
+        token = self._token(request, allow_query=allow_query)
         if token is None:
             return None
+        return await self._resolve(token)
+
+    async def _resolve(self, token: str) -> Access | None:
         registry = self.hub.registry
         lookup = functools.partial(resolve_token, registry, self.hub.admin_token, token)
         if registry.inline:
@@ -149,7 +161,7 @@ class Dashboard:
         if path == "/api/history":
             return await self._history(request, access, scope)
         if path == "/api/events":
-            return self._feed(access, scope)
+            return self._feed(access, scope, self._token(request) or "")
         return _error(404, "not_found", f"no such API: {path[:100]}")
 
     def _page(self, status: int, name: str) -> Response:
@@ -166,7 +178,17 @@ class Dashboard:
     # --- documents ---------------------------------------------------------
 
     def agent_json(self, record: Any) -> dict[str, Any]:
+        local_hub = self.hub.config.hub_id
+        owner = record.hub_id or local_hub
         measures = self.hub.events.measures(record.tenant_id, record.agent_id)
+        if owner != local_hub:  # measured by the hub its session is on, not here
+            measures = attrs.evolve(
+                measures,
+                declared_interval=None,
+                heartbeat_interval=None,
+                heartbeat_interval_avg=None,
+                rtt=None,
+            )
         return {
             "tenant_id": record.tenant_id,
             "agent_id": record.agent_id,
@@ -185,7 +207,7 @@ class Dashboard:
             "capabilities": list(record.capabilities),
             "metadata": record.metadata,
             "session_id": record.session_id,
-            "hub_id": self.hub.config.hub_id,
+            "hub_id": owner,
         }
 
     def presence_document(self, access: Access, tenant: str | None) -> dict[str, Any]:
@@ -264,40 +286,77 @@ class Dashboard:
 
     # --- live feed ---------------------------------------------------------
 
-    def _feed(self, access: Access, tenant: str | None) -> Response | StreamResponse:
+    def _feed(self, access: Access, tenant: str | None, token: str) -> Response | StreamResponse:
         if self.feeds >= self.config.max_feeds:
             return _error(503, "too_many_feeds", f"at most {self.config.max_feeds} live feeds")
+        self.feeds += 1  # reserved now: the check and the count cannot be raced
+
+        def done() -> None:
+            self.feeds -= 1
+
+        checked = trio.current_time()  # the handler just resolved the token
+
+        async def still_valid(*, within: float) -> bool:
+            """Whether the token still grants ``access`` (re-read when the last check
+            is older than ``within`` seconds); counts a feed ended for it."""
+            nonlocal checked
+            if trio.current_time() - checked < within:
+                return True
+            checked = trio.current_time()
+            if await self._resolve(token) == access:
+                return True
+            self.revoked += 1
+            return False  # revoked (or the admin token of another hub run)
 
         async def produce(send: Send) -> None:
-            self.feeds += 1
-            try:
-                with self.hub.events.subscribe(self.config.feed_queue, tenant_id=tenant) as sub:
-                    await send(b"retry: 1000\n\n")
-                    await send(self._snapshot_event(access, tenant, recent=True))
-                    next_refresh = trio.current_time() + self.config.refresh_interval
-                    while True:
-                        item: HubEvent | Resync | None = None
-                        deadline = min(
-                            next_refresh, trio.current_time() + self.config.keepalive_interval
-                        )
-                        with trio.move_on_at(deadline):
-                            item = await sub.receive()
-                        if item is None:
-                            if trio.current_time() >= next_refresh:
-                                next_refresh = trio.current_time() + self.config.refresh_interval
-                                await send(self._snapshot_event(access, tenant, recent=False))
-                            else:
-                                await send(b": keepalive\n\n")
-                        elif isinstance(item, Resync):
-                            self.resyncs += 1
-                            await send(_sse("resync", {"lost": item.lost}))
-                            await send(self._snapshot_event(access, tenant, recent=True))
-                        elif access.may_see(item.tenant_id):
-                            await send(self._event_sse(item))
-            finally:
-                self.feeds -= 1
+            recheck = self.config.token_recheck
+            with self.hub.events.subscribe(self.config.feed_queue, tenant_id=tenant) as sub:
+                await send(b"retry: 1000\n\n")
+                await send(self._snapshot_event(access, tenant, recent=True))
+                next_refresh = self._next_tick()
+                while True:
+                    item: HubEvent | Resync | None = None
+                    deadline = min(
+                        next_refresh, trio.current_time() + self.config.keepalive_interval
+                    )
+                    with trio.move_on_at(deadline):
+                        item = await sub.receive()
+                    # Nothing is sent on a token not found valid within `recheck` s,
+                    # and every tick re-checks it: a revoked token's feed ends.
+                    if not await still_valid(within=0.0 if item is None else recheck):
+                        return  # the page reconnects and is refused
+                    if item is None:
+                        if trio.current_time() >= next_refresh:
+                            tick, next_refresh = next_refresh, self._next_tick()
+                            await send(self._tick_snapshot(access, tenant, tick))
+                        else:
+                            await send(b": keepalive\n\n")
+                    elif isinstance(item, Resync):
+                        self.resyncs += 1
+                        await send(_sse("resync", {"lost": item.lost}))
+                        await send(self._snapshot_event(access, tenant, recent=True))
+                    elif access.may_see(item.tenant_id):
+                        await send(self._event_sse(item))
 
-        return StreamResponse(200, "text/event-stream", produce)
+        return StreamResponse(200, "text/event-stream", produce, done=done)
+
+    def _next_tick(self) -> float:
+        """The next refresh tick: every feed refreshes at the same moments, so one
+        snapshot per scope is built per tick, however many feeds show it."""
+        interval = self.config.refresh_interval
+        return (math.floor(trio.current_time() / interval) + 1) * interval
+
+    def _tick_snapshot(self, access: Access, tenant: str | None, tick: float) -> bytes:
+        key = (access.tenant_id, tenant)
+        cached = self._snapshots.get(key)
+        if cached is not None and cached[0] == tick:
+            return cached[1]
+        for old in [k for k, (t, _) in self._snapshots.items() if t < tick]:
+            del self._snapshots[old]
+        body = self._snapshot_event(access, tenant, recent=False)
+        self._snapshots[key] = (tick, body)
+        self.snapshots_built += 1
+        return body
 
     def _snapshot_event(self, access: Access, tenant: str | None, *, recent: bool) -> bytes:
         document = self.presence_document(access, tenant)

@@ -73,12 +73,15 @@ Send = Callable[[bytes], Awaitable[None]]
 
 @attrs.frozen
 class StreamResponse:
-    """A chunked response written by ``produce(send)``; the connection closes after it."""
+    """A chunked response written by ``produce(send)``; the connection closes after it.
+    ``done`` is called once the response is over, however it ended (even when the
+    connection broke before ``produce`` ran): it releases what the handler reserved."""
 
     status: int
     content_type: str
     produce: Callable[[Send], Awaitable[None]]
     headers: tuple[tuple[str, str], ...] = ()
+    done: Callable[[], None] | None = None
 
 
 Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
@@ -253,7 +256,11 @@ class _Server:
                 response = _text(500, "internal error")
             try:
                 if isinstance(response, StreamResponse):
-                    await self._stream(conn, response)
+                    try:
+                        await self._stream(conn, response)
+                    finally:
+                        if response.done is not None:
+                            response.done()
                     return
                 await conn.respond(response, head=request.method == "HEAD")
             except _Closed:

@@ -1,5 +1,7 @@
 """Dashboard access tokens: the hub's admin token sees every tenant; a per-tenant
-read-only token (stored as its SHA-256 in the registry) sees one tenant."""
+read-only token (stored as its SHA-256 in the registry) sees one tenant, an
+all-tenants one (stored for tenant ``"*"``) every tenant. Stored tokens survive hub
+restarts; the hub's admin token is new at every start."""
 
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ import attrs
 
 from ..registry._registry import Registry
 
-__all__ = ["TOKEN_PREFIX", "Access", "create_token", "hash_token", "resolve_token"]
+__all__ = ["ALL_TENANTS", "TOKEN_PREFIX", "Access", "create_token", "hash_token", "resolve_token"]
+
+ALL_TENANTS = "*"
+"""The stored tenant of a dashboard token that sees every tenant."""
 
 TOKEN_PREFIX = "actd_"
 MAX_TOKEN_LENGTH = 256
@@ -36,10 +41,13 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def create_token(registry: Registry, tenant_id: str) -> str:
-    """A new read-only dashboard token for ``tenant_id``; only its hash is stored."""
+def create_token(registry: Registry, tenant_id: str | None) -> str:
+    """A new read-only dashboard token for ``tenant_id`` (``None``: every tenant, like
+    the hub's admin token but surviving restarts); only its hash is stored."""
+    if tenant_id == ALL_TENANTS:
+        raise ValueError("invalid tenant id '*' (for every tenant, ask for tenant None)")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    registry.add_dashboard_token(tenant_id, hash_token(token))
+    registry.add_dashboard_token(tenant_id or ALL_TENANTS, hash_token(token))
     return token
 
 
@@ -52,4 +60,6 @@ def resolve_token(registry: Registry, admin_token: str, token: str) -> Access | 
     if not token.startswith(TOKEN_PREFIX):
         return None
     tenant = registry.dashboard_token_tenant(hash_token(token))
-    return None if tenant is None else Access(tenant)
+    if tenant is None:
+        return None
+    return Access(None if tenant == ALL_TENANTS else tenant)

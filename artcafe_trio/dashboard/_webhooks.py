@@ -6,6 +6,11 @@ subscription, filters them, holds an ``offline`` until it has lasted
 full queue drops the document and counts it). A sender task POSTs queued
 documents one by one, each attempt bounded by ``timeout``, retrying failures
 (no answer, 5xx, 429) after full-jitter backoff (:class:`~artcafe_trio.Backoff`).
+
+In a cluster every hub sees every transition, but only the hub that reports it
+(``PresenceTransition.local``: the owner's hub, or the reaper of a lost hub for
+``hub_lost``) posts it: one POST per transition, whichever hub the webhook is on.
+The others still follow it (a blip ended on another hub is still a blip).
 """
 
 from __future__ import annotations
@@ -90,6 +95,8 @@ class WebhookStats:
     retries: int = 0
     held: int = 0
     """Offline blips shorter than ``min_offline`` that sent nothing."""
+    elsewhere: int = 0
+    """Documents not sent because another hub of the cluster reports the transition."""
 
 
 class Webhook:
@@ -115,6 +122,11 @@ class Webhook:
         self._alerted: set[tuple[str, str]] = set()
         self._ids = itertools.count(1)
         self._prefix = secrets.token_hex(4)
+
+    @property
+    def waiting(self) -> int:
+        """Documents queued and not yet being sent."""
+        return self._send.statistics().current_buffer_used
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # Subscribe before reporting started: no event is missed after start() returns.
@@ -154,8 +166,9 @@ class Webhook:
             self._queue(event, None)
             return
         if key in self._held:  # back before the offline lasted min_offline: a blip
-            del self._held[key]
-            self.stats.held += 1
+            _, held = self._held.pop(key)
+            if held.local:
+                self.stats.held += 1
             return
         if (rules.reasons or rules.min_offline > 0) and key not in self._alerted:
             return
@@ -170,10 +183,14 @@ class Webhook:
                 self._queue(event, self.config.filter.min_offline)
 
     def _queue(self, event: PresenceTransition, offline_for: float | None) -> None:
+        if not event.local:  # another hub of the cluster posts it
+            self.stats.elsewhere += 1
+            return
         document: dict[str, Any] = {
             "id": f"{self._prefix}-{next(self._ids)}",
             "type": "presence",
-            "hub_id": self.hub.config.hub_id,
+            "hub_id": event.hub_id or self.hub.config.hub_id,
+            "reported_by": self.hub.config.hub_id,
             "tenant_id": event.tenant_id,
             "agent_id": event.agent_id,
             "status": event.status,

@@ -16,6 +16,8 @@ Everything a cluster of hubs would share goes through it, and only that:
   closes the hub's sessions: the agents are told to reconnect elsewhere, and their
   offline transitions that follow may be held back (the other hubs see them come
   back, or mark them offline after the grace).
+- **health** — :meth:`Backplane.degraded` says whether (and why) this hub's view of
+  the others is degraded (a cluster hub that lost its lease: ``fenced``).
 
 The hub's components call the backplane; the backplane calls the hub back only
 through the :class:`BackplanePeer` given to :meth:`Backplane.run`. The methods that
@@ -85,6 +87,8 @@ class PresenceUpdate:
 
     ``local`` is true when it happened on this hub (it is then persisted and announced
     to the backplane); an update observed from another hub is only applied and shown.
+    ``reaped_by`` names the hub that reaped the lost owner (reason ``hub_lost``): that
+    hub reports the transition (alert webhooks), as the owner would have.
     """
 
     tenant_id: str
@@ -99,6 +103,7 @@ class PresenceUpdate:
     last_seen: float | None = None
     last_heartbeat: float | None = None
     local: bool = True
+    reaped_by: str | None = None
 
 
 class BackplanePeer(Protocol):
@@ -166,6 +171,11 @@ class Backplane(Protocol):
         A cluster may keep those agents online under this hub instead, for the other
         hubs to take over or reap after the grace. Must not block."""
 
+    def degraded(self) -> tuple[str, ...]:
+        """Why this hub's view of the other hubs is degraded right now (short reason
+        words, e.g. ``fenced``), empty when it is not: shown in the ``presence_state``
+        answer and the metrics. Cheap and synchronous."""
+
 
 class LocalBackplane:
     """A hub alone: nothing to share, so every method does nothing."""
@@ -192,3 +202,6 @@ class LocalBackplane:
 
     def begin_drain(self) -> None:
         pass
+
+    def degraded(self) -> tuple[str, ...]:
+        return ()

@@ -32,6 +32,8 @@ class HubConfig:
     send_queue_bytes: int = 16 * 1024 * 1024
     output_budget_bytes: int = 256 * 1024 * 1024
     reply_window: int = 256
+    reply_window_bytes: int = 1024 * 1024
+    write_stall_timeout: float = 60.0
     max_open_requests: int = 1024
     max_reply_grants: int = 1_000_000
     max_unauthenticated_per_address: int = 256

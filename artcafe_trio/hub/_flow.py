@@ -3,17 +3,19 @@
 Each piece is small and owns one rule:
 
 - :class:`Delivery` is one encoded message, shared by every receiver's queue.
-- :class:`OutputBudget` bounds the memory of everything queued for delivery, hub-wide;
-  a message queued for many receivers is counted once. Over the budget, the consumer
-  with the largest backlog is cut off first.
+- :class:`OutputBudget` bounds the memory of everything queued for output, hub-wide:
+  deliveries (a message queued for many receivers is counted once), answers, and the
+  batches being written. Over the budget, the consumer holding the most is cut off first.
 - :class:`Outbox` is one connection's queue. Deliveries (messages from others) are
   bounded in frames and bytes: a consumer that does not read them is cut off.
-  Answers to the connection's own frames are never counted against it; instead the
-  hub stops reading the connection while ``reply_window`` answers are unsent
-  (back-pressure).
+  Answers to the connection's own frames never count against its delivery bounds;
+  instead the hub stops reading the connection while ``reply_window`` answers, or
+  ``reply_window_bytes`` of them, are unsent (back-pressure). A write that makes no
+  progress for ``write_stall_timeout`` cuts the connection off.
 - :class:`TokenBucket` is a publish rate limit, kept per agent across reconnects.
 - :class:`PreAuthLimiter` bounds connections that have not authenticated yet, per
-  address and in total; the oldest is closed to make room for a new one.
+  address and in total; the oldest (of the address, or of the address holding the
+  most) is closed to make room for a new one.
 """
 
 from __future__ import annotations
@@ -42,33 +44,56 @@ class Delivery:
 
 
 class OutputBudget:
-    """The hub-wide bound on memory held by queued deliveries."""
+    """The hub-wide bound on memory held by queued output: deliveries (a message queued
+    for many receivers counted once), answers, and each writer's batch in flight."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
         self.peak = 0
         self.cut_offs = 0
-        self._consumers: set[Outbox] = set()  # outboxes with deliveries queued
+        self._consumers: set[Outbox] = set()  # outboxes holding anything
 
-    def hold(self, item: Delivery) -> None:
-        """Count ``item`` as queued once more; make room first if it is new to the queues."""
+    def make_room(self, size: int) -> bool:
+        """Cut off the consumers holding the most until ``size`` more bytes fit; whether
+        they do (not when what is left is only in flight, freed once written)."""
+        while self.used + size > self.limit and self._consumers:
+            victim = max(self._consumers, key=_held_bytes)
+            self.cut_offs += 1
+            victim.overflow(
+                f"slow consumer: hub output budget of {self.limit} bytes exceeded and "
+                f"this connection held the most output ({victim.held_bytes} bytes)"
+            )
+        return self.used + size <= self.limit
+
+    def add(self, size: int) -> None:
+        self.used += size
+        if self.used > self.peak:
+            self.peak = self.used
+
+    def hold(self, item: Delivery) -> bool:
+        """Count ``item`` as queued once more; make room first if it is new to the queues.
+        ``False``: no room could be made (the item is not held)."""
         if item.refs == 0:
-            while self.used + item.size > self.limit and self._consumers:
-                victim = max(self._consumers, key=lambda outbox: outbox.queued_bytes)
-                self.cut_offs += 1
-                victim.overflow(
-                    f"slow consumer: hub output budget of {self.limit} bytes exceeded and "
-                    f"this connection had the largest backlog ({victim.queued_bytes} bytes)"
-                )
-            self.used += item.size
-            self.peak = max(self.peak, self.used)
+            if self.used + item.size > self.limit and not self.make_room(item.size):
+                return False
+            self.add(item.size)
         item.refs += 1
+        return True
 
     def release(self, item: Delivery) -> None:
         item.refs -= 1
         if item.refs == 0:
             self.used -= item.size
+
+
+def _held_bytes(outbox: Outbox) -> int:
+    return outbox.held_bytes
+
+
+def answer_size(text: str) -> int:
+    """What holding one answer costs, in bytes."""
+    return sys.getsizeof(text)
 
 
 class Outbox:
@@ -81,28 +106,53 @@ class Outbox:
         max_frames: int,
         max_bytes: int,
         reply_window: int,
+        reply_window_bytes: int,
         on_overflow: Callable[[str], None],
     ) -> None:
         self._budget = budget
         self._max_frames = max_frames
         self._max_bytes = max_bytes
         self._reply_window = reply_window
+        self._reply_window_bytes = reply_window_bytes
         self._on_overflow = on_overflow
         self._queue: collections.deque[str | Delivery] = collections.deque()  # str: an answer
         self._ready = trio.Event()
         self._replies_drained = trio.Event()
         self._closed = False
         self._discarded = False
-        self.queued_frames = 0  # deliveries only
-        self.queued_bytes = 0  # deliveries only
+        self.queued_frames = 0  # deliveries only, not in flight
+        self.queued_bytes = 0  # deliveries only, not in flight
         self.replies = 0  # answers to the connection's own frames, not yet written
+        self.reply_bytes = 0  # their size (queued or in flight)
+        self.flight_bytes = 0  # deliveries in the batch being written
+
+    @property
+    def held_bytes(self) -> int:
+        """Everything this connection holds: queued deliveries, unsent answers, and the
+        deliveries being written (what choosing whom to cut off goes by)."""
+        return self.queued_bytes + self.reply_bytes + self.flight_bytes
 
     def reply(self, text: str) -> None:
-        """Queue an answer to one of the connection's own frames."""
+        """Queue an answer to one of the connection's own frames. Counted in the output
+        budget; over it, the consumers holding the most are cut off (this one too)."""
         if self._discarded:
             return
+        size = answer_size(text)
+        budget = self._budget
+        if budget.used + size > budget.limit and not budget.make_room(size):
+            if not self._discarded:
+                self.overflow(
+                    f"slow consumer: hub output budget of {budget.limit} bytes exhausted"
+                    " (only output in flight is left)"
+                )
+            return
+        if self._discarded:  # cut off to make room
+            return
+        budget.add(size)
+        budget._consumers.add(self)
         self._queue.append(text)
         self.replies += 1
+        self.reply_bytes += size
         self._ready.set()
 
     def deliver(self, item: Delivery) -> bool:
@@ -119,13 +169,19 @@ class Outbox:
         if item.refs:  # already queued elsewhere: counted in the budget once
             item.refs += 1
         else:
-            self._budget.hold(item)  # may cut off the largest consumer, even this one
+            held = self._budget.hold(item)  # may cut off the largest consumer, even this one
             if self._discarded:
-                self._budget.release(item)
+                if held:
+                    self._budget.release(item)
+                return False
+            if not held:
+                self.overflow(
+                    f"slow consumer: hub output budget of {self._budget.limit} bytes"
+                    " exhausted (only output in flight is left)"
+                )
                 return False
             queued_bytes = self.queued_bytes
-        if not queued_bytes:
-            self._budget._consumers.add(self)
+        self._budget._consumers.add(self)
         self._queue.append(item)
         self.queued_frames += 1
         self.queued_bytes = queued_bytes + item.size
@@ -136,6 +192,13 @@ class Outbox:
         """Cut this consumer off: drop what it has queued and tell its owner."""
         self.discard()
         self._on_overflow(reason)
+
+    def stalled(self, unsent: int, seconds: float) -> None:
+        """A write made no progress for ``seconds``: cut this consumer off."""
+        if not self._discarded:
+            self.overflow(
+                f"slow consumer: a write of {unsent} bytes did not complete in {seconds:g} s"
+            )
 
     async def take(self, max_bytes: int) -> list[str | Delivery]:
         """The next frames to write, in order: answers' texts and deliveries, about
@@ -149,35 +212,52 @@ class Outbox:
             await self._ready.wait()
         batch: list[str | Delivery] = []
         size = 0
+        flight = 0
         while queue and size < max_bytes:
             entry = queue.popleft()
             batch.append(entry)
             if isinstance(entry, Delivery):  # in flight: no longer queued, still held
                 size += entry.size
+                flight += entry.size
                 self.queued_frames -= 1
                 self.queued_bytes -= entry.size
             else:
                 size += len(entry)
-        if not self.queued_bytes:
-            self._budget._consumers.discard(self)
+        self.flight_bytes += flight
         return batch
 
     def sent(self, batch: list[str | Delivery]) -> None:
         """Account for frames taken by :meth:`take`, written or not."""
-        replies = 0
+        budget = self._budget
+        replies = reply_bytes = flight = 0
         for entry in batch:
             if isinstance(entry, Delivery):
-                self._budget.release(entry)
+                budget.release(entry)
+                flight += entry.size
             else:
                 replies += 1
-        if replies and not self._discarded:
+                reply_bytes += answer_size(entry)
+        budget.used -= reply_bytes
+        if self._discarded:
+            return
+        self.flight_bytes -= flight
+        if replies:
             self.replies -= replies
-            if self.replies <= self._reply_window // 2:
+            self.reply_bytes -= reply_bytes
+            if (
+                self.replies <= self._reply_window // 2
+                and self.reply_bytes <= self._reply_window_bytes // 2
+            ):
                 self._replies_drained.set()
+        if not self.held_bytes:
+            budget._consumers.discard(self)
 
     async def wait_for_reply_window(self) -> None:
-        """Back-pressure: return once fewer than ``reply_window`` answers are unsent."""
-        while self.replies >= self._reply_window and not self._discarded:
+        """Back-pressure: return once fewer than ``reply_window`` answers, and fewer than
+        ``reply_window_bytes`` of them, are unsent."""
+        while (
+            self.replies >= self._reply_window or self.reply_bytes >= self._reply_window_bytes
+        ) and not self._discarded:
             self._replies_drained = trio.Event()
             await self._replies_drained.wait()
 
@@ -187,16 +267,21 @@ class Outbox:
         self._ready.set()
 
     def discard(self) -> None:
-        """Drop every queued frame (the connection is going away) and release its budget."""
+        """Drop every queued frame (the connection is going away) and release its budget
+        (a batch in flight is released once :meth:`sent`)."""
         if self._discarded:
             return
         self._discarded = True
+        budget = self._budget
         for entry in self._queue:
             if isinstance(entry, Delivery):
-                self._budget.release(entry)
+                budget.release(entry)
+            else:
+                budget.used -= answer_size(entry)
         self._queue.clear()
-        self.queued_frames = self.queued_bytes = self.replies = 0
-        self._budget._consumers.discard(self)
+        self.queued_frames = self.queued_bytes = self.replies = self.reply_bytes = 0
+        self.flight_bytes = 0
+        budget._consumers.discard(self)
         self._ready.set()
         self._replies_drained.set()
 
@@ -241,10 +326,12 @@ class PreAuthTicket:
 class PreAuthLimiter:
     """Bounds unauthenticated connections per address and in total.
 
-    A new connection over a bound closes the oldest unauthenticated one (of the same
-    address, or of all): an attacker's idle sockets are always the oldest, while an
-    agent authenticates within milliseconds, so it gets through even while the bound
-    is reached, and the sockets held never exceed the bounds.
+    A new connection over a bound closes the oldest unauthenticated one of the same
+    address, or, over the total, the oldest of the address holding the most: an
+    attacker's idle sockets are the oldest of their address, and an agent's handshake
+    (one slot, however slow its round trips) is not what makes room, so it gets
+    through even while the bound is reached, and the sockets held never exceed the
+    bounds.
     """
 
     def __init__(self, per_address: int, total: int, *, log_per_second: float = 1.0) -> None:
@@ -269,7 +356,10 @@ class PreAuthLimiter:
         if len(same) >= self.per_address:
             self._evict(next(iter(same)), "per address")
         if len(self._all) >= self.total:
-            self._evict(next(iter(self._all)), "in total")
+            # The oldest of the address holding the most: churn from many addresses
+            # cannot close the slow handshake of an agent that holds one slot.
+            most = max(self._by_address.values(), key=len)
+            self._evict(next(iter(most)), "in total")
         self._by_address.setdefault(address, same)[ticket] = None
         self._all[ticket] = None
         return ticket

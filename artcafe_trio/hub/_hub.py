@@ -172,6 +172,12 @@ class Hub:
         """The TCP port it listens on (``None``: memory only)."""
         return self._connections.port
 
+    @property
+    def cluster_degraded(self) -> tuple[str, ...]:
+        """Why this hub's view of the cluster is degraded, empty when it is not (always
+        empty for a hub alone); e.g. ``("fenced",)``. See ``docs/cluster.md``."""
+        return self._backplane.degraded()
+
     def presence_table(self, tenant_id: str | None = None) -> list[PresenceRecord]:
         """The live presence table, for one tenant or all, sorted by tenant and agent."""
         return self._presence.records(tenant_id)
@@ -247,7 +253,9 @@ class Hub:
 
     def _handle_presence_query(self, session: _Session, frame: PresenceQuery) -> None:
         tenant = None if session.is_admin else session.tenant_id
-        session.send_frame(PresenceState(id=frame.id, agents=tuple(self.presence_table(tenant))))
+        agents = tuple(self.presence_table(tenant))
+        degraded = self.cluster_degraded or None  # absent unless degraded
+        session.send_frame(PresenceState(id=frame.id, agents=agents, degraded=degraded))
 
     # --- connections ----------------------------------------------------------
 

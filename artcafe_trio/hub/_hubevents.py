@@ -56,7 +56,13 @@ class HubEvent:
 
 @attrs.frozen(kw_only=True)
 class PresenceTransition(HubEvent):
-    """An agent went online or offline (``reason`` as in presence records)."""
+    """An agent went online or offline (``reason`` as in presence records).
+
+    ``hub_id`` is the hub that owns the agent's session (another one, in a cluster);
+    ``local`` is true when this hub reports the transition: it happened here, or this
+    hub reaped the lost hub that owned the agent (``hub_lost``). Each transition is
+    local on exactly one hub of a cluster (the alert webhooks post only those).
+    """
 
     kind: ClassVar[str] = "presence"
     tenant_id: str
@@ -64,6 +70,8 @@ class PresenceTransition(HubEvent):
     status: str
     reason: str
     session_id: str | None
+    hub_id: str | None = None
+    local: bool = True
 
 
 @attrs.frozen(kw_only=True)
@@ -253,6 +261,9 @@ class HubEvents:
         reason: str,
         session_id: str | None,
         time: float,
+        *,
+        hub_id: str | None = None,
+        local: bool = True,
     ) -> None:
         self.emit(
             PresenceTransition(
@@ -262,6 +273,8 @@ class HubEvents:
                 status=status,
                 reason=reason,
                 session_id=session_id,
+                hub_id=hub_id,
+                local=local,
             )
         )
 

@@ -16,15 +16,20 @@ Prometheus scrapes, so the hub's hot path pays nothing for metrics. Exported:
 ``artcafe_connections_total``               counter  WebSocket connections accepted
 ``artcafe_registry_file_lost``              gauge    1 while the registry file was deleted/replaced
 ``artcafe_presence_writes_pending``         gauge    presence changes waiting to be written
+``artcafe_cluster_fenced``                  gauge    1 while this cluster hub is fenced
+``artcafe_cluster_claims_pending``          gauge    1 while a session's claim is retried
 ==========================================  =======  ======================================
 
 and the gauge ``artcafe_heartbeat_ack_rtt_seconds{tenant}``: the largest heartbeat-ACK
 round trip an online agent of the tenant reports (the optional ``rtt`` of its heartbeats).
+
+The two ``artcafe_cluster_`` gauges are the hub's :attr:`~Hub.cluster_degraded` reasons
+(``fenced``, ``claims_pending``; always 0 for a hub alone): see ``docs/cluster.md``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import attrs
 import trio
@@ -62,7 +67,8 @@ _FLOW = {
     "unauthenticated_evicted": (
         "counter", "Unauthenticated connections closed to stay within the limits."),
     "output_queued_bytes": (
-        "gauge", "Bytes of deliveries queued hub-wide (a message queued for many counts once)."),
+        "gauge", "Bytes of output held hub-wide: deliveries (a message queued for many counts "
+        "once), unsent answers, writes in flight."),
     "output_budget_cut_offs": (
         "counter", "Consumers cut off because the hub-wide output budget was exceeded."),
 }  # fmt: skip
@@ -80,6 +86,17 @@ _GAUGES = (
 )
 
 
+# gauge name -> (the Hub.cluster_degraded reason it shows as 1, documentation)
+_DEGRADED = {
+    "cluster_fenced": ("fenced", (
+        "1 while this hub is fenced: its cluster lease could not be refreshed for a lease "
+        "TTL (it keeps serving; other hubs may reap its agents; its view may be stale).")),
+    "cluster_claims_pending": ("claims_pending", (
+        "1 while a session's presence claim is being retried (the other hubs do not see "
+        "that agent here yet).")),
+}  # fmt: skip
+
+
 @attrs.frozen
 class _Snapshot:
     counters: dict[str, int]
@@ -87,6 +104,7 @@ class _Snapshot:
     online: dict[str, int]
     flow: dict[str, int]
     rtt: dict[str, float]
+    degraded: tuple[str, ...] = ()
 
 
 class HubCollector(Collector):
@@ -135,6 +153,9 @@ class HubCollector(Collector):
             yield family(f"artcafe_{name}", documentation, value=snapshot.flow[name])
         for name, key, documentation in _GAUGES:
             yield GaugeMetricFamily(f"artcafe_{name}", documentation, value=snapshot.counters[key])
+        for name, (reason, documentation) in _DEGRADED.items():
+            value = int(reason in snapshot.degraded)
+            yield GaugeMetricFamily(f"artcafe_{name}", documentation, value=value)
 
     def _snapshot(self) -> _Snapshot:
         if self.trio_token is not None and not _in_trio_thread():
@@ -166,8 +187,9 @@ class HubCollector(Collector):
             "output_budget_cut_offs": hub.output_budget.cut_offs,
         }
         return _Snapshot(
-            counters=counters, transitions=transitions, online=online, flow=flow, rtt=rtt
-        )
+            counters=counters, transitions=transitions, online=online, flow=flow, rtt=rtt,
+            degraded=hub.cluster_degraded,
+        )  # fmt: skip
 
 
 def _in_trio_thread() -> bool:
@@ -184,8 +206,11 @@ def collector(hub: Hub) -> HubCollector:
     return HubCollector(hub, token)
 
 
-def start_metrics_server(hub: Hub, port: int, host: str = "127.0.0.1") -> None:
-    """Serve ``hub``'s metrics at ``http://host:port/metrics`` until the process exits.
+def start_metrics_server(
+    hub: Hub, port: int, host: str = "127.0.0.1", *, extra: Sequence[Collector] = ()
+) -> None:
+    """Serve ``hub``'s metrics at ``http://host:port/metrics`` until the process exits
+    (and those of the ``extra`` collectors, e.g. the alert webhooks').
 
     Call it from inside the hub's trio run. The metrics get their own
     :class:`CollectorRegistry` (no process or platform collectors from the
@@ -193,6 +218,8 @@ def start_metrics_server(hub: Hub, port: int, host: str = "127.0.0.1") -> None:
     """
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector(hub))
+    for more in extra:
+        registry.register(more)
     # prometheus_client serves from its own daemon thread: that is the library's HTTP
     # server, not one of our tasks. It only reads the hub (on the trio thread, via
     # the collector's trio token), and it dies with the process.

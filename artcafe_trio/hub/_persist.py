@@ -25,6 +25,8 @@ log = logging.getLogger("artcafe_trio.hub")
 
 T = TypeVar("T")
 
+FAILURE_LOG_INTERVAL = 60.0  # seconds between two "cannot write presence" lines
+
 CredentialTable = dict[tuple[str, str], tuple[PublicKey, ...]]
 #: Loads ``(revision, credentials)`` from somewhere other than the registry.
 CredentialLoader = Callable[[], Awaitable[tuple[object, CredentialTable]]]
@@ -174,6 +176,9 @@ class PresenceWriter:
         self.pending: list[PresenceChange] = []
         self._changes_waiting = trio.Event()
         self._flush_lock = trio.Lock()
+        self.write_failures = 0  # failed tries since the last successful write
+        self._failure_logged = -math.inf
+        self._unlogged_failures = 0
 
     def wake(self) -> None:
         self._changes_waiting.set()
@@ -222,8 +227,33 @@ class PresenceWriter:
                 await self.flush()
             except RegistryError as exc:
                 # Keep serving; the changes stay queued and are written on the next try.
-                log.error("cannot write presence to the registry (will retry): %s", exc)
+                self._write_failed(exc)
                 await trio.sleep(1.0)
+            else:
+                if self.write_failures:
+                    log.warning(
+                        "presence writes to the registry work again (after %d failed tries)",
+                        self.write_failures,
+                    )
+                    self.write_failures = self._unlogged_failures = 0
+                    self._failure_logged = -math.inf
+
+    def _write_failed(self, exc: RegistryError) -> None:
+        """Log a failed write: the first at once, then one line a minute with a count."""
+        self.write_failures += 1
+        now = trio.current_time()
+        if now < self._failure_logged + FAILURE_LOG_INTERVAL:
+            self._unlogged_failures += 1
+            return
+        if self.write_failures == 1:
+            log.error("cannot write presence to the registry (will retry): %s", exc)
+        else:
+            log.error(
+                "still cannot write presence to the registry (will retry; %d more failed"
+                " tries since the last such line, %d in all): %s",
+                self._unlogged_failures, self.write_failures, exc,
+            )  # fmt: skip
+        self._failure_logged, self._unlogged_failures = now, 0
 
     async def flush(self) -> None:
         """Write what is queued. One flush at a time: the shutdown's final flush must not

@@ -50,6 +50,7 @@ from ..protocol.server import (
     UnsubscribeRequested,
 )
 from ._flow import Delivery, Outbox, OutputBudget, PreAuthLimiter, PreAuthTicket, TokenBucket
+from ._sessions import how_it_ended
 from ._wsserver import ServerWebSocket, frame_text
 
 if TYPE_CHECKING:
@@ -146,6 +147,7 @@ class _Session:
             max_frames=config.send_queue_size,
             max_bytes=config.send_queue_bytes,
             reply_window=config.reply_window,
+            reply_window_bytes=config.reply_window_bytes,
             on_overflow=self._cut_off,
         )
         self.open_requests: dict[str, None] = {}  # its $reply subjects awaiting an answer
@@ -357,14 +359,13 @@ async def _run_session(hub: HubSide, session: _Session) -> None:
                 session._bound_writer()
     finally:
         hub._detach(session)
-        if session.closing:
-            log.log(level, "%r closed: %d %s", session, session.close_code, session.close_reason)
-        else:
-            log.log(level, "%r connection lost", session)
+        closed = (session.close_code, session.close_reason) if session.closing else None
+        log.log(level, "%r %s", session, how_it_ended(closed, session.ws.closed))
 
 
 async def _writer(session: _Session) -> None:
     outbox = session.outbox
+    stall_timeout = session.hub.config.write_stall_timeout
     try:
         while session.may_write():
             batch = await outbox.take(WRITE_BATCH_BYTES)
@@ -376,10 +377,14 @@ async def _writer(session: _Session) -> None:
             )
             session.writing = True
             try:
-                await session.ws.send_frames(data)
+                with trio.move_on_after(stall_timeout) as stall:
+                    await session.ws.send_frames(data)
             finally:
                 session.writing = False
                 outbox.sent(batch)
+            if stall.cancelled_caught and not session.closing:
+                outbox.stalled(len(data), stall_timeout)  # cut off: 4004
+                break
     except ConnectionClosed:
         pass
     finally:

@@ -127,7 +127,7 @@ class Router:
             raise ProtocolError(
                 "reply_not_expected",
                 "no request waiting for an answer on this subject was delivered to you"
-                " (or it was answered already)",
+                " (or it was answered already, or its reply_from names other agents)",
                 frame_id=frame.id,
             )
         # The connection's rate limit, then its data encoded once (after the hub-wide
@@ -153,7 +153,9 @@ class Router:
             return
         targets = self.targets(session.tenant_id, subject)
         if reply_to is not None and reply_to.startswith(f"{REPLY_PREFIX}."):
-            self.replies.expect(session, reply_to, (target.agent_id for target in targets))
+            self.replies.expect(
+                session, reply_to, (target.agent_id for target in targets), frame.reply_from
+            )
         stats = self._stats
         for count, target in enumerate(targets, 1):
             stats.deliveries += 1
@@ -166,8 +168,9 @@ class Router:
         """A route published on another hub: deliver it to this hub's agents."""
         item = self._frame(route)
         if route.subject.startswith(f"{REPLY_PREFIX}."):
-            # An answer accepted there to a request made here: the first answer only.
-            if self.replies.is_open(route.subject):
+            # An answer accepted there to a request made here: the first answer only,
+            # from an agent its reply_from allows.
+            if self.replies.accepts(route.subject, route.sender):
                 self._answer(route.subject, route.tenant_id, item)
             return
         targets = self.targets(route.tenant_id, route.subject)

@@ -92,9 +92,10 @@ class _Assembly:
         )
 
     def _presence_event(self, update: PresenceUpdate) -> None:
+        reported_here = update.local or update.reaped_by == self.config.hub_id
         self.events.presence(
             update.tenant_id, update.agent_id, update.status, update.reason,
-            update.session_id, update.time,
+            update.session_id, update.time, hub_id=update.hub_id or None, local=reported_here,
         )  # fmt: skip
 
     def _announce(self, update: PresenceUpdate) -> None:

@@ -22,9 +22,11 @@ from ._flow import Delivery, TokenBucket
 from ._hubevents import HubEvents
 
 if TYPE_CHECKING:
+    from trio_websocket import CloseReason
+
     from ._presence import PresenceEntry
 
-__all__ = ["Connections", "Session", "SessionDirectory"]
+__all__ = ["Connections", "Session", "SessionDirectory", "how_it_ended"]
 
 log = logging.getLogger("artcafe_trio.hub")
 
@@ -72,6 +74,27 @@ class Session(Protocol):
 
     def expire(self, now: float) -> float | None:
         """Deadline-queue callback for its heartbeat deadline."""
+
+
+_NO_CLOSE_FRAME = 1006  # RFC 6455: the connection ended without a close frame
+
+
+def how_it_ended(hub_close: tuple[int, str] | None, peer_close: CloseReason | None) -> str:
+    """How a session ended, for the hub's log (after ``<session ...>``).
+
+    ``hub_close``: the hub's close ``(code, reason)`` if the hub closed it (``leave``
+    included). ``peer_close``: the WebSocket's close reason (a ``CloseReason`` with
+    ``code`` and ``reason``; ``None`` while open). A close frame from the client (a
+    one-shot ``status`` sends 1000) is a clean close; no close frame (1006: the TCP
+    connection dropped, or a write failed) is a lost connection.
+    """
+    if hub_close is not None:
+        code, reason = hub_close
+        return f"closed: {code} {reason}"
+    if peer_close is None or peer_close.code == _NO_CLOSE_FRAME:
+        return "connection lost"
+    reason = f" {peer_close.reason}" if peer_close.reason else ""
+    return f"closed by the client ({peer_close.code}{reason})"
 
 
 class SessionDirectory:

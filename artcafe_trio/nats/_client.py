@@ -326,6 +326,8 @@ class NatsClient:
             if waiter is not None:
                 waiter.fail(NatsClosed("the client is closed"))
         self._out.pongs.clear()
+        self._out.ping_times.clear()
+        self._out.unsent_pings = 0
         self._events.close()
         self._out.space.unpark_all()
 

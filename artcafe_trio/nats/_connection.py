@@ -3,8 +3,12 @@
 One manager task (:meth:`_Link.run`) owns the connection: it dials, handshakes
 (``INFO`` -> ``CONNECT`` + ``PING`` -> ``PONG``), then runs a reader, a writer
 and a pinger under one cancel scope whose *deadline* is the liveness check: it
-is the send time of the oldest unanswered ``PING`` plus ``ping_interval *
-max_pings_outstanding`` (no unanswered ping: no deadline). When the deadline
+is the time the oldest unanswered ``PING`` was queued (or the connection
+started, for one queued while disconnected) plus ``ping_interval *
+max_pings_outstanding`` (no unanswered ping: no deadline). A PING is timed when
+it is queued, not when it is written, so the deadline also holds while the
+writer is blocked on a server that stopped reading; the cancelled scope then
+cancels that write too. When the deadline
 passes, the socket fails or the server closes, the manager reconnects through
 the server pool with full-jitter backoff, re-sends every subscription in
 creation order, then whatever was published while disconnected.
@@ -13,6 +17,7 @@ creation order, then whatever was published while disconnected.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import ssl
 from collections import deque
@@ -125,7 +130,7 @@ class _Lost(Exception):
 
 
 class _Outgoing:
-    """Outgoing bytes not yet handed to the writer, and the PINGs among them.
+    """Outgoing bytes not yet handed to the writer, and the unanswered PINGs.
 
     Publishing appends the encoded command to one buffer that the writer sends
     whole, so bursts of publishes become few large writes.
@@ -133,13 +138,24 @@ class _Outgoing:
 
     def __init__(self) -> None:
         self.data = bytearray()
+        #: How many of the last ``pongs`` are still in ``data`` (not yet taken by the writer).
         self.unsent_pings = 0
         self.wake = trio.Event()
         self.space = trio.lowlevel.ParkingLot()
-        #: One entry per PING in flight or buffered, in order: a waiter or None (pinger).
+        #: One entry per unanswered PING, in order (the written ones, then those still
+        #: in ``data``): a waiter, or None for the pinger's.
         self.pongs: deque[_Waiter | None] = deque()
-        #: Send times of the PINGs actually written on the current connection.
-        self.sent_times: deque[float] = deque()
+        #: When each PING in ``pongs`` was queued on the current connection (PINGs
+        #: queued while disconnected: when the connection started).
+        self.ping_times: deque[float] = deque()
+        #: The live connection's liveness scope and its limit (interval x outstanding).
+        self.scope: trio.CancelScope | None = None
+        self.limit = math.inf
+
+    @property
+    def sent_pings(self) -> int:
+        """The PINGs handed to the writer on the current connection, still unanswered."""
+        return len(self.pongs) - self.unsent_pings
 
     def write(self, data: bytes) -> None:
         self.data += data
@@ -148,8 +164,24 @@ class _Outgoing:
 
     def queue_ping(self, waiter: _Waiter | None) -> None:
         self.pongs.append(waiter)
+        self.ping_times.append(trio.current_time())
         self.unsent_pings += 1
         self.write(PING)
+        if len(self.pongs) == 1:
+            self.update_deadline()
+
+    def answered(self) -> _Waiter | None:
+        """A PONG came: pop the oldest written PING's waiter and move the deadline."""
+        self.ping_times.popleft()
+        waiter = self.pongs.popleft()
+        self.update_deadline()
+        return waiter
+
+    def update_deadline(self) -> None:
+        """The live connection dies ``limit`` after its oldest unanswered PING was queued."""
+        if self.scope is not None:
+            oldest = self.ping_times[0] if self.ping_times else math.inf
+            self.scope.deadline = oldest + self.limit
 
 
 async def _handshake(stream: trio.abc.Stream, server: _Server, options: _ConnectOptions) -> _Conn:
@@ -365,7 +397,12 @@ class _Link:
         # Subscriptions first, in creation order, then what was buffered meanwhile.
         resub = b"".join(encode_sub(s.subject, s.sid, queue=s.queue) for s in self._subs.values())
         out.data[:0] = resub
-        out.sent_times.clear()
+        # PINGs queued while disconnected (flushes) are timed from now.
+        assert out.sent_pings == 0
+        out.ping_times = deque([trio.current_time()] * len(out.pongs))
+        out.scope = conn.scope
+        out.limit = self._ping_interval * self._max_pings
+        out.update_deadline()
         self.conn = conn
         out.wake = trio.Event()
         if out.data:
@@ -379,13 +416,14 @@ class _Link:
                     nursery.start_soon(self._guard, self._pinger, conn)
         finally:
             self.conn = None
+            out.scope = None
             await trio.aclose_forcefully(conn.stream)
             # PINGs written on the dead connection will never be answered.
-            for _ in range(len(out.sent_times)):
+            for _ in range(out.sent_pings):
+                out.ping_times.popleft()
                 waiter = out.pongs.popleft()
                 if waiter is not None:
                     waiter.fail(NatsConnectionLost(f"connection to {conn.server} lost"))
-            out.sent_times.clear()
             out.space.unpark_all()
         if conn.cause is None:
             limit = self._ping_interval * self._max_pings
@@ -429,12 +467,10 @@ class _Link:
             self._out.write(PONG)
         elif type(event) is Pong:
             out = self._out
-            if out.sent_times:
-                out.sent_times.popleft()
-                waiter = out.pongs.popleft()
+            if out.sent_pings:
+                waiter = out.answered()
                 if waiter is not None:
                     waiter.set()
-                self._update_deadline(conn)
         elif type(event) is Info:
             self._apply_info(event.info, conn)
         elif type(event) is Err:
@@ -444,14 +480,6 @@ class _Link:
                 raise NatsServerError(event.message)
         else:
             assert type(event) is Ok
-
-    def _update_deadline(self, conn: _Conn) -> None:
-        sent_times = self._out.sent_times
-        if sent_times:
-            limit = self._ping_interval * self._max_pings
-            conn.scope.deadline = sent_times[0] + limit
-        else:
-            conn.scope.deadline = float("inf")
 
     async def _writer(self, conn: _Conn) -> None:
         send = conn.stream.send_all
@@ -463,11 +491,7 @@ class _Link:
                 continue
             data = out.data
             out.data = bytearray()
-            if out.unsent_pings:
-                now = trio.current_time()
-                out.sent_times.extend([now] * out.unsent_pings)
-                out.unsent_pings = 0
-                self._update_deadline(conn)
+            out.unsent_pings = 0  # taken: written now, or lost with this connection
             if out.space:
                 out.space.unpark_all()
             await send(data)

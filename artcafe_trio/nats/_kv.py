@@ -53,6 +53,7 @@ _NS = 1_000_000_000
 _ERR_STREAM_NOT_FOUND = 10059
 _ERR_NO_PEERS = 10005  # "no suitable peers for placement": a cluster still forming or failing over
 _ERR_NO_MESSAGE = 10037
+_ERR_TTL_DISABLED = 10166  # "per-message TTL is disabled" (no allow_msg_ttl)
 # "wrong last sequence: N" from the stream, and the same check failed in clustered mode.
 _ERR_WRONG_LAST_SEQUENCE = (10071, 10164)
 
@@ -191,6 +192,9 @@ class KeyValue:
                 raise WrongLastRevisionError(
                     exc.code, exc.err_code, exc.description, key=key
                 ) from None
+            if exc.err_code == _ERR_TTL_DISABLED:
+                hint = f"{exc.description}: bucket {self.bucket!r} was made without allow_msg_ttl"
+                raise JetStreamError(exc.code, exc.err_code, hint) from None
             raise
         return int(ack["seq"])
 
@@ -202,7 +206,9 @@ class KeyValue:
         """Set ``key`` only if it has no live value; raises :class:`KeyExistsError`.
 
         A key whose last revision is a delete, purge or expiry counts as absent.
-        ``ttl`` (seconds, >= 1) needs a bucket made with ``allow_msg_ttl``.
+        When a concurrent write or expiry changes the key between the refusal and
+        the look at its last revision, it looks again. ``ttl`` (seconds, >= 1)
+        needs a bucket made with ``allow_msg_ttl``.
         """
         headers = {"Nats-Expected-Last-Subject-Sequence": "0"}
         if ttl is not None:
@@ -210,15 +216,17 @@ class KeyValue:
         try:
             return await self._publish(key, value, headers)
         except WrongLastRevisionError as exc:
+            lost = exc
+        while True:  # the key has a last revision: a live value, or a marker (absent)
             last = await self._last(key)
-            if last is None or last.op is KvOp.PUT:
-                raise KeyExistsError(exc.code, exc.err_code, exc.description, key=key) from None
+            if last is not None and last.op is KvOp.PUT:
+                raise KeyExistsError(lost.code, lost.err_code, lost.description, key=key)
             try:
+                if last is None:  # gone since the refusal (an expiry without a marker)
+                    return await self._publish(key, value, headers)
                 return await self.update(key, value, last=last.revision, ttl=ttl)
-            except WrongLastRevisionError as again:
-                raise KeyExistsError(
-                    again.code, again.err_code, again.description, key=key
-                ) from None
+            except WrongLastRevisionError as exc:
+                lost = exc  # written meanwhile: look again
 
     async def update(self, key: str, value: bytes, *, last: int, ttl: float | None = None) -> int:
         """Set ``key`` only if its last revision is ``last`` (compare-and-set).
@@ -281,6 +289,12 @@ class KeyValue:
         )
         subjects = (info.get("state") or {}).get("subjects") or {}
         return sorted(subject[len(self._prefix) :] for subject in subjects)
+
+    async def last_revision(self) -> int:
+        """The bucket's newest revision (its stream's last sequence; 0 when empty): every
+        revision any key had so far is at most this, every later write is above it."""
+        info = await _api(self._nc, f"$JS.API.STREAM.INFO.{self.stream}", None, self._timeout)
+        return int((info.get("state") or {}).get("last_seq") or 0)
 
     async def entry(self, key: str) -> KvEntry | None:
         """The last revision of ``key`` whatever it did (a put, delete, purge or expiry
@@ -368,10 +382,13 @@ class KvWatcher:
             "num_replicas": 1,
             "inactive_threshold": int(max(30.0, self._heartbeat * 10) * _NS),
         }
-        if self._last_stream_seq:
+        if self.caught_up or (self._history and self._last_stream_seq):
             config["deliver_policy"] = "by_start_sequence"
             config["opt_start_seq"] = self._last_stream_seq + 1
         else:
+            # Without history, a reset before catching up takes the current values
+            # again (what was already delivered is skipped): a start sequence would
+            # replay revisions that the first snapshot had already superseded.
             config["deliver_policy"] = "all" if self._history else "last_per_subject"
         try:
             answer = await _api(
@@ -389,9 +406,8 @@ class KvWatcher:
         self._consumer = str(answer.get("name"))
         self._consumer_seq = 0
         self._reset_needed = False
-        pending = answer.get("num_pending", 0)
-        if not pending and not self._last_stream_seq:
-            self.caught_up = True
+        if not answer.get("num_pending", 0):
+            self.caught_up = True  # nothing (more) to deliver
 
     async def _delete_consumer(self) -> None:
         if self._consumer is None:
@@ -475,11 +491,11 @@ class KvWatcher:
             self._reset_needed = True
             return None
         self._consumer_seq = consumer_seq
+        if pending == 0:
+            self.caught_up = True
         if stream_seq <= self._last_stream_seq:
             return None  # already delivered before a reset
         self._last_stream_seq = stream_seq
-        if pending == 0:
-            self.caught_up = True
         key = msg.subject[len(self._kv._prefix) :]
         op = _op_of(headers)
         value = msg.data if op is KvOp.PUT else b""

@@ -326,8 +326,8 @@ def encode_headers(headers: Headers | Mapping[str, str | Sequence[str]]) -> byte
         if "\r" in value or "\n" in value or value != value.strip():
             raise BadSubjectError(f"header value must be one trimmed line: {value!r}")
         parts.append(f"{key}: {value}")
-    if "\r" in h.description or "\n" in h.description:
-        raise BadSubjectError("status description must be one line")
+    if "\r" in h.description or "\n" in h.description or h.description != h.description.strip():
+        raise BadSubjectError(f"status description must be one trimmed line: {h.description!r}")
     return ("\r\n".join(parts) + "\r\n\r\n").encode()
 
 

@@ -184,7 +184,8 @@ class Publish(Frame):
     """Agent → hub: publish ``data`` to a concrete subject.
 
     With an ``id`` the hub answers ``published`` and de-duplicates re-sends of
-    the same id from the same agent.
+    the same id from the same agent. ``reply_from`` (with a ``reply_to`` under the
+    publisher's ``$reply.`` inbox) names the only agents whose answer the hub accepts.
     """
 
     type: ClassVar[str] = "publish"
@@ -192,6 +193,7 @@ class Publish(Frame):
     data: JSON = _field(_k_json, default=None)
     id: str | None = _field(_k_id, optional=True)
     reply_to: str | None = _field(_k_subject, optional=True)
+    reply_from: tuple[str, ...] | None = _field(_k_capabilities, optional=True)
 
 
 @attrs.frozen(kw_only=True)
@@ -206,8 +208,8 @@ class Published(Frame):
 
 @attrs.frozen(kw_only=True)
 class Message(Frame):
-    """Hub → agent: a delivery. ``subject`` is concrete; ``subscription`` is the pattern
-    that matched (``None`` for a reply delivered to its requester)."""
+    """Hub → agent: a delivery (one per publish per connection). ``subject`` is concrete;
+    ``subscription`` is not sent by this hub (read if an older hub sends it)."""
 
     type: ClassVar[str] = "message"
     subject: str = _field(_k_str)
@@ -271,9 +273,16 @@ class PresenceRecord:
 
 @attrs.frozen(kw_only=True)
 class PresenceState(Frame):
+    """Hub → agent or admin: the presence table asked for by ``presence_query``.
+
+    ``degraded``: why the answering hub's view of its cluster is degraded (e.g.
+    ``fenced``: the table may be stale); absent when it is not, and for a hub alone.
+    """
+
     type: ClassVar[str] = "presence_state"
     id: str = _field(_k_id)
     agents: tuple[PresenceRecord, ...] = _field(_k_records, default=())
+    degraded: tuple[str, ...] | None = _field(_k_strings, optional=True)
 
 
 @attrs.frozen(kw_only=True)

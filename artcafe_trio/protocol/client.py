@@ -230,6 +230,7 @@ class UnsubscribeConfirmed:
 class PresenceAnswered:
     id: str
     records: tuple[PresenceRecord, ...]
+    degraded: tuple[str, ...] = ()  # presence_state.degraded (a fenced cluster hub)
 
 
 @attrs.frozen
@@ -496,7 +497,7 @@ class ClientConnection:
                 return [SubscribeConfirmed(frame.id, frame.subject)]
             if isinstance(frame, Unsubscribed):
                 return [UnsubscribeConfirmed(frame.id, frame.subject)]
-            return [PresenceAnswered(frame.id, frame.agents)]
+            return [PresenceAnswered(frame.id, frame.agents, frame.degraded or ())]
         if isinstance(frame, Error):
             if frame.id is not None and self._requests.pop(frame.id, None) is not None:
                 return [RequestRefused(frame.id, HubError(frame.code, frame.message))]
@@ -539,21 +540,21 @@ class ClientConnection:
         reply_to: str | None = None,
         reply_token: str | None = None,
         encoded: str | None = None,
+        reply_from: tuple[str, ...] | None = None,
     ) -> Request:
         """A ``publish`` the hub will confirm (``PublishConfirmed``/``PublishRefused``).
 
-        ``frame_id`` re-sends an earlier publish under its id (the hub de-duplicates);
-        ``reply_token`` makes it a request: ``reply_to`` becomes this session's reply
-        subject and the first reply comes as ``ReplyReceived(token)``. ``encoded`` is
-        the frame's text when the caller already has it (it must match the fields).
+        ``frame_id`` re-sends a publish under its id (de-duplicated); ``reply_token``
+        makes it a request to this session's inbox, answered (by ``reply_from`` only,
+        if given) as ``ReplyReceived(token)``; ``encoded``: its text, if already made.
         """
         welcome = self._require_open("publish")
         frame_id = frame_id or self.ids.next()
         if reply_token is not None:
             reply_to = f"{REPLY_PREFIX}{welcome.session_id}.{reply_token}"
-            encoded = None
-        if encoded is None:
-            encoded = encode(Publish(subject=subject, data=data, id=frame_id, reply_to=reply_to))
+        if encoded is None or reply_token is not None:
+            frame = Publish(subject=subject, data=data, id=frame_id, reply_to=reply_to)
+            encoded = encode(attrs.evolve(frame, reply_from=reply_from))
         self._publishes.add(frame_id)
         if reply_token is not None:
             self._reply_tokens.add(reply_token)

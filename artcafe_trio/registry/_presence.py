@@ -128,8 +128,10 @@ class PresenceTables:
     def add_dashboard_token(
         self, tenant_id: str, token_hash: str, *, now: float | None = None
     ) -> None:
-        """Store the hash of a read-only dashboard token for ``tenant_id``."""
-        validate_id(tenant_id, "tenant id")
+        """Store the hash of a read-only dashboard token for ``tenant_id`` (``"*"``:
+        every tenant, as the hub's admin token sees them)."""
+        if tenant_id != "*":
+            validate_id(tenant_id, "tenant id")
         stamp = time.time() if now is None else float(now)
         with self._db.transaction(write=True) as conn:
             conn.execute(

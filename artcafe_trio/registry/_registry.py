@@ -87,22 +87,23 @@ class Registry:
         memory = name == _MEMORY
         if not memory:
             _create_private_file(name)
+        shown = name if memory else os.path.abspath(name)  # in messages
         try:
             conn = sqlite3.connect(
                 name, timeout=_BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
-            raise RegistryError(f"cannot open registry database {name!r}: {exc}") from exc
+            raise RegistryError(f"cannot open registry database {shown!r}: {exc}") from exc
         try:
             _initialise(conn, memory=memory)
             return cls(conn, name)
         except sqlite3.OperationalError as exc:
             conn.close()
-            raise RegistryError(f"cannot open registry database {name!r}: {exc}") from exc
+            raise RegistryError(f"cannot open registry database {shown!r}: {exc}") from exc
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise RegistryError(
-                f"{name!r} is not a usable registry database (corrupted, or not SQLite): {exc}"
+                f"{shown!r} is not a usable registry database (corrupted, or not SQLite): {exc}"
             ) from exc
         except BaseException:
             conn.close()
@@ -259,7 +260,8 @@ class Registry:
     def add_dashboard_token(
         self, tenant_id: str, token_hash: str, *, now: float | None = None
     ) -> None:
-        """Store the hash of a read-only dashboard token for ``tenant_id``."""
+        """Store the hash of a read-only dashboard token for ``tenant_id`` (``"*"``:
+        every tenant)."""
         self._presence.add_dashboard_token(tenant_id, token_hash, now=now)
 
     def dashboard_token_tenant(self, token_hash: str) -> str | None:

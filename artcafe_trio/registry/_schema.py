@@ -247,17 +247,18 @@ def _pragma_int(conn: sqlite3.Connection, name: str) -> int:
 
 def _create_private_file(path: str) -> None:
     """Create ``path`` empty with mode 0600 unless it exists; its directory must exist."""
-    directory = os.path.dirname(os.path.abspath(path))
+    absolute = os.path.abspath(path)
+    directory = os.path.dirname(absolute)
     if not os.path.isdir(directory):
         raise RegistryError(
-            f"cannot create registry database {path!r}: directory {directory!r} does not exist"
+            f"cannot create registry database {absolute!r}: directory {directory!r} does not exist"
         )
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         return
     except OSError as exc:
-        raise RegistryError(f"cannot create registry database {path!r}: {exc}") from exc
+        raise RegistryError(f"cannot create registry database {absolute!r}: {exc}") from exc
     try:
         os.fchmod(fd, 0o600)
     finally:

@@ -2,7 +2,9 @@
 
 It speaks just enough of the server side: INFO, CONNECT, PING/PONG, and it
 records SUB/UNSUB/PUB/HPUB commands. Tests make it refuse dials, stop
-answering (a frozen server), close connections, or send messages.
+answering (a frozen server), stop reading altogether (a stalled server: with
+``lockstep=True`` the client's writes then block, as on a full TCP window),
+close connections, or send messages.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ class FakeConnection:
         self.address = f"{host}:{port}"
         self.commands: list[tuple[Any, ...]] = []
         self.frozen = False
+        self.stalled = False
         self.connected = trio.Event()
         self._buf = bytearray()
 
@@ -42,6 +45,8 @@ class FakeConnection:
         try:
             await self.stream.send_all(b"INFO " + json.dumps(info).encode() + b"\r\n")
             while True:
+                if self.stalled:  # like SIGSTOP: nothing is read any more
+                    await trio.sleep_forever()
                 data = await self.stream.receive_some(65536)
                 if not data:
                     return
@@ -91,8 +96,10 @@ class FakeConnection:
 class FakeServer:
     """``dial`` for ``open_nats``; every dial makes a new :class:`FakeConnection`."""
 
-    def __init__(self, nursery: trio.Nursery, **info: Any) -> None:
+    def __init__(self, nursery: trio.Nursery, *, lockstep: bool = False, **info: Any) -> None:
         self.nursery = nursery
+        #: Streams whose ``send_all`` waits until the other side has received it all.
+        self.lockstep = lockstep
         self.info = info
         self.connections: list[FakeConnection] = []
         self.dials: list[tuple[float, str]] = []
@@ -104,7 +111,10 @@ class FakeServer:
         await trio.lowlevel.checkpoint()
         if self.refuse:
             raise ConnectionRefusedError("refused by the fake")
-        client, server = trio.testing.memory_stream_pair()
+        if self.lockstep:
+            client, server = trio.testing.lockstep_stream_pair()
+        else:
+            client, server = trio.testing.memory_stream_pair()
         conn = FakeConnection(self, server, host, port)
         self.connections.append(conn)
         self.nursery.start_soon(conn.run)

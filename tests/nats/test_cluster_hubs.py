@@ -34,6 +34,7 @@ from artcafe_trio.cluster import (
 )
 from artcafe_trio.cluster._records import HubLease, PresenceClaim, lease_key
 from artcafe_trio.cluster._store import open_cluster_store
+from artcafe_trio.dashboard import Webhook, WebhookConfig
 from artcafe_trio.nats import KvOp, open_nats
 from artcafe_trio.protocol import (
     Auth,
@@ -52,6 +53,7 @@ from artcafe_trio.protocol._keys import PrivateKey, generate_private_key
 from artcafe_trio.testing import TestHub
 
 from ..conftest import RawClient
+from ..test_webhooks import FakePost
 from .servers import API_TIMEOUT, NatsNode
 
 pytestmark = pytest.mark.timeout(60)
@@ -676,6 +678,8 @@ async def test_a_killed_hub_s_agents_go_offline_hub_lost_unless_they_moved(
         trio.open_nursery() as nursery,
     ):
         with trio.fail_after(30):
+            alerts = FakePost()  # hub A's alert webhook: what it would POST
+            await nursery.start(Webhook(a.hub, WebhookConfig(url="http://x/"), post=alerts).run)
             watcher = await presence_watcher(a, nursery)
             for agent, key in keys.items():
                 await real_connect(url, nursery, agent, key)
@@ -696,6 +700,13 @@ async def test_a_killed_hub_s_agents_go_offline_hub_lost_unless_they_moved(
             assert {table[agent].reason for agent in stays} == {"hub_lost"}
             assert {table[agent].status for agent in moves} == {"online"}
             assert {table[agent].hub_id for agent in moves} == {"hub-a"}
+            # Hub A posted its own watcher's online and, as the reaper, each hub_lost
+            # once; hub-k's onlines were hub-k's to post, and the moves were no change.
+            sent = [(d["agent_id"], d["reason"], d["hub_id"]) for _t, d in alerts.calls]
+            assert sorted(sent) == sorted(
+                [("watcher", "connected", "hub-a")] + [(s, "hub_lost", "hub-k") for s in stays]
+            )
+            assert {d["reported_by"] for _t, d in alerts.calls} == {"hub-a"}
             nursery.cancel_scope.cancel()
 
 
@@ -947,7 +958,7 @@ async def test_a_hub_restarted_after_a_crash_waits_for_its_lease_and_clears_its_
                 assert 0.3 < waited < LEASE_TTL + 3.0, waited  # the old lease expired first
                 while (claim := await store.get("t1", "ghost")) is None or claim.status == "online":
                     await trio.sleep(0.05)
-                assert (claim.hub, claim.reason, claim.epoch) == ("hub-r", "hub_lost", 1)
+                assert (claim.hub, claim.reason, claim.epoch) == ("hub-r", "hub_lost", left.epoch)
                 entry = await store.kv.entry(lease_key("hub-r"))
                 assert entry is not None and HubLease.decode(entry.value).hub == "hub-r"
 
@@ -965,7 +976,7 @@ async def test_a_hub_restarted_after_draining_reports_what_it_left_online_discon
             store = await open_cluster_store(nc, "hub-r", bucket=bucket, api_timeout=API_TIMEOUT)
             await store.kv.create(lease_key("hub-r"), HubLease("hub-r").encode(), ttl=LEASE_TTL)
             stranded = await store.claim("t1", "stranded", "s-old-1")
-            await store.claim("t1", "returning", "s-old-2")
+            returning_before = await store.claim("t1", "returning", "s-old-2")
             await store.drop_lease()  # the drained run's handover: claims left online
             writes: list[tuple[str, str, str, float]] = []
 
@@ -992,11 +1003,13 @@ async def test_a_hub_restarted_after_draining_reports_what_it_left_online_discon
                 while (claim := await store.get("t1", "stranded")) == stranded:
                     await trio.sleep(0.05)
                 assert claim is not None
-                assert (claim.status, claim.reason, claim.epoch) == ("offline", "disconnected", 1)
+                assert (claim.status, claim.reason) == ("offline", "disconnected")
+                assert claim.epoch == stranded.epoch  # released at the drained run's epoch
                 assert trio.current_time() - started >= GRACE  # after the grace, not at once
                 returning = await store.get("t1", "returning")
                 assert returning is not None
-                assert (returning.status, returning.epoch, returning.hub) == ("online", 2, "hub-r")
+                assert (returning.status, returning.hub) == ("online", "hub-r")
+                assert returning.epoch == returning_before.epoch + 1
                 await trio.sleep(0.2)  # time for a wrong write to show
                 seen = list(writes)  # (its stop, alone, then marks "returning" offline)
             nursery.cancel_scope.cancel()
@@ -1089,9 +1102,10 @@ def test_the_hub_command_s_nats_options_make_the_cluster_config(tmp_path: Path) 
     args = build_parser().parse_args(
         ["hub", "--nats", "tls://u:p@n1:4222,tls://n2:4222", "--hub-id", "h1",
          "--nats-ca", str(ca), "--nats-lease-ttl", "3", "--nats-bucket", "b1",
-         "--nats-replicas", "1", "--nats-shared-credentials"]
+         "--nats-replicas", "1", "--nats-shared-credentials", "--nats-claim-ttl", "600"]
     )  # fmt: skip
     config = _cluster_config(args)
+    assert config.claim_ttl == 600.0
     assert config.servers == ("tls://u:p@n1:4222", "tls://n2:4222")
     assert (config.lease_ttl, config.bucket, config.replicas) == (3.0, "b1", 1)
     assert config.shared_credentials and isinstance(config.tls, ssl.SSLContext)

@@ -43,9 +43,10 @@ def autojump(autojump_clock: trio.testing.MockClock) -> trio.testing.MockClock:
 async def fake_client(**options: Any) -> AsyncIterator[tuple[NatsClient, FakeServer]]:
     info = options.pop("info", {})
     servers = options.pop("servers", ["nats://127.0.0.1:4222"])
+    lockstep = options.pop("lockstep", False)
     with collapse_exception_groups():
         async with trio.open_nursery() as nursery:
-            fake = FakeServer(nursery, **info)
+            fake = FakeServer(nursery, lockstep=lockstep, **info)
             async with open_nats(servers, dial=fake.dial, randomize=False, **options) as nc:
                 yield nc, fake
             nursery.cancel_scope.cancel()
@@ -66,6 +67,55 @@ async def test_ping_deadline_fires_at_interval_times_outstanding(autojump: Any) 
         event = await events.receive()
         assert isinstance(event, Reconnected)
         assert nc.is_connected
+
+
+async def test_the_ping_deadline_holds_while_a_write_is_blocked(autojump: Any) -> None:
+    """A server that stops reading during a publish burst (SIGSTOP, a black hole):
+    the writer blocks in ``send_all`` and publishers wait for buffer space. The
+    PINGs queued meanwhile still count, so the connection is declared dead at
+    the exact deadline, the blocked write is cancelled and the publishers go on."""
+    async with fake_client(
+        lockstep=True,
+        ping_interval=10,
+        max_pings_outstanding=2,
+        write_buffer_size=1000,
+        backoff=Backoff(base=1, cap=1, max_attempts=None),
+    ) as (nc, fake):
+        events = nc.events()
+        await nc.flush()
+        stalled = fake.current
+        t0 = trio.current_time()
+        stalled.stalled = True
+        published = 0
+        parked: list[tuple[float, float]] = []
+
+        async def burst() -> None:
+            nonlocal published
+            for i in range(300):
+                before = trio.current_time()
+                await nc.publish("burst", b"%099d" % i)
+                if trio.current_time() > before:
+                    parked.append((before - t0, trio.current_time() - t0))
+                published += 1
+
+        with trio.fail_after(100):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(burst)
+                event = await events.receive()
+                assert isinstance(event, Disconnected)
+                assert "stale connection" in event.cause
+                # The first PING was queued at t0 + 10 (behind the blocked write); 10 x 2 later:
+                assert trio.current_time() - t0 == pytest.approx(30, abs=1e-6)
+                assert isinstance(await events.receive(), Reconnected)
+        assert published == 300
+        # The burst waited for buffer space from the start until the connection was dropped.
+        assert parked == [(0, 30)]
+        await nc.flush()
+        assert fake.current is not stalled
+        # What was still buffered is sent on the new connection, in order (the
+        # cancelled write's messages are lost with the connection: at most once).
+        pubs = [int(p) for p in fake.current.pubs()]
+        assert pubs[0] > 0 and pubs == list(range(pubs[0], 300))
 
 
 async def test_answered_pings_keep_the_connection(autojump: Any) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -119,6 +119,98 @@ async def test_a_watched_keys_ttl_expiry_is_seen_within_a_second(
         assert await kv.get("short") is None
         with pytest.raises(ValueError, match="ttl"):
             await kv.create("x", b"", ttl=0.5)
+
+
+async def test_max_age_expires_a_key_and_the_watcher_sees_the_marker(
+    nats_cluster: list[NatsNode],
+) -> None:
+    async with open_nats([n.url for n in nats_cluster]) as nc:
+        kv = await nc.key_value(
+            bucket_name(), replicas=3, max_age=1, limit_marker_ttl=1, api_timeout=API_TIMEOUT
+        )
+        assert kv.config["max_age"] == 1_000_000_000
+        async with kv.watch("*") as watcher:
+            revision = await kv.put("aging", b"old")
+            written = trio.current_time()
+            with trio.fail_after(5):
+                put = await anext(watcher)
+                expired = await anext(watcher)
+            seen = trio.current_time() - written
+        assert put == KvEntry(kv.bucket, "aging", b"old", revision, KvOp.PUT)
+        assert (expired.key, expired.op, expired.value) == ("aging", KvOp.EXPIRED, b"")
+        assert expired.revision > revision
+        assert 1.0 - 0.05 <= seen <= 1.0 + 2.0
+        assert await kv.get("aging") is None
+
+
+async def test_allow_msg_ttl_without_markers_removes_expired_keys_silently(
+    nats_cluster: list[NatsNode],
+) -> None:
+    async with open_nats([n.url for n in nats_cluster]) as nc:
+        kv = await nc.key_value(
+            bucket_name(), replicas=3, allow_msg_ttl=True, api_timeout=API_TIMEOUT
+        )
+        assert kv.config["allow_msg_ttl"] is True
+        assert not kv.config.get("subject_delete_marker_ttl")
+        await kv.put("stays", b"1")
+        created = await kv.create("short", b"lived", ttl=1)
+        entry = await kv.entry("short")
+        assert entry is not None and (entry.revision, entry.ttl) == (created, 1.0)
+        with trio.fail_after(5):
+            while await kv.get("short") is not None:
+                await trio.sleep(0.1)
+        # No marker: the key has no last revision at all, so it is not listed either.
+        assert await kv.entry("short") is None
+        assert await kv.keys() == ["stays"]
+        async with kv.watch(">") as watcher:
+            first = await anext(watcher)
+            assert (first.key, watcher.caught_up) == ("stays", True)
+
+
+async def test_update_with_a_ttl_sets_the_revision_s_ttl_and_expires_the_key(
+    nats_cluster: list[NatsNode],
+) -> None:
+    async with open_nats([n.url for n in nats_cluster]) as nc:
+        kv = await nc.key_value(
+            bucket_name(), replicas=3, limit_marker_ttl=1, api_timeout=API_TIMEOUT
+        )
+        first = await kv.put("lease", b"a")
+        assert (await kv.entry("lease")).ttl is None  # type: ignore[union-attr]
+        async with kv.watch("lease") as watcher:
+            assert (await anext(watcher)).revision == first
+            second = await kv.update("lease", b"b", last=first, ttl=2)
+            updated = trio.current_time()
+            entry = await kv.get("lease")
+            assert entry is not None and (entry.value, entry.ttl) == (b"b", 2.0)
+            with pytest.raises(WrongLastRevisionError):
+                await kv.update("lease", b"c", last=first, ttl=2)  # still compare-and-set
+            with trio.fail_after(6):
+                put = await anext(watcher)
+                expired = await anext(watcher)
+            seen = trio.current_time() - updated
+        assert (put.revision, put.ttl) == (second, 2.0)
+        assert (expired.key, expired.op) == ("lease", KvOp.EXPIRED)
+        assert 2.0 - 0.05 <= seen <= 2.0 + 1.0
+        assert await kv.get("lease") is None
+
+
+async def test_a_ttl_write_to_a_bucket_without_ttl_support_is_refused_clearly(
+    nats_cluster: list[NatsNode],
+) -> None:
+    async with open_nats([n.url for n in nats_cluster]) as nc:
+        kv = await nc.key_value(bucket_name(), replicas=3, api_timeout=API_TIMEOUT)
+        revision = await kv.put("k", b"v")
+        writes: list[Callable[[], Awaitable[int]]] = [
+            lambda: kv.create("new", b"", ttl=1),
+            lambda: kv.update("k", b"w", last=revision, ttl=1),
+        ]
+        for write in writes:
+            with pytest.raises(JetStreamError, match="without allow_msg_ttl") as caught:
+                await write()
+            assert (caught.value.code, caught.value.err_code) == (400, 10166)
+            assert not isinstance(caught.value, WrongLastRevisionError)
+        assert await kv.get("new") is None
+        assert (await kv.get("k")).value == b"v"  # type: ignore[union-attr]
 
 
 async def test_entries_carry_their_time_and_ttl_and_keys_are_listed(

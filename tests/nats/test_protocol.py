@@ -38,11 +38,13 @@ header_key = st.text(
 header_value = st.text(
     alphabet=st.characters(blacklist_categories=("Cs", "Cc", "Zs", "Zl", "Zp")), max_size=12
 ) | st.just("with inner space")
+#: A status description: one trimmed line, possibly with inner spaces ("No Responders").
+description = st.lists(header_value.filter(bool), max_size=3).map(" ".join)
 headers = st.builds(
     Headers,
     st.lists(st.tuples(header_key, header_value), max_size=5).map(tuple),
     st.one_of(st.none(), st.integers(100, 999)),
-    st.just(""),
+    description,
 ).map(lambda h: h if h.status is not None else Headers(h.fields))
 
 
@@ -152,6 +154,16 @@ def test_garbage_never_raises_anything_but_a_protocol_error(wire: bytes) -> None
 @given(headers)
 def test_headers_round_trip(h: Headers) -> None:
     assert decode_headers(encode_headers(h)) == h
+
+
+@settings(max_examples=100, deadline=None)
+@given(description.filter(bool), st.sampled_from([" ", "  ", "\t"]), st.booleans())
+def test_an_untrimmed_status_description_is_refused_like_a_value(
+    text: str, pad: str, leading: bool
+) -> None:
+    padded = pad + text if leading else text + pad
+    with pytest.raises(BadSubjectError, match="description"):
+        encode_headers(Headers((), 503, padded))
 
 
 def test_inline_status_and_multi_value_headers() -> None:

@@ -79,14 +79,16 @@
     const wrap = el("div", { class: "bar", role: "img" });
     if (!h || !h.segments) { wrap.setAttribute("aria-label", "no history yet"); return wrap; }
     const span = (h.until - h.since) || 1;
+    let outages = 0;
     for (const s of h.segments) {
-      const part = el("span", { class: s.status, title: s.status + (s.reason ? " (" + s.reason + ")" : "") +
+      const part = el("span", { class: s.status, "data-status": s.status, title: s.status + (s.reason ? " (" + s.reason + ")" : "") +
         " " + fmtTime(s.start) + " – " + fmtTime(s.end) });
       part.style.width = (100 * (s.end - s.start) / span) + "%";
       wrap.appendChild(part);
+      if (s.status === "offline") outages++;
     }
     const up = h.uptime === null ? "unknown" : (100 * h.uptime).toFixed(1) + " % up";
-    wrap.setAttribute("aria-label", "last 24 h: " + up);
+    wrap.setAttribute("aria-label", "last 24 h: " + up + ", " + outages + " offline period" + (outages === 1 ? "" : "s"));
     return wrap;
   }
   function render() {
@@ -237,14 +239,19 @@
   }
 
   // --- the live feed (server-sent events over fetch) -------------------------------
-  let failures = 0;
+  let failures = 0, wasLive = false;
   async function follow() {
     while (true) {
       try {
         const response = await fetch("/api/events", { headers, cache: "no-store" });
         if (response.status === 401 || response.status === 403) {
-          setFeed("refused", "refused: token not valid (reopen with ?token=)");
-          document.body.dataset.refused = "1";
+          // A token that worked and no longer does: revoked, or the hub's admin token,
+          // which is new at every hub start (a stored token outlives restarts).
+          setFeed("refused", wasLive
+            ? "refused: this token is no longer valid (revoked, or the hub's admin token, new at every hub start; "
+              + "`artcafe-trio dashboard-token --all-tenants` makes one that survives restarts)"
+            : "refused: token not valid (reopen with ?token=)");
+          document.body.dataset.refused = wasLive ? "expired" : "1";
           return;
         }
         if (!response.ok || !response.body) throw new Error("HTTP " + response.status);
@@ -269,6 +276,7 @@
             if (name === "snapshot") {
               applySnapshot(doc, "events" in doc);
               failures = 0;
+              wasLive = true;
               setFeed("live", "live");
             } else if (name === "resync") {
               setFeed("reconnecting", "resyncing…");
