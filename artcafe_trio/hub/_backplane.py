@@ -53,6 +53,7 @@ class Route:
     names the requester's session: answers to it are routed back the same way.
     ``publish_id`` is the publisher's frame id (kept by a re-send through another hub
     after a failover: the cluster-wide de-duplication key, with tenant and sender).
+    ``reply_from``: a request's allowed responders (every hub holds answers to it).
     """
 
     tenant_id: str
@@ -63,6 +64,7 @@ class Route:
     time: float
     reply_to: str | None = None
     publish_id: str | None = None
+    reply_from: tuple[str, ...] | None = None
 
 
 @attrs.frozen

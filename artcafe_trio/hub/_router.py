@@ -136,6 +136,7 @@ class Router:
         route = Route(
             session.tenant_id, subject, data_json, session.agent_id,
             self._next_message_id(), self._wall_clock(), reply_to, frame.id,
+            None if frame.reply_from is None else tuple(frame.reply_from),
         )  # fmt: skip
         earlier = await self._backplane.publish_route(route)
         if earlier is not None:  # routed already, through another hub (a re-send)
@@ -176,7 +177,9 @@ class Router:
         targets = self.targets(route.tenant_id, route.subject)
         reply_to = route.reply_to
         if reply_to is not None and reply_to.startswith(f"{REPLY_PREFIX}."):
-            self.replies.expect_remote(reply_to, (target.agent_id for target in targets))
+            self.replies.expect_remote(
+                reply_to, (target.agent_id for target in targets), route.reply_from
+            )
         self._stats.deliveries += len(targets)
         for target in targets:
             target.deliver(item)
