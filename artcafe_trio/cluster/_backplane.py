@@ -327,7 +327,7 @@ class NatsBackplane:
                 tenant_id, subject, env.data_json, env.sender, env.message_id, env.time,
                 env.reply_to, env.publish_id, env.reply_from,
             )  # fmt: skip
-            self._peer.route_arrived(route)
+            await self._peer.route_arrived(route)
 
     async def _watch_hubs(
         self, store: ClusterStore, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -107,12 +107,14 @@ class PresenceUpdate:
 class BackplanePeer(Protocol):
     """The hub side of the seam: what a backplane calls when another hub did something.
 
-    Every method is synchronous and never blocks (it only queues deliveries and
-    changes in-memory state); it is called from the backplane's own tasks.
+    Every method but :meth:`route_arrived` is synchronous; none blocks (they only
+    queue deliveries and change in-memory state); they are called from the backplane's
+    own tasks.
     """
 
-    def route_arrived(self, route: Route) -> None:
-        """A publish accepted on another hub: deliver it to this hub's matching agents."""
+    async def route_arrived(self, route: Route) -> None:
+        """A publish accepted on another hub: deliver it to this hub's matching agents
+        (a long fan-out checkpoints between batches, as a local publish does)."""
 
     def session_claimed(self, claim: SessionClaim) -> None:
         """Another hub's session now owns ``claim``'s agent: close the local one, if any,
