@@ -171,7 +171,9 @@ async def test_a_route_from_another_hub_is_delivered_here_once_and_not_sent_back
         await a.subscribe("jobs.>")  # two matching patterns: still one delivery
         await other_tenant.subscribe("jobs.*")
         assert backplane.peer is not None
-        backplane.peer.route_arrived(Route("t1", "jobs.new", '{"n":2}', "far", "hub-b-7", 5.0))
+        await backplane.peer.route_arrived(
+            Route("t1", "jobs.new", '{"n":2}', "far", "hub-b-7", 5.0)
+        )
         [got] = await a.messages(1)
         assert (got.subject, got.data, got.sender, got.message_id, got.time) == (
             "jobs.new", {"n": 2}, "far", "hub-b-7", 5.0,
@@ -256,7 +258,7 @@ async def test_request_reply_across_hubs_grants_the_answer_here_once(
         await worker.subscribe("work")
         assert backplane.peer is not None
         inbox = "$reply.s-far.1"
-        backplane.peer.route_arrived(
+        await backplane.peer.route_arrived(
             Route("t1", "work", '{"q":1}', "far", "hub-b-1", 1.0, reply_to=inbox)
         )
         [request] = await worker.messages(1)
@@ -284,13 +286,13 @@ async def test_an_answer_from_another_hub_reaches_the_requester_only_while_open(
         await requester.recv_type(Published)
         await local.messages(1)
         answer = Route("t1", inbox, '"far"', "far", "hub-b-9", 2.0)
-        backplane.peer.route_arrived(answer)
+        await backplane.peer.route_arrived(answer)
         [got] = await requester.messages(1)
         assert (got.subject, got.data, got.sender) == (inbox, "far", "far")
         # Answered: the local responder's answer and a second remote one are refused.
         await local.send(Publish(subject=inbox, data="late", id="l"))
         assert getattr(await local.recv(), "code", None) == "reply_not_expected"
-        backplane.peer.route_arrived(answer)
+        await backplane.peer.route_arrived(answer)
         await requester.send(Publish(subject="x", data=None, id="p"))
         assert isinstance(await requester.recv(), Published)  # nothing came before it
 
@@ -388,3 +390,34 @@ async def test_a_degraded_cluster_view_is_in_the_presence_answers_and_metrics(
         backplane.reasons = ()  # the lease is held again
         assert (await _presence_state(admin, "q3")).degraded is None
         assert gauges() == {"artcafe_cluster_fenced": 0, "artcafe_cluster_claims_pending": 0}
+
+
+async def test_a_long_fan_out_of_a_route_from_another_hub_lets_other_tasks_run(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A routed publish is fanned out in batches too (issue 9): between two batches of
+    :data:`FANOUT_BATCH` deliveries, other tasks of the hub run."""
+    from artcafe_trio.hub import _router
+
+    monkeypatch.setattr(_router, "FANOUT_BATCH", 2)
+    backplane = RecordingBackplane()
+    async with hub_over(backplane) as hub:
+        receivers = [await connect(hub, nursery, f"r{i}") for i in range(6)]
+        for receiver in receivers:
+            await receiver.subscribe("fan")
+        seen: list[int] = []
+
+        async def watch() -> None:
+            while True:
+                seen.append(hub.hub.stats.deliveries)
+                await trio.lowlevel.checkpoint()
+
+        nursery.start_soon(watch)
+        before = hub.hub.stats.deliveries
+        assert backplane.peer is not None
+        await backplane.peer.route_arrived(Route("t1", "fan", "1", "far", "hub-b-1", 1.0))
+        for receiver in receivers:
+            [got] = await receiver.messages(1)
+            assert (got.subject, got.sender) == ("fan", "far")
+        assert hub.hub.stats.deliveries == before + 6
+        assert any(before < n < before + 6 for n in seen), seen

@@ -269,6 +269,20 @@ def test_an_envelope_round_trips_through_payload_and_headers() -> None:
         RouteEnvelope.from_nats(payload, None)
 
 
+def test_a_request_s_reply_from_crosses_hubs_in_the_envelope() -> None:
+    request = RouteEnvelope(
+        "hub-a", "hub-a-9", "req", '"x"', 1.0, "$reply.s-1.1", reply_from=("w1", "w-2")
+    )
+    payload, headers = request.to_nats()
+    assert headers["Ac-Reply-From"] == "w1,w-2"
+    assert RouteEnvelope.from_nats(payload, headers) == request
+    nobody = RouteEnvelope("hub-a", "hub-a-9", "req", '"x"', 1.0, "$reply.s-1.1", reply_from=())
+    assert RouteEnvelope.from_nats(*nobody.to_nats()).reply_from == ()
+    headers["Ac-Reply-From"] = "w1,../x"
+    with pytest.raises(ValueError, match="Ac-Reply-From agent id"):
+        RouteEnvelope.from_nats(payload, headers)
+
+
 def test_recent_ids_pass_each_key_once_in_bounded_memory_and_time() -> None:
     seen = RecentIds(window=10.0, size=3)
     assert [seen.first_time(k, 0.0) for k in ("a", "b", "a", "c", "d")] == [

@@ -93,14 +93,14 @@ async def test_an_answer_from_another_hub_is_held_to_reply_from() -> None:
             await barrier(requester)
             router = hub.hub._router
 
-            def answer(sender: str, data: Any) -> None:
-                router.route_arrived(
+            async def answer(sender: str, data: Any) -> None:
+                await router.route_arrived(
                     Route("t1", reply_to, str(data), sender, f"x-{sender}", 1.0, None, None)
                 )
 
-            answer("forger", 666)  # accepted by the forger's hub, dropped here
-            answer("worker", 42)
-            answer("worker", 43)  # a second answer: the request is closed
+            await answer("forger", 666)  # accepted by the forger's hub, dropped here
+            await answer("worker", 42)
+            await answer("worker", 43)  # a second answer: the request is closed
             frames = await barrier(requester)
             assert [(m.data, m.sender) for m in frames if isinstance(m, Message)] == [
                 (42, "worker")

@@ -220,7 +220,7 @@ class NatsBackplane:
     async def publish_route(self, route: Route) -> str | None:
         envelope = RouteEnvelope(
             self.hub_id, route.message_id, route.sender, route.data_json, route.time,
-            route.reply_to, route.publish_id,
+            route.reply_to, route.publish_id, route.reply_from,
         )  # fmt: skip
         key = envelope.dedupe_key(route.tenant_id)
         earlier = self._recent.earlier(key, trio.current_time(), route.message_id)
@@ -334,9 +334,9 @@ class NatsBackplane:
             assert self._peer is not None
             route = Route(
                 tenant_id, subject, env.data_json, env.sender, env.message_id, env.time,
-                env.reply_to, env.publish_id,
+                env.reply_to, env.publish_id, env.reply_from,
             )  # fmt: skip
-            self._peer.route_arrived(route)
+            await self._peer.route_arrived(route)
 
     async def _watch_hubs(
         self, store: ClusterStore, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED

@@ -45,6 +45,7 @@ _H_SENDER = "Ac-Sender"
 _H_REPLY = "Ac-Reply-To"
 _H_TIME = "Ac-Time"
 _H_PUBLISH_ID = "Ac-Publish-Id"
+_H_REPLY_FROM = "Ac-Reply-From"  # a request's allowed responders, comma-separated
 
 
 def nats_subject(tenant_id: str, subject_or_pattern: str) -> str:
@@ -107,6 +108,8 @@ class RouteEnvelope:
     #: The publisher's frame ``id`` (it re-sends an unconfirmed publish with the same
     #: one, possibly to another hub after a failover).
     publish_id: str | None = None
+    #: A request's ``reply_from`` (agent ids): every hub holds answers to it.
+    reply_from: tuple[str, ...] | None = None
 
     def dedupe_key(self, tenant_id: str) -> str:
         """What identifies this publish on every hub: the publisher's frame id when it
@@ -127,6 +130,8 @@ class RouteEnvelope:
             headers[_H_REPLY] = self.reply_to
         if self.publish_id is not None:
             headers[_H_PUBLISH_ID] = self.publish_id
+        if self.reply_from is not None:
+            headers[_H_REPLY_FROM] = ",".join(self.reply_from)
         return self.data_json.encode(), headers
 
     @classmethod
@@ -169,7 +174,18 @@ class RouteEnvelope:
             time=moment,
             reply_to=reply_to,
             publish_id=headers.get(_H_PUBLISH_ID),
+            reply_from=_reply_from(headers.get(_H_REPLY_FROM)),
         )
+
+
+def _reply_from(header: str | None) -> tuple[str, ...] | None:
+    """The ``Ac-Reply-From`` header's agent ids; ``ValueError`` for one that is not an id."""
+    if header is None:
+        return None
+    ids = tuple(header.split(",")) if header else ()
+    for agent_id in ids:
+        validate_id(agent_id, f"{_H_REPLY_FROM} agent id")
+    return ids
 
 
 def _not_json(name: str) -> None:

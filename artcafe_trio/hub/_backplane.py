@@ -57,6 +57,7 @@ class Route:
     names the requester's session: answers to it are routed back the same way.
     ``publish_id`` is the publisher's frame id (kept by a re-send through another hub
     after a failover: the cluster-wide de-duplication key, with tenant and sender).
+    ``reply_from``: a request's allowed responders (every hub holds answers to it).
     """
 
     tenant_id: str
@@ -67,6 +68,7 @@ class Route:
     time: float
     reply_to: str | None = None
     publish_id: str | None = None
+    reply_from: tuple[str, ...] | None = None
 
 
 @attrs.frozen
@@ -109,12 +111,14 @@ class PresenceUpdate:
 class BackplanePeer(Protocol):
     """The hub side of the seam: what a backplane calls when another hub did something.
 
-    Every method is synchronous and never blocks (it only queues deliveries and
-    changes in-memory state); it is called from the backplane's own tasks.
+    Every method but :meth:`route_arrived` is synchronous; none blocks (they only
+    queue deliveries and change in-memory state); they are called from the backplane's
+    own tasks.
     """
 
-    def route_arrived(self, route: Route) -> None:
-        """A publish accepted on another hub: deliver it to this hub's matching agents."""
+    async def route_arrived(self, route: Route) -> None:
+        """A publish accepted on another hub: deliver it to this hub's matching agents
+        (a long fan-out checkpoints between batches, as a local publish does)."""
 
     def session_claimed(self, claim: SessionClaim) -> None:
         """Another hub's session now owns ``claim``'s agent: close the local one, if any,

@@ -79,11 +79,16 @@ class ReplyTable:
         if reply_from is not None:
             self.restricted[reply_to] = allowed
 
-    def expect_remote(self, reply_to: str, responders: Iterable[str]) -> None:
-        """Allow one answer on ``reply_to`` from one of ``responders``, for a request
-        routed here from another hub (its requester's bound is kept there)."""
+    def expect_remote(
+        self, reply_to: str, responders: Iterable[str], reply_from: Iterable[str] | None = None
+    ) -> None:
+        """Allow one answer on ``reply_to`` from one of ``responders`` (only those also
+        in ``reply_from``, if given), for a request routed here from another hub (its
+        requester's bound is kept there)."""
         self.forget(reply_to)
         agents = set(responders)
+        if reply_from is not None:
+            agents &= set(reply_from)
         while self.grants and self.granted + len(agents) > self.max_reply_grants:
             self.forget(next(iter(self.grants)))
         self.grants[reply_to] = agents

@@ -12,7 +12,7 @@ from __future__ import annotations
 import collections
 import itertools
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -136,6 +136,7 @@ class Router:
         route = Route(
             session.tenant_id, subject, data_json, session.agent_id,
             self._next_message_id(), self._wall_clock(), reply_to, frame.id,
+            None if frame.reply_from is None else tuple(frame.reply_from),
         )  # fmt: skip
         earlier = await self._backplane.publish_route(route)
         if earlier is not None:  # routed already, through another hub (a re-send)
@@ -156,15 +157,19 @@ class Router:
             self.replies.expect(
                 session, reply_to, (target.agent_id for target in targets), frame.reply_from
             )
+        await self._fan_out(targets, item)
+
+    async def _fan_out(self, targets: Sequence[Session], item: Delivery) -> None:
+        """``item`` to every target; a long fan-out lets other connections run every
+        :data:`FANOUT_BATCH` deliveries, and once begun it always completes."""
         stats = self._stats
         for count, target in enumerate(targets, 1):
             stats.deliveries += 1
             target.deliver(item)
             if count % FANOUT_BATCH == 0:
-                # A long fan-out lets other connections run; once begun it always completes.
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
-    def route_arrived(self, route: Route) -> None:
+    async def route_arrived(self, route: Route) -> None:
         """A route published on another hub: deliver it to this hub's agents."""
         item = self._frame(route)
         if route.subject.startswith(f"{REPLY_PREFIX}."):
@@ -176,10 +181,10 @@ class Router:
         targets = self.targets(route.tenant_id, route.subject)
         reply_to = route.reply_to
         if reply_to is not None and reply_to.startswith(f"{REPLY_PREFIX}."):
-            self.replies.expect_remote(reply_to, (target.agent_id for target in targets))
-        self._stats.deliveries += len(targets)
-        for target in targets:
-            target.deliver(item)
+            self.replies.expect_remote(
+                reply_to, (target.agent_id for target in targets), route.reply_from
+            )
+        await self._fan_out(targets, item)
 
     def fan_out_presence(self, update: PresenceUpdate) -> None:
         """Presence listener: the ``$presence.<agent>`` event to the tenant's subscribers,

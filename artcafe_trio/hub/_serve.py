@@ -109,8 +109,8 @@ class _Assembly:
 
     # --- BackplanePeer: what other hubs did ---------------------------------------
 
-    def route_arrived(self, route: Route) -> None:
-        self.router.route_arrived(route)
+    async def route_arrived(self, route: Route) -> None:
+        await self.router.route_arrived(route)
 
     def session_claimed(self, claim: SessionClaim) -> None:
         self.directory.claimed_elsewhere(claim.tenant_id, claim.agent_id, claim.session_id)

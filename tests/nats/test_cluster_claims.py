@@ -19,7 +19,7 @@ class Peer:
         self.claimed: list[SessionClaim] = []
         self.observed: list[PresenceUpdate] = []
 
-    def route_arrived(self, route: Route) -> None:
+    async def route_arrived(self, route: Route) -> None:
         raise AssertionError("no routes here")
 
     def session_claimed(self, claim: SessionClaim) -> None:

@@ -252,7 +252,7 @@ def test_agents_and_status_with_nats_mutual_tls(
         listed = json.loads(capsys.readouterr().out)
         assert [(r["agent_id"], r["fingerprints"]) for r in listed] == [("w1", [fingerprint])]
         assert _cli.main(["status", *nats, "--db", str(tmp_path / "none.db"), "--json"]) == 3
-        assert json.loads(capsys.readouterr().out) == {"agents": [], "hubs": []}
+        assert json.loads(capsys.readouterr().out) == {"agents": [], "hubs": [], "degraded": []}
         # Without the client certificate the server refuses the connection: one line.
         assert _cli.main(["agents", "list", *nats[:-4]]) == 1
         err = capsys.readouterr().err
