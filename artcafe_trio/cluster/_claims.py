@@ -210,7 +210,8 @@ class ClaimKeeper:
         """Every claim as it changes: another hub's is observed; one of ours taken
         over (or reaped) closes our session; an online claim that expired is an
         offline ``hub_lost``. At start, claims this hub id left online (a previous run
-        killed) are released as ``hub_lost``."""
+        killed) are released as ``hub_lost`` (kept in :attr:`leftovers` instead when
+        that run drained)."""
         started = False
         async with store.kv.watch(PRESENCE_PREFIX + ">") as watcher:
             if watcher.caught_up:
