@@ -55,6 +55,9 @@ class RecordingBackplane(LocalBackplane):
         self.claims: list[SessionClaim] = []
         self.announced: list[PresenceUpdate] = []
         self.routed_elsewhere: dict[str, str] = {}  # publish id -> its earlier message id
+        #: Per begin_drain call: how many transitions were announced before it, and
+        #: which claimed sessions were still open then.
+        self.drains: list[tuple[int, list[bool]]] = []
 
     async def run(
         self, peer: BackplanePeer, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -74,6 +77,11 @@ class RecordingBackplane(LocalBackplane):
 
     def announce_presence(self, update: PresenceUpdate) -> None:
         self.announced.append(update)
+
+    def begin_drain(self) -> None:
+        assert self.peer is not None
+        open_sessions = [self.peer.describe_session(c.session_id) is not None for c in self.claims]
+        self.drains.append((len(self.announced), open_sessions))
 
 
 @asynccontextmanager
@@ -132,6 +140,24 @@ async def test_a_hub_alone_hands_its_routes_claims_interest_and_presence_to_the_
             ("b", "offline", "left", True),
         ]
         assert all(u.hub_id == "hub-a" for u in backplane.announced)
+
+
+async def test_a_graceful_stop_tells_the_backplane_it_drains_before_closing_sessions(
+    autojump_clock: trio.abc.Clock, nursery: trio.Nursery
+) -> None:
+    """The backplane learns of the stop while every session is still open, so it can
+    decide what to do with the ``disconnected`` transitions that follow."""
+    backplane = RecordingBackplane()
+    async with hub_over(backplane) as hub:
+        a = await connect(hub, nursery, "a")
+        b = await connect(hub, nursery, "b")
+        assert backplane.drains == []  # not while serving
+    assert await a.close_code() == CloseCode.SERVICE_RESTART
+    assert await b.close_code() == CloseCode.SERVICE_RESTART
+    [(announced_before, open_sessions)] = backplane.drains  # once
+    assert open_sessions == [True, True]
+    after = [(u.agent_id, u.status, u.reason) for u in backplane.announced[announced_before:]]
+    assert sorted(after) == [("a", "offline", "disconnected"), ("b", "offline", "disconnected")]
 
 
 async def test_a_route_from_another_hub_is_delivered_here_once_and_not_sent_back(
@@ -302,6 +328,7 @@ async def test_the_local_backplane_never_yields_so_a_hub_alone_behaves_as_before
         await local.claim_session(SessionClaim("t1", "a", "s-1", "hub"))
         local.interest("t1", "s.*", True)
         local.announce_presence(PresenceUpdate("t1", "a", "online", "connected", 0.0, "s-1", "h"))
+        local.begin_drain()
 
 
 class DegradedBackplane(RecordingBackplane):

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
 
 from artcafe_trio.cluster import ClusterConfig, NatsBackplane
+from artcafe_trio.cluster._drain import holds_online
+from artcafe_trio.cluster._reaper import ReapPlan, reap_plan, run_reaper
 from artcafe_trio.cluster._records import (
     HUB_LOST,
     HubLease,
@@ -30,8 +34,9 @@ from artcafe_trio.cluster._routes import (
     nats_subject,
     split_nats_subject,
 )
-from artcafe_trio.hub._backplane import Route
-from artcafe_trio.nats import NatsConnectionLost
+from artcafe_trio.cluster._store import LeaseChange
+from artcafe_trio.hub._backplane import PresenceUpdate, Route
+from artcafe_trio.nats import KvEntry, KvOp, NatsConnectionLost
 
 
 def claim(**changes: object) -> PresenceClaim:
@@ -87,6 +92,36 @@ def test_a_reaper_takes_only_what_the_lost_hub_still_owns_online() -> None:
     assert PresenceClaim.decode(by_b.encode()) == by_b
     assert reap_claim(claim(hub="b"), lost_hub="a", now=200.0) is None
     assert reap_claim(claim(status="offline"), lost_hub="a", now=200.0) is None
+    drained = reap_claim(claim(), lost_hub="a", now=200.0, reason="disconnected")
+    assert drained is not None
+    assert (drained.status, drained.reason, drained.since) == ("offline", "disconnected", 200.0)
+
+
+def test_an_expired_lease_is_reaped_as_hub_lost_a_deleted_one_as_disconnected() -> None:
+    """Both after the grace: a drained hub's agents are reconnecting elsewhere too."""
+    expired = LeaseChange("b", False, 7, None, expired=True)
+    deleted = LeaseChange("b", False, 7, None)
+    assert reap_plan(expired, me="a", grace=5.0) == ReapPlan(5.0, HUB_LOST)
+    assert reap_plan(deleted, me="a", grace=5.0) == ReapPlan(5.0, "disconnected")
+    assert reap_plan(LeaseChange("b", True, 7, HubLease("b")), me="a", grace=5.0) is None
+    assert reap_plan(lease_of(deleted, "a"), me="a", grace=5.0) is None  # our own
+
+
+def lease_of(change: LeaseChange, hub: str) -> LeaseChange:
+    return LeaseChange(hub, change.alive, change.revision, change.lease, change.expired)
+
+
+def update(status: str = "offline", reason: str = "disconnected") -> PresenceUpdate:
+    return PresenceUpdate("acme", "w1", status, reason, 150.0, None, "b")
+
+
+def test_a_draining_hub_holds_back_only_the_disconnects_of_its_stop_and_only_if_not_alone() -> None:
+    assert holds_online(update(), draining=True, other_hubs=1)
+    assert not holds_online(update(), draining=True, other_hubs=0)  # nobody would reap
+    assert not holds_online(update(), draining=False, other_hubs=2)  # not stopping
+    for reason in ("left", "timeout", "hub_lost"):
+        assert not holds_online(update(reason=reason), draining=True, other_hubs=1)
+    assert not holds_online(update("online", "connected"), draining=True, other_hubs=1)
 
 
 def test_values_round_trip_and_bad_values_are_refused() -> None:
@@ -385,3 +420,229 @@ async def test_a_publish_during_a_nats_reconnect_does_not_wait_for_a_flush(
     assert trio.current_time() == start  # not a flush_timeout per publish
     assert nc.published == ["ac.acme.jobs.new"]  # buffered for the reconnect
     assert backplane.routes_unconfirmed == 1
+
+
+# ----------------------------------------------------- a graceful stop (drain), no NATS
+
+
+class _HandoverStore:
+    """Enough of a ClusterStore for :meth:`Drain.hand_over`: the hubs'
+    leases as the bucket has them now (``kv.entry``); hub a left an agent online."""
+
+    def __init__(self, leases: dict[str, HubLease | KvOp] | None = None) -> None:
+        self.released: list[tuple[str, str]] = []
+        self.reaped: list[tuple[str, str]] = []
+        self.events: list[str] = []  # lease writes and reads, in order
+        self.lease_dropped = False
+        self.leases = leases or {}
+        self.kv = self
+
+    async def entry(self, key: str) -> KvEntry | None:
+        await trio.lowlevel.checkpoint()
+        self.events.append(f"read {key}")
+        lease = self.leases.get(key.removeprefix("h."))
+        if isinstance(lease, KvOp):  # a delete or expiry marker
+            return KvEntry("b", key, b"", 2, lease)
+        return None if lease is None else KvEntry("b", key, lease.encode(), 1, KvOp.PUT)
+
+    async def snapshot(self) -> dict[tuple[str, str], PresenceClaim]:
+        await trio.lowlevel.checkpoint()
+        self.events.append("snapshot")
+        return {
+            ("acme", "x1"): claim(agent_id="x1", hub="a"),
+            ("acme", "x2"): claim(agent_id="x2", hub="c", status="offline"),
+        }
+
+    async def reap(self, hub: str, *, reason: str) -> list[PresenceClaim]:
+        await trio.lowlevel.checkpoint()
+        self.reaped.append((hub, reason))
+        return []
+
+    async def update(self, key: str, value: bytes, *, last: int, ttl: float) -> int:
+        await trio.lowlevel.checkpoint()
+        self.leases[key.removeprefix("h.")] = HubLease.decode(value)
+        self.events.append(f"update {key}")
+        return last + 1
+
+    async def release(self, claim: PresenceClaim, reason: str) -> bool:
+        await trio.lowlevel.checkpoint()
+        self.released.append((claim.agent_id, reason))
+        return True
+
+    async def drop_lease(self) -> None:
+        await trio.lowlevel.checkpoint()
+        self.lease_dropped = True
+
+
+async def hand_over(backplane: NatsBackplane, store: _HandoverStore) -> None:
+    """What the backplane does when it stops (the hubs its lease watch saw live)."""
+    await backplane._drainer.hand_over(store, list(backplane._hub_urls))  # type: ignore[arg-type]
+
+
+def draining_backplane(*others: str) -> NatsBackplane:
+    backplane = NatsBackplane(ClusterConfig(servers="nats://x:4222"), hub_id="b", grace=1.0)
+    for agent in ("w1", "w2"):
+        backplane.claims._claims[("acme", agent)] = claim(agent_id=agent, hub="b")
+    backplane._hub_urls.update({hub: (f"ws://{hub}",) for hub in others})
+    return backplane
+
+
+LIVE, DRAINING = HubLease("a"), HubLease("a", draining=True)
+
+
+@pytest.mark.parametrize(
+    ("at_stop", "at_handover", "released", "reaped"),
+    [
+        # w1 stays online under hub b: it reconnects elsewhere, or hub a reaps it.
+        (("a",), {"a": LIVE}, [("w2", "left")], []),
+        # Alone: nobody would reap w1, so it is released at once; and what hub a
+        # left online (a drained hub whose reaper is gone) is reaped: the last one out.
+        ((), {}, [("w1", "disconnected"), ("w2", "left")], [("a", "disconnected")]),
+        # Hub a is draining too (stopped at the same moment: the watch had not shown
+        # it yet) or left during the stop: what was held back is released, and what
+        # hub a left online is reaped.
+        (("a",), {"a": DRAINING}, [("w2", "left"), ("w1", "disconnected")],
+         [("a", "disconnected")]),
+        (("a",), {"a": KvOp.DELETE}, [("w2", "left"), ("w1", "disconnected")],
+         [("a", "disconnected")]),
+        # Hub a died (its lease expired): its agents as a reaper would mark them.
+        (("a",), {"a": KvOp.EXPIRED}, [("w2", "left"), ("w1", "disconnected")],
+         [("a", HUB_LOST)]),
+    ],
+)  # fmt: skip
+async def test_a_draining_hub_leaves_its_agents_online_for_the_others_unless_alone(
+    at_stop: tuple[str, ...],
+    at_handover: dict[str, HubLease | KvOp],
+    released: list[tuple[str, str]],
+    reaped: list[tuple[str, str]],
+) -> None:
+    backplane = draining_backplane(*at_stop)
+    assert not backplane._drainer.draining
+    backplane.begin_drain()
+    assert backplane._drainer.draining
+    backplane.announce_presence(attrs_update("w1", "disconnected"))  # closed by the stop
+    backplane.announce_presence(attrs_update("w2", "left"))  # left during the stop
+    store = _HandoverStore(at_handover)
+    await hand_over(backplane, store)
+    assert store.released == released
+    assert store.reaped == reaped
+    assert store.lease_dropped
+
+
+async def test_a_draining_hub_s_lease_says_so_before_it_reads_the_others() -> None:
+    """Hubs stopping together: each writes ``draining`` before it reads the others, so
+    the last to read sees all of them draining and reaps (the last one out)."""
+    backplane = draining_backplane("a")
+    backplane.begin_drain()  # no lease refresh since
+    store = _HandoverStore({"a": DRAINING, "b": HubLease("b")})
+    await hand_over(backplane, store)
+    assert store.events == ["read h.b", "update h.b", "read h.a", "snapshot", "read h.a"]
+    written = store.leases["b"]
+    assert isinstance(written, HubLease) and (written.hub, written.draining) == ("b", True)
+    assert store.reaped == [("a", "disconnected")]
+
+
+async def test_a_hub_that_is_not_draining_releases_a_disconnect_at_once() -> None:
+    backplane = draining_backplane("a")
+    backplane.announce_presence(attrs_update("w1", "disconnected"))
+    store = _HandoverStore()
+    await hand_over(backplane, store)
+    assert store.released == [("w1", "disconnected")]
+
+
+def attrs_update(agent: str, reason: str) -> PresenceUpdate:
+    return PresenceUpdate("acme", agent, "offline", reason, 150.0, None, "b")
+
+
+# ----------------------------------------------------- the reaper's timing, no NATS
+
+
+class _ReaperStore:
+    """Enough of a ClusterStore for :func:`run_reaper`: leases fed by the test, one
+    election per lease revision, reaps recorded with their time."""
+
+    hub_id = "a"
+
+    def __init__(self) -> None:
+        self.send, self._receive = trio.open_memory_channel[LeaseChange](10)
+        self.elected: set[tuple[str, int]] = set()
+        self.reaps: list[tuple[str, str, float]] = []
+        self.kv = self
+
+    @asynccontextmanager
+    async def watch_leases(self) -> AsyncIterator[AsyncIterator[LeaseChange]]:
+        yield self._receive
+
+    async def entry(self, key: str) -> None:
+        await trio.lowlevel.checkpoint()  # the lease did not come back
+
+    async def elect_reaper(self, hub: str, revision: int, *, ttl: float) -> bool:
+        await trio.lowlevel.checkpoint()
+        won = (hub, revision) not in self.elected
+        self.elected.add((hub, revision))
+        return won
+
+    async def reap(self, hub: str, *, reason: str) -> list[PresenceClaim]:
+        await trio.lowlevel.checkpoint()
+        self.reaps.append((hub, reason, trio.current_time()))
+        return []
+
+
+async def test_the_reaper_waits_the_grace_for_a_deleted_lease_too_and_reaps_once(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    store = _ReaperStore()
+    reaped: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(
+            lambda task_status: run_reaper(
+                store, grace=5.0, on_reaped=lambda hub, _: reaped.append(hub),  # type: ignore[arg-type]
+                task_status=task_status,
+            )
+        )  # fmt: skip
+        start = trio.current_time()
+        await store.send.send(LeaseChange("b", False, 3, None))  # hub b drained
+        await store.send.send(LeaseChange("b", False, 3, None))  # seen twice: one reap
+        await store.send.send(LeaseChange("c", False, 4, None, expired=True))  # c died
+        await trio.sleep(4.9)
+        assert store.reaps == []  # nothing before the grace, deleted or expired
+        await trio.sleep(1.0)
+        nursery.cancel_scope.cancel()
+    assert sorted((hub, reason) for hub, reason, _ in store.reaps) == [
+        ("b", "disconnected"), ("c", HUB_LOST),
+    ]  # fmt: skip
+    assert all(at - start == pytest.approx(5.0, abs=0.01) for _, _, at in store.reaps)
+    assert sorted(reaped) == ["b", "c"]
+
+
+class _Peer:
+    """A BackplanePeer that records what a ClaimKeeper tells the hub."""
+
+    def __init__(self) -> None:
+        self.observed: list[PresenceUpdate] = []
+
+    def presence_observed(self, update: PresenceUpdate) -> None:
+        self.observed.append(update)
+
+
+def test_a_drained_run_s_leftovers_wait_for_the_grace_a_crashed_run_s_do_not() -> None:
+    from artcafe_trio.cluster._claims import ClaimKeeper
+
+    crashed, drained = (ClaimKeeper(ClusterConfig(servers="nats://x:4222"), "a") for _ in "12")
+    drained.leftovers = {}  # the previous run's lease was deleted, not expired
+    for keeper in (crashed, drained):
+        keeper._peer = _Peer()  # type: ignore[assignment]
+        for agent in ("w1", "w2"):
+            keeper._claim_changed(("acme", agent), claim(agent_id=agent), initial=True)
+    assert [(k[1], r) for k, (_, r) in crashed._releases.items()] == [
+        ("w1", HUB_LOST), ("w2", HUB_LOST),
+    ]  # fmt: skip
+    assert not drained._releases and set(drained.leftovers) == {("acme", "w1"), ("acme", "w2")}
+    # w2 went offline again meanwhile (a session here, released): that one is kept.
+    newer = claim(agent_id="w2", epoch=4)
+    drained._releases[("acme", "w2")] = (newer, "left")
+    drained.release_leftovers("disconnected")
+    assert drained.leftovers is None
+    assert {k[1]: (c.epoch, r) for k, (c, r) in drained._releases.items()} == {
+        "w1": (3, "disconnected"), "w2": (4, "left"),
+    }  # fmt: skip

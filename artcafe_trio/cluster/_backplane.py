@@ -26,6 +26,9 @@ the pieces of this package:
   closes their sessions so they move); every lease is watched and a lost hub's
   agents are reaped after the disconnect grace by one hub. A graceful stop writes
   the queued releases and deletes the lease in a shielded ``finally``.
+- **draining** (:meth:`~NatsBackplane.begin_drain`, :mod:`._drain`): a graceful
+  stop leaves the agents it closes online for another live hub to take over or
+  reap, unless this hub is the last one out.
 """
 
 from __future__ import annotations
@@ -42,10 +45,11 @@ from ..protocol._keys import PublicKey
 from ._claims import ClaimKeeper, _Wakeup
 from ._config import ClusterConfig
 from ._credentials import CredentialsMirror
+from ._drain import Drain
 from ._reaper import run_reaper
 from ._records import HubLease, PresenceClaim
 from ._routes import RecentIds, RouteEnvelope, nats_subject, split_nats_subject
-from ._store import ClusterContention, ClusterStore, open_cluster_store
+from ._store import ClusterStore, open_cluster_store
 
 __all__ = ["DEGRADED_CLAIMS_PENDING", "DEGRADED_FENCED", "NatsBackplane"]
 
@@ -102,6 +106,7 @@ class NatsBackplane:
         self._own_urls: tuple[str, ...] = (advertised.rstrip("/"),) if advertised else ()
         #: hub id -> the agent URLs in its live lease (not this hub's, not draining ones).
         self._hub_urls: dict[str, tuple[str, ...]] = {}
+        self._drainer = Drain(self.claims, grace=grace, lease_ttl=config.lease_ttl)
 
     # --- Backplane -------------------------------------------------------------------
 
@@ -151,6 +156,7 @@ class NatsBackplane:
                             self._nursery = nursery
                             assert self._peer is not None
                             self.claims.bind(self._peer, store, nursery)
+                            await self._drainer.after_previous_run(store, nursery)
                             await nursery.start(self._hold_lease, store)
                             leased = True
                             await nursery.start(self.claims.watch, store)
@@ -171,7 +177,7 @@ class NatsBackplane:
                 finally:
                     if leased:
                         with trio.CancelScope(shield=True), trio.move_on_after(cfg.stop_timeout):
-                            await self._hand_over(store)
+                            await self._drainer.hand_over(store, list(self._hub_urls))
 
     async def claim_session(self, claim: SessionClaim) -> None:
         await self.claims.claim_session(claim)
@@ -202,7 +208,10 @@ class NatsBackplane:
             self._own_urls = (url.rstrip("/"),)
 
     def announce_presence(self, update: PresenceUpdate) -> None:
-        self.claims.announce_presence(update)
+        self._drainer.announce(update, other_hubs=len(self._hub_urls))
+
+    def begin_drain(self) -> None:  # see _drain.py
+        self._drainer.begin()
 
     def interest(self, tenant_id: str, pattern: str, present: bool) -> None:
         self._interest[nats_subject(tenant_id, pattern)] = present
@@ -249,7 +258,7 @@ class NatsBackplane:
         ttl = self.config.lease_ttl
 
         def lease() -> HubLease:
-            return HubLease(self.hub_id, urls=self._own_urls, started=self._started)
+            return HubLease(self.hub_id, self._own_urls, self._started, self._drainer.draining)
 
         # The server removes an expired lease a little after its TTL (up to ~1.5 s
         # late measured with 1 s): wait two TTLs and 2 s before taking it as alive.
@@ -352,15 +361,6 @@ class NatsBackplane:
             log.info("hub %s reaped hub %s: %d agent(s)", self.hub_id, hub, len(claims))
 
         await run_reaper(store, grace=self.grace, on_reaped=reaped, task_status=task_status)
-
-    async def _hand_over(self, store: ClusterStore) -> None:
-        """A graceful stop: the queued releases, then the lease deleted (the other
-        hubs reap what is left at once, without the grace)."""
-        try:
-            await self.claims.flush_releases(store)
-            await store.drop_lease()
-        except (NatsError, OSError, ClusterContention) as exc:
-            log.error("hub %s: handover incomplete (%r); the lease will expire", self.hub_id, exc)
 
 
 async def _share_credentials(

@@ -84,6 +84,10 @@ class ClaimKeeper:
         self._offline_while_pending: dict[_Key, str] = {}
         #: The newest claim the watch delivered per agent (one per agent of the cluster).
         self._latest: dict[_Key, PresenceClaim] = {}
+        #: Claims a previous run of this hub left online are released at once as
+        #: ``hub_lost`` (it crashed); set to a dict (that run drained) they are kept
+        #: here instead, for :meth:`release_leftovers` after the grace.
+        self.leftovers: dict[_Key, PresenceClaim] | None = None
         #: When each kept claim is rewritten (its TTL restarted).
         self._refresh: RefreshSchedule[_Key] = RefreshSchedule(config.claim_ttl)
         self._refresh_wake = _Wakeup()
@@ -206,7 +210,8 @@ class ClaimKeeper:
         """Every claim as it changes: another hub's is observed; one of ours taken
         over (or reaped) closes our session; an online claim that expired is an
         offline ``hub_lost``. At start, claims this hub id left online (a previous run
-        killed) are released as ``hub_lost``."""
+        killed) are released as ``hub_lost`` (kept in :attr:`leftovers` instead when
+        that run drained)."""
         started = False
         async with store.kv.watch(PRESENCE_PREFIX + ">") as watcher:
             if watcher.caught_up:
@@ -235,8 +240,11 @@ class ClaimKeeper:
         mine = claim.hub == self.hub_id
         if mine and claim.reason != HUB_LOST:
             if initial and claim.status == "online" and key not in self._claims:
-                self._releases[key] = (claim, HUB_LOST)  # a previous run's leftover
-                self._release_wake.set()
+                if self.leftovers is not None:
+                    self.leftovers[key] = claim  # a drained run's: its agent may be back
+                else:
+                    self._releases[key] = (claim, HUB_LOST)  # a previous run's leftover
+                    self._release_wake.set()
             return  # our own write
         kept = self._claims.get(key)
         if kept is not None and claim.epoch >= kept.epoch:
@@ -251,6 +259,16 @@ class ClaimKeeper:
             local=False, reaped_by=claim.reaper,
         )  # fmt: skip
         peer.presence_observed(update)
+
+    def release_leftovers(self, reason: str) -> None:
+        """Release, with ``reason``, the claims a drained previous run left online
+        (each at its epoch: an agent claimed again since, here or elsewhere, is not
+        touched)."""
+        for key, claim in (self.leftovers or {}).items():
+            if key not in self._releases:
+                self._releases[key] = (claim, reason)
+        self.leftovers = None
+        self._release_wake.set()
 
     def _claim_expired(self, key: _Key, moment: float, *, initial: bool) -> None:
         """The agent's claim expired at ``moment``: nobody refreshed it. Online, it

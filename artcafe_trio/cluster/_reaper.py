@@ -4,8 +4,10 @@
 disconnect ``grace`` (the lost hub's agents are reconnecting elsewhere meanwhile, and
 each reconnection claims its agent at a newer epoch), then races the other hubs for
 the reaper key; the one winner marks offline, with reason ``hub_lost``, the agents
-the lost hub still owns online. A lease that is *deleted* (a graceful shutdown that
-already handed its agents over) is reaped at once, without the grace.
+the lost hub still owns online. A lease that is *deleted* is a hub that drained
+(a graceful stop): its agents were closed with "reconnect elsewhere" and their
+claims left online, so it is reaped after the same grace, and what it still owns
+then goes offline with reason ``disconnected``, as on one hub (:func:`reap_plan`).
 
 Noticing that another hub took one of our sessions over is the
 :class:`~._claims.ClaimKeeper`'s watch of the presence claims.
@@ -16,18 +18,40 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import attrs
 import trio
 
 from ..nats import KvOp, NatsError
-from ._records import PresenceClaim, lease_key
-from ._store import ClusterStore
+from ._records import HUB_LOST, PresenceClaim, lease_key
+from ._store import ClusterStore, LeaseChange
 
-__all__ = ["run_reaper"]
+__all__ = ["ReapPlan", "reap_plan", "run_reaper"]
 
 log = logging.getLogger("artcafe_trio.cluster")
 
 #: Attempts at reaping one lost lease while NATS errors (1 s apart).
 REAP_ATTEMPTS = 5
+
+
+#: The reason a drained hub's leftover agents go offline with (as on one hub).
+DISCONNECTED = "disconnected"
+
+
+@attrs.frozen
+class ReapPlan:
+    """What to do about a lease that went away: reap after ``wait`` s with ``reason``."""
+
+    wait: float
+    reason: str
+
+
+def reap_plan(change: LeaseChange, *, me: str, grace: float) -> ReapPlan | None:
+    """The reap a lease change calls for, or ``None`` (a live lease, or our own).
+    Expired: the hub died (``hub_lost``); deleted or purged: it drained
+    (``disconnected``). Either way its agents get the grace to reconnect elsewhere."""
+    if change.alive or change.hub == me:
+        return None
+    return ReapPlan(grace, HUB_LOST if change.expired else DISCONNECTED)
 
 
 async def run_reaper(
@@ -44,41 +68,42 @@ async def run_reaper(
     async with trio.open_nursery() as nursery, store.watch_leases() as leases:
         task_status.started()
         async for change in leases:
-            if change.alive or change.hub == store.hub_id:
-                continue
-            wait = grace if change.expired else 0.0
-            nursery.start_soon(_reap_after, store, change.hub, change.revision, wait,
-                               reaper_ttl, on_reaped)  # fmt: skip
+            plan = reap_plan(change, me=store.hub_id, grace=grace)
+            if plan is not None:
+                nursery.start_soon(_reap_after, store, change.hub, change.revision, plan,
+                                   reaper_ttl, on_reaped)  # fmt: skip
 
 
 async def _reap_after(
     store: ClusterStore,
     hub: str,
     revision: int,
-    wait: float,
+    plan: ReapPlan,
     reaper_ttl: float,
     on_reaped: Callable[[str, list[PresenceClaim]], None],
 ) -> None:
-    """After ``wait``, unless the hub's lease is back (its refreshes resumed within the
-    grace: a NATS outage, not a dead hub), race for the reaper key and reap. NATS
-    errors (an election in the bucket) are retried a few times, then logged."""
-    await trio.sleep(wait)
+    """After the plan's wait, unless the hub's lease is back (its refreshes resumed
+    within the grace: a NATS outage, not a dead hub; or the hub restarted, which
+    clears its own leftovers), race for the reaper key and reap. NATS errors (an
+    election in the bucket) are retried a few times, then logged."""
+    await trio.sleep(plan.wait)
     for attempt in range(REAP_ATTEMPTS):
         try:
-            if wait and await _lease_is_back(store, hub, revision):
+            if plan.wait and await _lease_is_back(store, hub, revision):
                 log.warning("hub %s's lease came back within the grace: not reaped", hub)
                 return
             if not await store.elect_reaper(hub, revision, ttl=reaper_ttl):
                 return  # another hub reaps this lease
-            reaped = await store.reap(hub)
+            reaped = await store.reap(hub, reason=plan.reason)
         except NatsError as exc:
             log.warning("reaping hub %s failed (%r), attempt %d", hub, exc, attempt + 1)
             await trio.sleep(1.0)
             continue
-        if wait or reaped:  # an expired lease, or a stop that left agents online
+        if plan.reason == HUB_LOST:
             log.warning("hub %s lost: %d agent(s) marked offline (hub_lost)", hub, len(reaped))
-        else:  # a graceful stop that had handed everything over: routine
-            log.info("hub %s left the cluster", hub)
+        else:  # a drained hub: its agents that did not reconnect elsewhere
+            log.info("hub %s left the cluster: %d agent(s) did not reconnect elsewhere "
+                     "(offline, %s)", hub, len(reaped), plan.reason)  # fmt: skip
         on_reaped(hub, reaped)
         return
     log.error("hub %s could not be reaped: its agents stay as they are", hub)

@@ -233,15 +233,21 @@ def release_claim(
 
 
 def reap_claim(
-    current: PresenceClaim, *, lost_hub: str, now: float, reaper: str | None = None
+    current: PresenceClaim,
+    *,
+    lost_hub: str,
+    now: float,
+    reaper: str | None = None,
+    reason: str = HUB_LOST,
 ) -> PresenceClaim | None:
     """The claim a reaper writes for an agent the lost hub still owns online, else
     ``None``. The epoch is unchanged: a hub that claims the agent meanwhile wins.
-    ``reaper`` (the reaping hub) is the one hub that reports the ``hub_lost``."""
+    ``reaper`` (the reaping hub) is the one hub that reports the transition;
+    ``reason``: ``hub_lost`` for an expired lease, ``disconnected`` for a drained hub."""
     if current.hub != lost_hub or current.status != "online":
         return None
     return attrs.evolve(
-        current, status="offline", reason=HUB_LOST, since=now, session_id=None, reaper=reaper
+        current, status="offline", reason=reason, since=now, session_id=None, reaper=reaper
     )
 
 

@@ -45,8 +45,10 @@ async def serve_cluster_hub(
     (and stable across restarts); ``config.disconnect_grace`` is also the grace a
     lost hub's agents get before they are marked ``hub_lost``.
 
-    Cancelling it shuts down gracefully: agents closed with 1012, marked offline in
-    the cluster, the hub's lease deleted (see ``docs/cluster.md``)."""
+    Cancelling it shuts down gracefully: the hub drains (its lease says so), agents
+    are closed with 1012 and reconnect to the other hubs with no presence change,
+    the lease is deleted; alone, the hub marks its agents offline itself (see
+    "Graceful stop" in ``docs/cluster.md``)."""
     config = config or HubConfig()
     backplane = NatsBackplane(cluster, hub_id=config.hub_id, grace=config.disconnect_grace)
     serve = functools.partial(

@@ -29,6 +29,7 @@ from ..nats import (
     WrongLastRevisionError,
 )
 from ._records import (
+    HUB_LOST,
     LEASE_PREFIX,
     PRESENCE_PREFIX,
     HubLease,
@@ -202,8 +203,8 @@ class ClusterStore:
                     claims[ids] = claim
         return claims
 
-    async def reap(self, lost_hub: str) -> list[PresenceClaim]:
-        """Mark offline (``hub_lost``) every agent ``lost_hub`` still owns online;
+    async def reap(self, lost_hub: str, *, reason: str = HUB_LOST) -> list[PresenceClaim]:
+        """Mark offline (``reason``) every agent ``lost_hub`` still owns online;
         an agent another hub claimed meanwhile is left alone. Returns what was written."""
         now = self._wall_clock()
         reaped: list[PresenceClaim] = []
@@ -215,7 +216,9 @@ class ClusterStore:
                 lambda current, _: (
                     None
                     if current is None
-                    else reap_claim(current, lost_hub=lost_hub, now=now, reaper=self.hub_id)
+                    else reap_claim(
+                        current, lost_hub=lost_hub, now=now, reaper=self.hub_id, reason=reason
+                    )
                 ),
             )
             if written is not None:

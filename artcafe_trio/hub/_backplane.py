@@ -12,6 +12,10 @@ Everything a cluster of hubs would share goes through it, and only that:
 - **sessions** — an agent's new session claims it with :meth:`Backplane.claim_session`;
   a claim won on another hub arrives through :meth:`BackplanePeer.session_claimed`
   (the local session is closed as replaced, with no presence change);
+- **draining** — a graceful stop calls :meth:`Backplane.begin_drain` before it
+  closes the hub's sessions: the agents are told to reconnect elsewhere, and their
+  offline transitions that follow may be held back (the other hubs see them come
+  back, or mark them offline after the grace).
 - **health** — :meth:`Backplane.degraded` says whether (and why) this hub's view of
   the others is degraded (a cluster hub that lost its lease: ``fenced``).
 
@@ -165,6 +169,12 @@ class Backplane(Protocol):
         """The other live hubs' agent URLs, advertised in every agent's ``welcome`` so it
         can fail over to them. Cheap and synchronous (called once per connection)."""
 
+    def begin_drain(self) -> None:
+        """A graceful stop begins: the hub is about to close every session with 1012
+        (reconnect elsewhere), then announce their agents offline (``disconnected``).
+        A cluster may keep those agents online under this hub instead, for the other
+        hubs to take over or reap after the grace. Must not block."""
+
     def degraded(self) -> tuple[str, ...]:
         """Why this hub's view of the other hubs is degraded right now (short reason
         words, e.g. ``fenced``), empty when it is not: shown in the ``presence_state``
@@ -193,6 +203,9 @@ class LocalBackplane:
 
     def connect_urls(self) -> tuple[str, ...]:
         return ()
+
+    def begin_drain(self) -> None:
+        pass
 
     def degraded(self) -> tuple[str, ...]:
         return ()

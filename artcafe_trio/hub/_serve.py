@@ -151,7 +151,9 @@ class _Assembly:
             await self.backplane.run(self, task_status=task_status)
 
     async def shutdown(self) -> None:
-        """Close every session with 1012 and flush presence to the registry."""
+        """Close every session with 1012 and flush presence to the registry (the
+        backplane told first: it drains)."""
+        self.backplane.begin_drain()
         self.connections.stopping = True
         self.directory.close_all(CloseCode.SERVICE_RESTART, "hub shutting down")
         with trio.move_on_after(self.config.close_timeout + 1):

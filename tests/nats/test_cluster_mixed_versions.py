@@ -170,7 +170,9 @@ async def test_a_newer_and_an_older_hub_interoperate(
             assert set(await stored(presence_key("t1", "n1"))) == OLD_CLAIM_FIELDS
             assert await nothing_more(watcher, 0.5) == []
 
-            # hub-new stops gracefully: the older hub reports its agent offline at once.
+            # hub-new stops gracefully (it drains: o1 stays online for hub-old to take
+            # over or reap): o1 does not come back, so hub-old's reaper reports it
+            # offline after the grace.
             scopes["hub-new"].cancel()
             assert await presence_events(watcher, 1) == [("o1", "offline", "disconnected")]
             assert await o1_moved.close_code() == CloseCode.SERVICE_RESTART
