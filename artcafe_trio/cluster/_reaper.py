@@ -103,7 +103,7 @@ async def _reap_after(
             log.warning("hub %s lost: %d agent(s) marked offline (hub_lost)", hub, len(reaped))
         else:  # a drained hub: its agents that did not reconnect elsewhere
             log.info("hub %s left the cluster: %d agent(s) did not reconnect elsewhere "
-                     "(offline, %s)", hub, len(reaped), plan.reason)  # fmt: skip
+                     "(offline, disconnected)", hub, len(reaped))  # fmt: skip
         on_reaped(hub, reaped)
         return
     log.error("hub %s could not be reaped: its agents stay as they are", hub)
