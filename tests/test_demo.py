@@ -32,10 +32,12 @@ def _summary_rows(out: str) -> dict[str, tuple[str, str, float]]:
 
 
 def test_demo_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
-    """The whole demo through the CLI, with real TCP and short heartbeats (about 7 s; CI
-    also runs the default demo, 1 s heartbeats, on its own)."""
-    interval = 0.25
-    duration = "7.1"  # the shortest timeline that fits the stages, with the least pauses
+    """The whole demo through the CLI, with real TCP and short heartbeats (about 10 s;
+    CI also runs the default demo, 1 s heartbeats, on its own). 0.5 s heartbeats, a
+    1.5 s timeout: with 0.25 s (0.75 s) a loaded machine (the suite in three
+    processes beside other jobs) made heartbeats late enough to time agents out."""
+    interval = 0.5
+    duration = "9.7"  # the shortest timeline that fits the stages, with the least pauses
     assert not make_plan(float(duration), 2, interval).stretched
     assert make_plan(float(duration), 2, interval).pause < _plan.MIN_PAUSE + 0.01
     args = ["demo", "--duration", duration, "--agents", "2", "--interval", str(interval)]
