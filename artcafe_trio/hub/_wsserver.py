@@ -30,19 +30,24 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
-from wsproto.frame_protocol import FrameProtocol
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 
 __all__ = ["ServerWebSocket", "UpgradeRequest", "frame_text", "read_upgrade_request"]
 
 RECEIVE_BYTES = 65536
 _STREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
-_FRAMER = FrameProtocol(client=False, extensions=[])
 
 
 def frame_text(text: str) -> bytes:
-    """The bytes of one unmasked, unfragmented text frame carrying ``text``."""
-    return bytes(_FRAMER.send_data(text, fin=True))
+    """The bytes of one unmasked, unfragmented text frame carrying ``text`` (what
+    wsproto's server side sends for it, without its per-frame objects)."""
+    payload = text.encode("utf-8")
+    size = len(payload)
+    if size <= 125:
+        return bytes((0x81, size)) + payload
+    if size <= 0xFFFF:
+        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + size.to_bytes(8, "big") + payload
 
 
 def _closed(code: int, reason: str = "") -> ConnectionClosed:
