@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
+from typing import Any
 
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
@@ -31,6 +32,8 @@ from wsproto.events import (
     TextMessage,
 )
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from ._wsframes import FrameSplitter
 
 __all__ = ["ServerWebSocket", "UpgradeRequest", "frame_text", "read_upgrade_request"]
 
@@ -52,6 +55,22 @@ def frame_text(text: str) -> bytes:
 
 def _closed(code: int, reason: str = "") -> ConnectionClosed:
     return ConnectionClosed(CloseReason(code, reason))
+
+
+def _at_frame_boundary(ws: WSConnection) -> bool:
+    """Whether wsproto holds no received byte yet, so that the splitter starts at a frame
+    boundary. It reads wsproto's internals (checked by tests/test_wsserver.py); if they
+    are not as expected, the answer is ``False`` and wsproto alone parses."""
+    try:
+        proto: Any = getattr(ws.connection, "_proto")  # noqa: B009
+        decoder = proto._frame_decoder
+        return bool(
+            len(decoder.buffer) == 0
+            and decoder.header is None
+            and proto._message_decoder.opcode is None
+        )
+    except AttributeError:
+        return False
 
 
 class UpgradeRequest:
@@ -116,6 +135,9 @@ class ServerWebSocket:
         self._control = bytearray()  # frames to send with the next write
         self.closed: CloseReason | None = None  # why the connection ended, once it has
         self._failed = False  # the peer broke the protocol: close without waiting for it
+        # Whole text frames are decoded by the splitter, everything else by wsproto;
+        # wsproto alone if it holds bytes already (sent with the upgrade request).
+        self._splitter = FrameSplitter(max_message_size) if _at_frame_boundary(ws) else None
 
     @property
     def is_open(self) -> bool:
@@ -134,6 +156,21 @@ class ServerWebSocket:
         return self._messages.popleft()
 
     def _receive(self, data: bytes | None) -> None:
+        splitter = self._splitter
+        if data is None or splitter is None:
+            self._feed(data)
+            return
+        for item in splitter.split(data):
+            if self.closed is not None:
+                return
+            if type(item) is str:
+                self._messages.append(item)
+            else:
+                self._feed(item)
+
+    def _feed(self, data: bytes | str | None) -> None:
+        """Bytes (or the end of the stream) to wsproto, and its events."""
+        assert not isinstance(data, str)
         ws = self._ws
         ws.receive_data(data)  # None: end of stream (wsproto reports 1006)
         for event in ws.events():
