@@ -14,13 +14,12 @@ on the connection: :func:`frame_text` frames a message once for every receiver.
 from __future__ import annotations
 
 import contextlib
-from collections import deque
 from typing import Any
 
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
+from wsproto.connection import Connection, ConnectionState
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -57,12 +56,12 @@ def _closed(code: int, reason: str = "") -> ConnectionClosed:
     return ConnectionClosed(CloseReason(code, reason))
 
 
-def _at_frame_boundary(ws: WSConnection) -> bool:
+def _at_frame_boundary(ws: Connection) -> bool:
     """Whether wsproto holds no received byte yet, so that the splitter starts at a frame
     boundary. It reads wsproto's internals (checked by tests/test_wsserver.py); if they
     are not as expected, the answer is ``False`` and wsproto alone parses."""
     try:
-        proto: Any = getattr(ws.connection, "_proto")  # noqa: B009
+        proto: Any = getattr(ws, "_proto")  # noqa: B009
         decoder = proto._frame_decoder
         return bool(
             len(decoder.buffer) == 0
@@ -125,9 +124,14 @@ class ServerWebSocket:
 
     def __init__(self, stream: trio.abc.Stream, ws: WSConnection, max_message_size: int) -> None:
         self._stream = stream
-        self._ws = ws
+        # Once open, only the frame layer is needed: the HTTP handshake's state (h11's
+        # connection, wsproto's handshake and their buffers) is let go, ~2 KiB each.
+        connection = ws.connection
+        if connection is None:
+            raise ValueError("the WebSocket handshake is not complete")
+        self._ws: Connection = connection
         self._max_message_size = max_message_size
-        self._messages: deque[str | bytes] = deque()
+        self._messages: list[str | bytes] = []  # usually one: a list is smaller than a deque
         self._write_broken = False  # a write was cut short: only aclose() is valid
         self._text: list[str] = []  # fragments of the message being received
         self._binary: list[bytes] = []
@@ -137,7 +141,7 @@ class ServerWebSocket:
         self._failed = False  # the peer broke the protocol: close without waiting for it
         # Whole text frames are decoded by the splitter, everything else by wsproto;
         # wsproto alone if it holds bytes already (sent with the upgrade request).
-        self._splitter = FrameSplitter(max_message_size) if _at_frame_boundary(ws) else None
+        self._splitter = FrameSplitter(max_message_size) if _at_frame_boundary(connection) else None
 
     @property
     def is_open(self) -> bool:
@@ -153,7 +157,7 @@ class ServerWebSocket:
             except _STREAM_ERRORS:
                 data = b""
             self._receive(bytes(data) if data else None)
-        return self._messages.popleft()
+        return self._messages.pop(0)
 
     def _receive(self, data: bytes | None) -> None:
         splitter = self._splitter
