@@ -79,20 +79,32 @@ class UpgradeRequest:
         self, stream: trio.abc.Stream, ws: WSConnection, request: Request, max_message_size: int
     ) -> None:
         self._stream = stream
-        self._ws = ws
+        self._ws: WSConnection | None = ws
         self._max_message_size = max_message_size
         self.path = request.target
 
+    def _take(self) -> WSConnection:
+        """The handshake's connection, once: the request is answered only once, and the
+        caller's reference to the request must not keep the handshake's state alive."""
+        ws, self._ws = self._ws, None
+        if ws is None:
+            raise RuntimeError("this upgrade request was answered already")
+        return ws
+
     async def accept(self) -> ServerWebSocket:
         """Answer 101 Switching Protocols; the WebSocket is open."""
-        await self._stream.send_all(self._ws.send(AcceptConnection()))
-        return ServerWebSocket(self._stream, self._ws, self._max_message_size)
+        ws = self._take()
+        data = ws.send(AcceptConnection())
+        websocket = ServerWebSocket(self._stream, ws, self._max_message_size)
+        await self._stream.send_all(data)
+        return websocket
 
     async def reject(self, status: int, *, body: bytes = b"") -> None:
         """Answer with an HTTP error status and a plain-text body."""
+        ws = self._take()
         headers = [(b"content-type", b"text/plain; charset=utf-8")]
-        data = self._ws.send(RejectConnection(status_code=status, headers=headers, has_body=True))
-        data += self._ws.send(RejectData(data=body, body_finished=True))
+        data = ws.send(RejectConnection(status_code=status, headers=headers, has_body=True))
+        data += ws.send(RejectData(data=body, body_finished=True))
         await self._stream.send_all(data)
 
 
