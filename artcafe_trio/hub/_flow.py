@@ -85,7 +85,7 @@ class Outbox:
         self._budget = budget
         self._max_frames = max_frames
         self._max_bytes = max_bytes
-        self._reply_window = reply_window
+        self.reply_window = reply_window
         self._on_overflow = on_overflow
         # str: an answer. A list, not a deque: most connections are idle, and an empty
         # deque holds a 64-slot block (~0.7 KiB); the writer takes the queue in batches.
@@ -97,6 +97,8 @@ class Outbox:
         self.queued_frames = 0  # deliveries only
         self.queued_bytes = 0  # deliveries only
         self.replies = 0  # answers to the connection's own frames, not yet written
+        self.busy = False  # a batch is being written (by the writer, or by the reader)
+        self.hold = False  # the reader writes its answers itself: do not wake the writer
 
     def reply(self, text: str) -> None:
         """Queue an answer to one of the connection's own frames."""
@@ -104,7 +106,8 @@ class Outbox:
             return
         self._queue.append(text)
         self.replies += 1
-        self._ready.set()
+        if not self.hold:
+            self._ready.set()
 
     def deliver(self, item: Delivery) -> bool:
         """Queue a delivery; a consumer over its limits is cut off (returns ``False``)."""
@@ -142,12 +145,29 @@ class Outbox:
         """The next frames to write, in order: answers' texts and deliveries, about
         ``max_bytes`` at most (at least one). Call :meth:`sent` once they are written
         (or not). Empty once the outbox is closed and empty."""
-        queue = self._queue
-        while not queue:
-            if self._closed or self._discarded:
+        while self.busy or not self._queue:
+            if not self.busy and (self._closed or self._discarded):
                 return []
             self._ready = trio.Event()
             await self._ready.wait()
+        return self._take(max_bytes)
+
+    def take_nowait(self, max_bytes: int) -> list[str | Delivery]:
+        """:meth:`take` without waiting: empty if a batch is being written already or
+        nothing is queued."""
+        if self.busy or not self._queue:
+            return []
+        return self._take(max_bytes)
+
+    def release(self) -> None:
+        """Stop holding answers back: wake the writer if anything is queued."""
+        self.hold = False
+        if self._queue:
+            self._ready.set()
+
+    def _take(self, max_bytes: int) -> list[str | Delivery]:
+        queue = self._queue
+        self.busy = True
         size = taken = 0
         for entry in queue:
             taken += 1
@@ -170,6 +190,9 @@ class Outbox:
 
     def sent(self, batch: list[str | Delivery]) -> None:
         """Account for frames taken by :meth:`take`, written or not."""
+        self.busy = False
+        if self._queue or self._closed or self._discarded:
+            self._ready.set()  # a writer that waited while the reader wrote
         replies = 0
         for entry in batch:
             if isinstance(entry, Delivery):
@@ -178,12 +201,12 @@ class Outbox:
                 replies += 1
         if replies and not self._discarded:
             self.replies -= replies
-            if self.replies <= self._reply_window // 2:
+            if self.replies <= self.reply_window // 2:
                 self._replies_drained.set()
 
     async def wait_for_reply_window(self) -> None:
         """Back-pressure: return once fewer than ``reply_window`` answers are unsent."""
-        while self.replies >= self._reply_window and not self._discarded:
+        while self.replies >= self.reply_window and not self._discarded:
             self._replies_drained = trio.Event()
             await self._replies_drained.wait()
 

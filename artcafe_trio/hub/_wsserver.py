@@ -159,6 +159,10 @@ class ServerWebSocket:
     def is_open(self) -> bool:
         return self.closed is None and self._ws.state is ConnectionState.OPEN
 
+    def has_message(self) -> bool:
+        """Whether :meth:`get_message` would return without reading."""
+        return bool(self._messages)
+
     async def get_message(self) -> str | bytes:
         """The next message; raises ``ConnectionClosed`` once the connection has ended."""
         while not self._messages:
