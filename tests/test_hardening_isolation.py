@@ -363,6 +363,33 @@ async def test_heartbeat_flood_is_back_pressured_not_cut_off() -> None:
             nursery.cancel_scope.cancel()
 
 
+async def test_a_close_lets_the_reader_finish_the_answers_it_is_writing() -> None:
+    """The reader writes its connection's answers itself when the writer is idle. A
+    close decided meanwhile (here by the hub, from another task) must not cancel that
+    write half-way: the peer still gets whole frames, then the close with its code."""
+    async with open_test_hub(close_timeout=5.0) as hub:
+        async with trio.open_nursery() as nursery:
+            client = await connect(hub, nursery, "slow", lockstep=True)
+            [session] = [s for s in hub.hub._directory.agent_sessions() if s.agent_id == "slow"]
+            for seq in range(20):  # ACKs the client does not read yet: the write blocks
+                await client.send(Heartbeat(seq=seq))
+                if session.reader_writing:
+                    break
+            with trio.fail_after(5):
+                while not session.reader_writing:
+                    await trio.sleep(0.01)
+            session.close(CloseCode.SERVICE_RESTART, "restarting")
+            frames = []
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                with trio.fail_after(5):
+                    while True:
+                        frames.append(decode(await client.ws.get_message()))
+            assert closed.value.reason.code == CloseCode.SERVICE_RESTART
+            assert frames
+            assert all(isinstance(frame, HeartbeatAck) for frame in frames)
+            nursery.cancel_scope.cancel()
+
+
 # --- item 7: unauthenticated connections ------------------------------------------------------
 
 

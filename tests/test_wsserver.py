@@ -58,7 +58,8 @@ async def close_code(server: ServerWebSocket) -> int:
 
 
 def test_frame_text_is_what_wsproto_sends() -> None:
-    for text in ["", "héllo", "x" * 70_000]:
+    sizes = [0, 1, 125, 126, 127, 0xFFFF, 0x10000, 70_000]
+    for text in ["héllo", "é" * 63, "é" * 62 + "x", *("x" * size for size in sizes)]:
         assert frame_text(text) == bytes(FrameProtocol(False, []).send_data(text, True))
 
 

@@ -20,7 +20,6 @@ Each piece is small and owns one rule:
 
 from __future__ import annotations
 
-import collections
 import logging
 import sys
 from collections.abc import Callable
@@ -112,10 +111,12 @@ class Outbox:
         self._budget = budget
         self._max_frames = max_frames
         self._max_bytes = max_bytes
-        self._reply_window = reply_window
-        self._reply_window_bytes = reply_window_bytes
+        self.reply_window = reply_window
+        self.reply_window_bytes = reply_window_bytes
         self._on_overflow = on_overflow
-        self._queue: collections.deque[str | Delivery] = collections.deque()  # str: an answer
+        # str: an answer. A list, not a deque: most connections are idle, and an empty
+        # deque holds a 64-slot block (~0.7 KiB); the writer takes the queue in batches.
+        self._queue: list[str | Delivery] = []
         self._ready = trio.Event()
         self._replies_drained = trio.Event()
         self._closed = False
@@ -125,12 +126,19 @@ class Outbox:
         self.replies = 0  # answers to the connection's own frames, not yet written
         self.reply_bytes = 0  # their size (queued or in flight)
         self.flight_bytes = 0  # deliveries in the batch being written
+        self.busy = False  # a batch is being written (by the writer, or by the reader)
+        self.hold = False  # the reader writes its answers itself: do not wake the writer
 
     @property
     def held_bytes(self) -> int:
         """Everything this connection holds: queued deliveries, unsent answers, and the
         deliveries being written (what choosing whom to cut off goes by)."""
         return self.queued_bytes + self.reply_bytes + self.flight_bytes
+
+    @property
+    def reply_window_full(self) -> bool:
+        """``reply_window`` answers, or ``reply_window_bytes`` of them, are unsent."""
+        return self.replies >= self.reply_window or self.reply_bytes >= self.reply_window_bytes
 
     def reply(self, text: str) -> None:
         """Queue an answer to one of the connection's own frames. Counted in the output
@@ -153,7 +161,8 @@ class Outbox:
         self._queue.append(text)
         self.replies += 1
         self.reply_bytes += size
-        self._ready.set()
+        if not self.hold:
+            self._ready.set()
 
     def deliver(self, item: Delivery) -> bool:
         """Queue a delivery; a consumer over its limits is cut off (returns ``False``)."""
@@ -204,18 +213,32 @@ class Outbox:
         """The next frames to write, in order: answers' texts and deliveries, about
         ``max_bytes`` at most (at least one). Call :meth:`sent` once they are written
         (or not). Empty once the outbox is closed and empty."""
-        queue = self._queue
-        while not queue:
-            if self._closed or self._discarded:
+        while self.busy or not self._queue:
+            if not self.busy and (self._closed or self._discarded):
                 return []
             self._ready = trio.Event()
             await self._ready.wait()
-        batch: list[str | Delivery] = []
-        size = 0
-        flight = 0
-        while queue and size < max_bytes:
-            entry = queue.popleft()
-            batch.append(entry)
+        return self._take(max_bytes)
+
+    def take_nowait(self, max_bytes: int) -> list[str | Delivery]:
+        """:meth:`take` without waiting: empty if a batch is being written already or
+        nothing is queued."""
+        if self.busy or not self._queue:
+            return []
+        return self._take(max_bytes)
+
+    def release(self) -> None:
+        """Stop holding answers back: wake the writer if anything is queued."""
+        self.hold = False
+        if self._queue:
+            self._ready.set()
+
+    def _take(self, max_bytes: int) -> list[str | Delivery]:
+        queue = self._queue
+        self.busy = True
+        size = taken = flight = 0
+        for entry in queue:
+            taken += 1
             if isinstance(entry, Delivery):  # in flight: no longer queued, still held
                 size += entry.size
                 flight += entry.size
@@ -223,11 +246,21 @@ class Outbox:
                 self.queued_bytes -= entry.size
             else:
                 size += len(entry)
+            if size >= max_bytes:
+                break
+        if taken == len(queue):
+            batch, self._queue = queue, []
+        else:
+            batch = queue[:taken]
+            del queue[:taken]
         self.flight_bytes += flight
         return batch
 
     def sent(self, batch: list[str | Delivery]) -> None:
         """Account for frames taken by :meth:`take`, written or not."""
+        self.busy = False
+        if self._queue or self._closed or self._discarded:
+            self._ready.set()  # a writer that waited while the reader wrote
         budget = self._budget
         replies = reply_bytes = flight = 0
         for entry in batch:
@@ -245,8 +278,8 @@ class Outbox:
             self.replies -= replies
             self.reply_bytes -= reply_bytes
             if (
-                self.replies <= self._reply_window // 2
-                and self.reply_bytes <= self._reply_window_bytes // 2
+                self.replies <= self.reply_window // 2
+                and self.reply_bytes <= self.reply_window_bytes // 2
             ):
                 self._replies_drained.set()
         if not self.held_bytes:
@@ -255,9 +288,7 @@ class Outbox:
     async def wait_for_reply_window(self) -> None:
         """Back-pressure: return once fewer than ``reply_window`` answers, and fewer than
         ``reply_window_bytes`` of them, are unsent."""
-        while (
-            self.replies >= self._reply_window or self.reply_bytes >= self._reply_window_bytes
-        ) and not self._discarded:
+        while self.reply_window_full and not self._discarded:
             self._replies_drained = trio.Event()
             await self._replies_drained.wait()
 

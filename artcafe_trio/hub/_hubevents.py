@@ -205,8 +205,9 @@ class _Measure:
         self.avg: float | None = None
         self.rtt: float | None = None
         self.seen = False
-        self.attaches: collections.deque[float] = collections.deque(maxlen=_MAX_STAMPS)
-        self.takeovers: collections.deque[float] = collections.deque(maxlen=_MAX_STAMPS)
+        # Made on first use: an agent that never reconnects holds no deque (~0.7 KiB each).
+        self.attaches: collections.deque[float] | None = None
+        self.takeovers: collections.deque[float] | None = None
 
 
 class HubEvents:
@@ -292,6 +293,8 @@ class HubEvents:
         now = trio.current_time()
         measure = self._measure(tenant_id, agent_id)
         if measure.seen:
+            if measure.attaches is None:
+                measure.attaches = collections.deque(maxlen=_MAX_STAMPS)
             measure.attaches.append(now)
         measure.seen = True
         measure.session = session_id
@@ -299,6 +302,8 @@ class HubEvents:
         measure.interval = measure.avg = None
         measure.declared = interval
         if replaced is not None:
+            if measure.takeovers is None:
+                measure.takeovers = collections.deque(maxlen=_MAX_STAMPS)
             measure.takeovers.append(now)
             self.emit(
                 TakeOver(
@@ -356,13 +361,14 @@ class HubEvents:
         for stamps in (measure.attaches, measure.takeovers):
             while stamps and stamps[0] < since:
                 stamps.popleft()
+        attaches, takeovers = measure.attaches, measure.takeovers
         return AgentMeasures(
             declared_interval=measure.declared,
             heartbeat_interval=measure.interval,
             heartbeat_interval_avg=measure.avg,
             rtt=measure.rtt,
-            reconnects=len(measure.attaches),
-            takeovers=len(measure.takeovers),
+            reconnects=len(attaches) if attaches is not None else 0,
+            takeovers=len(takeovers) if takeovers is not None else 0,
         )
 
     def _measure(self, tenant_id: str, agent_id: str) -> _Measure:

@@ -4,7 +4,12 @@
 (challenge, the first frame judged by the :class:`~._auth.Authenticator`, welcome or
 refusal), then the session: a reader that feeds each message to the connection inline
 and acts on its event (no task per frame), and one writer task that sends the
-session's :class:`~._flow.Outbox` in batches, one ``send_all`` each. The hub-wide side
+session's :class:`~._flow.Outbox` in batches, one ``send_all`` each. Answers to the
+connection's own frames are held back while the reader works through what it
+received, and the reader writes them itself before it waits for the peer again if the
+writer is idle (no writer wake-up per heartbeat or ``published``); one batch is written
+at a time, by either task (``Outbox.busy``), and a close lets the reader finish a frame
+it is writing as it lets the writer. The hub-wide side
 (session directory, routing, presence) is reached only through :class:`HubSide`.
 """
 
@@ -155,7 +160,8 @@ class _Session:
         self.reader_scope = trio.CancelScope()
         # I/O state only (the protocol state is ``conn.state``):
         self.reading = True  # the reader has not ended
-        self.writing = False  # a batch is being written
+        self.writing = False  # a batch is being written (by the writer or the reader)
+        self.reader_writing = False  # ... by the reader: a close lets it finish
         self.draining = False  # closing after what is queued is written
         self.timed_out = False  # set by the presence side
         self.ended = False  # detached from the hub
@@ -221,7 +227,10 @@ class _Session:
                 self.outbox.close()  # the writer ends once the queue is empty
             else:
                 self.outbox.discard()  # never to be written: free it now
-        self.reader_scope.cancel()
+        if not self.reader_writing:
+            self.reader_scope.cancel()
+        # else: the reader finishes its frame (within close_timeout, see _bound_writer)
+        # and then sees the connection closing.
         self._bound_writer()
 
     def _bound_writer(self) -> None:
@@ -393,17 +402,57 @@ async def _writer(session: _Session) -> None:
 
 
 async def _reader(hub: HubSide, session: _Session) -> None:
-    ws, conn = session.ws, session.conn
+    try:
+        await _read(hub, session)
+    finally:
+        session.outbox.release()  # whatever is still held back goes to the writer
+
+
+async def _write_answers(session: _Session) -> None:
+    """The reader writes what its connection's frames produced, itself, when the writer
+    is idle: no writer wake-up per answer. Otherwise the writer is woken for it."""
+    outbox = session.outbox
+    batch = outbox.take_nowait(WRITE_BATCH_BYTES)
+    if not batch:
+        outbox.release()
+        return
+    outbox.hold = False
+    data = b"".join(frame_text(entry) if isinstance(entry, str) else entry.frame for entry in batch)
+    stall_timeout = session.hub.config.write_stall_timeout
+    session.writing = session.reader_writing = True
+    try:
+        with trio.move_on_after(stall_timeout) as stall:
+            await session.ws.send_frames(data)
+    finally:
+        session.writing = session.reader_writing = False
+        outbox.sent(batch)
+    if stall.cancelled_caught and not session.closing:
+        outbox.stalled(len(data), stall_timeout)  # cut off: 4004, as in the writer
+
+
+async def _read(hub: HubSide, session: _Session) -> None:
+    ws, conn, outbox = session.ws, session.conn, session.outbox
     while conn.state is ConnectionState.OPEN:
+        if outbox.hold and not ws.has_message():
+            # About to wait for the peer: write this connection's answers first.
+            try:
+                await _write_answers(session)
+            except ConnectionClosed:
+                return
+            if conn.state is not ConnectionState.OPEN:
+                return  # closed while writing
         # Back-pressure: answers to this connection's own frames that it has not read
         # yet pause reading it; they never count against it as a slow consumer.
-        await session.outbox.wait_for_reply_window()
+        if outbox.reply_window_full:
+            outbox.release()
+            await outbox.wait_for_reply_window()
         try:
             text = await ws.get_message()
         except ConnectionClosed:
             return
         if conn.state is not ConnectionState.OPEN:
             return  # closed while waiting (by the hub, or another task)
+        outbox.hold = True
         now = trio.current_time()
         session.touch(now)
         session.last_frame_wall = hub._wall_clock()

@@ -14,12 +14,12 @@ on the connection: :func:`frame_text` frames a message once for every receiver.
 from __future__ import annotations
 
 import contextlib
-from collections import deque
+from typing import Any
 
 import trio
 from trio_websocket import CloseReason, ConnectionClosed
 from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
+from wsproto.connection import Connection, ConnectionState
 from wsproto.events import (
     AcceptConnection,
     BytesMessage,
@@ -30,23 +30,46 @@ from wsproto.events import (
     Request,
     TextMessage,
 )
-from wsproto.frame_protocol import FrameProtocol
 from wsproto.utilities import LocalProtocolError, RemoteProtocolError
+
+from ._wsframes import FrameSplitter
 
 __all__ = ["ServerWebSocket", "UpgradeRequest", "frame_text", "read_upgrade_request"]
 
 RECEIVE_BYTES = 65536
 _STREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
-_FRAMER = FrameProtocol(client=False, extensions=[])
 
 
 def frame_text(text: str) -> bytes:
-    """The bytes of one unmasked, unfragmented text frame carrying ``text``."""
-    return bytes(_FRAMER.send_data(text, fin=True))
+    """The bytes of one unmasked, unfragmented text frame carrying ``text`` (what
+    wsproto's server side sends for it, without its per-frame objects)."""
+    payload = text.encode("utf-8")
+    size = len(payload)
+    if size <= 125:
+        return bytes((0x81, size)) + payload
+    if size <= 0xFFFF:
+        return b"\x81\x7e" + size.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + size.to_bytes(8, "big") + payload
 
 
 def _closed(code: int, reason: str = "") -> ConnectionClosed:
     return ConnectionClosed(CloseReason(code, reason))
+
+
+def _at_frame_boundary(ws: Connection) -> bool:
+    """Whether wsproto holds no received byte yet, so that the splitter starts at a frame
+    boundary. It reads wsproto's internals (checked by tests/test_wsserver.py); if they
+    are not as expected, the answer is ``False`` and wsproto alone parses."""
+    try:
+        proto: Any = getattr(ws, "_proto")  # noqa: B009
+        decoder = proto._frame_decoder
+        return bool(
+            len(decoder.buffer) == 0
+            and decoder.header is None
+            and proto._message_decoder.opcode is None
+        )
+    except AttributeError:
+        return False
 
 
 class UpgradeRequest:
@@ -56,20 +79,32 @@ class UpgradeRequest:
         self, stream: trio.abc.Stream, ws: WSConnection, request: Request, max_message_size: int
     ) -> None:
         self._stream = stream
-        self._ws = ws
+        self._ws: WSConnection | None = ws
         self._max_message_size = max_message_size
         self.path = request.target
 
+    def _take(self) -> WSConnection:
+        """The handshake's connection, once: the request is answered only once, and the
+        caller's reference to the request must not keep the handshake's state alive."""
+        ws, self._ws = self._ws, None
+        if ws is None:
+            raise RuntimeError("this upgrade request was answered already")
+        return ws
+
     async def accept(self) -> ServerWebSocket:
         """Answer 101 Switching Protocols; the WebSocket is open."""
-        await self._stream.send_all(self._ws.send(AcceptConnection()))
-        return ServerWebSocket(self._stream, self._ws, self._max_message_size)
+        ws = self._take()
+        data = ws.send(AcceptConnection())
+        websocket = ServerWebSocket(self._stream, ws, self._max_message_size)
+        await self._stream.send_all(data)
+        return websocket
 
     async def reject(self, status: int, *, body: bytes = b"") -> None:
         """Answer with an HTTP error status and a plain-text body."""
+        ws = self._take()
         headers = [(b"content-type", b"text/plain; charset=utf-8")]
-        data = self._ws.send(RejectConnection(status_code=status, headers=headers, has_body=True))
-        data += self._ws.send(RejectData(data=body, body_finished=True))
+        data = ws.send(RejectConnection(status_code=status, headers=headers, has_body=True))
+        data += ws.send(RejectData(data=body, body_finished=True))
         await self._stream.send_all(data)
 
 
@@ -101,9 +136,14 @@ class ServerWebSocket:
 
     def __init__(self, stream: trio.abc.Stream, ws: WSConnection, max_message_size: int) -> None:
         self._stream = stream
-        self._ws = ws
+        # Once open, only the frame layer is needed: the HTTP handshake's state (h11's
+        # connection, wsproto's handshake and their buffers) is let go, ~2 KiB each.
+        connection = ws.connection
+        if connection is None:
+            raise ValueError("the WebSocket handshake is not complete")
+        self._ws: Connection = connection
         self._max_message_size = max_message_size
-        self._messages: deque[str | bytes] = deque()
+        self._messages: list[str | bytes] = []  # usually one: a list is smaller than a deque
         self._write_broken = False  # a write was cut short: only aclose() is valid
         self._text: list[str] = []  # fragments of the message being received
         self._binary: list[bytes] = []
@@ -111,10 +151,17 @@ class ServerWebSocket:
         self._control = bytearray()  # frames to send with the next write
         self.closed: CloseReason | None = None  # why the connection ended, once it has
         self._failed = False  # the peer broke the protocol: close without waiting for it
+        # Whole text frames are decoded by the splitter, everything else by wsproto;
+        # wsproto alone if it holds bytes already (sent with the upgrade request).
+        self._splitter = FrameSplitter(max_message_size) if _at_frame_boundary(connection) else None
 
     @property
     def is_open(self) -> bool:
         return self.closed is None and self._ws.state is ConnectionState.OPEN
+
+    def has_message(self) -> bool:
+        """Whether :meth:`get_message` would return without reading."""
+        return bool(self._messages)
 
     async def get_message(self) -> str | bytes:
         """The next message; raises ``ConnectionClosed`` once the connection has ended."""
@@ -126,9 +173,24 @@ class ServerWebSocket:
             except _STREAM_ERRORS:
                 data = b""
             self._receive(bytes(data) if data else None)
-        return self._messages.popleft()
+        return self._messages.pop(0)
 
     def _receive(self, data: bytes | None) -> None:
+        splitter = self._splitter
+        if data is None or splitter is None:
+            self._feed(data)
+            return
+        for item in splitter.split(data):
+            if self.closed is not None:
+                return
+            if type(item) is str:
+                self._messages.append(item)
+            else:
+                self._feed(item)
+
+    def _feed(self, data: bytes | str | None) -> None:
+        """Bytes (or the end of the stream) to wsproto, and its events."""
+        assert not isinstance(data, str)
         ws = self._ws
         ws.receive_data(data)  # None: end of stream (wsproto reports 1006)
         for event in ws.events():

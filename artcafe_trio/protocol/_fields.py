@@ -16,6 +16,7 @@ from typing import Any, TypeAlias
 import attrs
 
 from .._errors import LocalProtocolError, RemoteProtocolError
+from ._json import reject_constant
 from ._subjects import validate_pattern, validate_subject
 
 MAX_ID_LENGTH = 128
@@ -208,31 +209,43 @@ def _field(kind: _Kind, *, optional: bool = False, default: object = attrs.NOTHI
 # --- conversion ---------------------------------------------------------------
 
 
+_Spec: TypeAlias = "tuple[tuple[str, _Kind, bool, bool], ...]"
+_SPECS: dict[type[Any], _Spec] = {}
+
+
+def _spec(cls: type[Any]) -> _Spec:
+    """``(name, kind, optional, required)`` of each field of ``cls``, read once per class."""
+    spec = _SPECS.get(cls)
+    if spec is None:
+        spec = _SPECS[cls] = tuple(
+            (f.name, f.metadata["kind"], f.metadata["optional"], f.default is attrs.NOTHING)
+            for f in attrs.fields(cls)
+        )
+    return spec
+
+
 def _to_object(value: Any) -> dict[str, JSON]:
     out: dict[str, JSON] = {}
-    for field in attrs.fields(type(value)):
-        item = getattr(value, field.name)
-        if item is None and field.metadata.get("optional"):
+    for name, _kind_of, optional, _required in _spec(type(value)):
+        item = getattr(value, name)
+        if item is None and optional:
             continue
         if isinstance(item, tuple):
             item = [_to_object(x) if attrs.has(type(x)) else x for x in item]
-        out[field.name] = item
+        out[name] = item
     return out
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not valid JSON")
+_reject_constant = reject_constant
 
 
 def _from_object(cls: type[Any], obj: object, frame_id: str | None, where: str) -> Any:
     if not isinstance(obj, dict):
         raise RemoteProtocolError("invalid_field", f"{where} must be an object", frame_id=frame_id)
     kwargs: dict[str, Any] = {}
-    for field in attrs.fields(cls):
-        name = field.name
-        optional = field.metadata["optional"]
+    for name, kind, optional, required in _spec(cls):
         if name not in obj:
-            if field.default is attrs.NOTHING:
+            if required:
                 raise RemoteProtocolError(
                     "missing_field",
                     f"{getattr(cls, 'type', '') or where} frame is missing field {name!r}",
@@ -242,7 +255,7 @@ def _from_object(cls: type[Any], obj: object, frame_id: str | None, where: str) 
         value = obj[name]
         if value is None and optional:
             continue
-        kwargs[name] = field.metadata["kind"](name, value, frame_id)
+        kwargs[name] = kind(name, value, frame_id)
     return cls(**kwargs)
 
 

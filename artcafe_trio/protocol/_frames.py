@@ -9,8 +9,9 @@ strict decoding machinery are in ``_fields``.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
-from typing import ClassVar
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
 
 import attrs
 
@@ -37,10 +38,10 @@ from ._fields import (
     _k_subject,
     _k_urls,
     _kind,
-    _reject_constant,
     _to_object,
     _too_deep,
 )
+from ._json import dumps_compact, loads_strict, quote
 
 __all__ = [
     "CLIENT_FRAME_TYPES",
@@ -365,10 +366,48 @@ CLIENT_FRAME_TYPES = frozenset(
 # --- encode / decode ---------------------------------------------------------
 
 
+def _encode_published(frame: Published) -> str | None:
+    if type(frame.id) is not str or type(frame.message_id) is not str:
+        return None
+    if type(frame.duplicate) is not bool:
+        return None
+    tail = ',"duplicate":true}' if frame.duplicate else ',"duplicate":false}'
+    return (
+        '{"type":"published","id":'
+        + quote(frame.id)
+        + ',"message_id":'
+        + (quote(frame.message_id) + tail)
+    )
+
+
+def _encode_heartbeat_ack(frame: HeartbeatAck) -> str | None:
+    seq, hub_time = frame.seq, frame.hub_time
+    if type(seq) is int and type(hub_time) is float and math.isfinite(hub_time):
+        return (
+            '{"type":"heartbeat_ack","seq":' + int.__repr__(seq)
+            + ',"hub_time":' + float.__repr__(hub_time) + "}"
+        )  # fmt: skip
+    return None
+
+
+_TEMPLATES: dict[type[Frame], Callable[[Any], str | None]] = {
+    Published: _encode_published,
+    HeartbeatAck: _encode_heartbeat_ack,
+}
+"""The hub's most frequent answers, written without building a dict: each returns
+exactly what the generic path would (``None``: a value it does not handle, e.g. a
+non-finite time, goes the generic way and is refused there as before)."""
+
+
 def encode(frame: Frame) -> str:
     """The JSON text of ``frame`` (compact; optional fields that are ``None`` omitted)."""
+    template = _TEMPLATES.get(type(frame))
+    if template is not None:
+        text = template(frame)
+        if text is not None:
+            return text
     obj = {"type": frame.type, **_to_object(frame)}
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False)
+    return dumps_compact(obj)
 
 
 def encode_message(
@@ -385,20 +424,20 @@ def encode_message(
 
     Lets a hub encode a published payload once and reuse it for every receiver.
     """
-    head = {"type": "message", "subject": subject}
+    # ``json.dumps`` of the head and the tail, spelled out (the same text): strings as
+    # ``json`` quotes them, a float as its repr (a non-finite or non-float time the
+    # standard way, as before: ``Infinity`` is not refused here).
+    head = '{"type":"message","subject":' + quote(subject)
     if subscription is not None:
-        head["subscription"] = subscription
-    tail: dict[str, JSON] = {"sender": sender, "message_id": message_id, "time": time}
+        head += ',"subscription":' + quote(subscription)
+    if type(time) is float and math.isfinite(time):
+        stamp = float.__repr__(time)
+    else:
+        stamp = json.dumps(time)
+    tail = ',"sender":' + quote(sender) + ',"message_id":' + quote(message_id) + ',"time":' + stamp
     if reply_to is not None:
-        tail["reply_to"] = reply_to
-    dump = json.dumps
-    return (
-        dump(head, separators=(",", ":"))[:-1]
-        + ',"data":'
-        + data_json
-        + ","
-        + dump(tail, separators=(",", ":"))[1:]
-    )
+        tail += ',"reply_to":' + quote(reply_to)
+    return head + ',"data":' + data_json + tail + "}"
 
 
 def decode(text: str | bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Frame:
@@ -424,7 +463,7 @@ def decode_with_id(
     ):
         raise RemoteProtocolError("frame_too_large", f"frame exceeds {max_bytes} bytes")
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = loads_strict(text)
     except RecursionError:
         raise _too_deep() from None
     except ValueError as exc:

@@ -34,7 +34,6 @@ driver's authenticator answers with :meth:`accept` or :meth:`refuse`. Once OPEN,
 from __future__ import annotations
 
 import enum
-import json
 from collections.abc import Sequence
 from typing import Protocol, TypeAlias
 
@@ -62,6 +61,7 @@ from ._frames import (
     decode_with_id,
     encode,
 )
+from ._json import dumps_compact
 from ._subjects import is_reserved
 
 __all__ = [
@@ -491,7 +491,7 @@ class ServerConnection:
                 frame_id=frame.id,
             )
         try:
-            return json.dumps(frame.data, separators=(",", ":"), allow_nan=False)
+            return dumps_compact(frame.data)
         except (ValueError, RecursionError):  # e.g. 1e999, parsed as infinity
             raise RemoteProtocolError(
                 "invalid_field",
