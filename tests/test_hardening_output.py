@@ -33,6 +33,24 @@ def session_of(hub: Any, agent: str) -> Any:
     return session
 
 
+async def jam_the_writer(hub: Any, nursery: trio.Nursery, client: Any, session: Any) -> None:
+    """Get one large delivery stuck in ``session``'s write (its client never reads).
+
+    The hub's reader writes a connection's answers itself when nothing else is being
+    written (one answer then waits in that write, and reading waits with it); with a
+    delivery stuck in the writer, answers queue in the outbox instead: what a
+    connection that reads nothing can make the hub hold at most."""
+    await client.subscribe("jam")
+    pub = await connect(hub, nursery, f"jammer-{session.agent_id}")
+    for i in range(10):
+        await pub.send(Publish(subject="jam", data="j" * 200_000, id=f"j{i}"))
+        await pub.recv_type(Published)
+        await trio.sleep(0.1)
+        if session.outbox.flight_bytes:
+            return
+    raise AssertionError("no delivery got stuck in the write")
+
+
 async def test_answers_to_a_connection_that_never_reads_are_bounded_in_bytes(
     autojump_clock: Any,
 ) -> None:
@@ -49,6 +67,7 @@ async def test_answers_to_a_connection_that_never_reads_are_bounded_in_bytes(
             attacker = await connect(hub, nursery, "att", lockstep=True, heartbeat_interval=None)
             session = session_of(hub, "att")
             start = trio.current_time()
+            await jam_the_writer(hub, nursery, attacker, session)
             sent = 0
             for i in range(300):
                 with trio.move_on_after(1) as blocked:
@@ -155,6 +174,7 @@ async def test_answers_count_in_the_output_budget_and_in_choosing_whom_to_cut_of
             for i in range(30):
                 await connect(hub, nursery, f"peer{i}", metadata=META)
             asker = await connect(hub, nursery, "asker", lockstep=True)
+            await jam_the_writer(hub, nursery, asker, session_of(hub, "asker"))
             consumer = await connect(hub, nursery, "consumer", lockstep=True)
             await consumer.subscribe("to.consumer")
             for i in range(30):
@@ -204,3 +224,36 @@ async def test_the_budget_never_admits_more_than_it_holds_even_with_writes_in_fl
     assert budget.used <= budget.limit and budget.peak <= budget.limit
     writing.sent(batch)  # the write ended: everything is released
     assert budget.used == 0
+
+
+async def test_an_answer_the_reader_writes_itself_is_held_to_the_write_stall_deadline(
+    autojump_clock: Any,
+) -> None:
+    """With the writer idle the hub's reader writes a connection's answers itself (and
+    stops reading meanwhile): a client that never reads is cut off by that write's
+    deadline too, not held until its heartbeat timeout (it sends none here)."""
+    async with open_test_hub(
+        close_timeout=0.05, max_frame_bytes=BIG, write_stall_timeout=4.0
+    ) as hub:
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                await connect(hub, nursery, f"peer{i}", metadata=META)
+            silent = await connect(hub, nursery, "silent", lockstep=True, heartbeat_interval=None)
+            session = session_of(hub, "silent")
+            # The client library buffers a message or two: ask until an answer is stuck
+            # in the reader's own write (the writer idle, nothing queued).
+            for i in range(10):
+                with trio.move_on_after(1):
+                    await silent.send(PresenceQuery(id=f"q{i}"))  # ~160 KB answers
+                await trio.sleep(0.1)
+                if session.reader_writing:
+                    break
+            start = trio.current_time()
+            assert session.reader_writing and session.outbox.busy
+            with trio.fail_after(30):
+                while not session.closing:
+                    await trio.sleep(0.25)
+            assert trio.current_time() - start == pytest.approx(4.0, abs=0.5)
+            assert session.close_code == CloseCode.SLOW_CONSUMER
+            assert "did not complete in 4 s" in session.close_reason
+            nursery.cancel_scope.cancel()
