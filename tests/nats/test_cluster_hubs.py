@@ -750,7 +750,7 @@ async def test_a_frozen_hub_s_agents_time_out_by_their_own_watchdog_and_move_wit
 
     names = [f"w{i}" for i in range(3)]
     interval, multiplier = 0.5, 3.0  # the hub's shortest interval; the watchdog: 1.5 s
-    grace_a = 4.0  # the reaper's grace: the agents move well within it
+    grace_a = 6.0  # the reaper's grace: the agents move well within it
     async with (
         hub_process_and_hub_a(
             nats_cluster, tmp_path, names, grace_a=grace_a, listen_a=True
@@ -771,7 +771,7 @@ async def test_a_frozen_hub_s_agents_time_out_by_their_own_watchdog_and_move_wit
                             heartbeat_interval=interval,
                             heartbeat_timeout_multiplier=multiplier,
                             heartbeat_jitter=0.0,
-                            connect_timeout=0.5,
+                            connect_timeout=2.0,  # first try: the frozen hub, then the other
                             backoff=Backoff(base=0.05, cap=0.1),
                         )
                     )
