@@ -323,11 +323,17 @@ def test_the_event_filter_the_uptime_bar_and_the_narrow_layout(world: World) -> 
     assert kinds() and set(kinds()) == {"presence"}
     # Each row's 24-hour bar: segments, and its uptime in words.
     bar = 'tr[data-key="t1/alpha"] .bar'
-    page.wait_for_selector(f"{bar} span[data-status=online]")  # type: ignore[attr-defined]
+    page.wait_for_selector(f"{bar} span[data-status=online]", state="attached")  # type: ignore[attr-defined]
     label = page.get_attribute(bar, "aria-label")  # type: ignore[attr-defined]
     assert label.startswith("last 24 h: ") and "% up" in label and "offline period" in label
-    width = page.eval_on_selector(bar, "b => b.getBoundingClientRect().width")  # type: ignore[attr-defined]
-    assert width > 50
+    # Drawn wider than 50 px (waited for: the table is redrawn at each snapshot tick, and
+    # a bar measured in the middle of a redraw is 0 px wide); a timeout fails the test.
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "sel => { const b = document.querySelector(sel);"
+        " return b !== null && b.getBoundingClientRect().width > 50 }",
+        arg=bar,
+        timeout=5000,
+    )
     # 400 px wide: each agent is a card, each cell labelled; nothing overflows sideways.
     assert page.eval_on_selector(  # type: ignore[attr-defined]
         "#presence thead", "h => h.getBoundingClientRect().right <= 0"
