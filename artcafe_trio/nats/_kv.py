@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import enum
-import json
 import logging
 import math
 import re
@@ -41,6 +40,7 @@ from ._errors import (
     NoRespondersError,
     WrongLastRevisionError,
 )
+from ._jsapi import _api, _decode_answer
 from ._protocol import Headers, Msg, decode_headers, encode_pub
 
 __all__ = ["KeyValue", "KvEntry", "KvOp", "KvWatcher", "key_value"]
@@ -128,29 +128,6 @@ def _op_of(headers: Mapping[str, str] | None) -> KvOp:
     if op == "PURGE":
         return KvOp.PURGE
     return KvOp.PUT
-
-
-async def _api(nc: NatsClient, subject: str, body: Mapping[str, Any] | None, limit: float) -> Any:
-    """One JetStream API call: JSON in, JSON out, errors as :class:`JetStreamError`."""
-    payload = json.dumps(body).encode() if body is not None else b""
-    with trio.move_on_after(limit) as scope:
-        msg = await nc.request(subject, payload)
-    if scope.cancelled_caught:
-        raise NatsTimeoutError(f"no answer on {subject} within {limit:g} s")
-    return _decode_answer(msg)
-
-
-def _decode_answer(msg: Msg) -> Any:
-    try:
-        answer = json.loads(msg.data)
-    except ValueError:
-        raise JetStreamError(0, 0, f"answer is not JSON: {msg.data[:80]!r}") from None
-    if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
-        err = answer["error"]
-        raise JetStreamError(
-            int(err.get("code", 0)), int(err.get("err_code", 0)), str(err.get("description"))
-        )
-    return answer
 
 
 class KeyValue:
@@ -406,8 +383,27 @@ class KvWatcher:
         self._consumer = str(answer.get("name"))
         self._consumer_seq = 0
         self._reset_needed = False
-        if not answer.get("num_pending", 0):
+        if not answer.get("num_pending", 0) and (
+            self.caught_up or not await self._stream_has_matching(limit or self._kv._timeout)
+        ):
             self.caught_up = True  # nothing (more) to deliver
+
+    async def _stream_has_matching(self, limit: float) -> bool:
+        """Whether the stream holds a message the watch's filter matches, as its leader
+        sees it. An R1 consumer may be placed on a replica that has not applied the
+        latest writes yet and then report nothing pending although there is; its
+        deliveries then come late, and ``caught_up`` waits for them. An error here
+        keeps the consumer's own answer (logged)."""
+        try:
+            info = await _api(
+                self._nc, f"$JS.API.STREAM.INFO.{self._kv.stream}",
+                {"subjects_filter": self._filter}, limit,
+            )  # fmt: skip
+        except (NatsError, OSError) as exc:
+            log.debug("watch: could not check the stream for pending values: %r", exc)
+            return False
+        state = info.get("state") if isinstance(info, dict) else None
+        return isinstance(state, dict) and bool(state.get("subjects"))
 
     async def _delete_consumer(self) -> None:
         if self._consumer is None:

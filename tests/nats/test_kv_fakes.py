@@ -50,6 +50,9 @@ class FakeStream:
         self._reconnect_hooks: list[Any] = []
         self.is_connected = True
         self.written: list[bytes] = []
+        #: The consumer lands on a replica that has not applied the writes yet: it
+        #: reports nothing pending (its deliveries come late, as ``deliveries``).
+        self.lagging_replica = False
 
     def write(self, key: str, value: bytes = b"", headers: Mapping[str, str] = {}) -> int:
         seq = (self.messages[-1][0] if self.messages else 0) + 1
@@ -105,9 +108,15 @@ class FakeStream:
             self.consumers.append(config)
             deliveries = self._deliver(config, len(self.consumers))
             self.deliveries.append(deliveries)
-            return answer({"name": f"c{len(self.consumers)}", "num_pending": len(deliveries)})
+            pending = 0 if self.lagging_replica else len(deliveries)
+            return answer({"name": f"c{len(self.consumers)}", "num_pending": pending})
         if subject.startswith("$JS.API.CONSUMER.DELETE.KV_b."):
             return answer({"success": True})
+        if subject == "$JS.API.STREAM.INFO.KV_b":
+            wanted = json.loads(payload)["subjects_filter"]
+            assert wanted == PREFIX + ">"  # the tests' watches are on every key
+            subjects = {PREFIX + m[1]: 1 for m in self.messages}
+            return answer({"state": {"messages": len(self.messages), "subjects": subjects}})
         raise AssertionError(f"unexpected request on {subject}")
 
     def _deliver(self, config: Mapping[str, Any], consumer: int) -> list[Msg]:
@@ -216,3 +225,23 @@ async def test_a_reset_is_caught_up_when_its_snapshot_holds_only_delivered_value
     again = stream.deliveries[-1]  # a@1, b@2: both delivered already
     assert [watcher._process(m) for m in again] == [None, None]
     assert watcher.caught_up
+
+
+async def test_a_consumer_on_a_lagging_replica_does_not_make_the_watch_caught_up() -> None:
+    """A fresh-clone CI run saw a watch report caught up with an empty table although
+    the bucket held a value: the R1 consumer said nothing was pending. The watch asks
+    the stream (its leader) before it believes that."""
+    kv, stream = bucket()
+    stream.write("a", b"1")
+    stream.lagging_replica = True
+    watcher = KvWatcher(kv, ">", False, 1.0)
+    await watcher._start()
+    assert not watcher.caught_up  # the stream holds "a": wait for its delivery
+    [late] = stream.deliveries[-1]
+    assert watcher._process(late) == KvEntry("b", "a", b"1", 1, KvOp.PUT)
+    assert watcher.caught_up
+    # An empty bucket: nothing pending and nothing in the stream: caught up at once.
+    empty_kv, _ = bucket()
+    empty = KvWatcher(empty_kv, ">", False, 1.0)
+    await empty._start()
+    assert empty.caught_up
