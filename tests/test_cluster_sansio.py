@@ -6,6 +6,7 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import attrs
 import pytest
 import trio
 
@@ -281,6 +282,10 @@ def test_a_request_s_reply_from_crosses_hubs_in_the_envelope() -> None:
     headers["Ac-Reply-From"] = "w1,../x"
     with pytest.raises(ValueError, match="Ac-Reply-From agent id"):
         RouteEnvelope.from_nats(payload, headers)
+    # A string no agent can have (a frame allows any up to 128 characters) matches no
+    # agent anywhere: it is left out, so neither the route nor the other ids are lost.
+    odd = attrs.evolve(request, reply_from=("w1", "a.b", "x,y"))
+    assert RouteEnvelope.from_nats(*odd.to_nats()).reply_from == ("w1",)
 
 
 def test_recent_ids_pass_each_key_once_in_bounded_memory_and_time() -> None:

@@ -45,7 +45,7 @@ from ..protocol._keys import PublicKey
 from ._claims import ClaimKeeper, _Wakeup
 from ._config import ClusterConfig
 from ._credentials import CredentialsMirror
-from ._drain import Drain
+from ._drain import Drain, holds_online
 from ._reaper import run_reaper
 from ._records import HubLease, PresenceClaim
 from ._routes import RecentIds, RouteEnvelope, nats_subject, split_nats_subject
@@ -212,6 +212,9 @@ class NatsBackplane:
 
     def begin_drain(self) -> None:  # see _drain.py
         self._drainer.begin()
+
+    def holds_back(self, update: PresenceUpdate) -> bool:
+        return holds_online(update, draining=self._drainer.draining, other_hubs=len(self._hub_urls))
 
     def interest(self, tenant_id: str, pattern: str, present: bool) -> None:
         self._interest[nats_subject(tenant_id, pattern)] = present

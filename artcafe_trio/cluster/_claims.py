@@ -238,7 +238,8 @@ class ClaimKeeper:
         assert peer is not None
         self._latest[key] = claim
         mine = claim.hub == self.hub_id
-        if mine and claim.reason != HUB_LOST:
+        reaped_elsewhere = claim.reaper is not None and claim.reaper != self.hub_id
+        if mine and claim.reason != HUB_LOST and not reaped_elsewhere:
             if initial and claim.status == "online" and key not in self._claims:
                 if self.leftovers is not None:
                     self.leftovers[key] = claim  # a drained run's: its agent may be back

@@ -117,6 +117,9 @@ class Drain:
         if alone:
             for update in held:
                 self.presence.announce_presence(update)
+            # What a drained previous run of this hub left online, not claimed again
+            # yet: nobody else is left to release it after the grace.
+            self.presence.release_leftovers(DISCONNECTED)
         elif held:
             log.info("hub %s drained: %d agent(s) left online to reconnect elsewhere",
                      self.hub_id, len(held))  # fmt: skip

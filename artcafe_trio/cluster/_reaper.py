@@ -94,6 +94,8 @@ async def _reap_after(
                 return
             if not await store.elect_reaper(hub, revision, ttl=reaper_ttl):
                 return  # another hub reaps this lease
+            if plan.wait and await _lease_is_back(store, hub, revision):
+                return  # back (restarted) while we were elected: its claims are its own
             reaped = await store.reap(hub, reason=plan.reason)
         except NatsError as exc:
             log.warning("reaping hub %s failed (%r), attempt %d", hub, exc, attempt + 1)

@@ -239,12 +239,17 @@ def reap_claim(
     now: float,
     reaper: str | None = None,
     reason: str = HUB_LOST,
+    epoch: int | None = None,
 ) -> PresenceClaim | None:
     """The claim a reaper writes for an agent the lost hub still owns online, else
     ``None``. The epoch is unchanged: a hub that claims the agent meanwhile wins.
     ``reaper`` (the reaping hub) is the one hub that reports the transition;
-    ``reason``: ``hub_lost`` for an expired lease, ``disconnected`` for a drained hub."""
+    ``reason``: ``hub_lost`` for an expired lease, ``disconnected`` for a drained hub.
+    ``epoch``: the epoch the reaper saw; a newer claim (the lost hub, restarted under
+    its id, claimed the agent again) is left alone."""
     if current.hub != lost_hub or current.status != "online":
+        return None
+    if epoch is not None and current.epoch != epoch:
         return None
     return attrs.evolve(
         current, status="offline", reason=reason, since=now, session_id=None, reaper=reaper

@@ -131,7 +131,9 @@ class RouteEnvelope:
         if self.publish_id is not None:
             headers[_H_PUBLISH_ID] = self.publish_id
         if self.reply_from is not None:
-            headers[_H_REPLY_FROM] = ",".join(self.reply_from)
+            # Only ids an agent can have (no commas): another string in a request's
+            # reply_from matches no agent on any hub, so it is left out, not sent.
+            headers[_H_REPLY_FROM] = ",".join(i for i in self.reply_from if _is_agent_id(i))
         return self.data_json.encode(), headers
 
     @classmethod
@@ -176,6 +178,14 @@ class RouteEnvelope:
             publish_id=headers.get(_H_PUBLISH_ID),
             reply_from=_reply_from(headers.get(_H_REPLY_FROM)),
         )
+
+
+def _is_agent_id(value: str) -> bool:
+    try:
+        validate_id(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _reply_from(header: str | None) -> tuple[str, ...] | None:

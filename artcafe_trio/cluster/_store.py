@@ -10,6 +10,7 @@ for the refreshes of online claims and O(hubs) for leases, never one per heartbe
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -213,14 +214,11 @@ class ClusterStore:
                 continue
             written = await self._cas(
                 presence_key(tenant_id, agent_id),
-                lambda current, _: (
-                    None
-                    if current is None
-                    else reap_claim(
-                        current, lost_hub=lost_hub, now=now, reaper=self.hub_id, reason=reason
-                    )
+                functools.partial(
+                    _reaped, lost_hub=lost_hub, now=now, reaper=self.hub_id, reason=reason,
+                    epoch=claim.epoch,  # a newer claim (the agent back meanwhile): left alone
                 ),
-            )
+            )  # fmt: skip
             if written is not None:
                 reaped.append(written)
         return reaped
@@ -347,3 +345,21 @@ async def open_cluster_store(
         api_timeout=api_timeout,
     )  # fmt: skip
     return ClusterStore(kv, hub_id, claim_ttl=claim_ttl, wall_clock=wall_clock)
+
+
+def _reaped(
+    current: PresenceClaim | None,
+    _revision: int,
+    *,
+    lost_hub: str,
+    now: float,
+    reaper: str,
+    reason: str,
+    epoch: int,
+) -> PresenceClaim | None:
+    """:func:`reap_claim` as a compare-and-set update (``None``: nothing to write)."""
+    if current is None:
+        return None
+    return reap_claim(
+        current, lost_hub=lost_hub, now=now, reaper=reaper, reason=reason, epoch=epoch
+    )

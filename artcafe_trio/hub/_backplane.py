@@ -175,6 +175,11 @@ class Backplane(Protocol):
         A cluster may keep those agents online under this hub instead, for the other
         hubs to take over or reap after the grace. Must not block."""
 
+    def holds_back(self, update: PresenceUpdate) -> bool:
+        """Whether this local transition is held back from the cluster (a draining
+        hub's agent that another hub takes over or reaps): then it is not this hub's
+        to report (events, alerts). Cheap and synchronous."""
+
     def degraded(self) -> tuple[str, ...]:
         """Why this hub's view of the other hubs is degraded right now (short reason
         words, e.g. ``fenced``), empty when it is not: shown in the ``presence_state``
@@ -206,6 +211,9 @@ class LocalBackplane:
 
     def begin_drain(self) -> None:
         pass
+
+    def holds_back(self, update: PresenceUpdate) -> bool:
+        return False
 
     def degraded(self) -> tuple[str, ...]:
         return ()

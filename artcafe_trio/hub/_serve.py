@@ -92,7 +92,10 @@ class _Assembly:
         )
 
     def _presence_event(self, update: PresenceUpdate) -> None:
-        reported_here = update.local or update.reaped_by == self.config.hub_id
+        # A draining hub's agent that moves elsewhere (or is reaped by another hub
+        # after the grace) is not this hub's to report.
+        local = update.local and not self.backplane.holds_back(update)
+        reported_here = local or update.reaped_by == self.config.hub_id
         self.events.presence(
             update.tenant_id, update.agent_id, update.status, update.reason,
             update.session_id, update.time, hub_id=update.hub_id or None, local=reported_here,
