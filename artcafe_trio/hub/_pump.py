@@ -70,6 +70,7 @@ __all__ = ["HubSide", "serve_connection"]
 log = logging.getLogger("artcafe_trio.hub")
 
 WRITE_BATCH_BYTES = 256 * 1024  # about the most one write of a connection's writer sends
+HOLD_LIMIT = 0.01  # s: answers held for the reader's own write wait at most about this
 
 
 class RefusedLog(Protocol):
@@ -259,6 +260,11 @@ class _Session:
             return None
         if self.deadline > now:
             return self.deadline
+        if self.reader_writing and self.heartbeat_timeout is not None:
+            # The reader is in a write of this connection's own (bounded by
+            # write_stall_timeout), not reading: its heartbeats may be waiting unread.
+            self.deadline = now + self.heartbeat_timeout
+            return self.deadline
         self.hub._heartbeat_timed_out(self)
         return None
 
@@ -378,7 +384,10 @@ async def _writer(session: _Session) -> None:
     try:
         while session.may_write():
             batch = await outbox.take(WRITE_BATCH_BYTES)
-            if not batch or not session.may_write():
+            if not batch:
+                break
+            if not session.may_write():
+                outbox.sent(batch)  # not written, released all the same (budget, busy)
                 break
             # One write for the whole batch; a delivery is framed once for all receivers.
             data = b"".join(
@@ -432,6 +441,7 @@ async def _write_answers(session: _Session) -> None:
 
 async def _read(hub: HubSide, session: _Session) -> None:
     ws, conn, outbox = session.ws, session.conn, session.outbox
+    held_since = 0.0
     while conn.state is ConnectionState.OPEN:
         if outbox.hold and not ws.has_message():
             # About to wait for the peer: write this connection's answers first.
@@ -452,8 +462,13 @@ async def _read(hub: HubSide, session: _Session) -> None:
             return
         if conn.state is not ConnectionState.OPEN:
             return  # closed while waiting (by the hub, or another task)
-        outbox.hold = True
         now = trio.current_time()
+        if not outbox.hold:
+            outbox.hold, held_since = True, now
+        elif now - held_since >= HOLD_LIMIT:
+            # A long burst (publishes waiting for the backplane, say): the writer takes
+            # the answers now, not when the reader is done with the burst.
+            outbox.release()
         session.touch(now)
         session.last_frame_wall = hub._wall_clock()
         entry = session.owned_presence()
