@@ -95,6 +95,7 @@ class NatsBackplane:
         self._subs: dict[str, Subscription] = {}
         #: This hub's presence claims (counters: ``refreshes``, ``expired``).
         self.claims = ClaimKeeper(config, hub_id, wall_clock=wall_clock)
+        self.claims.live_hubs = lambda: self._hub_urls.keys()
         self._nursery: trio.Nursery | None = None
         #: True while the lease could not be refreshed for a TTL (see ``hold_lease``).
         self.fenced = False

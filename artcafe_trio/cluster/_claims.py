@@ -15,8 +15,9 @@ import collections
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
+import attrs
 import trio
 
 from ..hub._backplane import BackplanePeer, PresenceUpdate, SessionClaim
@@ -94,6 +95,9 @@ class ClaimKeeper:
         self.refreshes = 0  # claims rewritten to restart their TTL
         self.refresh_failures = 0  # refreshes that failed (tried again)
         self.expired = 0  # online claims seen expiring (reported offline hub_lost)
+        #: The other live hubs' ids (set by the backplane, from their leases): the
+        #: lowest id of them and this hub reports an expiry (its alerts).
+        self.live_hubs: Callable[[], Iterable[str]] = tuple
 
     @property
     def claims_pending(self) -> bool:
@@ -282,6 +286,9 @@ class ClaimKeeper:
         if gone is None:
             return  # an offline claim's expiry: nothing changes
         self.expired += 1
+        # Every hub sees the expiry; one (the lowest live id, the same on every hub that
+        # sees the same leases) reports it as the reaper would, for its alerts.
+        gone = attrs.evolve(gone, reaper=min([self.hub_id, *self.live_hubs()]))
         log.info("the claim of %s/%s (hub %s) expired: offline %s", *key, gone.hub, HUB_LOST)
         self._claim_changed(key, gone, initial=initial)
         self._latest.pop(key, None)  # the bucket holds no claim of it now

@@ -232,6 +232,23 @@ async def test_an_online_claim_that_expired_is_reported_offline_once(
     assert keep.expired == 1
 
 
+async def test_exactly_one_live_hub_reports_an_expiry_as_its_own(nursery: trio.Nursery) -> None:
+    """Every hub sees an expired claim; the lowest live hub id reports it (its alerts
+    fire, as the reaper's would), so a dead hub's agent pages once, not once per hub."""
+    reporters = []
+    for me, others in (("hub-a", ("hub-c",)), ("hub-c", ("hub-a",))):
+        keep = ClaimKeeper(ClusterConfig(servers="nats://127.0.0.1:1"), me)
+        keep.live_hubs = lambda others=others: others  # type: ignore[misc]
+        peer = Peer()
+        keep.bind(peer, RefreshingStore(), nursery)  # type: ignore[arg-type]
+        keep._claim_changed(("t", "x"), claim("hub-b", 7), initial=False)
+        keep._claim_expired(("t", "x"), 4000.0, initial=False)
+        [gone] = [u for u in peer.observed if u.status == "offline"]
+        assert (gone.reason, gone.local) == ("hub_lost", False)
+        reporters.append(gone.reaped_by == me)
+    assert reporters == [True, False]
+
+
 async def test_our_own_claim_expiring_closes_our_session_so_it_claims_again(
     nursery: trio.Nursery,
 ) -> None:
