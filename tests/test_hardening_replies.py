@@ -23,16 +23,22 @@ from .test_hardening_isolation import barrier, connect
 pytestmark = pytest.mark.timeout(60)
 
 
+async def forged_scene(hub: Any, nursery: trio.Nursery) -> tuple[Any, Any, Any, str]:
+    """A requester, a worker subscribed to ``math.double`` and a forger subscribed to
+    ``>``; the requester's reply subject."""
+    requester = await connect(hub, nursery, "req")
+    worker = await connect(hub, nursery, "worker")
+    forger = await connect(hub, nursery, "forger")
+    await worker.subscribe("math.double")
+    await forger.subscribe(">")
+    assert requester.welcome is not None
+    return requester, worker, forger, f"$reply.{requester.welcome.session_id}.tok1"
+
+
 async def test_a_subscribed_forger_cannot_answer_a_request_restricted_by_reply_from() -> None:
     async with open_test_hub(close_timeout=0.05) as hub:
         async with trio.open_nursery() as nursery:
-            requester = await connect(hub, nursery, "req")
-            worker = await connect(hub, nursery, "worker")
-            forger = await connect(hub, nursery, "forger")
-            await worker.subscribe("math.double")
-            await forger.subscribe(">")
-            assert requester.welcome is not None
-            reply_to = f"$reply.{requester.welcome.session_id}.tok1"
+            requester, worker, forger, reply_to = await forged_scene(hub, nursery)
             await requester.send(
                 Publish(subject="math.double", data=21, reply_to=reply_to, reply_from=("worker",))
             )
@@ -60,13 +66,7 @@ async def test_without_reply_from_the_first_subscribed_answer_wins() -> None:
     the reply's ``sender`` (set by the hub, never by the answerer) tells who answered."""
     async with open_test_hub(close_timeout=0.05) as hub:
         async with trio.open_nursery() as nursery:
-            requester = await connect(hub, nursery, "req")
-            worker = await connect(hub, nursery, "worker")
-            forger = await connect(hub, nursery, "forger")
-            await worker.subscribe("math.double")
-            await forger.subscribe(">")
-            assert requester.welcome is not None
-            reply_to = f"$reply.{requester.welcome.session_id}.tok1"
+            requester, worker, forger, reply_to = await forged_scene(hub, nursery)
             await requester.send(Publish(subject="math.double", data=21, reply_to=reply_to))
             await forger.recv_type(Message)
             await forger.send(Publish(subject=reply_to, data="FORGED", id="f"))
