@@ -378,9 +378,29 @@ async def _run_session(hub: HubSide, session: _Session) -> None:
         log.log(level, "%r %s", session, how_it_ended(closed, session.ws.closed))
 
 
+async def _write_batch(session: _Session, batch: list[str | Delivery], *, by_reader: bool) -> bool:
+    """Write ``batch`` (taken from the outbox) in one send, bounded by
+    ``write_stall_timeout``, and account for it, written or not. ``True`` when the write
+    stalled: the connection is cut off (4004)."""
+    outbox = session.outbox
+    # One write for the whole batch; a delivery is framed once for all receivers.
+    data = b"".join(frame_text(entry) if isinstance(entry, str) else entry.frame for entry in batch)
+    stall_timeout = session.hub.config.write_stall_timeout
+    session.writing, session.reader_writing = True, by_reader
+    try:
+        with trio.move_on_after(stall_timeout) as stall:
+            await session.ws.send_frames(data)
+    finally:
+        session.writing = session.reader_writing = False
+        outbox.sent(batch)
+    if stall.cancelled_caught and not session.closing:
+        outbox.stalled(len(data), stall_timeout)
+        return True
+    return False
+
+
 async def _writer(session: _Session) -> None:
     outbox = session.outbox
-    stall_timeout = session.hub.config.write_stall_timeout
     try:
         while session.may_write():
             batch = await outbox.take(WRITE_BATCH_BYTES)
@@ -389,19 +409,7 @@ async def _writer(session: _Session) -> None:
             if not session.may_write():
                 outbox.sent(batch)  # not written, released all the same (budget, busy)
                 break
-            # One write for the whole batch; a delivery is framed once for all receivers.
-            data = b"".join(
-                frame_text(entry) if isinstance(entry, str) else entry.frame for entry in batch
-            )
-            session.writing = True
-            try:
-                with trio.move_on_after(stall_timeout) as stall:
-                    await session.ws.send_frames(data)
-            finally:
-                session.writing = False
-                outbox.sent(batch)
-            if stall.cancelled_caught and not session.closing:
-                outbox.stalled(len(data), stall_timeout)  # cut off: 4004
+            if await _write_batch(session, batch, by_reader=False):
                 break
     except ConnectionClosed:
         pass
@@ -426,17 +434,7 @@ async def _write_answers(session: _Session) -> None:
         outbox.release()
         return
     outbox.hold = False
-    data = b"".join(frame_text(entry) if isinstance(entry, str) else entry.frame for entry in batch)
-    stall_timeout = session.hub.config.write_stall_timeout
-    session.writing = session.reader_writing = True
-    try:
-        with trio.move_on_after(stall_timeout) as stall:
-            await session.ws.send_frames(data)
-    finally:
-        session.writing = session.reader_writing = False
-        outbox.sent(batch)
-    if stall.cancelled_caught and not session.closing:
-        outbox.stalled(len(data), stall_timeout)  # cut off: 4004, as in the writer
+    await _write_batch(session, batch, by_reader=True)
 
 
 async def _read(hub: HubSide, session: _Session) -> None:
