@@ -21,9 +21,10 @@ import trio
 from ..ports import free_ports as _reserve
 
 #: The JetStream API timeout for the tests' buckets and hubs. Creating an R3 bucket
-#: needs a leader election; with the suite's workers and three nats-servers sharing
-#: two cores it took over the library's default (5 s) once in CI.
-API_TIMEOUT = 20.0
+#: needs a leader election; with the suite's workers and their nats-server clusters
+#: (three nodes each) sharing two cores it took over the library's default (5 s) in
+#: CI, and once over 20 s.
+API_TIMEOUT = 40.0
 
 
 def nats_server_binary() -> str:

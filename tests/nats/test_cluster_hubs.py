@@ -333,7 +333,14 @@ async def hubs_with_b_stoppable(
                 b_stopped.set()
 
             hubs["b"] = await nursery.start(run_b)
-            yield Cluster(hubs, nursery), b_scope, b_stopped
+            cluster = Cluster(hubs, nursery)
+            # b knows the other hubs' leases before a test stops it (a hub that sees no
+            # other live hub stops alone: its agents offline at once, by design). Under
+            # load its lease watch can lag its start.
+            with trio.fail_after(10):
+                while set(cluster.backplane("b")._hub_urls) != {"hub-a", "hub-c"}:
+                    await trio.sleep(0.05)
+            yield cluster, b_scope, b_stopped
             nursery.cancel_scope.cancel()
     finally:
         for registry in registries.values():
