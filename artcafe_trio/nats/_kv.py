@@ -405,30 +405,30 @@ class KvWatcher:
         state = info.get("state") if isinstance(info, dict) else None
         return isinstance(state, dict) and bool(state.get("subjects"))
 
-    async def _delete_consumer(self) -> None:
-        if self._consumer is None:
-            return
-        name, self._consumer = self._consumer, None
-        with trio.move_on_after(self._kv._timeout), _suppress_nats():
+    async def _delete_consumer(self, name: str) -> None:
+        """Cleanup only (an unread consumer expires after its inactive threshold), so it
+        is bounded short: after a node's death the API may not answer for a while, and
+        neither a reset's new deliveries nor a stop should wait for it."""
+        with trio.move_on_after(min(self._kv._timeout, 1.0)), _suppress_nats():
             await self._nc.request(f"$JS.API.CONSUMER.DELETE.{self._kv.stream}.{name}")
 
     async def _reset(self) -> None:
         """Recreate the consumer after the last stream sequence seen; retry until it works."""
         self.resets += 1
         failures = 0
+        # A short bound per call: right after a failover the API may not answer.
+        limit = min(self._kv._timeout, 1.0)
         while True:
             old = self._consumer
             try:
-                # A short bound per attempt: right after a failover the API may not answer.
-                await self._create(min(self._kv._timeout, 1.0))
+                await self._create(limit)
             except (NatsError, OSError) as exc:
                 failures += 1
                 log.debug("watch reset failed (%d): %r", failures, exc)
                 await trio.sleep(min(1.0, 0.05 * 2**failures))
                 continue
             if old is not None:
-                with trio.move_on_after(self._kv._timeout), _suppress_nats():
-                    await self._nc.request(f"$JS.API.CONSUMER.DELETE.{self._kv.stream}.{old}")
+                await self._delete_consumer(old)
             return
 
     async def _stop(self) -> None:
@@ -436,8 +436,9 @@ class KvWatcher:
             self._nc._reconnect_hooks.remove(self._on_reconnect)
         if self._sub is not None:
             await self._sub.unsubscribe()
-        if self._nc.is_connected:
-            await self._delete_consumer()
+        name, self._consumer = self._consumer, None
+        if name is not None and self._nc.is_connected:
+            await self._delete_consumer(name)
 
     def __aiter__(self) -> KvWatcher:
         return self

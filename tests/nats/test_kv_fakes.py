@@ -53,6 +53,8 @@ class FakeStream:
         #: The consumer lands on a replica that has not applied the writes yet: it
         #: reports nothing pending (its deliveries come late, as ``deliveries``).
         self.lagging_replica = False
+        #: The API never answers a consumer delete (its node died; a leader election).
+        self.deletes_hang = False
 
     def write(self, key: str, value: bytes = b"", headers: Mapping[str, str] = {}) -> int:
         seq = (self.messages[-1][0] if self.messages else 0) + 1
@@ -111,6 +113,8 @@ class FakeStream:
             pending = 0 if self.lagging_replica else len(deliveries)
             return answer({"name": f"c{len(self.consumers)}", "num_pending": pending})
         if subject.startswith("$JS.API.CONSUMER.DELETE.KV_b."):
+            if self.deletes_hang:
+                await trio.sleep_forever()
             return answer({"success": True})
         if subject == "$JS.API.STREAM.INFO.KV_b":
             wanted = json.loads(payload)["subjects_filter"]
@@ -245,3 +249,22 @@ async def test_a_consumer_on_a_lagging_replica_does_not_make_the_watch_caught_up
     empty = KvWatcher(empty_kv, ">", False, 1.0)
     await empty._start()
     assert empty.caught_up
+
+
+async def test_a_reset_is_not_held_up_by_the_old_consumers_delete(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    """A fresh-clone CI run: after a NATS node died, the watch's reset waited the whole
+    API timeout (40 s there) for the old consumer's delete, delivering nothing, and the
+    cluster's presence stood still. The delete is cleanup (the consumer expires on its
+    own): it gets the reset's short per-attempt bound."""
+    kv, stream = bucket()  # API timeout 5 s
+    stream.write("a", b"1")
+    watcher = KvWatcher(kv, ">", False, 1.0)
+    await watcher._start()
+    stream.deletes_hang = True
+    watcher._reset_needed = True
+    started = trio.current_time()
+    await watcher._reset()
+    assert trio.current_time() - started == pytest.approx(1.0)
+    assert len(stream.consumers) == 2 and watcher._consumer == "c2"
