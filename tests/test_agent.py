@@ -81,6 +81,43 @@ async def test_ack_timeout_is_detected_exactly_at_interval_times_multiplier(
             await agent.wait_connected()
 
 
+async def test_health_keeps_when_and_why_the_last_connection_ended(
+    test_hub: TestHub, autojump_clock: trio.abc.Clock
+) -> None:
+    """A loss and its reconnection can both fall between two polls of health() (the
+    demo sampled every 20 ms and missed a watchdog that reconnected in 10 ms):
+    ``last_disconnect`` and its reason outlive the new connection."""
+    async with test_hub.open_agent(
+        "a1", heartbeat_interval=1.0, heartbeat_jitter=0, wall_clock=trio.current_time
+    ) as agent:
+        health = agent.health()
+        assert (health.last_disconnect, health.last_disconnect_reason) == (None, None)
+        await trio.sleep(2.5)
+        test_hub.blackhole()
+        health = agent.health()
+        assert health.last_ack is not None
+        last_ack = health.last_ack.timestamp()
+        await trio.sleep(3.5)  # the watchdog fires at last_ack + 3 s
+        test_hub.blackhole(False)
+        with trio.fail_after(10):
+            await agent.wait_connected()
+        health = agent.health()
+        assert health.connected
+        assert health.last_disconnect is not None
+        assert health.last_disconnect.timestamp() == pytest.approx(last_ack + 3.0, abs=1e-6)
+        assert health.last_disconnect_reason == "no heartbeat ACK for 3 s"
+        first = agent.session_id
+        test_hub.hub.close_all(1001, "bye")
+        with trio.fail_after(10):
+            while agent.session_id in (None, first):
+                await trio.sleep(0.01)
+        assert agent.health().last_disconnect_reason == "the hub closed the connection (1001 bye)"
+    health = agent.health()
+    assert health.last_disconnect_reason == "agent stopped"
+    assert health.last_disconnect is not None
+    assert health.last_disconnect.timestamp() == pytest.approx(trio.current_time(), abs=1.5)
+
+
 async def test_backoff_delays_follow_the_policy_and_give_up_after_ten(
     test_hub: TestHub, autojump_clock: trio.abc.Clock
 ) -> None:

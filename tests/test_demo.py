@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import io
 import re
 
 import pytest
 
+from artcafe_trio import AgentHealth
 from artcafe_trio.cli import _main as _cli
 from artcafe_trio.demo import _main as _demo
 from artcafe_trio.demo import _plan
+from artcafe_trio.demo._cast import Link, Member
 from artcafe_trio.demo._judge import Check, judge
+from artcafe_trio.demo._observe import Observer
 from artcafe_trio.demo._output import _Output
 from artcafe_trio.demo._plan import EARLY, LATE, make_plan
 from artcafe_trio.demo._screen import _layout
@@ -238,6 +242,50 @@ def test_plain_output_prints_events_at_once_and_live_output_does_not() -> None:
     live.leave_screen()
     live.leave_screen()  # idempotent
     assert screen.getvalue() == "\x1b[?1049h\x1b[?25l\x1b[H\x1b[2J\x1b[?25h\x1b[?1049l"
+
+
+def _health(session_id: str, *, last_ack: float, last_disconnect: float | None) -> AgentHealth:
+    def moment(seconds: float) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(seconds, tz=datetime.UTC)
+
+    return AgentHealth(
+        state="connected",
+        connected=True,
+        healthy=True,
+        session_id=session_id,
+        connected_since=None,
+        last_ack=moment(last_ack),
+        seconds_since_ack=0.0,
+        rtt=None,
+        rtt_smoothed=None,
+        reconnect_attempts=0,
+        total_reconnects=0,
+        next_retry_in=None,
+        waiting_publishes=0,
+        messages_in=0,
+        messages_out=0,
+        messages_dropped=0,
+        handler_errors=0,
+        heartbeat_interval=0.5,
+        heartbeat_timeout=1.5,
+        last_disconnect=None if last_disconnect is None else moment(last_disconnect),
+        last_disconnect_reason=None if last_disconnect is None else "no heartbeat ACK for 1.5 s",
+    )
+
+
+def test_observer_sees_a_loss_that_reconnected_between_two_samples() -> None:
+    """A fresh-clone CI run: the watchdog fired and the agent reconnected within one
+    20 ms sample, and the demo reported the watchdog 'not seen'. A new session id says
+    the connection was lost; health() says when."""
+    plain = io.StringIO()
+    member = Member("hung-worker", Link("127.0.0.1", 9), "unused.pem")
+    observer = Observer(_Output(plain, live=False, color=False), {member.name: member})
+    observer.observe(member, _health("s-1", last_ack=100.0, last_disconnect=None), 100.2)
+    observer.observe(member, _health("s-2", last_ack=101.52, last_disconnect=101.5), 101.53)
+    assert (member.ack_before_loss, member.lost_at) == (100.0, 101.5)
+    text = plain.getvalue()
+    assert "hung-worker: no heartbeat ACK for 1.50 s: its own watchdog drops the connection" in text
+    assert "hung-worker: connected again (session s-2)" in text
 
 
 @pytest.mark.timeout(90)

@@ -50,6 +50,8 @@ class AgentHealth:
     heartbeat_interval: float | None
     heartbeat_timeout: float | None
     url: str | None = None  # the hub URL of the current connection
+    last_disconnect: datetime.datetime | None = None  # when the last connection ended
+    last_disconnect_reason: str | None = None  # why, e.g. "no heartbeat ACK for 90 s"
 
 
 AgentHealth.__module__ = AgentState.__module__ = "artcafe_trio"
@@ -83,6 +85,8 @@ class HealthStats:
         self.last_ack: float | None = None
         self.last_ack_wall: float | None = None
         self.connected_since_wall: float | None = None
+        self.disconnected_wall: float | None = None
+        self.disconnect_reason: str | None = None
         self.rtt: float | None = None
         self.rtt_smoothed: float | None = None
         self.messages_in = 0
@@ -95,6 +99,11 @@ class HealthStats:
             self.rtt, self.rtt_smoothed = rtt, rtt_smoothed
         self.last_ack = now
         self.last_ack_wall = self.wall_clock()
+
+    def disconnected(self, reason: str | None) -> None:
+        """A connection that was welcomed has ended (``reason`` None until it is known)."""
+        self.disconnected_wall = self.wall_clock()
+        self.disconnect_reason = reason
 
     def snapshot(
         self, state: AgentState, link: Link | None, now: float | None, waiting_publishes: int
@@ -131,4 +140,6 @@ class HealthStats:
             heartbeat_interval=link.heartbeat_interval if link else None,
             heartbeat_timeout=timeout,
             url=link.url if link else None,
+            last_disconnect=_iso(self.disconnected_wall),
+            last_disconnect_reason=self.disconnect_reason,
         )

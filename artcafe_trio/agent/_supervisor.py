@@ -240,14 +240,23 @@ class Supervisor:
         except _CONNECTION_ERRORS as exc:
             if not box:  # no welcome: this attempt failed, nothing was lost
                 raise connect_failed(exc, url) from exc
+            self._lost_because(exc)
             raise
         session = box[0]
         # The nursery ended without an error: its cancel scope was cancelled.
+        lost: ConnectionLost
         if _watchdog_fired(session):
             timeout = session.welcome.heartbeat_timeout
             assert timeout is not None  # the watchdog only has a deadline with a timeout
-            raise HeartbeatTimeout(timeout)
-        raise ConnectionLost("connection closed")
+            lost = HeartbeatTimeout(timeout)
+        else:
+            lost = ConnectionLost("connection closed")
+        self._lost_because(lost)
+        raise lost
+
+    def _lost_because(self, cause: BaseException) -> None:
+        if not self.closing:  # a stopping agent's reason stays "agent stopped"
+            self.stats.disconnect_reason = str(cause) or type(cause).__name__
 
     async def _connection_nursery(self, url: str, box: list[Session]) -> None:
         """Dial, handshake and serve one connection; ``box`` gets it once welcomed."""
@@ -278,6 +287,7 @@ class Supervisor:
                 finally:
                     self.session = None
                     self.connected = trio.Event()
+                    self.stats.disconnected(None if not self.closing else "agent stopped")
                     session.ended()
                     self._last_proved_healthy = session.proved_healthy
                     if not self.closing:

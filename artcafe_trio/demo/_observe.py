@@ -76,17 +76,22 @@ class Observer:
         if before is None or self.finished or member.stop.is_set():
             return
         name = member.name
-        if before.connected and not health.connected:
-            member.lost_at = now
-            member.ack_before_loss = before.last_ack.timestamp() if before.last_ack else None
-            silent = health.seconds_since_ack
+        # A loss and its reconnection can both fall between two samples: a new session
+        # id says so, and health() keeps when and why the old connection ended.
+        replaced = health.connected and health.session_id != before.session_id
+        if before.connected and (not health.connected or replaced):
+            ended = health.last_disconnect
+            lost_at = ended.timestamp() if ended is not None else now
+            ack = before.last_ack.timestamp() if before.last_ack is not None else None
+            member.lost_at, member.ack_before_loss = lost_at, ack
+            silent = None if ack is None else lost_at - ack
             timeout = before.heartbeat_timeout
             if silent is not None and timeout is not None and silent >= timeout - EARLY:
                 why = f"no heartbeat ACK for {silent:.2f} s: its own watchdog drops the connection"
             else:
-                why = "its connection is gone"
+                why = f"its connection is gone ({health.last_disconnect_reason or 'no reason'})"
             self.out.event("agent", f"{name}: {why} (health(): {health.state})")
-        if health.connected and not before.connected:
+        if health.connected and (not before.connected or replaced):
             self.out.event("agent", f"{name}: connected again (session {health.session_id})")
 
     async def wait_presence(

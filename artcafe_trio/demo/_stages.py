@@ -21,7 +21,6 @@ from ._plan import (
     LEAVER,
     MIN_PAUSE,
     MONITOR,
-    SAMPLE_PERIOD,
     Plan,
     stage_estimates,
 )
@@ -181,7 +180,7 @@ class Script:
                 high=plan.timeout + LATE,
                 measured=watchdog,
                 note=(
-                    f"seen via health(), sampled every {SAMPLE_PERIOD * 1000:.0f} ms; "
+                    "from health().last_disconnect; "
                     + (
                         f"it was back online {back.time - silenced:.2f} s after the hang began"
                         if back is not None
