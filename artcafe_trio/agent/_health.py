@@ -105,6 +105,11 @@ class HealthStats:
         self.disconnected_wall = self.wall_clock()
         self.disconnect_reason = reason
 
+    def lost_because(self, cause: BaseException) -> None:
+        """What ended it, once known; a stopping agent's reason stays "agent stopped"."""
+        if self.disconnect_reason is None:
+            self.disconnect_reason = str(cause) or type(cause).__name__
+
     def snapshot(
         self, state: AgentState, link: Link | None, now: float | None, waiting_publishes: int
     ) -> AgentHealth:

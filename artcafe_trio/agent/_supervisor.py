@@ -235,28 +235,16 @@ class Supervisor:
     async def _run_connection(self, url: str) -> None:
         """One connection to ``url`` from dial to loss. Always raises what ended it."""
         box: list[Session] = []
+        cause: BaseException
         try:
             await self._connection_nursery(url, box)
+            cause = _why_it_ended(box[0])  # no error: its cancel scope was cancelled
         except _CONNECTION_ERRORS as exc:
             if not box:  # no welcome: this attempt failed, nothing was lost
                 raise connect_failed(exc, url) from exc
-            self._lost_because(exc)
-            raise
-        session = box[0]
-        # The nursery ended without an error: its cancel scope was cancelled.
-        lost: ConnectionLost
-        if _watchdog_fired(session):
-            timeout = session.welcome.heartbeat_timeout
-            assert timeout is not None  # the watchdog only has a deadline with a timeout
-            lost = HeartbeatTimeout(timeout)
-        else:
-            lost = ConnectionLost("connection closed")
-        self._lost_because(lost)
-        raise lost
-
-    def _lost_because(self, cause: BaseException) -> None:
-        if not self.closing:  # a stopping agent's reason stays "agent stopped"
-            self.stats.disconnect_reason = str(cause) or type(cause).__name__
+            cause = exc
+        self.stats.lost_because(cause)
+        raise cause
 
     async def _connection_nursery(self, url: str, box: list[Session]) -> None:
         """Dial, handshake and serve one connection; ``box`` gets it once welcomed."""
@@ -377,6 +365,15 @@ class Supervisor:
 
 def _watchdog_fired(session: Session) -> bool:
     return trio.current_time() >= session.scope.deadline
+
+
+def _why_it_ended(session: Session) -> ConnectionLost:
+    """What ended a connection whose nursery was cancelled, not failed."""
+    if _watchdog_fired(session):
+        timeout = session.welcome.heartbeat_timeout
+        assert timeout is not None  # the watchdog only has a deadline with a timeout
+        return HeartbeatTimeout(timeout)
+    return ConnectionLost("connection closed")
 
 
 def _log_connected(config: AgentConfig, session: Session, attempts: int, reconnected: bool) -> None:
