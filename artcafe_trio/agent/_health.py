@@ -28,6 +28,9 @@ class AgentHealth:
 
     ``state`` is one of ``"not_started"`` (before the agent runs), ``"connecting"``,
     ``"connected"``, ``"reconnecting"``, ``"closed"`` (the values of :class:`AgentState`).
+    ``last_disconnect`` and ``last_disconnect_reason`` say when and why the last
+    connection ended; they stay after the reconnection, so a poll that missed a short
+    outage still sees it (with a new ``session_id``).
     """
 
     state: str
