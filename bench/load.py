@@ -90,6 +90,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
 
 
+def live_tasks() -> int:
+    """Every task of this trio run, from the root task down."""
+    count, pending = 0, [trio.lowlevel.current_root_task()]
+    while pending:
+        task = pending.pop()
+        count += 1
+        for nursery in task.child_nurseries:
+            pending.extend(nursery.child_tasks)
+    return count
+
+
 def own_cpu_seconds() -> float:
     times = os.times()
     return times.user + times.system
@@ -253,6 +264,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await monitor.subscribe("$presence.>", on_presence)
             await trio.sleep(1.0)
             rss_before = rss_bytes(pid)
+            own_rss_before, tasks_before = rss_bytes(os.getpid()), live_tasks()
             progress(f"hub RSS before agents: {rss_before / 2**20:.1f} MiB; connecting {n}")
             ramp_start = trio.current_time()
             for i in range(n):
@@ -263,6 +275,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             progress(f"{n} agents connected in {ramp:.1f} s; settling {args.settle:.0f} s")
             await trio.sleep(args.settle)
             rss_after = rss_bytes(pid)
+            own_rss_after, tasks_after = rss_bytes(os.getpid()), live_tasks()
             hub_cpu0, own_cpu0, metrics0 = cpu_seconds(pid), own_cpu_seconds(), scrape(metrics_port)
             reconnects0 = sum(a.health().total_reconnects for a in agents)
             wall0 = trio.current_time()
@@ -325,6 +338,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             },
             "hub_rss_mib": {"before": rss_before / 2**20, "after": rss_after / 2**20},
             "hub_rss_kib_per_agent": (rss_after - rss_before) / n / 1024,
+            "agents_rss_kib_per_agent": (own_rss_after - own_rss_before) / n / 1024,
+            "agents_tasks_per_agent": (tasks_after - tasks_before) / n,
             "hub_cpu_s": hub_cpu,
             "hub_cpu_percent_of_one_core": 100 * hub_cpu / window,
             "hub_cpu_us_per_heartbeat": 1e6 * hub_cpu / acks if acks else None,
@@ -363,6 +378,8 @@ def show(result: dict[str, Any]) -> None:
         f"p90 {rtt['p90']:.2f} ms, p99 {rtt['p99']:.2f} ms, max {rtt['max']:.2f} ms",
         f"hub RSS: {rss['before']:.1f} MiB before, {rss['after']:.1f} MiB with all agents: "
         f"{result['hub_rss_kib_per_agent']:.1f} KiB per agent",
+        f"agents' process: {result['agents_rss_kib_per_agent']:.1f} KiB and "
+        f"{result['agents_tasks_per_agent']:.1f} trio tasks per agent",
         f"hub CPU: {result['hub_cpu_s']:.2f} s ({result['hub_cpu_percent_of_one_core']:.1f} % of "
         f"one core): {result['hub_cpu_us_per_heartbeat']:.1f} us per heartbeat",
         f"agents' process CPU: {result['agents_cpu_s']:.2f} s "

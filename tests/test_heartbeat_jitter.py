@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -205,3 +206,28 @@ async def test_without_jitter_a_fleet_beats_in_step(
             await trio.sleep(10.5)
     assert len(beats) == 100
     assert len({times[1] for times in beats.values()}) == 1
+
+
+def test_agents_without_an_rng_share_one_source_reseeded_in_a_forked_child() -> None:
+    """One Mersenne Twister per process, not per agent (2.5 KiB each); a forked worker
+    reseeds it, or every worker of a pre-fork server would jitter alike."""
+    from artcafe_trio.agent import _agent
+
+    key = generate_private_key()
+    first, second = (
+        _agent.build_agent(agent_id=name, organization_id="t", private_key=key)
+        for name in ("a", "b")
+    )
+    assert first._sup.rng is second._sup.rng is _agent._SHARED_RNG
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next draw and leave at once
+        os.write(write, repr(_agent._SHARED_RNG.random()).encode())
+        os._exit(0)
+    os.close(write)
+    try:
+        child_draw = float(os.read(read, 64))
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert child_draw != _agent._SHARED_RNG.random()

@@ -81,6 +81,13 @@ class FromBackoff(enum.Enum):
 FROM_BACKOFF: Literal[FromBackoff.FROM_BACKOFF] = FromBackoff.FROM_BACKOFF
 
 
+_SHARED_RNG = random.Random()
+"""The jitter source of agents not given an ``rng``: one for the process (a Mersenne
+Twister's state is 2.5 KiB; jitter needs no stream per agent), reseeded in a forked
+child as the ``random`` module's own is, so that forked workers do not jitter alike."""
+os.register_at_fork(after_in_child=_SHARED_RNG.seed)
+
+
 def _backoff_policy(backoff: Backoff | None, max_attempts: int | FromBackoff | None) -> Backoff:
     """``max_reconnect_attempts`` when given, else the policy's own ``max_attempts``."""
     policy = backoff or Backoff()
@@ -173,7 +180,7 @@ def build_agent(
         raise_handler_errors=raise_handler_errors,
     )
     return Agent._create(
-        config, private_key, transports, rng=rng or random.Random(), wall_clock=wall_clock
+        config, private_key, transports, rng=rng or _SHARED_RNG, wall_clock=wall_clock
     )
 
 
