@@ -179,6 +179,7 @@ async def test_send_queue_is_bounded_in_bytes() -> None:
             with trio.fail_after(5):
                 assert await stuck.close_code() == CloseCode.SLOW_CONSUMER
             assert hub.hub.output_budget.used == 0  # what it held was released
+            await pub.ws.aclose()  # answered: the hub need not wait out its close_timeout
             nursery.cancel_scope.cancel()
 
 
@@ -231,6 +232,8 @@ async def test_output_budget_cuts_off_the_largest_consumer_first() -> None:
             for name, count in (("mid", 10), ("small", sent_small)):
                 got = [await consumers[name].recv_type(Message) for _ in range(count)]
                 assert [m.subject for m in got] == [f"to.{name}"] * count
+            for client in (consumers["mid"], consumers["small"], pub):
+                await client.ws.aclose()  # answered: the hub need not wait out close_timeout
             nursery.cancel_scope.cancel()
 
 
@@ -577,7 +580,7 @@ async def test_the_final_presence_flush_never_overtakes_a_write_in_flight(
 ) -> None:
     """A slow registry write of `online` still in its worker thread when the agent leaves
     and the hub stops: the shutdown's flush of `left` waits for it, so `left` lands last."""
-    import time
+    import threading
 
     from artcafe_trio import Registry
 
@@ -585,20 +588,33 @@ async def test_the_final_presence_flush_never_overtakes_a_write_in_flight(
     original = registry.record_presence
     written: list[list[str]] = []
     calls = itertools.count()
+    in_flight, release = threading.Event(), threading.Event()
 
     def slow_first_write(changes: Any) -> None:
-        if next(calls) == 0:
-            time.sleep(1.0)  # the first write (online) is slow: still in flight below
+        if next(calls) == 0:  # the first write (online) is slow: still in flight below
+            in_flight.set()
+            assert release.wait(10), "the final flush never queued behind this write"
         original(changes)
         written.append([change.reason for change in changes])
+
+    async def release_once_the_final_flush_waits(hub: Any) -> None:
+        # The writer task holds the flush lock during its write: the only other flush
+        # is the shutdown's, so a waiter on the lock is that flush, waiting behind it.
+        lock = hub._presence_writer._flush_lock
+        while lock.statistics().tasks_waiting == 0:
+            await trio.sleep(0.01)
+        release.set()
 
     registry.record_presence = slow_first_write  # type: ignore[method-assign]
     try:
         async with open_hub(registry=registry, port=None) as hub:
             test_hub = TestHub(hub)
             client = await connect(test_hub, nursery, "a1")
-            await trio.sleep(0.1)  # the writer has taken `online` into its thread
+            with trio.fail_after(10):
+                while not in_flight.is_set():  # the writer has taken `online` into its thread
+                    await trio.sleep(0.01)
             assert written == []
+            nursery.start_soon(release_once_the_final_flush_waits, hub)
             await client.send(Leave())
             await client.close_code()
         assert written == [["connected"], ["left"]]
