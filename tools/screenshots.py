@@ -85,6 +85,21 @@ def _example_history(layout: list[tuple[str, str, str, str, float]]) -> list[Pre
     return changes
 
 
+def wait_for_presence(db: Path, agent: str, reason: str, *, since: float) -> None:
+    """Until the hub has written ``agent`` offline with ``reason`` (after ``since``: the
+    made-up history already ends with every agent offline, left)."""
+    deadline = time.monotonic() + 30
+    with Registry.open(db) as registry:
+        while time.monotonic() < deadline:
+            for row in registry.presence_rows():
+                if (row.agent_id, row.status, row.reason) == (agent, "offline", reason) and (
+                    row.changed_at is not None and row.changed_at >= since
+                ):
+                    return
+            time.sleep(0.05)
+    raise SystemExit(f"{agent} was never recorded offline ({reason})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/img")
@@ -127,16 +142,19 @@ def main() -> None:
             while not hub.stdout.readline().startswith(b"hub listening"):
                 pass
             url = f"ws://127.0.0.1:{port}"
-            for group in ("steady", "killed", "leaves"):
-                proc = subprocess.Popen(
-                    [sys.executable, "-c", AGENTS, url, *specs[group]], stdout=subprocess.PIPE
+            started = time.time()
+            for group in ("steady", "killed", "leaves"):  # all at once, then each ready
+                groups.append(
+                    subprocess.Popen(
+                        [sys.executable, "-c", AGENTS, url, *specs[group]], stdout=subprocess.PIPE
+                    )
                 )
+            for proc in groups:
                 assert proc.stdout is not None
                 proc.stdout.readline()
-                groups.append(proc)
-            time.sleep(3.0)  # the reporter leaves
+            wait_for_presence(db, "reporter", "left", since=started)  # the reporter leaves
             groups[1].send_signal(signal.SIGKILL)  # resizer-2 dies
-            time.sleep(1.0)
+            wait_for_presence(db, "resizer-2", "disconnected", since=started)
             token = json.loads(Path(f"{db}.admin").read_text())["token"]
             with sync_playwright() as playwright:
                 browser = playwright.chromium.launch(executable_path=args.chromium, args=ARGS)
