@@ -443,6 +443,7 @@ class Target:
         self.tcp = tcp
         self.keys: dict[str, PrivateKey] = {}
         self._hub_scope = hub_scope
+        self.dialed: list[WebSocketConnection] = []
 
     def crashed(self) -> bool:
         """Whether the hub's task died (trio then cancels the nursery it runs in)."""
@@ -456,10 +457,21 @@ class Target:
     async def dial(self, resource: str) -> WebSocketConnection:
         if self.tcp:
             assert self.hub.url is not None
-            return await trio_websocket.connect_websocket_url(
+            ws = await trio_websocket.connect_websocket_url(
                 self.nursery, self.hub.url + resource, max_message_size=HARD_LIMIT
             )
-        return await self.kit.dial(self.nursery, resource)
+        else:
+            ws = await self.kit.dial(self.nursery, resource)
+        self.dialed.append(ws)
+        return ws
+
+    async def close_dialed(self) -> None:
+        """Close the connections still open, answering the hub's close: else, once their
+        nursery is cancelled, the hub waits out its close_timeout for each."""
+        for ws in self.dialed:
+            if ws.closed is None:
+                with trio.move_on_after(self.hub.config.close_timeout):
+                    await ws.aclose()
 
     def open_agent(self, agent_id: str, **kwargs: Any) -> AbstractAsyncContextManager[Agent]:
         key = self.key(agent_id)
@@ -481,7 +493,9 @@ async def fuzz_target(*, tcp: bool = False, **overrides: Any) -> AsyncIterator[T
         serve = functools.partial(serve_hub, port=0 if tcp else None, config=config)
         hub: Hub = await hub_nursery.start(serve)
         async with trio.open_nursery() as nursery:
-            yield Target(hub, nursery, tcp=tcp, hub_scope=hub_nursery.cancel_scope)
+            target = Target(hub, nursery, tcp=tcp, hub_scope=hub_nursery.cancel_scope)
+            yield target
+            await target.close_dialed()
             nursery.cancel_scope.cancel()
         hub_nursery.cancel_scope.cancel()
 
