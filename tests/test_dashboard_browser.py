@@ -92,7 +92,8 @@ class Hub:
 
 
 class Agents:
-    """Agents in a subprocess (``dashboard_agents.py``); kill it to kill them."""
+    """Agents in a subprocess (``dashboard_agents.py``); kill it to kill them. Started,
+    not yet connected: :meth:`wait_ready` (so several start, and the browser, at once)."""
 
     def __init__(self, hub: Hub, interval: float, *specs: str) -> None:
         command = [
@@ -103,6 +104,8 @@ class Agents:
             *specs,
         ]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+
+    def wait_ready(self) -> None:
         assert self.process.stdout is not None
         if self.process.stdout.readline().strip() != b"ready":
             raise RuntimeError("agents did not connect")
@@ -146,15 +149,19 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     # alpha's heartbeat age grows for a minute: the ticking test reads it.
     steady = Agents(hub, 60.0, *specs["steady"])
     victim = Agents(hub, 1.0, *specs["victim"])
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            yield World(hub, tenant_token, all_token, victim, browser)
-        finally:
-            browser.close()
-            steady.kill()
-            victim.kill()
-            hub.stop()
+    try:
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                steady.wait_ready()
+                victim.wait_ready()
+                yield World(hub, tenant_token, all_token, victim, browser)
+            finally:
+                browser.close()
+    finally:
+        steady.kill()
+        victim.kill()
+        hub.stop()
 
 
 @pytest.fixture
