@@ -95,9 +95,11 @@ async def test_many_fresh_agents_registered_by_another_process_all_come_online(
                 cli.add_key("t1", agent, key.public_key)
             welcomed: list[str] = []
             refused: list[object] = []
+            clients: list[RawClient] = []
 
             async def one(agent: str, nursery: trio.Nursery) -> None:
                 client = await raw_connect(hub, nursery, agent, "t1", keys[agent])
+                clients.append(client)
                 if client.welcome is not None:
                     welcomed.append(agent)
                 else:
@@ -108,6 +110,8 @@ async def test_many_fresh_agents_registered_by_another_process_all_come_online(
                     async with trio.open_nursery() as dialers:
                         for agent in keys:
                             dialers.start_soon(one, agent, nursery)
+                    for client in clients:  # answered: the hub need not wait out close_timeout
+                        await client.ws.aclose()
                     nursery.cancel_scope.cancel()
             assert refused == []
             assert sorted(welcomed) == sorted(keys)
