@@ -117,6 +117,8 @@ async def test_signature_for_another_tenant_or_agent_fails(
         signature=key.sign_auth(tenant_id="t2", agent_id="a1", nonce="whatever"),
     )  # fmt: skip
     await expect_refusal(forged, "authentication_failed", CloseCode.AUTHENTICATION_FAILED)
+    # Still waiting for its auth, it would hold the hub's shutdown for close_timeout + 1 s.
+    await client.ws.aclose()
 
 
 async def test_replayed_auth_frame_fails_on_a_new_connection(
