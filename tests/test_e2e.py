@@ -70,8 +70,10 @@ async def test_agent_survives_hub_sigkill_and_restart(tmp_path: Path) -> None:
                 # flushes), so the worker receives its own message exactly once. Pub/sub
                 # keeps no backlog: a subscriber must be connected to receive.
                 nursery.start_soon(lambda: worker.publish("jobs.during", 2, confirm=True))
-                await trio.sleep(1.0)
-                assert worker.health().waiting_publishes == 1
+                with trio.fail_after(5):  # it waits (through the hub's restart below)
+                    while worker.health().waiting_publishes != 1:
+                        await trio.sleep(0.01)
+                assert not worker.health().connected
                 await hub.start()
                 with trio.fail_after(20):
                     await worker.wait_connected()
@@ -109,7 +111,9 @@ async def test_frozen_hub_is_detected_at_the_ack_timeout(tmp_path: Path) -> None
             url=hub.url, organization_id="acme", agent_id="worker", private_key=keys["worker"],
             heartbeat_interval=0.5, heartbeat_timeout_multiplier=3.0, backoff=FAST_BACKOFF,
         ) as agent:  # fmt: skip
-            await trio.sleep(1.2)
+            with trio.fail_after(5):  # heartbeats flow: one is answered
+                while agent.health().last_ack is None:
+                    await trio.sleep(0.01)
             hub.signal(signal.SIGSTOP)  # the socket stays open; nothing answers
             with trio.fail_after(10):
                 while agent.health().connected:
