@@ -91,7 +91,14 @@ async def test_frozen_agent_is_reported_offline_once_with_reason_timeout(tmp_pat
                     assert chunk, "the agent subprocess exited early"
                     output += chunk
             await wait_until(lambda: seen.transitions("frozen") == [("online", "connected")], 5)
-            await trio.sleep(1.2)  # heartbeats flowing
+
+            def heartbeat_seen() -> bool:  # heartbeats flowing: the hub has one from it
+                return any(
+                    r.agent_id == "frozen" and r.last_heartbeat is not None
+                    for r in hub.presence_table(TENANT)
+                )
+
+            await wait_until(heartbeat_seen, 5)
 
             process.send_signal(signal.SIGSTOP)
             stopped_at = time.time()
