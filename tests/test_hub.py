@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import trio
 
 from artcafe_trio import CloseCode, HubConfig, open_hub
 from artcafe_trio.protocol import (
+    Auth,
     Challenge,
     Error,
     Heartbeat,
@@ -23,7 +25,9 @@ from artcafe_trio.protocol import (
     Subscribe,
     Unsubscribe,
     Unsubscribed,
+    Welcome,
     auth_payload,
+    decode,
 )
 from artcafe_trio.testing import TestHub, open_test_hub
 
@@ -572,6 +576,59 @@ async def test_crash_while_online_is_recorded_as_an_outage(tmp_path: object) -> 
             "disconnected",
             150.0,
         )
+
+
+async def test_shutdown_does_not_wait_for_a_connection_still_awaiting_its_auth(
+    autojump_clock: Any,
+) -> None:
+    """A connection that took its challenge and sent nothing holds no session: a shutdown
+    ends its wait at once with 1012, rather than waiting out ``close_timeout`` + 1 s (or
+    the challenge) for it."""
+    async with trio.open_nursery() as nursery:
+        async with open_test_hub(close_timeout=2.0, challenge_timeout=30.0) as hub:
+            key = hub.register("t1", "a1")
+            idle = await raw_connect(hub, nursery, "a1", "t1", key, authenticate=False)
+            assert isinstance(await idle.recv(), Challenge)
+            agent = await raw_connect(hub, nursery, "a2", "t1", hub.register("t1", "a2"))
+            stopping_at = trio.current_time()
+        assert trio.current_time() - stopping_at == 0.0
+        assert await idle.close_code() == CloseCode.SERVICE_RESTART
+        assert await agent.close_code() == CloseCode.SERVICE_RESTART
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_auth_still_being_checked_when_the_hub_stops_gets_1012_not_a_session(
+    autojump_clock: Any,
+) -> None:
+    """The shutdown's close of every session is past by the time this check ends: a
+    session made then would be held open until the shutdown gives up on it."""
+    import trio_websocket
+
+    async with trio.open_nursery() as nursery:
+        async with open_test_hub(
+            auth_failures_free=0, close_timeout=2.0, challenge_timeout=30.0
+        ) as hub:
+            key = hub.register("t1", "a1")
+            forged = await raw_connect(
+                hub, nursery, "a1", "t1", key,
+                signature=key.sign_auth(tenant_id="t1", agent_id="a1", nonce="not it"),
+            )  # fmt: skip
+            assert forged.welcome is None  # one failure: the next check waits 0.25 s
+            late = await raw_connect(hub, nursery, "a1", "t1", key, authenticate=False)
+            challenge = await late.recv()
+            assert isinstance(challenge, Challenge)
+            signature = key.sign_auth(tenant_id="t1", agent_id="a1", nonce=challenge.nonce)
+            await late.send(
+                Auth(agent_id="a1", tenant_id="t1", algorithm=key.algorithm, signature=signature)
+            )
+            await trio.sleep(0.1)  # the hub holds the check in the slow-down
+        frames = []
+        with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+            while True:
+                frames.append(decode(await late.ws.get_message()))
+        assert not any(isinstance(frame, Welcome) for frame in frames), frames
+        assert closed.value.reason.code == CloseCode.SERVICE_RESTART
+        nursery.cancel_scope.cancel()
 
 
 # --- real sockets ----------------------------------------------------------------

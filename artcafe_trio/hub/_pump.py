@@ -55,7 +55,7 @@ from ..protocol.server import (
     UnsubscribeRequested,
 )
 from ._flow import Delivery, Outbox, OutputBudget, PreAuthLimiter, PreAuthTicket, TokenBucket
-from ._sessions import how_it_ended
+from ._sessions import Connections, how_it_ended
 from ._wsserver import ServerWebSocket, frame_text
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ class HubSide(Protocol):
     unauthenticated: PreAuthLimiter
     _wall_clock: Callable[[], float]
     _authenticator: Authenticator
+    _connections: Connections
 
     @property
     def _auth_log(self) -> RefusedLog: ...
@@ -313,8 +314,15 @@ async def _handshake(
     assert conn.challenge_deadline is not None
     outcome = None
     with trio.move_on_at(conn.challenge_deadline):
-        text = await ws.get_message()
-        outcome = await hub._authenticator.authenticate(conn, text, remote, trio.current_time())
+        with hub._connections.awaiting_auth() as stop:
+            text = await ws.get_message()
+        if not stop.cancelled_caught:
+            outcome = await hub._authenticator.authenticate(conn, text, remote, trio.current_time())
+    if hub._connections.stopping and not isinstance(outcome, Refusal):
+        # The hub began to stop during the handshake: no session now (the shutdown's
+        # close of every session is past), the agent retries elsewhere or later.
+        conn.close(CloseCode.SERVICE_RESTART, "hub shutting down")
+        return None
     if outcome is None:
         expired = conn.expire(trio.current_time())
         assert expired is not None  # the deadline has passed

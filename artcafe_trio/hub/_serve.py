@@ -157,7 +157,7 @@ class _Assembly:
         """Close every session with 1012 and flush presence to the registry (the
         backplane told first: it drains)."""
         self.backplane.begin_drain()
-        self.connections.stopping = True
+        self.connections.stop()
         self.directory.close_all(CloseCode.SERVICE_RESTART, "hub shutting down")
         with trio.move_on_after(self.config.close_timeout + 1):
             await self.connections.wait_closed()

@@ -8,6 +8,7 @@ connection's session.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
@@ -189,12 +190,32 @@ class Connections:
         self.stopping = False
         self._open = 0
         self._gone = trio.Event()
+        self._awaiting_auth: set[trio.CancelScope] = set()
 
     def __len__(self) -> int:
         return self._open
 
     def opened(self) -> None:
         self._open += 1
+
+    @contextlib.contextmanager
+    def awaiting_auth(self) -> Iterator[trio.CancelScope]:
+        """A scope around a connection's wait for its auth frame, cancelled by
+        :meth:`stop`: a shutdown does not wait out a challenge nobody answers."""
+        with trio.CancelScope() as scope:
+            if self.stopping:
+                scope.cancel()
+            self._awaiting_auth.add(scope)
+            try:
+                yield scope
+            finally:
+                self._awaiting_auth.discard(scope)
+
+    def stop(self) -> None:
+        """No new connection is served; waits for an auth frame end at once."""
+        self.stopping = True
+        for scope in self._awaiting_auth:
+            scope.cancel()
 
     def closed(self) -> None:
         self._open -= 1
