@@ -923,3 +923,135 @@ async def test_a_hub_breaking_the_handshake_is_a_failed_attempt(
                 pass
         assert not info.value.permanent  # a broken hub may be fixed: it would be retried
         hubs.cancel_scope.cancel()
+
+
+# --------------------------------------------------------------------------- closing
+
+
+class StallingStream(trio.abc.Stream):
+    """A byte stream that records when it is closed and what went out. ``stall_close``:
+    a close frame (``0x88``) it is given never goes out: the agent's WebSocket reader
+    is stuck sending its reply to the hub's close, which trio-websocket has already
+    recorded (``stalled`` is then set)."""
+
+    def __init__(
+        self, inner: trio.abc.Stream, *, stall_close: bool, swallow_text: bool = False
+    ) -> None:
+        self.inner = inner
+        self.stall_close = stall_close
+        # Text frames (0x81) are dropped: sent ones, and received ones after the first
+        # (the challenge): the hub's answers never arrive, nor its error frames.
+        self.swallow_text = swallow_text
+        self.challenged = False
+        self.stalled = trio.Event()
+        self.sent: list[bytes] = []
+        self.log: list[str] = []  # "sent close", "received close", "closed" in order
+        self.closed_at: float | None = None
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.stall_close and bytes(data[:1]) == b"\x88":
+            self.stalled.set()
+            await trio.sleep_forever()
+        if self.swallow_text and bytes(data[:1]) == b"\x81":
+            await trio.lowlevel.checkpoint()
+            return
+        await self.inner.send_all(data)
+        self.sent.append(bytes(data))
+        if bytes(data[:1]) == b"\x88":
+            self.log.append("sent close")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        if self.swallow_text and self.challenged:
+            data = _without_text_frames(data)
+            if not data:  # not the end of the stream: read on
+                return await self.receive_some(max_bytes)
+        self.challenged = self.challenged or b"\x81" in data[:1]
+        if b"\x88" in data[:1]:  # a frame from the hub (unmasked) starting the chunk
+            self.log.append("received close")
+        return data
+
+    async def aclose(self) -> None:
+        if self.closed_at is None:
+            self.closed_at = trio.current_time()
+            self.log.append("closed")
+        await self.inner.aclose()
+
+
+def _without_text_frames(data: bytes | bytearray) -> bytes:
+    """``data`` (whole frames from the hub: unmasked, each under 64 KiB) without its text
+    frames."""
+    kept = b""
+    while data:
+        length, header = data[1] & 0x7F, 2
+        if length == 126:
+            length, header = int.from_bytes(data[2:4], "big"), 4
+        frame, data = data[: header + length], data[header + length :]
+        if frame[:1] != b"\x81":
+            kept += frame
+    return kept
+
+
+def _recorded_transport(
+    hub: TestHub, *, stall_close: bool, swallow_text: bool = False
+) -> tuple[Any, list[StallingStream], list[StallingStream]]:
+    """A transport to ``hub`` whose streams (agent's end, hub's end) are recorded."""
+    import trio.testing
+
+    from artcafe_trio.agent._transport import MemoryTransport
+
+    ends: list[StallingStream] = []
+    hub_ends: list[StallingStream] = []
+
+    async def open_stream() -> trio.abc.Stream:
+        await trio.lowlevel.checkpoint()
+        client, server = trio.testing.memory_stream_pair()
+        hub_ends.append(StallingStream(server, stall_close=False))
+        hub.hub.serve_stream(hub_ends[-1], "memory")
+        ends.append(StallingStream(client, stall_close=stall_close, swallow_text=swallow_text))
+        return ends[-1]
+
+    return MemoryTransport(open_stream), ends, hub_ends
+
+
+async def test_the_socket_is_closed_when_the_agent_stops_while_replying_to_the_hub_s_close(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # trio-websocket 0.12 records the hub's close before it sends its reply; an aclose()
+    # then returns at once without closing the stream, and the reader (cancelled with
+    # the connection) never sends the reply: the hub waited close_timeout for it.
+    async with open_test_hub(close_timeout=2.0) as hub:
+        transport, ends, hub_ends = _recorded_transport(hub, stall_close=True)
+        async with hub.open_agent("a1", transport=transport):
+            hub.hub.close_all(1012, "restart")
+            with trio.fail_after(5):
+                await ends[0].stalled.wait()
+            stopped = trio.current_time()
+        with trio.fail_after(5):
+            while hub_ends[0].closed_at is None:
+                await trio.sleep(0.01)
+        assert ends[0].closed_at == stopped  # the agent closed its socket at once
+        assert hub_ends[0].closed_at - stopped < 0.1  # not after close_timeout (2 s)
+
+
+async def test_the_socket_is_closed_when_the_connect_times_out_while_replying_to_the_hub_s_close(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # The hub gives up on the agent's auth (which never arrives) and closes; the agent's
+    # reply is stuck; then the agent's connect_timeout cuts its handshake short.
+    async with open_test_hub(challenge_timeout=1.0, close_timeout=10.0) as hub:
+        transport, ends, hub_ends = _recorded_transport(hub, stall_close=True, swallow_text=True)
+        with pytest.raises(ConnectFailed, match="no welcome"):
+            async with hub.open_agent(
+                "a1", transport=transport, connect_timeout=3.0, retry_first_connect=False
+            ):
+                pass  # pragma: no cover
+        assert ends[0].stalled.is_set()
+        assert ends[0].closed_at == pytest.approx(3.0, abs=0.1)
+        with trio.fail_after(15):
+            while hub_ends[0].closed_at is None:
+                await trio.sleep(0.01)
+        assert hub_ends[0].closed_at < 3.2  # not after close_timeout (at 11 s)

@@ -1141,3 +1141,46 @@ def test_status_says_when_the_hub_s_cluster_view_is_degraded(
     printer.hubs = []
     printer.show([row], ("fenced",))
     assert json.loads(out.getvalue())["degraded"] == ["fenced"]
+
+
+async def test_status_watch_closes_its_socket_when_stopped_while_replying_to_the_hub_s_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bounded real-socket test: the hub closes the admin session; the CLI's reply is
+    stuck (trio-websocket has recorded the close) when the watch is stopped (Ctrl+C):
+    its socket is closed at once, the hub does not wait close_timeout for the reply."""
+    import io
+
+    from artcafe_trio.cli._admin import _admin_session
+    from artcafe_trio.cli._presence import _StatusPrinter
+    from artcafe_trio.cli._status import _read_admin_file
+
+    from .test_agent import StallingStream
+
+    streams: list[StallingStream] = []
+    open_tcp_stream = trio.open_tcp_stream
+
+    async def stalling_tcp_stream(*args: Any, **kwargs: Any) -> trio.abc.Stream:
+        streams.append(StallingStream(await open_tcp_stream(*args, **kwargs), stall_close=True))
+        return streams[-1]
+
+    db = tmp_path / "hub.db"
+    config = HubConfig(close_timeout=5.0)
+    with trio.fail_after(20):
+        async with open_hub(port=0, db=str(db), admin_file=f"{db}.admin", config=config) as hub:
+            admin = _read_admin_file(f"{db}.admin")
+            assert admin is not None
+            monkeypatch.setattr(trio, "open_tcp_stream", stalling_tcp_stream)
+            out = io.StringIO()
+            printer = _StatusPrinter(as_json=False, watch=True, stream=out)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_admin_session, admin[0], admin[1], None, printer)
+                while not out.getvalue():  # the first table: the session is up
+                    await trio.sleep(0.01)
+                hub.close_all(1012, "restart")
+                await streams[0].stalled.wait()
+                nursery.cancel_scope.cancel()  # Ctrl+C
+            monkeypatch.undo()
+            assert streams[0].closed_at is not None
+            stopping = trio.current_time()
+        assert trio.current_time() - stopping < 3  # not close_timeout (5 s)

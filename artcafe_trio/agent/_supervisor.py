@@ -47,7 +47,7 @@ from ._health import AgentState, HealthStats
 from ._outbox import Outbox
 from ._session import Session, lost
 from ._subscriptions import Subscriptions
-from ._transport import MAX_RECEIVE_BYTES, Transports
+from ._transport import MAX_RECEIVE_BYTES, Transports, close_websocket
 from ._urls import HubUrls
 
 __all__ = ["Supervisor"]
@@ -257,8 +257,7 @@ class Supervisor:
                     try:
                         client = await self._handshake(ws)
                     except BaseException:
-                        with trio.CancelScope(shield=True), trio.move_on_after(0):
-                            await ws.aclose()  # closes the socket even when cut short
+                        await close_websocket(ws, patience=0)  # and the socket, at once
                         raise
                 if connect_scope.cancelled_caught:
                     raise ConnectTimeout(
@@ -282,8 +281,12 @@ class Supervisor:
                         self.set_state(AgentState.RECONNECTING)
                     # A hub judged unresponsive gets no time for a close handshake.
                     patience = 0 if _watchdog_fired(session) else 1
-                    with trio.CancelScope(shield=True), trio.move_on_after(patience):
-                        await ws.aclose(1000 if self.closing else 1001, "agent reconnecting")
+                    await close_websocket(
+                        ws,
+                        1000 if self.closing else 1001,
+                        "agent reconnecting",
+                        patience=patience,
+                    )
 
     async def _receive_text(self, ws: WebSocketConnection) -> str | bytes:
         try:

@@ -11,6 +11,7 @@ in the nursery it is given. :class:`WebSocketTransport` dials TCP (and TLS for
 from __future__ import annotations
 
 import ssl
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol, TypeAlias, cast
 from urllib.parse import urlsplit
@@ -29,6 +30,7 @@ __all__ = [
     "Transport",
     "Transports",
     "WebSocketTransport",
+    "close_websocket",
     "wrap_client_stream",
 ]
 
@@ -60,11 +62,70 @@ def wrap_client_stream(
     max_message_size: int = MAX_RECEIVE_BYTES,
 ) -> Awaitable[WebSocketConnection]:
     """trio-websocket's client handshake over any byte stream (its annotation names
-    only socket and TLS streams; any :class:`trio.abc.Stream` works)."""
+    only socket and TLS streams; any :class:`trio.abc.Stream` works).
+
+    The connection's byte stream is remembered, for :func:`close_websocket`."""
+    return _wrap_client_stream(nursery, _ClientStream(stream), host, resource, max_message_size)
+
+
+async def _wrap_client_stream(
+    nursery: trio.Nursery, stream: _ClientStream, host: str, resource: str, max_message_size: int
+) -> WebSocketConnection:
     socket_like = cast("trio.SocketStream", stream)
-    return trio_websocket.wrap_client_stream(
+    ws = await trio_websocket.wrap_client_stream(
         nursery, socket_like, host, resource, max_message_size=max_message_size
     )
+    _client_streams[ws] = stream
+    return ws
+
+
+class _ClientStream(trio.abc.Stream):
+    """The byte stream under a connection from :func:`wrap_client_stream`, for
+    :func:`close_websocket`."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+_client_streams: weakref.WeakKeyDictionary[WebSocketConnection, _ClientStream] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def close_websocket(
+    ws: WebSocketConnection,
+    code: int = 1000,
+    reason: str | None = None,
+    *,
+    patience: float,
+) -> None:
+    """Close ``ws`` within ``patience`` seconds (shielded), then its byte stream.
+
+    trio-websocket 0.12 leaves the stream open when the peer's close came first (its
+    ``aclose()`` then returns at once), even when its reader task is cancelled before
+    it sends the close reply: the peer would wait for a reply that never comes. So the
+    byte stream of a connection made by :func:`wrap_client_stream` (every transport of
+    this package) is closed here in any case; a connection dialed otherwise gets
+    trio-websocket's own ``aclose()`` only.
+    """
+    stream = _client_streams.get(ws)
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(patience):
+            await ws.aclose(code, reason)
+        if stream is not None:
+            await trio.aclose_forcefully(stream)
 
 
 class _HangUpAlarm(trio.abc.Stream):
@@ -181,9 +242,13 @@ class MemoryTransport:
 
     async def connect(self, nursery: trio.Nursery, resource: str) -> WebSocketConnection:
         stream = await self.open_stream()
-        return await wrap_client_stream(
-            nursery, stream, self.host, resource, max_message_size=self.max_message_size
-        )
+        try:
+            return await wrap_client_stream(
+                nursery, stream, self.host, resource, max_message_size=self.max_message_size
+            )
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
 
 
 class DialerTransport:

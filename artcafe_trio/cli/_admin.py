@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import math
 import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from artcafe_trio import AuthenticationError, HubError, RemoteProtocolError
+from artcafe_trio import AuthenticationError, ConnectionLost, HubError, RemoteProtocolError
 from artcafe_trio.protocol.client import MessageReceived
 
 from ._common import (
@@ -25,7 +28,11 @@ from ._problems import _close_text, _connection_problem, _not_tls
 
 __all__ = ["_admin_session", "_tls_preflight"]
 
+if TYPE_CHECKING:
+    import trio_websocket
+
 MAX_ADMIN_FRAME = 64 * 1024 * 1024  # a whole presence table in one frame
+CLOSE_PATIENCE = 1.0  # for the hub's close reply, seconds (the agent's too)
 
 
 async def _admin_session(
@@ -81,9 +88,7 @@ async def _admin_session(
         with trio.fail_after(STATUS_TIMEOUT) as handshake_scope:
             if ssl_context is not None:
                 await _tls_preflight(url, ssl_context)
-            async with trio_websocket.open_websocket_url(
-                url.rstrip("/") + ADMIN_PATH, ssl_context, max_message_size=MAX_ADMIN_FRAME
-            ) as ws:
+            async with _open_admin_websocket(url, ssl_context) as ws:
                 await receive(ws)  # the challenge
                 await send(ws, client.auth())
                 await receive(ws)  # the welcome (or a refusal, raised)
@@ -121,8 +126,37 @@ async def _admin_session(
         raise HubUnreachable(
             f"the hub at {url} did not answer within {STATUS_TIMEOUT:g} s"
         ) from None
-    except (OSError, trio_websocket.HandshakeError) as exc:
+    except (
+        OSError,
+        trio_websocket.HandshakeError,
+        trio.BrokenResourceError,
+        ConnectionLost,
+    ) as exc:
         raise HubUnreachable(_connection_problem(exc, url, hint=False)) from None
+
+
+@asynccontextmanager
+async def _open_admin_websocket(
+    url: str, ssl_context: ssl.SSLContext | None
+) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """The admin WebSocket, dialed like the agent's, and closed like it: its socket
+    is closed on the way out in every case (trio-websocket's ``open_websocket_url``
+    can leave it open when the hub closed first: the hub then waits ``close_timeout``
+    for a close reply)."""
+    import trio
+
+    from artcafe_trio._util import collapse_exception_groups
+    from artcafe_trio.agent._transport import WebSocketTransport, close_websocket
+
+    transport = WebSocketTransport(url, ssl_context)
+    with collapse_exception_groups():
+        async with trio.open_nursery() as nursery:
+            ws = await transport.connect(nursery, ADMIN_PATH)
+            try:
+                yield ws
+            finally:
+                await close_websocket(ws, patience=CLOSE_PATIENCE)
+                nursery.cancel_scope.cancel()
 
 
 def _is_presence(event: MessageReceived) -> bool:
