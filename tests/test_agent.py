@@ -1055,3 +1055,37 @@ async def test_the_socket_is_closed_when_the_connect_times_out_while_replying_to
             while hub_ends[0].closed_at is None:
                 await trio.sleep(0.01)
         assert hub_ends[0].closed_at < 3.2  # not after close_timeout (at 11 s)
+
+
+async def test_an_agent_cancelled_from_within_sends_its_close_frame_and_does_not_wait(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    # Ctrl+C in a handler: the agent's tasks, its WebSocket reader among them, are
+    # cancelled; nothing can read the hub's reply to the close, so none is waited for.
+    async with open_test_hub() as hub:
+        transport, ends, _ = _recorded_transport(hub, stall_close=False)
+        interrupted: list[float] = []
+        with pytest.raises(KeyboardInterrupt):
+            async with hub.open_agent("a1", transport=transport) as agent:
+
+                @agent.on_message("job")
+                def interrupt(subject: str, data: Any) -> None:
+                    interrupted.append(trio.current_time())
+                    raise KeyboardInterrupt
+
+                await agent.publish("job", 1)
+                await trio.sleep(10)
+        assert trio.current_time() - interrupted[0] < 0.1  # was 1 s: the close limit
+        assert ends[0].log == ["sent close", "closed"]
+
+
+async def test_a_graceful_stop_still_waits_for_the_hub_s_close_reply(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    async with open_test_hub() as hub:
+        transport, ends, _ = _recorded_transport(hub, stall_close=False)
+        async with hub.open_agent("a1", transport=transport):
+            pass
+        assert ends[0].log == ["sent close", "received close", "closed"]
+        (row,) = hub.hub.presence_table("test")
+        assert (row.status, row.reason) == ("offline", "left")

@@ -1184,3 +1184,42 @@ async def test_status_watch_closes_its_socket_when_stopped_while_replying_to_the
             assert streams[0].closed_at is not None
             stopping = trio.current_time()
         assert trio.current_time() - stopping < 3  # not close_timeout (5 s)
+
+
+async def test_status_watch_cancelled_sends_its_close_frame_and_does_not_wait_for_a_reply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bounded real-socket test: cancelled, the admin session's reader is cancelled too;
+    nothing would read the hub's reply, so none is waited for (was: 1 s)."""
+    import io
+
+    from artcafe_trio.cli._admin import _admin_session
+    from artcafe_trio.cli._presence import _StatusPrinter
+    from artcafe_trio.cli._status import _read_admin_file
+
+    from .test_agent import StallingStream
+
+    streams: list[StallingStream] = []
+    open_tcp_stream = trio.open_tcp_stream
+
+    async def recorded_tcp_stream(*args: Any, **kwargs: Any) -> trio.abc.Stream:
+        streams.append(StallingStream(await open_tcp_stream(*args, **kwargs), stall_close=False))
+        return streams[-1]
+
+    db = tmp_path / "hub.db"
+    with trio.fail_after(20):
+        async with open_hub(port=0, db=str(db), admin_file=f"{db}.admin"):
+            admin = _read_admin_file(f"{db}.admin")
+            assert admin is not None
+            monkeypatch.setattr(trio, "open_tcp_stream", recorded_tcp_stream)
+            out = io.StringIO()
+            printer = _StatusPrinter(as_json=False, watch=True, stream=out)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_admin_session, admin[0], admin[1], None, printer)
+                while not out.getvalue():  # the first table: the session is up
+                    await trio.sleep(0.01)
+                cancelled = trio.current_time()
+                nursery.cancel_scope.cancel()
+            monkeypatch.undo()
+            assert trio.current_time() - cancelled < 0.8  # not CLOSE_PATIENCE (1 s)
+            assert streams[0].log == ["sent close", "closed"]

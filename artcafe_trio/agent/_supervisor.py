@@ -47,7 +47,7 @@ from ._health import AgentState, HealthStats
 from ._outbox import Outbox
 from ._session import Session, lost
 from ._subscriptions import Subscriptions
-from ._transport import MAX_RECEIVE_BYTES, Transports, close_websocket
+from ._transport import MAX_RECEIVE_BYTES, Transports, cancelled_here, close_websocket
 from ._urls import HubUrls
 
 __all__ = ["Supervisor"]
@@ -286,6 +286,7 @@ class Supervisor:
                         1000 if self.closing else 1001,
                         "agent reconnecting",
                         patience=patience,
+                        reader_gone=cancelled_here(),  # then so is its reader
                     )
 
     async def _receive_text(self, ws: WebSocketConnection) -> str | bytes:

@@ -30,6 +30,7 @@ __all__ = [
     "Transport",
     "Transports",
     "WebSocketTransport",
+    "cancelled_here",
     "close_websocket",
     "wrap_client_stream",
 ]
@@ -80,14 +81,18 @@ async def _wrap_client_stream(
 
 
 class _ClientStream(trio.abc.Stream):
-    """The byte stream under a connection from :func:`wrap_client_stream`, for
-    :func:`close_websocket`."""
+    """The byte stream under a connection from :func:`wrap_client_stream`: it tells
+    :func:`close_websocket` when the close frame is out."""
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
+        self.on_close_frame_sent: trio.CancelScope | None = None
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.inner.send_all(data)
+        # trio-websocket sends each frame with one send_all; 0x88: FIN + opcode close.
+        if self.on_close_frame_sent is not None and bytes(data[:1]) == b"\x88":
+            self.on_close_frame_sent.cancel()
 
     async def wait_send_all_might_not_block(self) -> None:
         await self.inner.wait_send_all_might_not_block()
@@ -104,12 +109,20 @@ _client_streams: weakref.WeakKeyDictionary[WebSocketConnection, _ClientStream] =
 )
 
 
+def cancelled_here() -> bool:
+    """Whether the calling task is cancelled. In the body of the nursery a connection's
+    reader task runs in, that task is cancelled too: nothing will read the peer's reply
+    to a close frame (``reader_gone`` of :func:`close_websocket`)."""
+    return trio.current_effective_deadline() <= trio.current_time()
+
+
 async def close_websocket(
     ws: WebSocketConnection,
     code: int = 1000,
     reason: str | None = None,
     *,
     patience: float,
+    reader_gone: bool = False,
 ) -> None:
     """Close ``ws`` within ``patience`` seconds (shielded), then its byte stream.
 
@@ -119,12 +132,18 @@ async def close_websocket(
     byte stream of a connection made by :func:`wrap_client_stream` (every transport of
     this package) is closed here in any case; a connection dialed otherwise gets
     trio-websocket's own ``aclose()`` only.
+
+    ``reader_gone``: the connection's reader task is cancelled, so nothing would read
+    the peer's close reply: stop as soon as the close frame is sent.
     """
     stream = _client_streams.get(ws)
     with trio.CancelScope(shield=True):
-        with trio.move_on_after(patience):
+        with trio.move_on_after(patience) as waiting:
+            if stream is not None and reader_gone:
+                stream.on_close_frame_sent = waiting
             await ws.aclose(code, reason)
         if stream is not None:
+            stream.on_close_frame_sent = None
             await trio.aclose_forcefully(stream)
 
 

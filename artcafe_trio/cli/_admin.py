@@ -146,7 +146,7 @@ async def _open_admin_websocket(
     import trio
 
     from artcafe_trio._util import collapse_exception_groups
-    from artcafe_trio.agent._transport import WebSocketTransport, close_websocket
+    from artcafe_trio.agent._transport import WebSocketTransport, cancelled_here, close_websocket
 
     transport = WebSocketTransport(url, ssl_context)
     with collapse_exception_groups():
@@ -155,7 +155,9 @@ async def _open_admin_websocket(
             try:
                 yield ws
             finally:
-                await close_websocket(ws, patience=CLOSE_PATIENCE)
+                # Cancelled here (the status timeout), so is the reader: no reply
+                # would be read; then the close frame is sent, and that is all.
+                await close_websocket(ws, patience=CLOSE_PATIENCE, reader_gone=cancelled_here())
                 nursery.cancel_scope.cancel()
 
 
