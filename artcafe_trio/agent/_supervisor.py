@@ -279,14 +279,12 @@ class Supervisor:
                     self._last_proved_healthy = session.proved_healthy
                     if not self.closing:
                         self.set_state(AgentState.RECONNECTING)
-                    # A hub judged unresponsive gets no time for a close handshake.
+                    # A hub judged unresponsive gets no time for a close handshake. If this
+                    # task is cancelled, so is the reader: no reply to the close is read.
                     patience = 0 if _watchdog_fired(session) else 1
+                    code, gone = (1000 if self.closing else 1001), cancelled_here()
                     await close_websocket(
-                        ws,
-                        1000 if self.closing else 1001,
-                        "agent reconnecting",
-                        patience=patience,
-                        reader_gone=cancelled_here(),  # then so is its reader
+                        ws, code, "agent reconnecting", patience=patience, reader_gone=gone
                     )
 
     async def _receive_text(self, ws: WebSocketConnection) -> str | bytes:

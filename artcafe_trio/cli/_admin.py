@@ -146,7 +146,8 @@ async def _open_admin_websocket(
     import trio
 
     from artcafe_trio._util import collapse_exception_groups
-    from artcafe_trio.agent._transport import WebSocketTransport, cancelled_here, close_websocket
+    from artcafe_trio.agent import WebSocketTransport
+    from artcafe_trio.agent._transport import cancelled_here, close_websocket
 
     transport = WebSocketTransport(url, ssl_context)
     with collapse_exception_groups():
