@@ -799,8 +799,20 @@ async def test_a_frozen_hub_s_agents_time_out_by_their_own_watchdog_and_move_wit
                         await trio.sleep(0.02)
                     moved = time.time() - stopped_wall
                     # Past the lease's TTL and hub-a's grace: the reaper found the
-                    # frozen hub's agents owned by hub-a and reported nothing.
-                    assert await nothing_more(watcher, LEASE_TTL + grace_a + 1.0) == []
+                    # frozen hub's agents owned by hub-a and reported nothing. Watched
+                    # until hub-a has reaped (its log says so, after the reap's writes),
+                    # and a second more for anything the reap wrote to arrive.
+                    reaps: list[str] = []
+                    while not reaps:
+                        assert await nothing_more(watcher, 0.1) == []
+                        reaps = [
+                            r.getMessage() for r in caplog.records
+                            if r.getMessage().startswith("hub hub-k lost:")
+                        ]  # fmt: skip
+                    reaped = time.time() - stopped_wall
+                    assert reaps == ["hub hub-k lost: 0 agent(s) marked offline (hub_lost)"]
+                    assert reaped >= grace_a, reaped
+                    assert await nothing_more(watcher, 1.0) == []
                 finally:
                     proc.send_signal(signal.SIGCONT)
                 assert await nothing_more(watcher, 1.0) == []  # the thaw changes nothing
@@ -818,7 +830,8 @@ async def test_a_frozen_hub_s_agents_time_out_by_their_own_watchdog_and_move_wit
                     timeouts
                 )
                 print(f"frozen hub: watchdogs fired {min(timeouts):.2f}-{max(timeouts):.2f} s, "
-                      f"all {len(names)} agents on hub-a {moved:.2f} s after SIGSTOP")  # fmt: skip
+                      f"all {len(names)} agents on hub-a {moved:.2f} s after SIGSTOP, "
+                      f"reaped {reaped:.2f} s after it")  # fmt: skip
                 nursery.cancel_scope.cancel()
 
 
