@@ -147,10 +147,24 @@ async def three_hubs(nodes: Sequence[NatsNode]) -> AsyncIterator[Cluster]:
                 hubs[name] = TestHub(hub)
             async with trio.open_nursery() as nursery:
                 yield Cluster(hubs, nursery)
+                await hang_up(hubs.values())
                 nursery.cancel_scope.cancel()
     finally:
         for registry in registries:
             registry.close()
+
+
+async def hang_up(hubs: Iterable[TestHub]) -> None:
+    """Teardown: close the client end of every in-memory connection to ``hubs``.
+
+    A stopping hub closes each session and waits up to its ``close_timeout`` for the
+    peer's half of the close handshake; the test's clients, cancelled with their
+    nursery, would never send it. Hung up first, the hubs stop without that wait.
+    Shielded: the caller's scope may be cancelled already (the test's nursery)."""
+    with trio.CancelScope(shield=True):
+        for hub in hubs:
+            for stream in hub._streams:
+                await trio.aclose_forcefully(stream)
 
 
 async def nothing_more(client: RawClient, wait: float = 0.3) -> list[Any]:
@@ -341,6 +355,7 @@ async def hubs_with_b_stoppable(
                 while set(cluster.backplane("b")._hub_urls) != {"hub-a", "hub-c"}:
                     await trio.sleep(0.05)
             yield cluster, b_scope, b_stopped
+            await hang_up(hubs.values())
             nursery.cancel_scope.cancel()
     finally:
         for registry in registries.values():
@@ -504,7 +519,7 @@ async def test_hubs_stopped_one_after_another_leave_no_agent_online(
     the hubs still live and leave their agents online for a reaper; a, the last one
     out, reaps what they left (``disconnected``) before it deletes its lease."""
     bucket = f"hubs_{secrets.token_hex(4)}"
-    grace = 3.0  # longer than the stops take (each hub waits 0.5 s for its cut clients)
+    grace = 3.0  # longer than the stops take (a hub may wait 0.5 s for a client that never closes)
     with trio.fail_after(30):
         async with hubs_with_b_stoppable(nats_cluster, bucket, grace) as (cluster, b_scope,
                                                                           b_stopped):  # fmt: skip
@@ -591,6 +606,7 @@ async def test_status_nats_lists_the_hubs_with_their_lease_ages(
                     b_scope.cancel()  # a graceful stop: hub b deletes its lease
             hubs = await _read_cluster_hubs(servers, bucket)
             assert [h["hub_id"] for h in hubs] == ["hub-a"]
+            await hang_up([a])
             nursery.cancel_scope.cancel()
 
 
@@ -660,7 +676,9 @@ async def hub_process_and_hub_a(
                 registry=registry, host="127.0.0.1", port=0 if listen_a else None,
                 config=config, cluster=cluster_config(nodes[0], bucket),
             ) as hub_a:  # fmt: skip
-                yield proc, url, TestHub(hub_a), keys
+                test_hub = TestHub(hub_a)
+                yield proc, url, test_hub, keys
+                await hang_up([test_hub])
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -959,6 +977,7 @@ async def test_a_nats_node_killed_under_a_hub(own_nats_cluster: list[NatsNode]) 
                 "near": "online", "far": "online",
             }  # fmt: skip
             assert late.welcome is not None
+            await hang_up(hubs.values())
             nursery.cancel_scope.cancel()
     for registry in registries:
         registry.close()
@@ -1225,6 +1244,7 @@ async def test_an_agent_given_one_hub_learns_the_others_and_fails_over_to_them(
             record = (await query(watcher))["mover"]
             assert (record.status, record.hub_id) == ("online", "hub-b")
             agent.stop()
+            await hang_up([b])
             nursery.cancel_scope.cancel()
 
 

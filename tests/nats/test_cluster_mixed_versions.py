@@ -31,7 +31,7 @@ from artcafe_trio.testing import TestHub
 
 from ..conftest import RawClient
 from .servers import NatsNode
-from .test_cluster_hubs import authenticate, nothing_more, presence_events, query
+from .test_cluster_hubs import authenticate, hang_up, nothing_more, presence_events, query
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -177,4 +177,5 @@ async def test_a_newer_and_an_older_hub_interoperate(
             assert await presence_events(watcher, 1) == [("o1", "offline", "disconnected")]
             assert await o1_moved.close_code() == CloseCode.SERVICE_RESTART
             assert (await query(n1_moved))["n1"].status == "online"  # still, on hub-old
+            await hang_up(hubs.values())
             nursery.cancel_scope.cancel()

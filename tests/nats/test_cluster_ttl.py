@@ -23,7 +23,7 @@ from artcafe_trio.testing import TestHub
 
 from ..conftest import RawClient
 from .servers import API_TIMEOUT, NatsNode
-from .test_cluster_hubs import authenticate, nothing_more, presence_events
+from .test_cluster_hubs import authenticate, hang_up, nothing_more, presence_events
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -56,6 +56,7 @@ async def hubs_on(
                 )  # fmt: skip
                 hubs[name] = TestHub(hub)
             yield hubs
+            await hang_up(hubs.values())
     finally:
         for registry in registries:
             registry.close()
