@@ -178,6 +178,21 @@ async def nothing_more(client: RawClient, wait: float = 0.3) -> list[Any]:
     return extra
 
 
+async def nothing_more_on(clients: Iterable[RawClient], wait: float = 0.3) -> list[list[Any]]:
+    """:func:`nothing_more` for each of ``clients``, all over the same ``wait`` at once
+    (not one after another: each client gets the whole ``wait``, as it did first)."""
+    clients = list(clients)
+    extra: list[list[Any]] = [[] for _ in clients]
+
+    async def one(n: int) -> None:
+        extra[n] = await nothing_more(clients[n], wait)
+
+    async with trio.open_nursery() as nursery:
+        for n in range(len(clients)):
+            nursery.start_soon(one, n)
+    return extra
+
+
 async def presence_events(client: RawClient, count: int) -> list[tuple[str, str, str]]:
     events = []
     for message in await client.messages(count):
@@ -222,8 +237,8 @@ async def test_messages_cross_hubs_once_with_every_wildcard_form(
             for client in (a1, c1):  # jobs.> and >, not jobs.new nor jobs.*
                 [got] = await client.messages(1)
                 assert (got.subject, got.data) == ("jobs.x.y", {"n": 2})
-            for client in (a1, b1, c1, other, publisher):
-                assert await nothing_more(client) == []  # once each; t2 saw nothing
+            # Once each; t2 saw nothing.
+            assert await nothing_more_on((a1, b1, c1, other, publisher)) == [[]] * 5
 
             # A re-send of p1 (as after a failover) through hub C: a duplicate, not
             # delivered again anywhere.
@@ -231,8 +246,7 @@ async def test_messages_cross_hubs_once_with_every_wildcard_form(
             await moved.send(Publish(subject="jobs.new", data={"n": 1}, id="p1"))
             again = await moved.recv_type(Published)
             assert again.duplicate and again.message_id == confirmed.message_id
-            for client in (a1, b1, c1, other):
-                assert await nothing_more(client, 0.2) == []
+            assert await nothing_more_on((a1, b1, c1, other), 0.2) == [[]] * 4
 
 
 async def test_request_reply_across_hubs(nats_cluster: list[NatsNode]) -> None:
@@ -298,8 +312,8 @@ async def test_presence_is_one_table_and_one_event_per_transition(
             took_over = time.monotonic() - t0
             assert took_over < 1.0
             print(f"take-over closed the old session {took_over:.3f} s after the new auth began")
+            assert await nothing_more_on(watchers.values(), 0.3) == [[]] * 3
             for hub in "abc":
-                assert await nothing_more(watchers[hub], 0.3) == []
                 record = (await query(watchers[hub]))["x"]
                 assert record.status == "online"
                 assert x_on_b.welcome is not None
@@ -310,8 +324,8 @@ async def test_presence_is_one_table_and_one_event_per_transition(
             assert await x_on_b.close_code() == CloseCode.NORMAL
             for hub in "abc":
                 assert await presence_events(watchers[hub], 1) == [("x", "offline", "left")]
+            assert await nothing_more_on(watchers.values(), 0.2) == [[]] * 3
             for hub in "abc":
-                assert await nothing_more(watchers[hub], 0.2) == []
                 assert (await query(watchers[hub]))["x"].status == "offline"
 
 
@@ -424,8 +438,8 @@ async def test_a_hub_stopped_gracefully_drains_its_agents_to_other_hubs_without_
                 f"\ngraceful stop: y back on hub a {reconnected:.3f} s, handover done "
                 f"{handed_over:.3f} s, z offline (disconnected) {z_offline:.3f} s after the stop"
             )
-            for watcher in watchers.values():
-                assert await nothing_more(watcher, LEASE_TTL + GRACE) == []  # y: nothing
+            # y: nothing.
+            assert await nothing_more_on(watchers.values(), LEASE_TTL + GRACE) == [[]] * 2
             assert y_back.welcome is not None
             for watcher in watchers.values():
                 table = await query(watcher)
