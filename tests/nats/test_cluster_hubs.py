@@ -1147,6 +1147,9 @@ async def test_the_hub_command_serves_the_bucket_s_credentials(
                     client = await real_connect(url, nursery, "x", key)  # not in empty.db
                     assert client.welcome is not None
                     assert client.welcome.hub_id == "hub-k"
+                    # Closed, not just cancelled: the stopping hub would wait its
+                    # close_timeout (2 s) for a close handshake from a dead client.
+                    await client.ws.aclose()
                     nursery.cancel_scope.cancel()
         finally:
             proc.terminate()
