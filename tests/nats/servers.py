@@ -182,16 +182,38 @@ async def _r3_placement_works(url: str) -> bool:
     return True
 
 
+def _has_meta_leader(nodes: list[NatsNode]) -> bool:
+    """Whether any node names a JetStream meta leader."""
+    for node in nodes:
+        try:
+            meta: dict[str, Any] = node.varz("jsz").get("meta_cluster") or {}  # type: ignore[assignment]
+        except OSError:
+            continue
+        if meta.get("leader"):
+            return True
+    return False
+
+
+#: A fresh cluster elects its JetStream meta leader well within a second (under two
+#: CPU hogs too), but about one start in twenty split the vote and elected only after
+#: nats-server's election timeout, 5-8 s later. The first attempt with no leader this
+#: long after its nodes accept connections starts over (fresh ports and stores) rather
+#: than wait for that; later attempts wait as long as it takes.
+META_LEADER_PATIENCE = 2.5
+
+
 @contextmanager
 def run_cluster(tmp: Path, size: int = 3) -> Iterator[list[NatsNode]]:
     for attempt in range(5):
         ports = free_ports(3 * size)
         groups = [ports[i * 3 : i * 3 + 3] for i in range(size)]
         cluster_ports = [g[2] for g in groups]
+        suffix = f"-{attempt}" if attempt else ""  # a retry's stores start empty
         nodes = [
-            _node(f"n{i + 1}", tmp / f"n{i + 1}", jetstream=True, routes=cluster_ports, ports=g)
+            _node(f"n{i + 1}", tmp / f"n{i + 1}{suffix}", jetstream=True,
+                  routes=cluster_ports, ports=g)
             for i, g in enumerate(groups)
-        ]
+        ]  # fmt: skip
         with ExitStack() as stack:
             for node in nodes:
                 node.start()
@@ -200,9 +222,12 @@ def run_cluster(tmp: Path, size: int = 3) -> Iterator[list[NatsNode]]:
                 deadline = time.monotonic() + 20
                 for node in nodes:
                     node.wait_ready(deadline)
+                impatient = time.monotonic() + META_LEADER_PATIENCE if attempt == 0 else deadline
                 while not _cluster_ready(nodes):
                     if time.monotonic() > deadline:
                         raise RuntimeError("cluster did not form")
+                    if time.monotonic() > impatient and not _has_meta_leader(nodes):
+                        raise RuntimeError("no meta leader yet (a split vote?): start over")
                     time.sleep(0.05)
             except RuntimeError:
                 if attempt == 4:
