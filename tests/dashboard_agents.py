@@ -17,7 +17,10 @@ async def run_one(url: str, interval: float, spec: str, ready: trio.Semaphore) -
     tenant, agent, key = spec.split(":", 2)
     async with open_agent(
         url=url, tenant_id=tenant, agent_id=agent, private_key_path=key,
-        heartbeat_interval=interval, capabilities=["resize"], metadata={"zone": tenant},
+        # No phase jitter: the second heartbeat comes a whole interval after the first
+        # (the ticking test reads a heartbeat age that must grow, not restart).
+        heartbeat_interval=interval, heartbeat_jitter=0.0,
+        capabilities=["resize"], metadata={"zone": tenant},
         backoff=Backoff(base=0.2, cap=1.0, max_attempts=None),
     ) as agent_:  # fmt: skip
         await agent_.wait_connected()
