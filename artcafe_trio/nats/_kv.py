@@ -53,6 +53,7 @@ _NS = 1_000_000_000
 _ERR_STREAM_NOT_FOUND = 10059
 _ERR_NO_PEERS = 10005  # "no suitable peers for placement": a cluster still forming or failing over
 _ERR_NO_MESSAGE = 10037
+_ERR_STREAM_NAME_IN_USE = 10058  # "stream name already in use with a different configuration"
 _ERR_TTL_DISABLED = 10166  # "per-message TTL is disabled" (no allow_msg_ttl)
 # "wrong last sequence: N" from the stream, and the same check failed in clustered mode.
 _ERR_WRONG_LAST_SEQUENCE = (10071, 10164)
@@ -576,15 +577,33 @@ async def key_value(
 async def _create_stream(
     nc: NatsClient, stream: str, config: Mapping[str, Any], api_timeout: float
 ) -> Any:
-    """Create the bucket's stream. "No suitable peers" (a cluster that is forming, or
-    whose peers are not current yet after a failover) is retried until ``api_timeout``."""
+    """Create the bucket's stream, retried until ``api_timeout``: "no suitable peers" (a
+    cluster that is forming, or whose peers are not current yet after a failover), and
+    a create left unanswered for a quarter of ``api_timeout`` (at least 1 s). A clustered
+    server drops a create it could not propose to its meta leader (one being elected),
+    so the create is sent again; if an unanswered one took effect after all, the stream
+    is read back."""
     deadline = trio.current_time() + api_timeout
+    patience = max(api_timeout / 4, 1.0)
     delay = 0.05
+    unanswered = False
     while True:
         remaining = deadline - trio.current_time()
         try:
-            return await _api(nc, f"$JS.API.STREAM.CREATE.{stream}", config, max(remaining, 0.001))
+            return await _api(
+                nc, f"$JS.API.STREAM.CREATE.{stream}", config, max(min(remaining, patience), 0.001)
+            )
+        except NatsTimeoutError:
+            if trio.current_time() >= deadline:
+                raise NatsTimeoutError(
+                    f"no answer on $JS.API.STREAM.CREATE.{stream} within {api_timeout:g} s"
+                ) from None
+            unanswered = True
+            continue
         except JetStreamError as exc:
+            if unanswered and exc.err_code == _ERR_STREAM_NAME_IN_USE:
+                remaining = max(deadline - trio.current_time(), 0.001)
+                return await _api(nc, f"$JS.API.STREAM.INFO.{stream}", None, remaining)
             if exc.err_code != _ERR_NO_PEERS or trio.current_time() + delay >= deadline:
                 raise
         await trio.sleep(delay)

@@ -268,3 +268,66 @@ async def test_a_reset_is_not_held_up_by_the_old_consumers_delete(
     await watcher._reset()
     assert trio.current_time() - started == pytest.approx(1.0)
     assert len(stream.consumers) == 2 and watcher._consumer == "c2"
+
+
+class CreateOnlyJetStream:
+    """A NatsClient stand-in for ``key_value``'s creation: no bucket yet; the first
+    ``drop`` stream creates are never answered (a clustered server drops a create it
+    could not propose to a meta leader being elected); ``took_effect``: a dropped create
+    made the stream all the same, so a repeated one is refused as a name in use."""
+
+    def __init__(self, drop: int, *, took_effect: bool = False) -> None:
+        self.drop = drop
+        self.took_effect = took_effect
+        self.created: dict[str, Any] | None = None
+        self.creates: list[float] = []
+
+    async def request(
+        self, subject: str, payload: bytes = b"", *, headers: Mapping[str, str] | None = None
+    ) -> Msg:
+        await trio.lowlevel.checkpoint()
+        if subject == "$JS.API.STREAM.INFO.KV_b":
+            if self.created is None:
+                return error(404, 10059, "stream not found")
+            return answer({"config": self.created})
+        assert subject == "$JS.API.STREAM.CREATE.KV_b", subject
+        self.creates.append(trio.current_time())
+        config = json.loads(payload)
+        if len(self.creates) <= self.drop:
+            if self.took_effect:
+                self.created = config
+            await trio.sleep_forever()
+        if self.created is not None:
+            return error(400, 10058, "stream name already in use with a different configuration")
+        self.created = config
+        return answer({"config": config})
+
+
+@pytest.mark.parametrize("took_effect", [False, True])
+async def test_an_unanswered_stream_create_is_sent_again(
+    autojump_clock: trio.abc.Clock, took_effect: bool
+) -> None:
+    """A fresh-clone CI run: an R3 bucket's create went unanswered for the whole API
+    timeout (40 s). Each attempt now waits a quarter of it; a create that took effect
+    unanswered is read back."""
+    from artcafe_trio.nats._kv import key_value
+
+    nc: Any = CreateOnlyJetStream(drop=2, took_effect=took_effect)
+    started = trio.current_time()
+    kv = await key_value(nc, "b", api_timeout=8.0)
+    assert [t - started for t in nc.creates] == [0.0, 2.0, 4.0]
+    assert kv.bucket == "b" and nc.created is not None
+
+
+async def test_a_stream_create_never_answered_fails_at_the_api_timeout(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    from artcafe_trio.nats import NatsTimeoutError
+    from artcafe_trio.nats._kv import key_value
+
+    nc: Any = CreateOnlyJetStream(drop=100)
+    started = trio.current_time()
+    with pytest.raises(NatsTimeoutError, match=r"STREAM\.CREATE\.KV_b within 5 s"):
+        await key_value(nc, "b", api_timeout=5.0)
+    assert trio.current_time() - started == pytest.approx(5.0)
+    assert len(nc.creates) == 4  # 1.25 s each
