@@ -15,7 +15,7 @@ from ._protocol import Msg
 if TYPE_CHECKING:
     from ._client import NatsClient
 
-__all__ = ["_api", "_decode_answer"]
+__all__ = ["_api", "_api_resent", "_decode_answer"]
 
 
 async def _api(nc: NatsClient, subject: str, body: Mapping[str, Any] | None, limit: float) -> Any:
@@ -26,6 +26,24 @@ async def _api(nc: NatsClient, subject: str, body: Mapping[str, Any] | None, lim
     if scope.cancelled_caught:
         raise NatsTimeoutError(f"no answer on {subject} within {limit:g} s")
     return _decode_answer(msg)
+
+
+async def _api_resent(
+    nc: NatsClient, subject: str, body: Mapping[str, Any] | None, limit: float
+) -> Any:
+    """An idempotent call, sent again when unanswered for a quarter of ``limit`` (at
+    least 1 s), until ``limit``. A clustered server answers nothing while the leader a
+    request needs is being elected (the stream's for an info, the meta leader's for a
+    create): the request is lost, not late."""
+    deadline = trio.current_time() + limit
+    patience = max(limit / 4, 1.0)
+    while True:
+        remaining = deadline - trio.current_time()
+        try:
+            return await _api(nc, subject, body, max(min(remaining, patience), 0.001))
+        except NatsTimeoutError:
+            if trio.current_time() >= deadline:
+                raise NatsTimeoutError(f"no answer on {subject} within {limit:g} s") from None
 
 
 def _decode_answer(msg: Msg) -> Any:

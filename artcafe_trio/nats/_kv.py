@@ -40,7 +40,7 @@ from ._errors import (
     NoRespondersError,
     WrongLastRevisionError,
 )
-from ._jsapi import _api, _decode_answer
+from ._jsapi import _api, _api_resent, _decode_answer
 from ._protocol import Headers, Msg, decode_headers, encode_pub
 
 __all__ = ["KeyValue", "KvEntry", "KvOp", "KvWatcher", "key_value"]
@@ -538,7 +538,7 @@ async def key_value(
         raise ValueError("history must be between 1 and 64")
     stream = f"KV_{bucket}"
     try:
-        info = await _api(nc, f"$JS.API.STREAM.INFO.{stream}", None, api_timeout)
+        info = await _api_resent(nc, f"$JS.API.STREAM.INFO.{stream}", None, api_timeout)
         return KeyValue(nc, bucket, info["config"], api_timeout)
     except JetStreamError as exc:
         if exc.err_code != _ERR_STREAM_NOT_FOUND:
@@ -577,33 +577,20 @@ async def key_value(
 async def _create_stream(
     nc: NatsClient, stream: str, config: Mapping[str, Any], api_timeout: float
 ) -> Any:
-    """Create the bucket's stream, retried until ``api_timeout``: "no suitable peers" (a
-    cluster that is forming, or whose peers are not current yet after a failover), and
-    a create left unanswered for a quarter of ``api_timeout`` (at least 1 s). A clustered
-    server drops a create it could not propose to its meta leader (one being elected),
-    so the create is sent again; if an unanswered one took effect after all, the stream
-    is read back."""
+    """Create the bucket's stream within ``api_timeout``: an unanswered create is sent
+    again (:func:`_api_resent`); "no suitable peers" (a cluster forming, or whose peers
+    are not current yet after a failover) is retried; a name in use (an unanswered
+    create took effect, or another process created the bucket meanwhile) is bound."""
     deadline = trio.current_time() + api_timeout
-    patience = max(api_timeout / 4, 1.0)
     delay = 0.05
-    unanswered = False
     while True:
-        remaining = deadline - trio.current_time()
+        remaining = max(deadline - trio.current_time(), 0.001)
         try:
-            return await _api(
-                nc, f"$JS.API.STREAM.CREATE.{stream}", config, max(min(remaining, patience), 0.001)
-            )
-        except NatsTimeoutError:
-            if trio.current_time() >= deadline:
-                raise NatsTimeoutError(
-                    f"no answer on $JS.API.STREAM.CREATE.{stream} within {api_timeout:g} s"
-                ) from None
-            unanswered = True
-            continue
+            return await _api_resent(nc, f"$JS.API.STREAM.CREATE.{stream}", config, remaining)
         except JetStreamError as exc:
-            if unanswered and exc.err_code == _ERR_STREAM_NAME_IN_USE:
+            if exc.err_code == _ERR_STREAM_NAME_IN_USE:
                 remaining = max(deadline - trio.current_time(), 0.001)
-                return await _api(nc, f"$JS.API.STREAM.INFO.{stream}", None, remaining)
+                return await _api_resent(nc, f"$JS.API.STREAM.INFO.{stream}", None, remaining)
             if exc.err_code != _ERR_NO_PEERS or trio.current_time() + delay >= deadline:
                 raise
         await trio.sleep(delay)

@@ -331,3 +331,30 @@ async def test_a_stream_create_never_answered_fails_at_the_api_timeout(
         await key_value(nc, "b", api_timeout=5.0)
     assert trio.current_time() - started == pytest.approx(5.0)
     assert len(nc.creates) == 4  # 1.25 s each
+
+
+async def test_an_unanswered_bind_is_sent_again(autojump_clock: trio.abc.Clock) -> None:
+    """A fresh-clone CI run: binding a new R3 bucket got no answer to its stream info
+    for 5 s (no stream leader yet: the request is lost, not late)."""
+    from artcafe_trio.nats._kv import key_value
+
+    class LeaderlessAtFirst(CreateOnlyJetStream):
+        def __init__(self) -> None:
+            super().__init__(drop=0)
+            self.infos: list[float] = []
+
+        async def request(
+            self, subject: str, payload: bytes = b"", *, headers: Mapping[str, str] | None = None
+        ) -> Msg:
+            if subject.startswith("$JS.API.STREAM.INFO."):
+                self.infos.append(trio.current_time())
+                if len(self.infos) == 1:
+                    await trio.sleep_forever()
+            return await super().request(subject, payload, headers=headers)
+
+    nc: Any = LeaderlessAtFirst()
+    nc.created = {"name": "KV_b"}
+    started = trio.current_time()
+    kv = await key_value(nc, "b", create=False)  # api_timeout 5 s: 1.25 s per attempt
+    assert [t - started for t in nc.infos] == [0.0, 1.25]
+    assert kv.bucket == "b" and nc.creates == []
