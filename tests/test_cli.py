@@ -20,8 +20,8 @@ import textwrap
 import threading
 import time
 import types
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -1143,54 +1143,13 @@ def test_status_says_when_the_hub_s_cluster_view_is_degraded(
     assert json.loads(out.getvalue())["degraded"] == ["fenced"]
 
 
-async def test_status_watch_closes_its_socket_when_stopped_while_replying_to_the_hub_s_close(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Bounded real-socket test: the hub closes the admin session; the CLI's reply is
-    stuck (trio-websocket has recorded the close) when the watch is stopped (Ctrl+C):
-    its socket is closed at once, the hub does not wait close_timeout for the reply."""
-    import io
-
-    from artcafe_trio.cli._admin import _admin_session
-    from artcafe_trio.cli._presence import _StatusPrinter
-    from artcafe_trio.cli._status import _read_admin_file
-
-    from .test_agent import StallingStream
-
-    streams: list[StallingStream] = []
-    open_tcp_stream = trio.open_tcp_stream
-
-    async def stalling_tcp_stream(*args: Any, **kwargs: Any) -> trio.abc.Stream:
-        streams.append(StallingStream(await open_tcp_stream(*args, **kwargs), stall_close=True))
-        return streams[-1]
-
-    db = tmp_path / "hub.db"
-    config = HubConfig(close_timeout=5.0)
-    with trio.fail_after(20):
-        async with open_hub(port=0, db=str(db), admin_file=f"{db}.admin", config=config) as hub:
-            admin = _read_admin_file(f"{db}.admin")
-            assert admin is not None
-            monkeypatch.setattr(trio, "open_tcp_stream", stalling_tcp_stream)
-            out = io.StringIO()
-            printer = _StatusPrinter(as_json=False, watch=True, stream=out)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_admin_session, admin[0], admin[1], None, printer)
-                while not out.getvalue():  # the first table: the session is up
-                    await trio.sleep(0.01)
-                hub.close_all(1012, "restart")
-                await streams[0].stalled.wait()
-                nursery.cancel_scope.cancel()  # Ctrl+C
-            monkeypatch.undo()
-            assert streams[0].closed_at is not None
-            stopping = trio.current_time()
-        assert trio.current_time() - stopping < 3  # not close_timeout (5 s)
-
-
-async def test_status_watch_cancelled_sends_its_close_frame_and_does_not_wait_for_a_reply(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Bounded real-socket test: cancelled, the admin session's reader is cancelled too;
-    nothing would read the hub's reply, so none is waited for (was: 1 s)."""
+@asynccontextmanager
+async def status_watch(
+    db: Path, monkeypatch: pytest.MonkeyPatch, *, stall_close: bool
+) -> AsyncIterator[tuple[trio.Nursery, list[Any]]]:
+    """``status --watch``'s admin session against the hub whose admin file is next to
+    ``db``, over recorded TCP streams (``StallingStream``), once its first table is out:
+    the nursery it runs in, and its streams."""
     import io
 
     from artcafe_trio.cli._admin import _admin_session
@@ -1203,23 +1162,55 @@ async def test_status_watch_cancelled_sends_its_close_frame_and_does_not_wait_fo
     open_tcp_stream = trio.open_tcp_stream
 
     async def recorded_tcp_stream(*args: Any, **kwargs: Any) -> trio.abc.Stream:
-        streams.append(StallingStream(await open_tcp_stream(*args, **kwargs), stall_close=False))
+        streams.append(
+            StallingStream(await open_tcp_stream(*args, **kwargs), stall_close=stall_close)
+        )
         return streams[-1]
 
+    admin = _read_admin_file(f"{db}.admin")
+    assert admin is not None
+    monkeypatch.setattr(trio, "open_tcp_stream", recorded_tcp_stream)
+    out = io.StringIO()
+    printer = _StatusPrinter(as_json=False, watch=True, stream=out)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_admin_session, admin[0], admin[1], None, printer)
+            while not out.getvalue():  # the first table: the session is up
+                await trio.sleep(0.01)
+            yield nursery, streams
+    finally:
+        monkeypatch.undo()
+
+
+async def test_status_watch_closes_its_socket_when_stopped_while_replying_to_the_hub_s_close(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bounded real-socket test: the hub closes the admin session; the CLI's reply is
+    stuck (trio-websocket has recorded the close) when the watch is stopped (Ctrl+C):
+    its socket is closed at once, the hub does not wait close_timeout for the reply."""
+    db = tmp_path / "hub.db"
+    config = HubConfig(close_timeout=5.0)
+    with trio.fail_after(20):
+        async with open_hub(port=0, db=str(db), admin_file=f"{db}.admin", config=config) as hub:
+            async with status_watch(db, monkeypatch, stall_close=True) as (nursery, streams):
+                hub.close_all(1012, "restart")
+                await streams[0].stalled.wait()
+                nursery.cancel_scope.cancel()  # Ctrl+C
+            assert streams[0].closed_at is not None
+            stopping = trio.current_time()
+        assert trio.current_time() - stopping < 3  # not close_timeout (5 s)
+
+
+async def test_status_watch_cancelled_sends_its_close_frame_and_does_not_wait_for_a_reply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bounded real-socket test: cancelled, the admin session's reader is cancelled too;
+    nothing would read the hub's reply, so none is waited for (was: 1 s)."""
     db = tmp_path / "hub.db"
     with trio.fail_after(20):
         async with open_hub(port=0, db=str(db), admin_file=f"{db}.admin"):
-            admin = _read_admin_file(f"{db}.admin")
-            assert admin is not None
-            monkeypatch.setattr(trio, "open_tcp_stream", recorded_tcp_stream)
-            out = io.StringIO()
-            printer = _StatusPrinter(as_json=False, watch=True, stream=out)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_admin_session, admin[0], admin[1], None, printer)
-                while not out.getvalue():  # the first table: the session is up
-                    await trio.sleep(0.01)
+            async with status_watch(db, monkeypatch, stall_close=False) as (nursery, streams):
                 cancelled = trio.current_time()
                 nursery.cancel_scope.cancel()
-            monkeypatch.undo()
             assert trio.current_time() - cancelled < 0.8  # not CLOSE_PATIENCE (1 s)
             assert streams[0].log == ["sent close", "closed"]
