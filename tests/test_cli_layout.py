@@ -31,6 +31,7 @@ PRIVATE_IMPORTS = {
     ("cli/_admin.py", "artcafe_trio._util", "collapse_exception_groups"),
     ("cli/_admin.py", "artcafe_trio.agent._transport", "cancelled_here"),
     ("cli/_admin.py", "artcafe_trio.agent._transport", "close_websocket"),
+    ("cli/_admin.py", "artcafe_trio.agent._transport", "CLOSE_PATIENCE"),
     ("demo/_cast.py", "artcafe_trio._faulty", "FaultyStream"),
     ("demo/_main.py", "artcafe_trio._util", "collapse_exception_groups"),
     ("demo/_main.py", "artcafe_trio._util", "flatten_exceptions"),

@@ -85,7 +85,8 @@ _SHARED_RNG = random.Random()
 """The jitter source of agents not given an ``rng``: one for the process (a Mersenne
 Twister's state is 2.5 KiB; jitter needs no stream per agent), reseeded in a forked
 child as the ``random`` module's own is, so that forked workers do not jitter alike."""
-os.register_at_fork(after_in_child=_SHARED_RNG.seed)
+if hasattr(os, "register_at_fork"):  # POSIX (Windows has no fork)
+    os.register_at_fork(after_in_child=_SHARED_RNG.seed)
 
 
 def _backoff_policy(backoff: Backoff | None, max_attempts: int | FromBackoff | None) -> Backoff:

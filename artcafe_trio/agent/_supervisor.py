@@ -47,7 +47,13 @@ from ._health import AgentState, HealthStats
 from ._outbox import Outbox
 from ._session import Session, lost
 from ._subscriptions import Subscriptions
-from ._transport import MAX_RECEIVE_BYTES, Transports, cancelled_here, close_websocket
+from ._transport import (
+    CLOSE_PATIENCE,
+    MAX_RECEIVE_BYTES,
+    Transports,
+    cancelled_here,
+    close_websocket,
+)
 from ._urls import HubUrls
 
 __all__ = ["Supervisor"]
@@ -281,7 +287,7 @@ class Supervisor:
                         self.set_state(AgentState.RECONNECTING)
                     # A hub judged unresponsive gets no time for a close handshake. If this
                     # task is cancelled, so is the reader: no reply to the close is read.
-                    patience = 0 if _watchdog_fired(session) else 1
+                    patience = 0 if _watchdog_fired(session) else CLOSE_PATIENCE
                     code, gone = (1000 if self.closing else 1001), cancelled_here()
                     await close_websocket(
                         ws, code, "agent reconnecting", patience=patience, reader_gone=gone

@@ -23,6 +23,7 @@ from trio_websocket import WebSocketConnection
 from .._errors import AuthenticationError, ConnectionLost
 
 __all__ = [
+    "CLOSE_PATIENCE",
     "MAX_RECEIVE_BYTES",
     "Dialer",
     "DialerTransport",
@@ -37,6 +38,9 @@ __all__ = [
 
 MAX_RECEIVE_BYTES = 64 * 1024 * 1024
 """What the agent accepts from the hub; the hub bounds what it forwards."""
+
+CLOSE_PATIENCE = 1.0
+"""Seconds a client (the agent, ``status``) waits for the hub's reply to its close."""
 
 Dialer: TypeAlias = Callable[[trio.Nursery, str], Awaitable[WebSocketConnection]]
 """Opens a WebSocket to the hub: ``await dial(nursery, resource)``; the connection's

@@ -31,8 +31,7 @@ __all__ = ["_admin_session", "_tls_preflight"]
 if TYPE_CHECKING:
     import trio_websocket
 
-MAX_ADMIN_FRAME = 64 * 1024 * 1024  # a whole presence table in one frame
-CLOSE_PATIENCE = 1.0  # for the hub's close reply, seconds (the agent's too)
+MAX_ADMIN_FRAME = 64 * 1024 * 1024  # a whole presence table in one frame (= the WebSocket's)
 
 
 async def _admin_session(
@@ -147,7 +146,7 @@ async def _open_admin_websocket(
 
     from artcafe_trio._util import collapse_exception_groups
     from artcafe_trio.agent import WebSocketTransport
-    from artcafe_trio.agent._transport import cancelled_here, close_websocket
+    from artcafe_trio.agent._transport import CLOSE_PATIENCE, cancelled_here, close_websocket
 
     transport = WebSocketTransport(url, ssl_context)
     with collapse_exception_groups():
