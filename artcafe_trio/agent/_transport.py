@@ -86,10 +86,13 @@ async def _wrap_client_stream(
 
 class _ClientStream(trio.abc.Stream):
     """The byte stream under a connection from :func:`wrap_client_stream`: it tells
-    :func:`close_websocket` when the close frame is out."""
+    :func:`close_websocket` when the close frame is out. ``hang_up``, during the
+    WebSocket handshake: end of stream or an error cancels it (trio-websocket 0.12
+    waits forever for a handshake the peer abandoned; this makes it a failed attempt)."""
 
-    def __init__(self, inner: trio.abc.Stream) -> None:
+    def __init__(self, inner: trio.abc.Stream, hang_up: trio.CancelScope | None = None) -> None:
         self.inner = inner
+        self.hang_up = hang_up
         self.on_close_frame_sent: trio.CancelScope | None = None
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
@@ -102,7 +105,16 @@ class _ClientStream(trio.abc.Stream):
         await self.inner.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
+        if self.hang_up is None:
+            return await self.inner.receive_some(max_bytes)
+        try:
+            data = await self.inner.receive_some(max_bytes)
+        except BaseException:
+            self.hang_up.cancel()
+            raise
+        if not data:
+            self.hang_up.cancel()
+        return data
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -151,39 +163,6 @@ async def close_websocket(
             await trio.aclose_forcefully(stream)
 
 
-class _HangUpAlarm(trio.abc.Stream):
-    """The agent's byte stream during the WebSocket handshake: end of stream or an error
-    cancels ``scope``. (trio-websocket 0.12 waits forever for a handshake that the peer
-    abandoned; this turns that into an immediate failed attempt.)"""
-
-    def __init__(self, inner: trio.abc.Stream, scope: trio.CancelScope) -> None:
-        self.inner = inner
-        self.scope: trio.CancelScope | None = scope
-
-    def disarm(self) -> None:
-        self.scope = None
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        try:
-            data = await self.inner.receive_some(max_bytes)
-        except BaseException:
-            if self.scope is not None:
-                self.scope.cancel()
-            raise
-        if not data and self.scope is not None:
-            self.scope.cancel()
-        return data
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
 def _default_client_context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
@@ -222,9 +201,11 @@ class WebSocketTransport:
         if self._secure:
             stream = await self._tls(stream)
         with trio.CancelScope() as handshake:
-            watched = _HangUpAlarm(stream, handshake)
-            ws = await wrap_client_stream(nursery, watched, self._host, self._path + resource)
-            watched.disarm()
+            watched = _ClientStream(stream, hang_up=handshake)
+            ws = await _wrap_client_stream(
+                nursery, watched, self._host, self._path + resource, MAX_RECEIVE_BYTES
+            )
+            watched.hang_up = None
             return ws
         raise ConnectionLost("the hub hung up during the WebSocket handshake")
 
