@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator, Generator
 from typing import Any
 
@@ -110,6 +112,28 @@ async def raw_connect(
         client.welcome = None
         client.refusal = answer  # type: ignore[attr-defined]
     return client
+
+
+async def _connect_over_a_socket_pair(self: TestHub, remote: str = "memory") -> trio.abc.Stream:
+    """``TestHub.connect_in_memory`` over an OS socket pair (``socket.socketpair``): the
+    hub then writes as it does over TCP, at once from the task that queued the frame,
+    which memory streams do not allow (see ``_wsserver.nowait_writer``)."""
+    a, b = socket.socketpair()
+    client = trio.SocketStream(trio.socket.from_stdlib_socket(a))
+    server = trio.SocketStream(trio.socket.from_stdlib_socket(b))
+    self.hub.serve_stream(server, remote)
+    await trio.lowlevel.checkpoint()
+    return client
+
+
+@pytest.fixture(params=["memory", "socketpair"] if os.name == "posix" else ["memory"])
+def hub_streams(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a module's tests twice (``pytestmark = pytest.mark.usefixtures("hub_streams")``):
+    over memory streams (the writer task writes) and over OS socket pairs (writes at
+    once, the writer task only for what the socket does not take)."""
+    if request.param == "socketpair":
+        monkeypatch.setattr(TestHub, "connect_in_memory", _connect_over_a_socket_pair)
+    return str(request.param)
 
 
 @pytest.fixture

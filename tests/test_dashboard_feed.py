@@ -14,6 +14,7 @@ from artcafe_trio.dashboard import Dashboard, DashboardConfig, create_token
 from artcafe_trio.dashboard._app import _sampler
 from artcafe_trio.dashboard._http import Request, Response, StreamResponse
 from artcafe_trio.hub._sessions import Delivery
+from artcafe_trio.hub._wsserver import frame_text
 from artcafe_trio.protocol import Heartbeat, HeartbeatAck, Leave, Publish, Published
 from artcafe_trio.testing import TestHub, open_test_hub
 
@@ -176,7 +177,7 @@ async def test_take_overs_slow_consumers_and_auth_failures_reach_the_feeds_in_sc
         await connect(hub, nursery, "b")
         session = hub.hub._directory.live("t1", "b")
         for _ in range(10):  # no checkpoint: the writer cannot drain in between
-            session.deliver(Delivery('{"type":"heartbeat_ack","seq":1,"hub_time":0}'))
+            session.deliver(Delivery(frame_text('{"type":"heartbeat_ack","seq":1,"hub_time":0}')))
         # Two refused authentications from the same address.
         wrong = hub.register("t1", "other")
         for _ in range(2):

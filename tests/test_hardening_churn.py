@@ -20,7 +20,7 @@ from artcafe_trio.testing import TestHub, open_test_hub
 
 from .conftest import raw_connect
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("hub_streams")]
 
 LEG = 0.2  # seconds each way on the agent's link
 

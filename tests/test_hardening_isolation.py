@@ -38,7 +38,7 @@ from artcafe_trio.testing import TestHub, open_test_hub
 
 from .conftest import RawClient, raw_connect
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("hub_streams")]
 
 BIG = 10 * 1024 * 1024  # max_frame_bytes for tests that publish large payloads
 

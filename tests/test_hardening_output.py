@@ -23,7 +23,7 @@ from artcafe_trio.testing import open_test_hub
 
 from .test_hardening_isolation import BIG, connect
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("hub_streams")]
 
 META = {"blob": "m" * 8000}  # 8 KB of metadata per agent: each presence answer is large
 

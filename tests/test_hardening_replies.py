@@ -20,7 +20,7 @@ from artcafe_trio.testing import open_test_hub
 
 from .test_hardening_isolation import barrier, connect
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("hub_streams")]
 
 
 async def forged_scene(hub: Any, nursery: trio.Nursery) -> tuple[Any, Any, Any, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import pytest
@@ -33,7 +34,7 @@ from artcafe_trio.testing import TestHub, open_test_hub
 
 from .conftest import RawClient, raw_connect
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.timeout(30), pytest.mark.usefixtures("hub_streams")]
 
 
 async def connect(
@@ -456,7 +457,13 @@ async def test_disconnect_grace_suppresses_a_flap(
     [(seen_at, event)] = await presence_events(watcher, 1)
     assert (event.status, event.reason) == ("offline", "disconnected")
     assert seen_at - closed_at == pytest.approx(5.0, abs=1e-3)
-    history = test_hub.registry.presence_history("t1", "flappy")
+    # The registry is written in a worker thread, after the event went out (at once,
+    # over a socket): wait for it, on the real clock (the autojump clock does not see
+    # the thread).
+    deadline = time.monotonic() + 5
+    while len(history := test_hub.registry.presence_history("t1", "flappy")) < 2:
+        assert time.monotonic() < deadline, history
+        await trio.sleep(0.01)
     assert [(h.status, h.reason) for h in reversed(history)] == [
         ("online", "connected"), ("offline", "disconnected"),
     ]  # fmt: skip

@@ -17,6 +17,7 @@ from artcafe_trio.hub._hubevents import (
     SlowConsumerCut,
     TakeOver,
 )
+from artcafe_trio.hub._wsserver import frame_text
 from artcafe_trio.protocol import Error, Heartbeat, HeartbeatAck, Leave
 from artcafe_trio.testing import TestHub, open_test_hub
 
@@ -147,7 +148,9 @@ async def test_auth_failures_and_slow_consumers_are_events(
             await connect(hub, nursery, "b")
             session = hub.hub._directory.live("t1", "b")
             for _ in range(10):  # no checkpoint: the writer cannot drain in between
-                session.deliver(Delivery('{"type":"heartbeat_ack","seq":1,"hub_time":0}'))
+                session.deliver(
+                    Delivery(frame_text('{"type":"heartbeat_ack","seq":1,"hub_time":0}'))
+                )
             items = drain(sub)
             failures = [e for e in items if isinstance(e, AuthFailure)]
             assert [(f.address, f.code, f.failures, f.tenant_id) for f in failures] == [

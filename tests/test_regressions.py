@@ -22,7 +22,7 @@ from artcafe_trio import (
 )
 from artcafe_trio.testing import TestHub, open_test_hub
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.timeout(60), pytest.mark.usefixtures("hub_streams")]
 
 
 # --- the hub survives whatever one connection does ---------------------------------

@@ -22,13 +22,58 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import trio
 
-__all__ = ["Delivery", "Outbox", "OutputBudget", "PreAuthLimiter", "PreAuthTicket", "TokenBucket"]
+__all__ = [
+    "Delivery",
+    "Outbox",
+    "OutputBudget",
+    "PreAuthLimiter",
+    "PreAuthTicket",
+    "TokenBucket",
+    "deferring_writes",
+    "write_deferred",
+]
 
 log = logging.getLogger("artcafe_trio.hub")
+
+
+#: In a connection's reader task: the outboxes whose writes that never wait it defers
+#: until it is about to wait for its peer, so that a burst of frames it works through
+#: is written to each receiver in one write (the writes of any other task are at once).
+_DEFERRED: ContextVar[list[Outbox] | None] = ContextVar("artcafe_deferred_writes", default=None)
+
+
+@contextmanager
+def deferring_writes() -> Iterator[list[Outbox]]:
+    """Within, this task defers its writes that never wait until it calls
+    :func:`write_deferred` with the list given; on leaving, it writes what is left."""
+    deferred: list[Outbox] = []
+    token = _DEFERRED.set(deferred)
+    try:
+        yield deferred
+    finally:
+        _DEFERRED.reset(token)
+        write_deferred(deferred)
+
+
+def write_deferred(deferred: list[Outbox] | None = None) -> None:
+    """Write what this task deferred (see :func:`defer_writes`; by default, whatever the
+    current task defers): before it waits, so that nothing it queued waits with it."""
+    if deferred is None:
+        deferred = _DEFERRED.get()
+    if not deferred:
+        return
+    outboxes = deferred[:]
+    deferred.clear()
+    for outbox in outboxes:
+        outbox.deferred = False
+        if outbox._queue:
+            outbox._wake(now=True)
 
 
 class Delivery:
@@ -128,6 +173,12 @@ class Outbox:
         self.flight_bytes = 0  # deliveries in the batch being written
         self.busy = False  # a batch is being written (by the writer, or by the reader)
         self.hold = False  # the reader writes its answers itself: do not wake the writer
+        # Set by a connection whose socket takes writes that never wait: new frames are
+        # written at once by whoever queues them (write_now), not by a woken writer.
+        self.write_now: Callable[[], None] | None = None
+        self._handed_off: list[str | Delivery] | None = None
+        self.handed_off = False  # the batch take() returned was begun by write_now
+        self.deferred = False  # in a reader task's deferred writes
 
     @property
     def held_bytes(self) -> int:
@@ -162,7 +213,7 @@ class Outbox:
         self.replies += 1
         self.reply_bytes += size
         if not self.hold:
-            self._ready.set()
+            self._wake()
 
     def deliver(self, item: Delivery) -> bool:
         """Queue a delivery; a consumer over its limits is cut off (returns ``False``)."""
@@ -194,8 +245,31 @@ class Outbox:
         self._queue.append(item)
         self.queued_frames += 1
         self.queued_bytes = queued_bytes + item.size
-        self._ready.set()
+        self._wake()
         return True
+
+    def _wake(self, *, now: bool = False) -> None:
+        """Something new is queued: written at once where the socket allows it and no
+        batch is being written (at the end of its burst, in a reader task that defers
+        its writes, unless ``now``), else the writer is woken."""
+        write_now = self.write_now
+        if write_now is None or self.busy:
+            self._ready.set()
+            return
+        if not now:
+            deferred = _DEFERRED.get()
+            if deferred is not None:
+                if not self.deferred:
+                    self.deferred = True
+                    deferred.append(self)
+                return
+        write_now()
+
+    def hand_off(self, batch: list[str | Delivery]) -> None:
+        """A write that never waits left part of ``batch`` unsent: the writer finishes
+        it (:meth:`take` returns it next, with :attr:`handed_off` set)."""
+        self._handed_off = batch
+        self._ready.set()
 
     def overflow(self, reason: str) -> None:
         """Cut this consumer off: drop what it has queued and tell its owner."""
@@ -209,16 +283,24 @@ class Outbox:
                 f"slow consumer: a write of {unsent} bytes did not complete in {seconds:g} s"
             )
 
+    def drop_handed_off(self) -> None:
+        """The writer ends: account for a batch handed off to it and not taken."""
+        batch, self._handed_off = self._handed_off, None
+        if batch is not None:
+            self.sent(batch)
+
     async def take(self, max_bytes: int) -> list[str | Delivery]:
         """The next frames to write, in order: answers' texts and deliveries, about
         ``max_bytes`` at most (at least one). Call :meth:`sent` once they are written
         (or not). Empty once the outbox is closed and empty."""
-        while self.busy or not self._queue:
+        while self._handed_off is None and (self.busy or not self._queue):
             if not self.busy and (self._closed or self._discarded):
                 return []
             self._ready = trio.Event()
             await self._ready.wait()
-        return self._take(max_bytes)
+        batch, self._handed_off = self._handed_off, None
+        self.handed_off = batch is not None
+        return batch if batch is not None else self._take(max_bytes)
 
     def take_nowait(self, max_bytes: int) -> list[str | Delivery]:
         """:meth:`take` without waiting: empty if a batch is being written already or
@@ -231,7 +313,7 @@ class Outbox:
         """Stop holding answers back: wake the writer if anything is queued."""
         self.hold = False
         if self._queue:
-            self._ready.set()
+            self._wake(now=True)
 
     def _take(self, max_bytes: int) -> list[str | Delivery]:
         queue = self._queue

@@ -3,14 +3,20 @@
 :func:`serve_connection` runs one accepted WebSocket to its end: the handshake
 (challenge, the first frame judged by the :class:`~._auth.Authenticator`, welcome or
 refusal), then the session: a reader that feeds each message to the connection inline
-and acts on its event (no task per frame), and one writer task that sends the
-session's :class:`~._flow.Outbox` in batches, one ``send_all`` each. Answers to the
-connection's own frames are held back while the reader works through what it
-received, and the reader writes them itself before it waits for the peer again if the
-writer is idle (no writer wake-up per heartbeat or ``published``); one batch is written
-at a time, by either task (``Outbox.busy``), and a close lets the reader finish a frame
-it is writing as it lets the writer. The hub-wide side
-(session directory, routing, presence) is reached only through :class:`HubSide`.
+and acts on its event (no task per frame), and a writer task.
+
+Where the socket allows writes that never wait (plain TCP on POSIX), a frame is
+written by the task that queued it, at once: no writer wake-up, no checkpoint. A
+reader defers what it queues, for others and for its own connection, until it has
+worked through the bytes it received (or for ``HOLD_LIMIT``), so a burst is one write
+per receiver. What the socket does not take is handed to the connection's writer
+task, which finishes it (bounded by ``write_stall_timeout``) and writes what was
+queued meanwhile. Elsewhere (TLS, memory streams) the writer sends the
+:class:`~._flow.Outbox` in batches, one ``send_all`` each, and the reader writes its
+connection's answers itself when the writer is idle. Either way one batch is written
+at a time (``Outbox.busy``), and a close lets the frame being written finish. The
+hub-wide side (session directory, routing, presence) is reached only through
+:class:`HubSide`.
 """
 
 from __future__ import annotations
@@ -54,7 +60,16 @@ from ..protocol.server import (
     SubscribeRequested,
     UnsubscribeRequested,
 )
-from ._flow import Delivery, Outbox, OutputBudget, PreAuthLimiter, PreAuthTicket, TokenBucket
+from ._flow import (
+    Delivery,
+    Outbox,
+    OutputBudget,
+    PreAuthLimiter,
+    PreAuthTicket,
+    TokenBucket,
+    deferring_writes,
+    write_deferred,
+)
 from ._sessions import Connections, how_it_ended
 from ._wsserver import ServerWebSocket, frame_text
 
@@ -70,7 +85,7 @@ __all__ = ["HubSide", "serve_connection"]
 log = logging.getLogger("artcafe_trio.hub")
 
 WRITE_BATCH_BYTES = 256 * 1024  # about the most one write of a connection's writer sends
-HOLD_LIMIT = 0.01  # s: answers held for the reader's own write wait at most about this
+HOLD_LIMIT = 0.01  # s: the longest a reader holds back answers and deferred writes
 
 
 class RefusedLog(Protocol):
@@ -168,6 +183,9 @@ class _Session:
         self.timed_out = False  # set by the presence side
         self.ended = False  # detached from the hub
         self.presence: _Presence | None = None  # its presence row, set when attached
+        self.writer_alive = False  # its writer task runs (finishes writes handed off)
+        if ws.writes_without_waiting:
+            self.outbox.write_now = self._write_now
         self.last_frame_wall = 0.0
         now = trio.current_time()
         timeout = self.heartbeat_timeout
@@ -245,6 +263,30 @@ class _Session:
 
     def may_write(self) -> bool:
         return self.draining or (self.reading and not self.closing)
+
+    def _write_now(self) -> None:
+        """Write what is queued at once, from the task that queued it, as far as the
+        socket takes it without waiting; the writer task finishes the rest (and sends
+        whatever is queued meanwhile). No task wake-up, no checkpoint: the hot path."""
+        outbox = self.outbox
+        if not (self.writer_alive and self.may_write()):
+            return  # not yet attached, or ending: the writer (if any) decides
+        batch = outbox.take_nowait(WRITE_BATCH_BYTES)
+        if not batch:
+            return
+        data = b"".join(
+            frame_text(entry) if isinstance(entry, str) else entry.frame for entry in batch
+        )
+        try:
+            done = self.ws.send_frames_nowait(data)
+        except ConnectionClosed:
+            outbox.sent(batch)
+            self.scope.cancel()  # the peer is gone: the session ends
+            return
+        if done:
+            outbox.sent(batch)
+        else:
+            outbox.hand_off(batch)
 
     def owned_presence(self) -> _Presence | None:
         """Its presence row, while this session is the one that row belongs to."""
@@ -386,13 +428,22 @@ async def _run_session(hub: HubSide, session: _Session) -> None:
         log.log(level, "%r %s", session, how_it_ended(closed, session.ws.closed))
 
 
-async def _write_batch(session: _Session, batch: list[str | Delivery], *, by_reader: bool) -> bool:
+async def _write_batch(
+    session: _Session, batch: list[str | Delivery], *, by_reader: bool, handed_off: bool = False
+) -> bool:
     """Write ``batch`` (taken from the outbox) in one send, bounded by
     ``write_stall_timeout``, and account for it, written or not. ``True`` when the write
-    stalled: the connection is cut off (4004)."""
+    stalled: the connection is cut off (4004). ``handed_off``: a write that never waits
+    began the batch; only its rest (kept by the WebSocket) is sent."""
     outbox = session.outbox
     # One write for the whole batch; a delivery is framed once for all receivers.
-    data = b"".join(frame_text(entry) if isinstance(entry, str) else entry.frame for entry in batch)
+    data = (
+        b""
+        if handed_off
+        else b"".join(
+            frame_text(entry) if isinstance(entry, str) else entry.frame for entry in batch
+        )
+    )
     stall_timeout = session.hub.config.write_stall_timeout
     session.writing, session.reader_writing = True, by_reader
     try:
@@ -409,6 +460,7 @@ async def _write_batch(session: _Session, batch: list[str | Delivery], *, by_rea
 
 async def _writer(session: _Session) -> None:
     outbox = session.outbox
+    session.writer_alive = True
     try:
         while session.may_write():
             batch = await outbox.take(WRITE_BATCH_BYTES)
@@ -417,12 +469,14 @@ async def _writer(session: _Session) -> None:
             if not session.may_write():
                 outbox.sent(batch)  # not written, released all the same (budget, busy)
                 break
-            if await _write_batch(session, batch, by_reader=False):
+            if await _write_batch(session, batch, by_reader=False, handed_off=outbox.handed_off):
                 break
     except ConnectionClosed:
         pass
     finally:
+        session.writer_alive = False
         session.writing = False
+        outbox.drop_handed_off()  # its rest is never written now (aclose may finish it)
         session.scope.cancel()
 
 
@@ -437,6 +491,9 @@ async def _write_answers(session: _Session) -> None:
     """The reader writes what its connection's frames produced, itself, when the writer
     is idle: no writer wake-up per answer. Otherwise the writer is woken for it."""
     outbox = session.outbox
+    if outbox.write_now is not None:
+        outbox.release()  # written at once (or by the writer, if the socket is full)
+        return
     batch = outbox.take_nowait(WRITE_BATCH_BYTES)
     if not batch:
         outbox.release()
@@ -446,21 +503,31 @@ async def _write_answers(session: _Session) -> None:
 
 
 async def _read(hub: HubSide, session: _Session) -> None:
+    with deferring_writes() as deferred:  # what it queues for others, written per burst
+        await _read_frames(hub, session, deferred)
+
+
+async def _read_frames(hub: HubSide, session: _Session, deferred: list[Outbox]) -> None:
     ws, conn, outbox = session.ws, session.conn, session.outbox
     held_since = 0.0
     while conn.state is ConnectionState.OPEN:
-        if outbox.hold and not ws.has_message():
-            # About to wait for the peer: write this connection's answers first.
-            try:
-                await _write_answers(session)
-            except ConnectionClosed:
-                return
-            if conn.state is not ConnectionState.OPEN:
-                return  # closed while writing
+        if not ws.has_message():
+            # About to wait for the peer: write what the burst queued for others,
+            # then this connection's answers.
+            if deferred:
+                write_deferred(deferred)
+            if outbox.hold:
+                try:
+                    await _write_answers(session)
+                except ConnectionClosed:
+                    return
+                if conn.state is not ConnectionState.OPEN:
+                    return  # closed while writing
         # Back-pressure: answers to this connection's own frames that it has not read
         # yet pause reading it; they never count against it as a slow consumer.
         if outbox.reply_window_full:
             outbox.release()
+            write_deferred(deferred)  # what it queued for others does not wait with it
             await outbox.wait_for_reply_window()
         try:
             text = await ws.get_message()
@@ -472,9 +539,11 @@ async def _read(hub: HubSide, session: _Session) -> None:
         if not outbox.hold:
             outbox.hold, held_since = True, now
         elif now - held_since >= HOLD_LIMIT:
-            # A long burst (publishes waiting for the backplane, say): the writer takes
-            # the answers now, not when the reader is done with the burst.
+            # A long burst (publishes waiting for the backplane, say): what it queued
+            # is written now, not when the reader is done with the burst.
             outbox.release()
+            write_deferred(deferred)
+            held_since = now
         session.touch(now)
         session.last_frame_wall = hub._wall_clock()
         entry = session.owned_presence()

@@ -26,9 +26,9 @@ from ..protocol._frames import (
     encode_message,
 )
 from ..protocol._subjects import SubjectIndex
-from ._backplane import Backplane, PresenceUpdate, Route
+from ._backplane import Backplane, LocalBackplane, PresenceUpdate, Route
 from ._config import HubConfig, HubStats
-from ._flow import Delivery
+from ._flow import Delivery, write_deferred
 from ._replies import ReplyTable, requester_id
 from ._sessions import Session, SessionDirectory
 from ._stores import DedupeStore
@@ -57,6 +57,8 @@ class Router:
         self._stats = stats
         self._directory = directory
         self._backplane = backplane
+        # Any other backplane's publish_route may wait (a cluster's round trip to NATS).
+        self._backplane_waits = type(backplane) is not LocalBackplane
         self._wall_clock = wall_clock
         self._indexes: dict[str, SubjectIndex[Session]] = {}
         self._interest: collections.Counter[tuple[str, str]] = collections.Counter()
@@ -138,6 +140,8 @@ class Router:
             self._next_message_id(), self._wall_clock(), reply_to, frame.id,
             None if frame.reply_from is None else tuple(frame.reply_from),
         )  # fmt: skip
+        if self._backplane_waits:
+            write_deferred()  # what the reader's burst queued does not wait with it
         earlier = await self._backplane.publish_route(route)
         if earlier is not None:  # routed already, through another hub (a re-send)
             if dedupe is not None and frame.id is not None:
@@ -167,6 +171,7 @@ class Router:
             stats.deliveries += 1
             target.deliver(item)
             if count % FANOUT_BATCH == 0:
+                write_deferred()  # the deliveries so far go out before others run
                 await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def route_arrived(self, route: Route) -> None:

@@ -3,9 +3,10 @@
 No task of its own: the connection's tasks drive it. Reading (:meth:`ServerWebSocket.
 get_message`) feeds received bytes to wsproto inline and returns one message at a time;
 control frames that must be answered (a pong, the echo of a close) are kept and sent
-with the next write. Writes are never concurrent: during the handshake the serving task
-writes, during a session only its writer task does, which sends a whole batch of frames
-with one ``send_all``.
+with the next write. Writes are never concurrent (the pump makes sure): a write either
+waits (:meth:`ServerWebSocket.send_frames`, one ``send_all``) or never does
+(:meth:`ServerWebSocket.send_frames_nowait`, plain TCP on POSIX), and what the second
+leaves unsent goes first in the next write.
 
 The hub negotiates no extension (no compression), so a text frame's bytes do not depend
 on the connection: :func:`frame_text` frames a message once for every receiver.
@@ -14,6 +15,7 @@ on the connection: :func:`frame_text` frames a message once for every receiver.
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import trio
@@ -50,6 +52,16 @@ def frame_text(text: str) -> bytes:
     if size <= 0xFFFF:
         return b"\x81\x7e" + size.to_bytes(2, "big") + payload
     return b"\x81\x7f" + size.to_bytes(8, "big") + payload
+
+
+def nowait_socket(stream: trio.abc.Stream) -> trio.socket.SocketType | None:
+    """The socket to write without waiting, for a plain TCP stream on POSIX: ``os.write``
+    on its descriptor, which trio keeps non-blocking, takes what the kernel's buffer
+    holds and raises ``BlockingIOError`` when it is full. ``None`` for any other stream
+    (TLS, in memory, Windows): those are written by a task that may wait."""
+    if os.name != "posix" or type(stream) is not trio.SocketStream:
+        return None
+    return stream.socket
 
 
 def _closed(code: int, reason: str = "") -> ConnectionClosed:
@@ -145,6 +157,8 @@ class ServerWebSocket:
         self._max_message_size = max_message_size
         self._messages: list[str | bytes] = []  # usually one: a list is smaller than a deque
         self._write_broken = False  # a write was cut short: only aclose() is valid
+        self._nowait_socket = nowait_socket(stream)
+        self._unsent = b""  # what a write that never waits left: sent before anything else
         self._text: list[str] = []  # fragments of the message being received
         self._binary: list[bytes] = []
         self._parts_size = 0
@@ -232,13 +246,47 @@ class ServerWebSocket:
         """Send one text message (and any control frame waiting)."""
         await self.send_frames(frame_text(message))
 
+    @property
+    def writes_without_waiting(self) -> bool:
+        """Whether :meth:`send_frames_nowait` can write (a plain TCP stream, on POSIX)."""
+        return self._nowait_socket is not None
+
+    def send_frames_nowait(self, data: bytes) -> bool:
+        """Write already framed messages now, as far as the socket takes them, without
+        waiting: ``True`` when all is written. Otherwise the rest is kept and must be
+        sent by :meth:`send_frames` (with ``b""`` or more) before anything else; nothing
+        may be written while :meth:`send_frames` is in progress. Only where
+        :attr:`writes_without_waiting`."""
+        sock = self._nowait_socket
+        assert sock is not None
+        if not self.is_open or self._write_broken:
+            raise ConnectionClosed(self.closed or CloseReason(1006, "connection closed"))
+        if self._unsent or self._control:
+            data = self._unsent + bytes(self._control) + data
+            self._control.clear()
+        try:
+            fd = sock.fileno()  # -1 once closed: never a descriptor reused since
+            if fd < 0:
+                raise trio.ClosedResourceError("the socket is closed")
+            written = os.write(fd, data)
+        except BlockingIOError:
+            written = 0
+        except _STREAM_ERRORS:
+            self._unsent = b""
+            self.closed = CloseReason(1006, "connection lost")
+            self._write_broken = True  # as after a failed send_frames: only aclose
+            raise ConnectionClosed(self.closed) from None
+        self._unsent = data[written:] if written < len(data) else b""
+        return not self._unsent
+
     async def send_frames(self, data: bytes | bytearray) -> None:
         """Send already framed messages (see :func:`frame_text`) in one write."""
         if not self.is_open or self._write_broken:
             raise ConnectionClosed(self.closed or CloseReason(1006, "connection closed"))
-        if self._control:
-            data = bytes(self._control) + data
+        if self._unsent or self._control:
+            data = self._unsent + bytes(self._control) + data
             self._control.clear()
+            self._unsent = b""
         sent = False
         try:
             await self._stream.send_all(data)
@@ -264,6 +312,8 @@ class ServerWebSocket:
         try:
             if self._write_broken:
                 return  # only the stream's close (finally): see send_frames
+            if self._unsent:  # finish the frame a write that never waits began
+                self._control[:0], self._unsent = self._unsent, b""
             if ws.state is ConnectionState.OPEN:
                 self._control += ws.send(CloseConnection(code=code, reason=reason))
                 if self.closed is None:
