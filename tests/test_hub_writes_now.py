@@ -93,6 +93,24 @@ async def until(predicate: Callable[[], bool]) -> None:
         await trio.sleep(0.01)
 
 
+async def stalled_receiver(
+    hub: TestHub, nursery: trio.Nursery
+) -> tuple[RawClient, _Session, trio.Event, RawClient]:
+    """A receiver subscribed to ``big.>`` that has stopped reading (small buffers), and a
+    publisher: (receiver, its session, the event that resumes its reading, publisher)."""
+    receiver = await connect(hub, nursery, "receiver")
+    await receiver.subscribe("big.>")
+    session = session_of(hub, "receiver")
+    shrink_buffers(hub, session)
+    resume = stop_reading(hub)
+    publisher = await connect(hub, nursery, "publisher")
+    return receiver, session, resume, publisher
+
+
+async def until_gone(hub: TestHub, agent_id: str) -> None:
+    await until(lambda: hub.hub._directory.live("t1", agent_id) is None)  # type: ignore[attr-defined]
+
+
 def test_only_a_plain_socket_stream_writes_without_waiting() -> None:
     a, b = socket.socketpair()
     with a, b:
@@ -180,12 +198,7 @@ async def test_a_receiver_that_stops_reading_gets_every_message_in_order_once_it
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
     async with open_test_hub(disconnect_grace=0) as hub:
-        receiver = await connect(hub, nursery, "receiver")
-        await receiver.subscribe("big.>")
-        session = session_of(hub, "receiver")
-        shrink_buffers(hub, session)
-        resume = stop_reading(hub)
-        publisher = await connect(hub, nursery, "publisher")
+        receiver, session, resume, publisher = await stalled_receiver(hub, nursery)
         payload = "y" * 20_000
         for n in range(30):  # the receiver's client reads none of these yet
             await publisher.send(Publish(id=f"p{n}", subject="big.x", data={"n": n, "p": payload}))
@@ -204,16 +217,11 @@ async def test_a_write_that_stalls_cuts_the_receiver_off_at_the_stall_timeout(
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
     async with open_test_hub(disconnect_grace=0, write_stall_timeout=5.0) as hub:
-        receiver = await connect(hub, nursery, "receiver")
-        await receiver.subscribe("big.>")
-        session = session_of(hub, "receiver")
-        shrink_buffers(hub, session)
-        stop_reading(hub)
-        publisher = await connect(hub, nursery, "publisher")
+        _receiver, session, _resume, publisher = await stalled_receiver(hub, nursery)
         await publisher.send(Publish(id="p", subject="big.x", data={"p": "z" * 300_000}))
         await publisher.recv_type(Published)
         start = trio.current_time()
-        await until(lambda: hub.hub._directory.live("t1", "receiver") is None)  # type: ignore[attr-defined]
+        await until_gone(hub, "receiver")
         assert 5.0 <= trio.current_time() - start <= 5.02
         assert hub.hub.stats.slow_consumers == 1
         assert session.close_code == 4004 and "did not complete in 5 s" in session.close_reason
@@ -226,16 +234,11 @@ async def test_a_receiver_cut_off_while_its_writer_finishes_a_write_releases_its
     nursery: trio.Nursery, autojump_clock: trio.abc.Clock
 ) -> None:
     async with open_test_hub(disconnect_grace=0, send_queue_size=5) as hub:
-        receiver = await connect(hub, nursery, "receiver")
-        await receiver.subscribe("big.>")
-        session = session_of(hub, "receiver")
-        shrink_buffers(hub, session)
-        stop_reading(hub)
-        publisher = await connect(hub, nursery, "publisher")
+        _receiver, session, _resume, publisher = await stalled_receiver(hub, nursery)
         for n in range(8):
             await publisher.send(Publish(id=f"p{n}", subject="big.x", data={"p": "w" * 50_000}))
             await publisher.recv_type(Published)
-        await until(lambda: hub.hub._directory.live("t1", "receiver") is None)  # type: ignore[attr-defined]
+        await until_gone(hub, "receiver")
         assert session.close_code == 4004 and "deliveries waiting" in session.close_reason
         assert hub.hub.output_budget.used == 0
 
@@ -275,7 +278,7 @@ async def test_a_session_closed_right_after_a_write_was_handed_off_releases_its_
         session.deliver(Delivery(frame_text("v" * 300_000)))  # partial: handed to the writer
         assert session.outbox.busy and hub.hub.output_budget.used > 0
         session.close(4000, "closed before its writer ran")  # no checkpoint in between
-        await until(lambda: hub.hub._directory.live("t1", "receiver") is None)  # type: ignore[attr-defined]
+        await until_gone(hub, "receiver")
         assert hub.hub.output_budget.used == 0
 
 
