@@ -444,6 +444,7 @@ async def _write_batch(
             frame_text(entry) if isinstance(entry, str) else entry.frame for entry in batch
         )
     )
+    size = session.ws.unsent_bytes + len(data)  # what this write sends, for a stall's reason
     stall_timeout = session.hub.config.write_stall_timeout
     session.writing, session.reader_writing = True, by_reader
     try:
@@ -453,7 +454,7 @@ async def _write_batch(
         session.writing = session.reader_writing = False
         outbox.sent(batch)
     if stall.cancelled_caught and not session.closing:
-        outbox.stalled(len(data), stall_timeout)
+        outbox.stalled(size, stall_timeout)
         return True
     return False
 

@@ -251,6 +251,12 @@ class ServerWebSocket:
         """Whether :meth:`send_frames_nowait` can write (a plain TCP stream, on POSIX)."""
         return self._nowait_socket is not None
 
+    @property
+    def unsent_bytes(self) -> int:
+        """Bytes kept for the next write: the rest of a write that never waits, and
+        control frames (pong, close echo)."""
+        return len(self._unsent) + len(self._control)
+
     def send_frames_nowait(self, data: bytes) -> bool:
         """Write already framed messages now, as far as the socket takes them, without
         waiting: ``True`` when all is written. Otherwise the rest is kept and must be
