@@ -720,3 +720,34 @@ async def test_a_consumer_that_never_reads_is_cut_off_alone() -> None:
             with trio.move_on_after(2):
                 await client.ws.aclose()
         nursery.cancel_scope.cancel()
+
+
+# --- WebSocket pings --------------------------------------------------------------
+
+
+async def test_a_ping_on_an_idle_connection_is_answered_at_once(
+    test_hub: TestHub, nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    """A pong used to wait for the hub's next write (a heartbeat ACK, a message): on an
+    idle connection, for ever."""
+    client = await connect(test_hub, nursery, "pinger", heartbeat_interval=None)
+    with trio.fail_after(1):
+        await client.ws.ping(b"are you there")
+
+
+async def test_a_ping_flood_is_answered_and_holds_nothing_in_the_hub(
+    test_hub: TestHub, nursery: trio.Nursery, autojump_clock: trio.abc.Clock
+) -> None:
+    from wsproto.frame_protocol import FrameProtocol
+
+    client = await connect(test_hub, nursery, "flooder", heartbeat_interval=None)
+    session = test_hub.hub._directory.live("t1", "flooder")  # type: ignore[attr-defined]
+    ping = bytes(FrameProtocol(client=True, extensions=[]).ping(b"p" * 125))
+    stream = test_hub._streams[-1]
+    for _ in range(20):  # 2,000 pings, 250 KiB of pongs owed
+        await stream.send_all(ping * 100)
+    await trio.sleep(1)  # the hub has read them all
+    assert session.ws.unsent_bytes == 0  # none waits for a write that may never come
+    assert test_hub.hub.output_budget.used == 0
+    await client.send(Heartbeat(seq=1))
+    assert (await client.recv_type(HeartbeatAck)).seq == 1

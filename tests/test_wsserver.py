@@ -176,3 +176,15 @@ async def test_a_write_cut_short_is_never_followed_by_a_close_frame() -> None:
         while chunk := await client.receive_some(65536):
             rest += chunk
     assert len(rest) < len(data)  # the rest of the half-sent frame at most: no close frame
+
+
+async def test_pings_before_a_session_are_held_only_up_to_a_bound() -> None:
+    """Before a session takes its pongs (during the handshake), they wait for the next
+    write; a peer that keeps pinging is closed with 1008 instead of growing that."""
+    from artcafe_trio.hub._wsserver import MAX_PENDING_CONTROL
+
+    client, server = await opened()
+    pings = MAX_PENDING_CONTROL // 127 + 1  # each pong is 127 bytes
+    await client.stream.send_all(client.ws.send(Ping(payload=b"p" * 125)) * pings)
+    assert await close_code(server) == 1008
+    assert server.unsent_bytes <= MAX_PENDING_CONTROL + 200  # the close frame

@@ -186,6 +186,7 @@ class _Session:
         self.writer_alive = False  # its writer task runs (finishes writes handed off)
         if ws.writes_without_waiting:
             self.outbox.write_now = self._write_now
+        ws.on_pong = self._pong
         self.last_frame_wall = 0.0
         now = trio.current_time()
         timeout = self.heartbeat_timeout
@@ -219,6 +220,14 @@ class _Session:
         """Queue a delivery; a consumer over its limits is cut off (never blocks the caller)."""
         if not self.closing:
             self.outbox.deliver(item)
+
+    def _pong(self, frame: bytes) -> None:
+        """A pong, queued like a delivery: written soon even on an idle connection, and a
+        peer that pings without reading is cut off like any slow consumer."""
+        self.deliver(Delivery(frame))
+        # Its reader may not return from get_message (pings only) to write what it
+        # deferred: write it now.
+        write_deferred()
 
     def admit_publish(self, frame: Publish) -> str:
         """The publish's data as JSON, after the rate limit (``ProtocolError`` if refused)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -39,6 +40,7 @@ from ._wsframes import FrameSplitter
 __all__ = ["ServerWebSocket", "UpgradeRequest", "frame_text", "read_upgrade_request"]
 
 RECEIVE_BYTES = 65536
+MAX_PENDING_CONTROL = 16384  # bytes of pongs held for the next write before a session
 _STREAM_ERRORS = (OSError, trio.BrokenResourceError, trio.ClosedResourceError)
 
 
@@ -163,6 +165,10 @@ class ServerWebSocket:
         self._binary: list[bytes] = []
         self._parts_size = 0
         self._control = bytearray()  # frames to send with the next write
+        #: Where a pong goes once a session runs (its outbox: written soon, and bounded
+        #: like a delivery); until then it waits for the next write, at most
+        #: MAX_PENDING_CONTROL bytes of them.
+        self.on_pong: Callable[[bytes], None] | None = None
         self.closed: CloseReason | None = None  # why the connection ended, once it has
         self._failed = False  # the peer broke the protocol: close without waiting for it
         # Whole text frames are decoded by the splitter, everything else by wsproto;
@@ -226,7 +232,14 @@ class ServerWebSocket:
                         binary, self._binary = self._binary, []
                         self._messages.append(b"".join(binary))
             elif isinstance(event, Ping):
-                self._control += ws.send(event.response())
+                pong = ws.send(event.response())
+                if self.on_pong is not None:
+                    self.on_pong(pong)
+                elif len(self._control) + len(pong) > MAX_PENDING_CONTROL:
+                    self._fail(1008, "too many pings left unanswered")
+                    return
+                else:
+                    self._control += pong
             elif isinstance(event, CloseConnection):
                 if ws.state is ConnectionState.REMOTE_CLOSING:
                     self._control += ws.send(event.response())  # echo the peer's close
