@@ -117,7 +117,7 @@ async def raw_connect(
 async def _connect_over_a_socket_pair(self: TestHub, remote: str = "memory") -> trio.abc.Stream:
     """``TestHub.connect_in_memory`` over an OS socket pair (``socket.socketpair``): the
     hub then writes as it does over TCP, at once from the task that queued the frame,
-    which memory streams do not allow (see ``_wsserver.nowait_writer``)."""
+    which memory streams do not allow (see ``_wsserver.nowait_socket``)."""
     a, b = socket.socketpair()
     client = trio.SocketStream(trio.socket.from_stdlib_socket(a))
     server = trio.SocketStream(trio.socket.from_stdlib_socket(b))

@@ -62,7 +62,7 @@ def deferring_writes() -> Iterator[list[Outbox]]:
 
 
 def write_deferred(deferred: list[Outbox] | None = None) -> None:
-    """Write what this task deferred (see :func:`defer_writes`; by default, whatever the
+    """Write what this task deferred (see :func:`deferring_writes`; by default, whatever the
     current task defers): before it waits, so that nothing it queued waits with it."""
     if deferred is None:
         deferred = _DEFERRED.get()

@@ -2,9 +2,10 @@
 
 No task of its own: the connection's tasks drive it. Reading (:meth:`ServerWebSocket.
 get_message`) feeds received bytes to wsproto inline and returns one message at a time;
-control frames that must be answered (a pong, the echo of a close) are kept and sent
-with the next write. Writes are never concurrent (the pump makes sure): a write either
-waits (:meth:`ServerWebSocket.send_frames`, one ``send_all``) or never does
+a pong goes to ``on_pong`` (the session's outbox) once a session runs; the echo of a
+close, and pongs before that (bounded), are kept and sent with the next write. Writes
+are never concurrent (the pump makes sure): a write either waits
+(:meth:`ServerWebSocket.send_frames`, one ``send_all``) or never does
 (:meth:`ServerWebSocket.send_frames_nowait`, plain TCP on POSIX), and what the second
 leaves unsent goes first in the next write.
 
