@@ -45,6 +45,9 @@ log = logging.getLogger("artcafe_trio.hub")
 #: In a connection's reader task: the outboxes whose writes that never wait it defers
 #: until it is about to wait for its peer, so that a burst of frames it works through
 #: is written to each receiver in one write (the writes of any other task are at once).
+#: A reader writes its list before every await that can block (its peer, its reply
+#: window, a backplane that waits, a fan-out's checkpoint), so an outbox is in one
+#: task's list only while no other task runs: ``Outbox.deferred`` needs no owner.
 _DEFERRED: ContextVar[list[Outbox] | None] = ContextVar("artcafe_deferred_writes", default=None)
 
 

@@ -283,11 +283,8 @@ class _Session:
         batch = outbox.take_nowait(WRITE_BATCH_BYTES)
         if not batch:
             return
-        data = b"".join(
-            frame_text(entry) if isinstance(entry, str) else entry.frame for entry in batch
-        )
         try:
-            done = self.ws.send_frames_nowait(data)
+            done = self.ws.send_frames_nowait(_framed(batch))
         except ConnectionClosed:
             outbox.sent(batch)
             self.scope.cancel()  # the peer is gone: the session ends
@@ -437,6 +434,12 @@ async def _run_session(hub: HubSide, session: _Session) -> None:
         log.log(level, "%r %s", session, how_it_ended(closed, session.ws.closed))
 
 
+def _framed(batch: list[str | Delivery]) -> bytes:
+    """A batch's bytes for one write: answers framed now, deliveries as they were framed
+    once for every receiver."""
+    return b"".join(frame_text(entry) if isinstance(entry, str) else entry.frame for entry in batch)
+
+
 async def _write_batch(
     session: _Session, batch: list[str | Delivery], *, by_reader: bool, handed_off: bool = False
 ) -> bool:
@@ -445,14 +448,7 @@ async def _write_batch(
     stalled: the connection is cut off (4004). ``handed_off``: a write that never waits
     began the batch; only its rest (kept by the WebSocket) is sent."""
     outbox = session.outbox
-    # One write for the whole batch; a delivery is framed once for all receivers.
-    data = (
-        b""
-        if handed_off
-        else b"".join(
-            frame_text(entry) if isinstance(entry, str) else entry.frame for entry in batch
-        )
-    )
+    data = b"" if handed_off else _framed(batch)
     size = session.ws.unsent_bytes + len(data)  # what this write sends, for a stall's reason
     stall_timeout = session.hub.config.write_stall_timeout
     session.writing, session.reader_writing = True, by_reader
