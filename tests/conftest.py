@@ -182,6 +182,50 @@ def pytest_runtest_makereport(
         report.longrepr = f"possible secret in {len(leaked)} log line(s) ({call.when}):\n{shown}"
 
 
+#: The modules that take longest (real nats-server clusters, processes, a browser, real
+#: clocks), longest first, as measured (seconds summed over their tests, 2 December
+#: 2026). They run first so that no worker picks one up last while the others are idle;
+#: every other module follows in collection order. Only the order depends on this list.
+LONGEST_FIRST = (
+    "nats/test_cluster_hubs.py",  # 37 s
+    "test_dashboard_browser.py",  # 22 s
+    "nats/test_cluster_ttl.py",  # 17 s
+    "test_demo.py",  # 16 s
+    "test_cli.py",  # 12 s
+    "nats/test_kv.py",  # 9 s
+    "nats/test_cluster_cli.py",  # 8 s
+    "test_faults_processes.py",  # 8 s
+    "nats/test_cluster_store.py",  # 8 s
+    "test_hub.py",  # 7 s
+    "test_first_hour_cli.py",  # 7 s
+    "test_fuzz_hub.py",  # 7 s
+    "test_faults.py",  # 7 s
+    "test_frames.py",  # 6 s
+    "test_first_hour.py",  # 6 s
+    "test_subjects.py",  # 6 s
+    "test_hardening_isolation.py",  # 6 s
+    "test_hardening_auth.py",  # 6 s
+    "test_examples.py",  # 6 s
+    "nats/test_cluster_reaper.py",  # 5 s
+    "nats/test_real.py",  # 5 s
+    "test_keys.py",  # 4 s
+    "test_package.py",  # 4 s
+    "test_e2e.py",  # 4 s
+    "nats/test_cluster_drain_races.py",  # 3 s
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the longest modules first (stable: a module's tests keep their order)."""
+    tests = os.path.dirname(__file__)
+
+    def rank(item: pytest.Item) -> int:
+        module = os.path.relpath(str(item.path), tests).replace(os.sep, "/")
+        return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Lines logged outside any test phase (collection, session end) are checked too."""
     leaked = LOG_CAPTURE.check_new_lines()
