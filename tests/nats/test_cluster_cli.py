@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import trio
 
-from artcafe_trio import HubConfig, Registry, open_agent
+from artcafe_trio import AuthenticationError, HubConfig, Registry, open_agent
 from artcafe_trio.cli import _main as _cli
 from artcafe_trio.cluster import ClusterConfig, open_cluster_hub
 from artcafe_trio.cluster._credentials import credentials_key, decode_credentials
@@ -117,14 +117,18 @@ async def test_a_key_added_by_the_cli_admits_the_agent_on_a_shared_credentials_h
             add = ["agents", "add", *who, "--public-key", f"{key}.pub", *nats]
             assert await trio.to_thread.run_sync(_cli.main, add) == 0
             assert hub.url is not None
-            async with open_agent(
-                agent_id="worker", tenant_id="demo", private_key_path=str(key), url=hub.url
-            ) as agent:
-                assert agent.health().connected
-                disable = ["agents", "disable", *who, *nats]
-                assert await trio.to_thread.run_sync(_cli.main, disable) == 0
-                while agent.health().connected:
-                    await trio.sleep(0.02)
+            # Disabled, the session is closed (4005) and the agent's reconnection is
+            # refused: it gives up at once. (The test used to leave the block once the
+            # agent was disconnected, which raced the refused reconnection 10 ms later.)
+            with pytest.raises(AuthenticationError):
+                async with open_agent(
+                    agent_id="worker", tenant_id="demo", private_key_path=str(key), url=hub.url
+                ) as agent:
+                    assert agent.health().connected
+                    disable = ["agents", "disable", *who, *nats]
+                    assert await trio.to_thread.run_sync(_cli.main, disable) == 0
+                    await trio.sleep_forever()
+            assert "4005" in (agent.health().last_disconnect_reason or "")
 
 
 # --- agents list --nats ------------------------------------------------------------
