@@ -189,7 +189,9 @@ class ClusterStore:
         return _claim_of(await self.kv.entry(presence_key(tenant_id, agent_id)))
 
     async def snapshot(self) -> dict[tuple[str, str], PresenceClaim]:
-        """Every agent's claim, as of one moment of the bucket."""
+        """Every agent's claim, as of one moment of the bucket. A watch reads it, whose
+        consumer may sit on a replica a few milliseconds behind the stream's leader: a
+        write acknowledged just before may be missing (``get`` reads the leader)."""
         claims: dict[tuple[str, str], PresenceClaim] = {}
         async with self.kv.watch(PRESENCE_PREFIX + ">") as watcher:
             while not watcher.caught_up:  # set with the last initial value (or if none)
