@@ -347,3 +347,36 @@ async def test_a_reader_paused_by_its_reply_window_writes_what_it_queued_for_oth
         with trio.fail_after(1):
             [first] = await receiver.messages(1)
         assert first.data["n"] == 0
+
+
+async def test_a_task_started_by_a_reader_writes_at_once_not_with_the_reader() -> None:
+    """A task started from within a reader's deferral inherits its context variables
+    (trio copies the context), and it used to inherit the deferral too: what it queued
+    waited in the reader's list until the reader next flushed, which an idle reader may
+    never do. The deferral belongs to the reader's task only."""
+    from artcafe_trio.hub._flow import Delivery, Outbox, OutputBudget, deferring_writes
+
+    written: list[str] = []
+
+    def outbox(name: str) -> Outbox:
+        box = Outbox(
+            OutputBudget(1 << 20), max_frames=100, max_bytes=1 << 20, reply_window=100,
+            reply_window_bytes=1 << 20, on_overflow=lambda reason: None,
+        )  # fmt: skip
+        box.write_now = lambda: written.append(name)
+        return box
+
+    for_reader, for_child = outbox("by the reader"), outbox("by the child")
+
+    async def child() -> None:
+        assert for_child.deliver(Delivery(b"x"))  # not a reader: written at once
+
+    async with trio.open_nursery() as nursery:
+        with deferring_writes() as deferred:
+            assert for_reader.deliver(Delivery(b"y"))  # the reader's own: deferred
+            assert deferred == [for_reader] and written == []
+            nursery.start_soon(child)
+            await trio.testing.wait_all_tasks_blocked()
+            assert written == ["by the child"]  # while the reader still defers its own
+            assert deferred == [for_reader]
+        assert written == ["by the child", "by the reader"]  # leaving writes the rest

@@ -47,8 +47,13 @@ log = logging.getLogger("artcafe_trio.hub")
 #: is written to each receiver in one write (the writes of any other task are at once).
 #: A reader writes its list before every await that can block (its peer, its reply
 #: window, a backplane that waits, a fan-out's checkpoint), so an outbox is in one
-#: task's list only while no other task runs: ``Outbox.deferred`` needs no owner.
-_DEFERRED: ContextVar[list[Outbox] | None] = ContextVar("artcafe_deferred_writes", default=None)
+#: task's list only while no other task runs: ``Outbox.deferred`` needs no owner. The
+#: list is the owning task's only: a task started from within a reader inherits the
+#: variable (trio copies the context) but not the deferral, which :func:`_deferring`
+#: checks, so its writes never wait for a reader that may be idle.
+_DEFERRED: ContextVar[tuple[trio.lowlevel.Task, list[Outbox]] | None] = ContextVar(
+    "artcafe_deferred_writes", default=None
+)
 
 
 @contextmanager
@@ -56,7 +61,7 @@ def deferring_writes() -> Iterator[list[Outbox]]:
     """Within, this task defers its writes that never wait until it calls
     :func:`write_deferred` with the list given; on leaving, it writes what is left."""
     deferred: list[Outbox] = []
-    token = _DEFERRED.set(deferred)
+    token = _DEFERRED.set((trio.lowlevel.current_task(), deferred))
     try:
         yield deferred
     finally:
@@ -64,11 +69,19 @@ def deferring_writes() -> Iterator[list[Outbox]]:
         write_deferred(deferred)
 
 
+def _deferring() -> list[Outbox] | None:
+    """The current task's deferred writes, if it defers them (a reader)."""
+    owned = _DEFERRED.get()
+    if owned is None or owned[0] is not trio.lowlevel.current_task():
+        return None
+    return owned[1]
+
+
 def write_deferred(deferred: list[Outbox] | None = None) -> None:
     """Write what this task deferred (see :func:`deferring_writes`; by default, whatever the
     current task defers): before it waits, so that nothing it queued waits with it."""
     if deferred is None:
-        deferred = _DEFERRED.get()
+        deferred = _deferring()
     if not deferred:
         return
     outboxes = deferred[:]
@@ -260,11 +273,12 @@ class Outbox:
             self._ready.set()
             return
         if not now:
-            deferred = _DEFERRED.get()
+            if self.deferred:
+                return  # in the list of the reader that runs now (see _DEFERRED)
+            deferred = _deferring()
             if deferred is not None:
-                if not self.deferred:
-                    self.deferred = True
-                    deferred.append(self)
+                self.deferred = True
+                deferred.append(self)
                 return
         write_now()
 
