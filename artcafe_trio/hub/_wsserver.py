@@ -271,6 +271,16 @@ class ServerWebSocket:
         control frames (pong, close echo)."""
         return len(self._unsent) + len(self._control)
 
+    def _after_pending(self, data: bytes) -> bytes:
+        """``data`` behind what must go first: the rest of a write that never waited,
+        then the control frames kept for the next write (taken: the caller writes them)."""
+        if not (self._unsent or self._control):
+            return data
+        data = self._unsent + bytes(self._control) + data
+        self._unsent = b""
+        self._control.clear()
+        return data
+
     def send_frames_nowait(self, data: bytes) -> bool:
         """Write already framed messages now, as far as the socket takes them, without
         waiting: ``True`` when all is written. Otherwise the rest is kept and must be
@@ -281,9 +291,7 @@ class ServerWebSocket:
         assert sock is not None
         if not self.is_open or self._write_broken:
             raise ConnectionClosed(self.closed or CloseReason(1006, "connection closed"))
-        if self._unsent or self._control:
-            data = self._unsent + bytes(self._control) + data
-            self._control.clear()
+        data = self._after_pending(data)
         try:
             fd = sock.fileno()  # -1 once closed: never a descriptor reused since
             if fd < 0:
@@ -299,14 +307,11 @@ class ServerWebSocket:
         self._unsent = data[written:] if written < len(data) else b""
         return not self._unsent
 
-    async def send_frames(self, data: bytes | bytearray) -> None:
+    async def send_frames(self, data: bytes) -> None:
         """Send already framed messages (see :func:`frame_text`) in one write."""
         if not self.is_open or self._write_broken:
             raise ConnectionClosed(self.closed or CloseReason(1006, "connection closed"))
-        if self._unsent or self._control:
-            data = self._unsent + bytes(self._control) + data
-            self._control.clear()
-            self._unsent = b""
+        data = self._after_pending(data)
         sent = False
         try:
             await self._stream.send_all(data)
